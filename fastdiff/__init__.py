@@ -1,0 +1,4 @@
+"""fastdiff: fused, CUDA-graphed few-step diffusion sampling."""
+from fastdiff.schedules import FlowSchedule, VPSchedule, get_schedule
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""fastdiff ops: one module per op (schema, reference, dispatch)."""
