@@ -1,0 +1,51 @@
+// fastdiff._C -- the Python module of the compiled extension.
+//
+// Ops register themselves with the torch dispatcher from their own binding files
+// (csrc/<op>/<op>_binding.cpp: TORCH_LIBRARY_FRAGMENT(fastdiff_C, m) + TORCH_LIBRARY_IMPL for
+// CPU/CUDA); importing this module loads them. setup.py compiles every csrc/*/*.cpp and
+// csrc/*/*.cu, so a new op adds its folder and nothing here. This file only reports how the
+// extension was built (fastdiff.info() shows it).
+#include <pybind11/pybind11.h>
+
+#if __has_include(<torch/version.h>)
+#include <torch/version.h>
+#endif
+
+#ifdef FASTDIFF_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+#define FASTDIFF_STR_(...) #__VA_ARGS__
+#define FASTDIFF_STR(...) FASTDIFF_STR_(__VA_ARGS__)
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastdiff compiled kernels (ops are registered under torch.ops.fastdiff_C)";
+  m.def("build_info", []() {
+    py::dict d;
+#ifdef FASTDIFF_WITH_CUDA
+    d["cuda"] = true;
+    d["cuda_runtime_version"] = CUDART_VERSION;
+#ifdef FASTDIFF_CUDA_ARCHS
+    d["cuda_archs"] = FASTDIFF_STR(FASTDIFF_CUDA_ARCHS);
+#else
+    d["cuda_archs"] = "";
+#endif
+#else
+    d["cuda"] = false;
+    d["cuda_runtime_version"] = py::none();
+    d["cuda_archs"] = "";
+#endif
+#ifdef _OPENMP
+    d["openmp"] = true;
+#else
+    d["openmp"] = false;
+#endif
+#ifdef TORCH_VERSION
+    d["torch_version"] = TORCH_VERSION;  // the torch headers it was compiled against
+#endif
+    d["compiler"] = __VERSION__;
+    return d;
+  });
+}

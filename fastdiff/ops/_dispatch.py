@@ -1,0 +1,147 @@
+"""Backend selection shared by every fastdiff op.
+
+Each op builds one `Dispatcher` from an ordered list of `Provider`s, always in the order
+`cuda -> triton -> cpu -> reference` (DESIGN.md section 5), and registers it so that
+`fastdiff.info()` can report it:
+
+    DISPATCH = register(Dispatcher("solver_step", [Provider("cuda", supports, run), ...],
+                                   example=lambda device_type: ...))
+    DISPATCH.select(args, backend)     # -> Provider
+    DISPATCH.run(args, backend)        # select + run
+
+`supports(args)` returns None when the provider can run these arguments, else a short reason
+why not (not built, no GPU, Triton missing, wrong device, ...). `backend="auto"` takes the first
+provider that supports the arguments; naming a backend forces it, and a forced backend that
+cannot run raises `BackendUnavailableError` with the reason -- never a silent fallback.
+
+`args` is whatever object the op passes around (the providers read what they need); the
+`example(device_type)` factory returns a stand-in with the attributes `supports` reads, so
+that info() can say which backend an op would use on CPU and on CUDA tensors without making
+any tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+BACKENDS: Tuple[str, ...] = ("cuda", "triton", "cpu", "reference")
+AUTO = "auto"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was forced with backend=... but cannot run these inputs."""
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    supports: Callable[[Any], Optional[str]]
+    run: Callable[[Any], None]
+
+
+class Dispatcher:
+    def __init__(self, op: str, providers: Sequence[Provider],
+                 example: Optional[Callable[[str], Any]] = None):
+        names = [p.name for p in providers]
+        for n in names:
+            if n not in BACKENDS:
+                raise ValueError(f"{op}: unknown backend {n!r}; backends are {BACKENDS}")
+        order = [BACKENDS.index(n) for n in names]
+        if order != sorted(order) or len(set(names)) != len(names):
+            raise ValueError(f"{op}: providers must follow the order {BACKENDS}, got {names}")
+        self.op = op
+        self.providers: List[Provider] = list(providers)
+        self._by_name: Dict[str, Provider] = {p.name: p for p in providers}
+        self.example = example
+
+    @property
+    def backends(self) -> Tuple[str, ...]:
+        return tuple(p.name for p in self.providers)
+
+    def check_backend_name(self, backend: str) -> None:
+        if not isinstance(backend, str) or (backend != AUTO and backend not in self._by_name):
+            raise ValueError(
+                f"{self.op}: backend must be one of {(AUTO,) + self.backends}, got {backend!r}")
+
+    def explain(self, args: Any) -> List[Tuple[str, Optional[str]]]:
+        """[(backend, None if it supports args else the reason)] in priority order."""
+        return [(p.name, p.supports(args)) for p in self.providers]
+
+    def select(self, args: Any, backend: str = AUTO) -> Provider:
+        self.check_backend_name(backend)
+        if backend != AUTO:
+            p = self._by_name[backend]
+            why = p.supports(args)
+            if why is not None:
+                raise BackendUnavailableError(f"{self.op}: backend={backend!r} cannot run: {why}")
+            return p
+        reasons = []
+        for p in self.providers:
+            why = p.supports(args)
+            if why is None:
+                return p
+            reasons.append(f"{p.name}: {why}")
+        raise BackendUnavailableError(f"{self.op}: no backend supports these inputs ({'; '.join(reasons)})")
+
+    def run(self, args: Any, backend: str = AUTO) -> str:
+        """Select and run; returns the name of the backend that ran."""
+        p = self.select(args, backend)
+        p.run(args)
+        return p.name
+
+    def plan(self, device_type: str) -> Dict[str, Any]:
+        """What auto would pick for typical inputs on `device_type`, and why the others not."""
+        if self.example is None:
+            return {"backend": None, "skipped": {}}
+        args = self.example(device_type)
+        skipped = {}
+        chosen = None
+        for name, why in self.explain(args):
+            if why is None and chosen is None:
+                chosen = name
+            elif why is not None:
+                skipped[name] = why
+        return {"backend": chosen, "skipped": skipped}
+
+
+_REGISTRY: Dict[str, Dispatcher] = {}
+
+
+def register(dispatcher: Dispatcher) -> Dispatcher:
+    _REGISTRY[dispatcher.op] = dispatcher
+    return dispatcher
+
+
+def registered() -> Dict[str, Dispatcher]:
+    return dict(_REGISTRY)
+
+
+def import_kernel(name: str):
+    """Import the Triton module `fastdiff.kernels.<name>`.
+
+    Installed packages map the top-level kernels/ folder to `fastdiff.kernels` (setup.py). When
+    fastdiff is imported straight from a source tree that was never installed, kernels/ sits
+    next to fastdiff/ and is mapped here the same way.
+    """
+    import importlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    full = f"fastdiff.kernels.{name}"
+    try:
+        return importlib.import_module(full)
+    except ModuleNotFoundError as e:
+        if e.name not in ("fastdiff.kernels", full) or "fastdiff.kernels" in sys.modules:
+            raise
+    import fastdiff
+
+    src = Path(fastdiff.__file__).resolve().parent.parent / "kernels"
+    if not (src / "__init__.py").is_file():
+        raise ModuleNotFoundError(f"No module named 'fastdiff.kernels' (and no {src})", name="fastdiff.kernels")
+    spec = importlib.util.spec_from_file_location(
+        "fastdiff.kernels", src / "__init__.py", submodule_search_locations=[str(src)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["fastdiff.kernels"] = mod
+    spec.loader.exec_module(mod)
+    return importlib.import_module(full)
