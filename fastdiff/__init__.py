@@ -2,3 +2,4 @@
 from fastdiff.schedules import FlowSchedule, VPSchedule, get_schedule
 
 __version__ = "0.1.0"
+from fastdiff._info import info
