@@ -1,0 +1,480 @@
+"""The benchmark harness, the report tool, the ncu summary and gpu_check.sh (CPU smoke).
+
+Nothing here asserts on timings: values are checked for consistency with the JSON they came
+from (speed-ups recomputed from the stored medians), never against expectations of speed.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastdiff.bench import ncu, report
+from fastdiff.bench.report import fmt_num, fmt_pct, fmt_speedup
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def md_table(md: str, heading: str) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the first markdown table after the line `heading`."""
+    lines = md.splitlines()
+    i = lines.index(heading)
+    while not lines[i].startswith("|"):
+        i += 1
+    table = []
+    while i < len(lines) and lines[i].startswith("|"):
+        table.append([c.strip() for c in lines[i].strip().strip("|").split(" | ")])
+        i += 1
+    return table[0], table[2:]
+
+
+def cell(header, row, column):
+    return row[header.index(column)]
+
+
+def bench_entry(op, provider, size, median_s, *, data=None, bytes_moved=None, flops=None, images=None,
+                copy_gbps=4000.0, rounds=30, iterations=100, **extra):
+    """One benchmark as pytest-benchmark 5 writes it, extra_info as run_benchmark fills it."""
+    data = list(data) if data is not None else [median_s * f for f in (0.9, 0.95, 1.0, 1.05, 1.2)]
+    ei = {"op": op, "provider": provider, "size": size, "device": "cuda", "copy_gbps": copy_gbps,
+          "timer": "cuda_event", "rounds": rounds, "iterations": iterations, "warmup_rounds": 3,
+          "median_ms": median_s * 1e3}
+    ei.update(extra)
+    if bytes_moved:
+        ei["bytes_moved"] = bytes_moved
+    if flops:
+        ei["flops"] = flops
+    if images:
+        ei["images"] = images
+    name = f"test_{op}[{size}-{provider}]"
+    return {
+        "group": f"{op}:{size}",
+        "name": name,
+        "fullname": f"benchmarks/bench_{op}.py::{name}",
+        "params": {"size": size, "provider": provider},
+        "param": f"{size}-{provider}",
+        "extra_info": ei,
+        "options": {"disable_gc": False, "timer": "cuda_event_timer", "min_rounds": 5,
+                    "max_time": 1.0, "min_time": 5e-06, "warmup": False},
+        "stats": {
+            "min": min(data), "max": max(data), "mean": sum(data) / len(data), "stddev": 0.0,
+            "rounds": len(data), "median": median_s, "iqr": 0.0, "q1": min(data), "q3": max(data),
+            "iqr_outliers": 0, "stddev_outliers": 0, "outliers": "0;0", "ld15iqr": min(data),
+            "hd15iqr": max(data), "ops": 1.0 / median_s, "total": sum(data), "data": data,
+            "iterations": iterations,
+        },
+    }
+
+
+MEDIANS = {  # (op, size, provider) -> seconds
+    ("solver_step", "2x4x64x64", "eager"): 180e-6,
+    ("solver_step", "2x4x64x64", "compile"): 60e-6,
+    ("solver_step", "2x4x64x64", "triton"): 12e-6,
+    ("solver_step", "2x4x64x64", "cuda"): 10e-6,
+    ("solver_step", "2x4x64x64", "graph"): 8e-6,
+    ("solver_step", "16x4x128x128", "eager"): 2.4e-3,
+    ("solver_step", "16x4x128x128", "compile"): 0.5e-3,
+    ("solver_step", "16x4x128x128", "triton"): 0.21e-3,
+    ("solver_step", "16x4x128x128", "cuda"): 0.2e-3,
+    ("attention", "B2xH8xL4096xD64", "eager"): 4.0e-3,
+    ("attention", "B2xH8xL4096xD64", "cuda"): 1.0e-3,
+}
+SAMPLES = {  # (solver, steps, provider) -> seconds per call of 4 images
+    ("dpmpp_2m", 4, "eager"): 0.080, ("dpmpp_2m", 4, "compile"): 0.050, ("dpmpp_2m", 4, "graph"): 0.020,
+    ("dpmpp_2m", 8, "eager"): 0.160, ("dpmpp_2m", 8, "compile"): 0.100, ("dpmpp_2m", 8, "graph"): 0.040,
+    ("ddim", 8, "eager"): 0.150, ("ddim", 8, "graph"): 0.038,
+}
+SOLVER_BYTES = {"2x4x64x64": 2 * 4 * 64 * 64 * 4 * 5, "16x4x128x128": 16 * 4 * 128 * 128 * 4 * 5}
+ATTN_FLOPS = 4 * 2 * 8 * 4096 * 4096 * 64
+
+
+def synthetic_doc() -> dict:
+    benches = []
+    for (op, size, provider), t in MEDIANS.items():
+        if op == "solver_step":
+            benches.append(bench_entry(op, provider, size, t, bytes_moved=SOLVER_BYTES[size]))
+        else:
+            benches.append(bench_entry(op, provider, size, t, flops=ATTN_FLOPS))
+    for (solver, steps, provider), t in SAMPLES.items():
+        benches.append(bench_entry("sample", provider, "4x4x64x64", t, images=4, solver=solver, steps=steps,
+                                   iterations=1))
+    return {
+        "machine_info": {
+            "node": "gpu-box", "processor": "x86_64", "machine": "x86_64", "python_compiler": "GCC 13",
+            "python_implementation": "CPython", "python_implementation_version": "3.12.3",
+            "python_version": "3.12.3", "python_build": ["main", "Jan 1 2026"], "release": "6.18",
+            "system": "Linux", "cpu": {"brand_raw": "Test CPU", "count": 16},
+            "fastdiff": {
+                "device": "cuda", "device_name": "NVIDIA H200", "capability": "9.0", "sm_count": 132,
+                "l2_bytes": 60 << 20, "mem_bytes": 141 << 30, "driver": "580.159.04",
+                "copy_bytes": 2 << 30, "copy_gbps": 4000.0, "gemm_n": 8192, "gemm_dtype": "bfloat16",
+                "gemm_tflops": 790.0, "torch": "2.11.0+cu130", "triton": "3.6.0", "cuda": "13.0",
+                "python": "3.12.3", "commit": "0123456789abcdef0123456789abcdef01234567", "dirty": False,
+                "commit_source": "git", "quick": False,
+            },
+        },
+        "commit_info": {"id": "0123456789abcdef0123456789abcdef01234567", "time": "2026-11-20T10:00:00+00:00",
+                        "author_time": "2026-11-20T10:00:00+00:00", "dirty": False, "project": "fastdiff",
+                        "branch": "main"},
+        "benchmarks": benches,
+        "datetime": "2026-11-21T08:00:00+00:00",
+        "version": "5.2.3",
+    }
+
+
+@pytest.fixture
+def synthetic(tmp_path) -> Path:
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(synthetic_doc()))
+    return path
+
+
+# --------------------------------------------------------------------------- report on synthetic JSON
+
+
+def test_machine_header(synthetic):
+    md = report.render([report.load_run(synthetic)])
+    assert md.startswith("# fastdiff benchmark report\n")
+    header, rows = md_table(md, "## Machine")
+    info = {r[0]: r[1] for r in rows}
+    assert info["device"].startswith("NVIDIA H200 (cuda): sm_90, 132 SMs, L2 60 MiB")
+    assert info["torch"] == "2.11.0+cu130"
+    assert info["triton"] == "3.6.0"
+    assert info["CUDA"] == "13.0"
+    assert info["driver"] == "580.159.04"
+    assert info["commit"] == "0123456789ab on main"
+    assert info["date"] == "2026-11-21T08:00:00+00:00"
+    assert info["copy bandwidth"].startswith(f"{fmt_num(4000.0)} GB/s")
+    assert info["GEMM rate"] == f"{fmt_num(790.0)} TFLOP/s (bfloat16, 8192³)"
+    assert info["timer"] == "cuda_event"
+
+
+def test_op_table_columns_and_speedups(synthetic):
+    md = report.render([report.load_run(synthetic)])
+    header, rows = md_table(md, "### solver_step")
+    expected = ["size"]
+    for p in ("eager", "compile", "triton", "cuda", "graph"):  # eager, compile first; then known order
+        expected += [f"{p} ms", f"{p} GB/s", f"{p} % copy"]
+        if p != "eager":
+            expected.append(f"{p} × eager")
+        if p != "compile":
+            expected.append(f"{p} × compile")
+    assert header == expected
+    assert [r[0] for r in rows] == ["2x4x64x64", "16x4x128x128"]  # natural order of sizes
+    for row in rows:
+        size = row[0]
+        for p in ("eager", "compile", "triton", "cuda", "graph"):
+            t = MEDIANS.get(("solver_step", size, p))
+            if t is None:  # graph was not measured at the large size
+                assert cell(header, row, f"{p} ms") == "–"
+                continue
+            assert cell(header, row, f"{p} ms") == fmt_num(t * 1e3)
+            gbps = SOLVER_BYTES[size] / t / 1e9
+            assert cell(header, row, f"{p} GB/s") == fmt_num(gbps)
+            assert cell(header, row, f"{p} % copy") == fmt_pct(gbps / 4000.0)
+            if p != "eager":
+                assert cell(header, row, f"{p} × eager") == fmt_speedup(MEDIANS[("solver_step", size, "eager")] / t)
+            if p != "compile":
+                assert cell(header, row, f"{p} × compile") == fmt_speedup(MEDIANS[("solver_step", size, "compile")] / t)
+    # a concrete value, worked by hand: eager 180 us / cuda 10 us
+    assert cell(header, rows[0], "cuda × eager") == "18.00×"
+
+
+def test_flops_table(synthetic):
+    md = report.render([report.load_run(synthetic)])
+    header, rows = md_table(md, "### attention")
+    assert header == ["size", "eager ms", "eager TFLOP/s", "cuda ms", "cuda TFLOP/s", "cuda × eager"]
+    assert cell(header, rows[0], "cuda TFLOP/s") == fmt_num(ATTN_FLOPS / 1.0e-3 / 1e12)
+    assert cell(header, rows[0], "cuda × eager") == "4.00×"
+
+
+def test_sampling_table(synthetic):
+    md = report.render([report.load_run(synthetic)])
+    assert "### sample" not in md  # sampling has its own section, not an op table
+    header, rows = md_table(md, "## End-to-end sampling")
+    assert header[:7] == ["solver", "steps", "size", "provider", "ms/image", "images/s", "ms/call"]
+    assert header[-2:] == ["× eager", "× compile"]
+    seen = set()
+    for row in rows:
+        solver, steps, provider = row[0], int(row[1]), row[3]
+        t = SAMPLES[(solver, steps, provider)]
+        assert cell(header, row, "ms/image") == fmt_num(t * 1e3 / 4)
+        assert cell(header, row, "images/s") == fmt_num(4 / t)
+        eager = SAMPLES.get((solver, steps, "eager"))
+        compiled = SAMPLES.get((solver, steps, "compile"))
+        want_e = fmt_speedup(eager / t) if provider != "eager" else "–"
+        want_c = fmt_speedup(compiled / t) if compiled and provider != "compile" else "–"
+        assert cell(header, row, "× eager") == want_e
+        assert cell(header, row, "× compile") == want_c
+        seen.add((solver, steps, provider))
+    assert seen == set(SAMPLES)
+    assert [r[0] for r in rows][:1] == ["ddim"]  # sorted by solver, then steps
+
+
+def test_details_use_stats_data_for_percentiles(synthetic):
+    doc = json.loads(synthetic.read_text())
+    b = doc["benchmarks"][0]
+    b["stats"]["data"] = [1e-6 * v for v in range(1, 11)]  # 1..10 us
+    synthetic.write_text(json.dumps(doc))
+    md = report.render([report.load_run(synthetic)])
+    header, rows = md_table(md, "## All benchmarks")
+    row = next(r for r in rows if r[0] == b["fullname"])
+    # p20 of 1..10 by linear interpolation: 1 + 0.2 * 9 = 2.8 us
+    assert cell(header, row, "p20 ms") == fmt_num(2.8e-3)
+    assert cell(header, row, "p80 ms") == fmt_num(8.2e-3)
+    assert cell(header, row, "rounds × iterations") == f"{b['stats']['rounds']} × 100"
+
+
+def test_merge_runs_and_missing_machine_info(tmp_path):
+    a, b = synthetic_doc(), synthetic_doc()
+    b["machine_info"].pop("fastdiff")
+    b["benchmarks"] = [bench_entry("copy", "eager", 1 << 20, 1e-5, bytes_moved=8 << 20)]
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps(b))
+    md = report.render([report.load_run(pa), report.load_run(pb)])
+    assert "### solver_step" in md and "### copy" in md
+    header, rows = md_table(md, "## Machine")
+    info = {r[0]: r[1] for r in rows}
+    assert info["results"] == "a.json / b.json"
+    # b's benchmark carries its own copy_gbps in extra_info, so % copy still works
+    h, r = md_table(md, "### copy")
+    assert cell(h, r[0], "eager % copy") == fmt_pct((8 << 20) / 1e-5 / 1e9 / 4000.0)
+
+
+def test_plots_or_clear_skip(synthetic, tmp_path, capsys):
+    plots = tmp_path / "plots"
+    out = tmp_path / "report.md"
+    md = report.render([report.load_run(synthetic)], plots_dir=plots, report_path=out)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert report.PLOTS_SKIPPED in md
+        assert "matplotlib" in capsys.readouterr().err
+        return
+    pngs = sorted(p.name for p in plots.glob("*.png"))
+    assert "solver_step_time_vs_size.png" in pngs and "attention_time_vs_size.png" in pngs
+    assert "sample_4x4x64x64_ms_per_image_vs_steps.png" in pngs
+    assert "](plots/solver_step_time_vs_size.png)" in md
+
+
+def test_cli(synthetic, tmp_path, capsys):
+    from fastdiff.bench.__main__ import main
+
+    out = tmp_path / "sub" / "report.md"
+    assert main(["report", str(synthetic), "-o", str(out)]) == 0
+    assert "## End-to-end sampling" in out.read_text()
+    assert main(["report", str(synthetic)]) == 0  # no -o: stdout
+    assert "### solver_step" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main(["report", str(bad)]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert main(["bogus"]) == 2
+
+
+def test_formatting():
+    assert fmt_num(1234.5678) == "1235"
+    assert fmt_num(0.012345) == "0.01235"
+    assert fmt_num(None) == "–"
+    assert fmt_speedup(2.0) == "2.00×"
+    assert fmt_pct(0.8734) == "87.3%"
+
+
+# --------------------------------------------------------------------------- harness helpers
+
+
+def test_bench_sizes(monkeypatch):
+    from fastdiff.bench import harness
+
+    monkeypatch.delenv("FASTDIFF_BENCH_SIZES", raising=False)
+    monkeypatch.setenv("FASTDIFF_BENCH_QUICK", "1")
+    assert harness.bench_sizes(full=[1, 2, 3], quick=[9]) == [9]
+    monkeypatch.setenv("FASTDIFF_BENCH_QUICK", "0")
+    want = [9] if not harness.gpu_available() else [1, 2, 3]
+    assert harness.bench_sizes(full=[1, 2, 3], quick=[9]) == want
+    monkeypatch.setenv("FASTDIFF_BENCH_SIZES", "full")
+    assert harness.bench_sizes(full=[1, 2, 3], quick=[9]) == [1, 2, 3]
+    monkeypatch.setenv("FASTDIFF_BENCH_SIZES", "bogus")
+    with pytest.raises(ValueError, match="FASTDIFF_BENCH_SIZES"):
+        harness.bench_sizes(full=[1], quick=[1])
+
+
+def test_rotating():
+    from fastdiff.bench import harness
+    from fastdiff.bench.harness import Rotating, size_label
+
+    rot = Rotating([(1, 2), (3, 4), 5])
+    assert [rot.next() for _ in range(4)] == [(1, 2), (3, 4), (5,), (1, 2)]
+    f = Rotating([(1, 2), (3, 4)]).bind(lambda a, b: a + b)
+    assert [f(), f(), f()] == [3, 7, 3]
+    with pytest.raises(ValueError):
+        Rotating([])
+    n = Rotating.count(1 << 20, "cpu", max_sets=1000)
+    assert n * (1 << 20) >= 3 * harness._cache_bytes("cpu") and n >= 2
+    assert Rotating.count(1 << 30, "cpu", max_bytes=8 << 30) == 2  # larger than the cache: 2 sets
+    assert Rotating.count(16, "cpu") == 16  # tiny sets: capped (16 on the CPU, 64 on a GPU)
+    assert Rotating.count(16, "cpu", max_sets=64) == 64
+    assert size_label((2, 4, 64, 64)) == "2x4x64x64" and size_label(7) == 7
+
+
+def test_run_benchmark_rejects_reserved_extra_keys():
+    from fastdiff.bench.harness import run_benchmark
+
+    class Fake:
+        group = None
+        extra_info: dict = {}
+
+    with pytest.raises(TypeError, match="median_ms"):
+        run_benchmark(Fake(), lambda: None, hw={"device": "cpu"}, op="x", provider="eager", size=1, median_ms=3)
+
+
+# --------------------------------------------------------------------------- a real quick CPU run
+
+
+@pytest.fixture(scope="module")
+def real_json(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "copy.json"
+    env = dict(os.environ, FASTDIFF_BENCH_QUICK="1", FASTDIFF_BENCH_ROUNDS="3")
+    env.pop("FASTDIFF_BENCH_SIZES", None)
+    env.pop("FASTDIFF_BENCH_PROVIDERS", None)
+    env.pop("FASTDIFF_BENCH_PROFILE", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks/bench_copy.py", "-q", "-p", "no:cacheprovider",
+         f"--benchmark-json={out}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out
+
+
+def test_real_json_schema(real_json):
+    doc = json.loads(real_json.read_text())
+    hw = doc["machine_info"]["fastdiff"]
+    for key in ("device", "device_name", "copy_gbps", "gemm_tflops", "torch", "triton", "cuda"):
+        assert key in hw
+    assert hw["copy_gbps"] > 0 and hw["gemm_tflops"] > 0
+    ops = set()
+    for b in doc["benchmarks"]:
+        ei = b["extra_info"]
+        ops.add(ei["op"])
+        assert b["group"] == f"{ei['op']}:{ei['size']}"
+        for key in ("op", "provider", "size", "median_ms", "p20_ms", "p80_ms", "gbps", "frac_copy", "bytes_moved"):
+            assert key in ei, key
+        # extra_info is derived from pytest-benchmark's own numbers, not measured separately
+        assert ei["median_ms"] == pytest.approx(b["stats"]["median"] * 1e3, rel=1e-9)
+        assert ei["p20_ms"] <= ei["median_ms"] <= ei["p80_ms"]
+        assert ei["gbps"] == pytest.approx(ei["bytes_moved"] / b["stats"]["median"] / 1e9, rel=1e-9)
+        assert ei["frac_copy"] == pytest.approx(ei["gbps"] / hw["copy_gbps"], rel=1e-9)
+        assert len(b["stats"]["data"]) == b["stats"]["rounds"] == ei["rounds"]
+    assert ops == {"copy", "add"}
+
+
+def test_real_json_report(real_json, tmp_path):
+    doc = json.loads(real_json.read_text())
+    med = {(b["extra_info"]["op"], b["extra_info"]["size"], b["extra_info"]["provider"]): b["stats"]["median"]
+           for b in doc["benchmarks"]}
+    out = tmp_path / "report.md"
+    r = subprocess.run([sys.executable, "-m", "fastdiff.bench", "report", str(real_json), "-o", str(out),
+                        "--plots", str(tmp_path / "plots")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    md = out.read_text()
+    assert "## Machine" in md and "## Ops" in md and "## All benchmarks" in md
+    for op in ("copy", "add"):
+        header, rows = md_table(md, f"### {op}")
+        assert header[:4] == ["size", "eager ms", "eager GB/s", "eager % copy"]
+        assert "alloc ms" in header and "alloc × eager" in header
+        sizes = sorted({k[1] for k in med if k[0] == op})
+        assert [int(r[0]) for r in rows] == sizes
+        for row in rows:
+            size = int(row[0])
+            for p in {k[2] for k in med if k[0] == op}:
+                assert cell(header, row, f"{p} ms") == fmt_num(med[(op, size, p)] * 1e3)
+                if p != "eager":
+                    assert cell(header, row, f"{p} × eager") == fmt_speedup(med[(op, size, "eager")] / med[(op, size, p)])
+
+
+# --------------------------------------------------------------------------- ncu summary
+
+
+WIDE_CSV = '''"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","dram__bytes_read.sum","dram__bytes_write.sum","dram__throughput.avg.pct_of_peak_sustained_elapsed","gpu__time_duration.sum","sm__throughput.avg.pct_of_peak_sustained_elapsed"
+"","","","","","","","","","","","Mbyte","Kbyte","%","usecond","%"
+"0","42","python3","localhost","_solver_step_kernel","1","7","(256, 1, 1)","(4096, 1, 1)","0","9.0","1,000.00","500,000.00","88.5","0.50","12.0"
+"1","42","python3","localhost","_solver_step_kernel","1","7","(256, 1, 1)","(4096, 1, 1)","0","9.0","1,000.00","500,000.00","89.5","0.50","14.0"
+"2","42","python3","localhost","void fastdiff::gn_silu_kernel<float>(const float *, float *, int)","1","7","(256, 1, 1)","(64, 1, 1)","0","9.0","10","20","50","2","5"
+'''
+
+LONG_CSV = '''"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
+"0","42","python3","localhost","solver_step_kernel","1","7","(256, 1, 1)","(64, 1, 1)","0","9.0","GPU Speed Of Light Throughput","DRAM Throughput","%","91.20"
+"0","42","python3","localhost","solver_step_kernel","1","7","(256, 1, 1)","(64, 1, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","usecond","12.50"
+"0","42","python3","localhost","solver_step_kernel","1","7","(256, 1, 1)","(64, 1, 1)","0","9.0","Memory Workload Analysis","Memory Throughput","Gbyte/second","3,100.00"
+'''
+
+
+def test_ncu_summary_wide_and_long(tmp_path):
+    launches = ncu.parse_csv(WIDE_CSV, source="solver_step")
+    assert len(launches) == 3
+    assert launches[0]["duration_s"] == pytest.approx(0.5e-6)
+    assert launches[0]["dram_read_b"] == pytest.approx(1e9)
+    assert launches[0]["dram_write_b"] == pytest.approx(5e8)
+    text = ncu.summarize(launches)
+    row = next(line for line in text.splitlines() if "_solver_step_kernel" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "2"  # two launches averaged
+    assert cells[6] == format(1.5e9 / 0.5e-6 / 1e9, ".0f")  # DRAM GB/s = bytes / duration
+    assert cells[7] == "89.0"
+    assert "fastdiff::gn_silu_kernel<float>" in text and "const float" not in text  # args dropped
+
+    long = ncu.parse_csv(LONG_CSV, source="x")
+    assert long == [{"kernel": "solver_step_kernel", "source": "x", "dram_pct": 91.2, "duration_s": pytest.approx(12.5e-6)}]
+    assert ncu.summarize([]).startswith("No kernels were profiled")
+
+    p = tmp_path / "solver_step.csv"
+    p.write_text(WIDE_CSV)
+    out = tmp_path / "ncu.md"
+    assert ncu.main([str(p), "-o", str(out)]) == 0
+    assert "| solver_step | _solver_step_kernel | 2 |" in out.read_text()
+
+
+# --------------------------------------------------------------------------- gpu_check.sh
+
+
+def test_gpu_check_script_syntax():
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    # the metrics the script asks ncu for are the ones the summary reads
+    m = re.search(r"^NCU_METRICS=(\S+)$", script.read_text(), re.M)
+    assert m and m.group(1) == ncu.NCU_METRICS
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """Every heavy phase skipped: the script still names its results, keeps to <= 8 files in
+    $OUT with plain names, records why each phase did not run, and prints the report last."""
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), FASTDIFF_CHECK_SKIP="build,tests,bench,ncu", FASTDIFF_COMMIT="abc123")
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files)
+    assert {"report.md", "summary.txt", "versions.txt", "ncu_summary.md"} <= set(files)
+    tars = [f for f in files if f.endswith(".tar.gz")]
+    assert len(tars) == 1 and re.fullmatch(r"\d{4}-\d\d-\d\d_[a-z0-9-]+\.tar\.gz", tars[0])
+    summary = (out / "summary.txt").read_text()
+    for phase in ("build", "tests", "bench", "ncu"):
+        assert re.search(rf"^{phase}\s+SKIPPED .*FASTDIFF_CHECK_SKIP", summary, re.M), summary
+    assert "abc123" in (out / "versions.txt").read_text()
+    report_md = (out / "report.md").read_text()
+    assert "## GPU check phases" in report_md
+    assert r.stdout.rstrip().endswith(report_md.rstrip().splitlines()[-1])
