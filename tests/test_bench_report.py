@@ -403,6 +403,80 @@ def test_real_json_report(real_json, tmp_path):
                     assert cell(header, row, f"{p} × eager") == fmt_speedup(med[(op, size, "eager")] / med[(op, size, p)])
 
 
+# --------------------------------------------------------------------------- the GPU timing path, simulated
+
+FAKE_CUDA_TESTS = """
+import time
+import torch
+from fastdiff.bench import harness
+
+class FakeEvent:  # torch.cuda.Event on a host clock: exercises the GPU code path without a GPU
+    created = 0
+    def __init__(self, enable_timing=False):
+        FakeEvent.created += 1
+        self.t = None
+    def record(self, stream=None):
+        self.t = time.perf_counter()
+    def synchronize(self):
+        pass
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
+
+torch.cuda.Event = FakeEvent
+torch.cuda.synchronize = lambda *a, **k: None
+HW = {"device": "cuda", "copy_gbps": 100.0}
+
+def test_gpu_path(benchmark):
+    x, y = torch.randn(1000), torch.empty(1000)
+    harness.run_benchmark(benchmark, lambda: y.copy_(x), hw=HW, op="copy", provider="eager",
+                          size=1000, bytes_moved=8000, variant="fp32")
+    ei = benchmark.extra_info
+    assert ei["timer"] == "cuda_event"
+    # every timed and warm-up round read two event stamps
+    assert FakeEvent.created >= 2 * (ei["rounds"] + ei["warmup_rounds"])
+    assert harness.MIN_ROUNDS <= ei["rounds"] <= harness.DEFAULT_ROUNDS
+    assert ei["variant"] == "fp32"
+
+def test_provider_filter(benchmark, monkeypatch):
+    monkeypatch.setenv("FASTDIFF_BENCH_PROVIDERS", "cuda,triton")
+    harness.run_benchmark(benchmark, lambda: None, hw={"device": "cpu"}, op="x", provider="eager", size=1)
+
+def test_profile_mode(benchmark, monkeypatch):
+    monkeypatch.setenv("FASTDIFF_BENCH_PROFILE", "1")
+    calls = []
+    harness.run_benchmark(benchmark, lambda: calls.append(1), hw={"device": "cpu"}, op="y",
+                          provider="cuda", size=2)
+    assert len(calls) == 3  # one warm-up, two profiled
+"""
+
+
+def test_gpu_timing_path_simulated(tmp_path):
+    """run_benchmark's GPU branch with torch.cuda.Event faked on a host clock: pytest-benchmark's
+    own statistics come from the event timer, and extra_info is derived from them."""
+    (tmp_path / "test_fake_cuda.py").write_text(FAKE_CUDA_TESTS)
+    out = tmp_path / "fake.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTDIFF_BENCH_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "test_fake_cuda.py", "-q", "-p", "no:cacheprovider", "-rs",
+         f"--benchmark-json={out}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 passed, 1 skipped" in r.stdout and "not in FASTDIFF_BENCH_PROVIDERS" in r.stdout
+    doc = json.loads(out.read_text())
+    by_op = {b["extra_info"]["op"]: b for b in doc["benchmarks"]}
+    gpu = by_op["copy"]
+    assert gpu["options"]["timer"] == "cuda_event_timer"  # pytest-benchmark timed with our timer
+    assert gpu["group"] == "copy:1000"
+    assert gpu["stats"]["iterations"] == gpu["extra_info"]["iterations"] >= 1
+    assert len(gpu["stats"]["data"]) == gpu["extra_info"]["rounds"]
+    assert gpu["extra_info"]["median_ms"] == pytest.approx(gpu["stats"]["median"] * 1e3, rel=1e-9)
+    assert gpu["extra_info"]["frac_copy"] == pytest.approx(gpu["extra_info"]["gbps"] / 100.0, rel=1e-9)
+    assert by_op["y"]["extra_info"]["profile"] is True and by_op["y"]["stats"]["rounds"] == 1
+    assert "x" not in by_op
+
+
 # --------------------------------------------------------------------------- ncu summary
 
 
