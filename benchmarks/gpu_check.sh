@@ -240,7 +240,8 @@ ncu_target() { # ncu_target OP REGEX
       "$NCU" "${common[@]}" --launch-count 8 -o "$rep" "${pytest_cmd[@]}"
   fi
   if [ -s "$rep.ncu-rep" ]; then
-    timeout 60 "$NCU" -i "$rep.ncu-rep" --csv --page raw --print-units base >"$W/ncu/${op}.csv" 2>>"$W/logs/ncu_${op}.log"
+    timeout 60 "$NCU" -i "$rep.ncu-rep" --csv --page raw --print-units base >"$W/ncu/${op}.csv" 2>>"$W/logs/ncu_${op}.log" \
+      || timeout 60 "$NCU" -i "$rep.ncu-rep" --csv --page raw >"$W/ncu/${op}.csv" 2>>"$W/logs/ncu_${op}.log"
     timeout 60 "$NCU" -i "$rep.ncu-rep" --page details >"$W/ncu/${op}_details.txt" 2>>"$W/logs/ncu_${op}.log"
   else
     record "ncu:$op" NOREPORT 0 0 "no kernel matched regex:${regex} (see logs/ncu_${op}.log)"
