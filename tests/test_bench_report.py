@@ -348,6 +348,7 @@ def real_json(tmp_path_factory) -> Path:
     env.pop("FASTDIFF_BENCH_SIZES", None)
     env.pop("FASTDIFF_BENCH_PROVIDERS", None)
     env.pop("FASTDIFF_BENCH_PROFILE", None)
+    env.pop("TRITON_INTERPRET", None)  # benchmarks time real kernels, never the interpreter
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "benchmarks/bench_copy.py", "-q", "-p", "no:cacheprovider",
          f"--benchmark-json={out}"],
