@@ -1,0 +1,288 @@
+"""Eager reference solvers, each written the way its paper writes it.
+
+They are the oracle for the fused coefficient tables, so they deliberately do NOT share
+the table's algebra: every solver converts the model output to the quantities its paper
+uses (x0, eps, velocity, the EDM derivative) and applies its own update formula.
+
+A solver object is built once per grid and stepped with `step(i, x, m, z)`: `x` the state
+at grid point i, `m` the (guided) model output there, `z` the step's standard-normal noise
+(None when `noise_scale(i) == 0`). Grid quantities are float64 numpy scalars; tensors are
+whatever dtype the caller keeps the state in (fp32 by default, float64 in tests).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fastdiff.grid import Grid
+
+PREDICTIONS = ("epsilon", "v", "sample", "flow")
+
+
+def to_x0(x, m, alpha, sigma, prediction):
+    """The data prediction x0 from a model output of the given type."""
+    if prediction == "epsilon":
+        return (x - sigma * m) / alpha
+    if prediction == "v":  # v = alpha * eps - sigma * x0
+        return alpha * x - sigma * m
+    if prediction == "sample":
+        return m
+    # flow velocity v = eps - x0 on x = (1 - t) x0 + t eps
+    return x - sigma * m
+
+
+def to_eps(x, m, alpha, sigma, prediction):
+    """The noise prediction eps from a model output of the given type."""
+    if prediction == "epsilon":
+        return m
+    if prediction == "v":
+        return sigma * x + alpha * m
+    if prediction == "sample":
+        return (x - alpha * m) / sigma
+    return x + alpha * m
+
+
+class ReferenceSolver:
+    """Base: holds the grid and the prediction type; subclasses implement `step`."""
+
+    stochastic = False
+
+    def __init__(self, grid: Grid, prediction: str, eta: float | None = None, order: int = 1,
+                 lower_order_final: bool = True, variance: str = "small", clamp: float | None = None):
+        self.grid = grid
+        self.prediction = prediction
+        self.eta = self.default_eta if eta is None else float(eta)
+        self.order = order
+        self.lower_order_final = lower_order_final
+        self.variance = variance
+        self.clamp = clamp
+        self.a = grid.alpha
+        self.s = grid.sigma
+        self.lam = grid.lam
+        self.x0_history: list = []
+
+    default_eta = 0.0
+
+    def noise_scale(self, i: int) -> float:
+        """Standard deviation of the fresh noise that step i adds (0: no noise drawn)."""
+        return 0.0
+
+    def x0(self, i, x, m):
+        x0 = to_x0(x, m, self.a[i], self.s[i], self.prediction)
+        return x0 if self.clamp is None else x0.clamp(-self.clamp, self.clamp)
+
+    def eps(self, i, x, m):
+        if self.clamp is not None:  # diffusers' clip_sample: eps follows the clamped x0
+            return (x - self.a[i] * self.x0(i, x, m)) / self.s[i]
+        return to_eps(x, m, self.a[i], self.s[i], self.prediction)
+
+
+class DDPM(ReferenceSolver):
+    """Ho et al. 2020, ancestral sampling from the posterior q(x_s | x_t, x0), for any pair of
+    grid points (beta_t = 1 - abar_t / abar_s). `variance`: "small" (the posterior variance
+    beta~) or "large" (beta_t); no noise on the last step."""
+
+    stochastic = True
+
+    def _parts(self, i):
+        ab_t, ab_s = self.a[i] ** 2, self.a[i + 1] ** 2
+        beta = 1.0 - ab_t / ab_s
+        return ab_t, ab_s, beta
+
+    def noise_scale(self, i):
+        ab_t, ab_s, beta = self._parts(i)
+        if i == self.grid.steps - 1:
+            return 0.0
+        var = (1.0 - ab_s) / (1.0 - ab_t) * beta if self.variance == "small" else beta
+        return math.sqrt(var)
+
+    def step(self, i, x, m, z):
+        ab_t, ab_s, beta = self._parts(i)
+        x0 = self.x0(i, x, m)
+        mean = (math.sqrt(ab_s) * beta / (1.0 - ab_t)) * x0 + (math.sqrt(1.0 - beta) * (1.0 - ab_s) / (1.0 - ab_t)) * x
+        return mean if z is None else mean + self.noise_scale(i) * z
+
+
+class DDIM(ReferenceSolver):
+    """Song et al. 2021, eq. 12: x_s = alpha_s x0 + sqrt(sigma_s^2 - s^2) eps + s z with
+    s = eta * sqrt((sigma_s^2 / sigma_t^2) (1 - alpha_t^2 / alpha_s^2))."""
+
+    stochastic = True
+
+    def noise_scale(self, i):
+        a_t, s_t, a_s, s_s = self.a[i], self.s[i], self.a[i + 1], self.s[i + 1]
+        return self.eta * math.sqrt((s_s**2 / s_t**2) * (1.0 - a_t**2 / a_s**2))
+
+    def step(self, i, x, m, z):
+        s = self.noise_scale(i)
+        x0, eps = self.x0(i, x, m), self.eps(i, x, m)
+        out = self.a[i + 1] * x0 + math.sqrt(max(self.s[i + 1] ** 2 - s * s, 0.0)) * eps
+        return out if z is None else out + s * z
+
+
+class DPMSolverPP(ReferenceSolver):
+    """DPM-Solver++ multistep (Lu et al. 2022), data prediction, orders 1-3. The order at step
+    i is min(order, i + 1), and with `lower_order_final` also <= N - i; a step to sigma = 0 is
+    always first order (the higher-order corrections divide by r = h_prev / h = 0 there)."""
+
+    def step_order(self, i):
+        order = min(self.order, i + 1)
+        if self.lower_order_final:
+            order = min(order, self.grid.steps - i)
+        if self.s[i + 1] == 0:
+            order = 1
+        return order
+
+    def step(self, i, x, m, z):
+        self.x0_history.append(self.x0(i, x, m))
+        m0 = self.x0_history[-1]
+        lam, a_s, s_t, s_s = self.lam, self.a[i + 1], self.s[i + 1], self.s[i]
+        h = lam[i + 1] - lam[i]
+        phi = np.expm1(-h)  # e^{-h} - 1
+        order = self.step_order(i)
+        if order == 1:
+            out = (s_t / s_s) * x - (a_s * phi) * m0
+        elif order == 2:
+            r = (lam[i] - lam[i - 1]) / h
+            d = (1.0 + 0.5 / r) * m0 - (0.5 / r) * self.x0_history[-2]
+            out = (s_t / s_s) * x - (a_s * phi) * d
+        else:
+            m1, m2 = self.x0_history[-2], self.x0_history[-3]
+            r0 = (lam[i] - lam[i - 1]) / h
+            r1 = (lam[i - 1] - lam[i - 2]) / h
+            d1_0 = (m0 - m1) / r0
+            d1_1 = (m1 - m2) / r1
+            d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            out = ((s_t / s_s) * x - (a_s * phi) * m0 + (a_s * (phi / h + 1.0)) * d1
+                   - (2.0 * a_s * ((phi + h) / h**2 - 0.5)) * d2)
+        del self.x0_history[:-2]
+        return out
+
+
+class DPMSolverPP2MSDE(DPMSolverPP):
+    """DPM-Solver++(2M) SDE (Lu et al. 2022, midpoint form):
+    x_s = (sigma_s/sigma_t) e^{-h} x + alpha_s (1 - e^{-2h}) (D0 + D1/2) + sigma_s sqrt(1 - e^{-2h}) z."""
+
+    stochastic = True
+
+    def __init__(self, grid, prediction, **kw):
+        kw["order"] = 2
+        super().__init__(grid, prediction, **kw)
+
+    def noise_scale(self, i):
+        h = self.lam[i + 1] - self.lam[i]
+        return float(self.s[i + 1] * math.sqrt(-np.expm1(-2.0 * h)))
+
+    def step(self, i, x, m, z):
+        self.x0_history.append(self.x0(i, x, m))
+        m0 = self.x0_history[-1]
+        h = self.lam[i + 1] - self.lam[i]
+        one_m = -np.expm1(-2.0 * h)  # 1 - e^{-2h}
+        d = m0
+        if self.step_order(i) == 2:
+            r = (self.lam[i] - self.lam[i - 1]) / h
+            d = m0 + 0.5 * (m0 - self.x0_history[-2]) / r
+        out = (self.s[i + 1] / self.s[i] * np.exp(-h)) * x + (self.a[i + 1] * one_m) * d
+        del self.x0_history[:-1]
+        return out if z is None else out + self.noise_scale(i) * z
+
+
+class Euler(ReferenceSolver):
+    """Karras et al. 2022 Euler on the probability-flow ODE in the variance-exploding
+    coordinates x~ = x / alpha, sigma~ = sigma / alpha: dx~/dsigma~ = (x~ - x0) / sigma~."""
+
+    def _ks(self, i):
+        return self.s[i] / self.a[i]
+
+    def step(self, i, x, m, z):
+        ks, ks_next = self._ks(i), self._ks(i + 1)
+        xt = x / self.a[i]
+        d = (xt - self.x0(i, x, m)) / ks
+        return self.a[i + 1] * (xt + (ks_next - ks) * d)
+
+
+class EulerAncestral(Euler):
+    """k-diffusion's ancestral Euler: step down to sigma_down by Euler, add sigma_up noise,
+    with sigma_up = min(s', eta * sqrt(s'^2 (s^2 - s'^2) / s^2)) in VE coordinates."""
+
+    stochastic = True
+    default_eta = 1.0
+
+    def _up_down(self, i):
+        ks, ks_next = self._ks(i), self._ks(i + 1)
+        up = min(ks_next, self.eta * math.sqrt(ks_next**2 * (ks**2 - ks_next**2) / ks**2))
+        return up, math.sqrt(ks_next**2 - up**2)
+
+    def noise_scale(self, i):
+        return float(self.a[i + 1] * self._up_down(i)[0])
+
+    def step(self, i, x, m, z):
+        ks = self._ks(i)
+        up, down = self._up_down(i)
+        xt = x / self.a[i]
+        d = (xt - self.x0(i, x, m)) / ks
+        out = self.a[i + 1] * (xt + (down - ks) * d)
+        return out if z is None else out + self.a[i + 1] * up * z
+
+
+def _flow_velocity(solver, i, x, m):
+    if solver.prediction == "flow" and solver.clamp is None:
+        return m
+    return solver.eps(i, x, m) - solver.x0(i, x, m)
+
+
+class FlowEuler(ReferenceSolver):
+    """Rectified-flow Euler (Liu et al. 2023): x_{t'} = x_t + (t' - t) v."""
+
+    def step(self, i, x, m, z):
+        return x + (self.s[i + 1] - self.s[i]) * _flow_velocity(self, i, x, m)
+
+
+class FlowSDE(ReferenceSolver):
+    """Stochastic flow sampler: re-noise the Euler step's endpoint with a fraction eta of
+    fresh noise, x_{t'} = (1 - t') x0 + t' (sqrt(1 - eta^2) eps + eta z), where x0 = x - t v and
+    eps = x + (1 - t) v. eta = 0 is exactly flow Euler; eta = 1 is full re-noising."""
+
+    stochastic = True
+    default_eta = 1.0
+
+    def noise_scale(self, i):
+        return float(self.eta * self.s[i + 1])
+
+    def step(self, i, x, m, z):
+        v = _flow_velocity(self, i, x, m)
+        t, t_next = self.s[i], self.s[i + 1]
+        x0, eps = x - t * v, x + (1.0 - t) * v
+        out = (1.0 - t_next) * x0 + t_next * math.sqrt(1.0 - self.eta**2) * eps
+        return out if z is None else out + t_next * self.eta * z
+
+
+class Consistency(ReferenceSolver):
+    """Consistency-model multistep sampling (Song et al. 2023, Alg. 1): jump to the data
+    estimate, then re-noise to the next grid point: x_s = alpha_s x0 + sigma_s z."""
+
+    stochastic = True
+
+    def noise_scale(self, i):
+        return float(self.s[i + 1])
+
+    def step(self, i, x, m, z):
+        out = self.a[i + 1] * self.x0(i, x, m)
+        return out if z is None else out + self.s[i + 1] * z
+
+
+SOLVERS = {
+    "ddpm": (DDPM, {}),
+    "ddim": (DDIM, {}),
+    "dpmpp_1m": (DPMSolverPP, {"order": 1}),
+    "dpmpp_2m": (DPMSolverPP, {"order": 2}),
+    "dpmpp_3m": (DPMSolverPP, {"order": 3}),
+    "dpmpp_2m_sde": (DPMSolverPP2MSDE, {}),
+    "euler": (Euler, {}),
+    "euler_ancestral": (EulerAncestral, {}),
+    "flow_euler": (FlowEuler, {}),
+    "flow_sde": (FlowSDE, {}),
+    "consistency": (Consistency, {}),
+}

@@ -1,0 +1,247 @@
+"""`fastdiff.sample()` and `Sampler`: the drop-in entry point.
+
+A `Sampler` is a plan: schedule, grid and solver are validated and computed once (float64,
+on the host); `Sampler.sample()` then runs the loop as often as you like. The model is any
+callable `model(x, t, **cond) -> Tensor` with the same shape as x, where `t` is a float32
+tensor of shape (batch,) holding the model time (see `model_time`).
+
+Example (the analytic Gaussian-mixture model shipped for tests and benchmarks)::
+
+    >>> import torch, fastdiff
+    >>> from fastdiff.testing import GaussianMixture
+    >>> gm = GaussianMixture.random(shape=(2, 4, 4), seed=0)
+    >>> model = gm.model(fastdiff.get_schedule("linear"), prediction="epsilon")
+    >>> noise = torch.randn(8, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    >>> x0 = fastdiff.sample(model, noise, solver="dpmpp_2m", steps=10)
+    >>> x0.shape
+    torch.Size([8, 2, 4, 4])
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Mapping, Optional, Sequence
+
+import torch
+
+from fastdiff.grid import Grid, make_grid
+from fastdiff.reference.solvers import PREDICTIONS, SOLVERS
+from fastdiff.schedules import MODEL_TIMES, Schedule, get_schedule
+
+BACKENDS = ("auto", "reference")
+_ETA_SOLVERS = ("ddim", "euler_ancestral", "flow_sde")
+_FLOW_SOLVERS = ("flow_euler", "flow_sde")
+CFG_MODES = ("batched", "separate")
+
+
+class Sampler:
+    """A sampling plan, computed once and reused.
+
+    Args:
+        solver: one of `fastdiff.SOLVERS` ("ddpm", "ddim", "dpmpp_1m", "dpmpp_2m", "dpmpp_3m",
+            "dpmpp_2m_sde", "euler", "euler_ancestral", "flow_euler", "flow_sde", "consistency").
+        steps: number of model evaluations (>= 1; at most the schedule's training timesteps).
+        schedule: "linear", "scaled_linear", "cosine", "flow", or a VPSchedule/FlowSchedule.
+        spacing: "leading", "trailing", "linspace", "karras" or "logsnr" (see `fastdiff.grid`).
+        prediction: what the model outputs: "epsilon", "v", "sample" (x0) or "flow" (velocity
+            noise - x0 of rectified flow; needs a flow schedule).
+        model_time: how the model takes time: "timestep" (diffusers: 0..T-1, or 1000*t for
+            flow), "t" (continuous in [0, 1]) or "karras_sigma" (sigma/alpha, EDM/k-diffusion).
+        final: "zero" (last step jumps to the clean sample) or "min" (stop at the smallest
+            training noise level; no first-order jump).
+        eta: noise fraction for "ddim" (default 0), "euler_ancestral" and "flow_sde" (default 1).
+        lower_order_final: DPM-Solver++: cap the order at N - i near the end (steadier at few
+            steps). A step to sigma = 0 is always first order.
+        variance: "ddpm" posterior variance, "small" (beta tilde) or "large" (beta).
+        clamp: if set, the data prediction x0 is clamped to [-clamp, clamp] (and eps recomputed
+            from it), like diffusers' clip_sample.
+        round_timesteps: round model times to integer training timesteps (discrete VP only);
+            coinciding points are dropped with a warning.
+        backend: "auto" or "reference" (plain PyTorch, the textbook formulas).
+        zero_terminal_snr, shift, steps_offset, rho, sigma_min, sigma_max: schedule and
+            spacing options (see `fastdiff.schedules` and `fastdiff.grid`).
+    """
+
+    def __init__(self, solver: str = "dpmpp_2m", steps: int = 20, schedule="linear", spacing: str = "trailing",
+                 prediction: str = "epsilon", model_time: str = "timestep", final: str = "zero",
+                 eta: Optional[float] = None, lower_order_final: bool = True, variance: str = "small",
+                 clamp: Optional[float] = None, round_timesteps: bool = False, backend: str = "auto",
+                 zero_terminal_snr: bool = False, shift: float = 1.0, steps_offset: int = 0, rho: float = 7.0,
+                 sigma_min: Optional[float] = None, sigma_max: Optional[float] = None):
+        if solver not in SOLVERS:
+            raise ValueError(f"solver: expected one of {sorted(SOLVERS)}, got {solver!r}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction: expected one of {list(PREDICTIONS)}, got {prediction!r}")
+        if model_time not in MODEL_TIMES:
+            raise ValueError(f"model_time: expected one of {sorted(MODEL_TIMES)}, got {model_time!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+        if eta is not None and solver not in _ETA_SOLVERS:
+            raise ValueError(f"eta: only {list(_ETA_SOLVERS)} take eta, not {solver!r}")
+        if eta is not None and not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta: expected a value in [0, 1], got {eta}")
+        if variance not in ("small", "large"):
+            raise ValueError(f"variance: expected 'small' or 'large', got {variance!r}")
+        if clamp is not None and not clamp > 0:
+            raise ValueError(f"clamp: expected a positive bound or None, got {clamp}")
+        self.schedule: Schedule = get_schedule(schedule, zero_terminal_snr=zero_terminal_snr, shift=shift)
+        if (solver in _FLOW_SOLVERS or prediction == "flow") and self.schedule.kind != "flow":
+            what = "solver" if solver in _FLOW_SOLVERS else "prediction"
+            raise ValueError(f"{what}: {solver if what == 'solver' else prediction!r} needs a flow schedule "
+                             f"(schedule='flow'), got {self.schedule!r}")
+        self.grid: Grid = make_grid(self.schedule, spacing, steps, final=final, model_time=model_time,
+                                    round_timesteps=round_timesteps, steps_offset=steps_offset, rho=rho,
+                                    sigma_min=sigma_min, sigma_max=sigma_max)
+        model_alpha = self.grid.alpha[:-1]
+        if prediction == "epsilon" and (model_alpha == 0).any():
+            raise ValueError("prediction: an 'epsilon' model carries no information about x0 at zero SNR "
+                             "(alpha = 0 at the first step); use a v- or sample-predicting model, or a spacing "
+                             "that starts below the last timestep")
+        if solver in ("euler", "euler_ancestral") and (model_alpha == 0).any():
+            raise ValueError(f"solver: {solver!r} works in sigma/alpha, which is infinite at zero SNR; "
+                             "use dpmpp_*, ddim or flow_euler")
+        self.solver, self.prediction, self.backend = solver, prediction, backend
+        cls, fixed = SOLVERS[solver]
+        self._solver_args = dict(fixed, eta=eta, lower_order_final=lower_order_final, variance=variance,
+                                 clamp=clamp)
+        self._solver_cls = cls
+
+    @property
+    def steps(self) -> int:
+        return self.grid.steps
+
+    def new_solver(self):
+        return self._solver_cls(self.grid, self.prediction, **self._solver_args)
+
+    def sample(self, model: Callable, noise: Optional[torch.Tensor] = None, *, shape: Optional[Sequence[int]] = None,
+               generator: Optional[torch.Generator] = None, device=None, guidance_scale: float = 1.0,
+               cond: Optional[Mapping] = None, uncond: Optional[Mapping] = None, cfg: str = "batched",
+               model_dtype: Optional[torch.dtype] = None, check_finite: bool = False, progress: bool = False,
+               callback: Optional[Callable] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Run the plan. Returns the final state (in `dtype`).
+
+        Args:
+            model: `model(x, t, **cond)`; returns a tensor shaped like x.
+            noise: the initial latent (standard normal); or give `shape` (+ `generator`, `device`).
+            generator: draws the initial noise (when not given) and every SDE/ancestral step's noise.
+            guidance_scale: classifier-free guidance w: m = m_uncond + w (m_cond - m_uncond).
+                w = 1 needs no `uncond` and makes one model call per step.
+            cond, uncond: keyword arguments for the model's conditional / unconditional call.
+            cfg: "batched" (one call on the doubled batch, unconditional half first) or
+                "separate" (two calls).
+            model_dtype: cast the state to this dtype for the model call (the solver state stays fp32).
+            check_finite: raise if the model returns NaN/inf (synchronises with the host each step).
+            progress: print a progress bar to stderr.
+            callback: `callback(i, x)` after each step, with the new state.
+            dtype: the solver state's dtype: float32 (default; keep it even for fp16/bf16 models,
+                a half-precision state loses about an order of magnitude of accuracy) or float64.
+        """
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype: the solver state must be float32 or float64, got {dtype}")
+        x = _initial_state(noise, shape, generator, device, dtype)
+        call = _model_caller(model, x, guidance_scale, cond, uncond, cfg, model_dtype)
+        t_all = torch.tensor(self.grid.model_time, dtype=torch.float32, device=x.device)
+        solver = self.new_solver()
+        n = self.steps
+        for i in range(n):
+            m = call(x, t_all[i].expand(x.shape[0]))
+            if check_finite and not torch.isfinite(m).all():
+                raise FloatingPointError(f"model: returned non-finite values at step {i} "
+                                         f"(model time {self.grid.model_time[i]:g})")
+            scale = solver.noise_scale(i)
+            z = None
+            if scale != 0:
+                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(dtype)
+            x = solver.step(i, x, m, z)
+            if callback is not None:
+                callback(i, x)
+            if progress:
+                _progress(i + 1, n)
+        return x
+
+
+def sample(model: Callable, noise: Optional[torch.Tensor] = None, *, shape=None, generator=None, device=None,
+           guidance_scale: float = 1.0, cond=None, uncond=None, cfg: str = "batched", model_dtype=None,
+           check_finite: bool = False, progress: bool = False, callback=None, dtype=torch.float32,
+           **plan) -> torch.Tensor:
+    """Sample in one call: `Sampler(**plan).sample(model, noise, ...)`. See `Sampler`."""
+    return Sampler(**plan).sample(model, noise, shape=shape, generator=generator, device=device,
+                                  guidance_scale=guidance_scale, cond=cond, uncond=uncond, cfg=cfg,
+                                  model_dtype=model_dtype, check_finite=check_finite, progress=progress,
+                                  callback=callback, dtype=dtype)
+
+
+def _initial_state(noise, shape, generator, device, dtype) -> torch.Tensor:
+    if noise is None:
+        if shape is None:
+            raise ValueError("noise: give the initial noise tensor, or shape= to draw it")
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32).to(dtype)
+    if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+        raise TypeError(f"noise: expected a floating-point tensor, got {type(noise).__name__}")
+    if shape is not None and tuple(noise.shape) != tuple(shape):
+        raise ValueError(f"noise: shape {tuple(noise.shape)} does not match shape={tuple(shape)}")
+    if noise.dim() < 1 or noise.shape[0] < 1:
+        raise ValueError(f"noise: expected a batch dimension of size >= 1, got shape {tuple(noise.shape)}")
+    if device is not None and torch.device(device) != noise.device:
+        raise ValueError(f"device: {device} differs from noise.device {noise.device}")
+    return noise.to(dtype, copy=True)
+
+
+def _model_caller(model, x, w, cond, uncond, cfg, model_dtype):
+    """A function (x, t) -> guided model output (in x's dtype), after validating the CFG inputs once."""
+    if not callable(model):
+        raise TypeError(f"model: expected a callable model(x, t, **cond), got {type(model).__name__}")
+    if cfg not in CFG_MODES:
+        raise ValueError(f"cfg: expected one of {list(CFG_MODES)}, got {cfg!r}")
+    cond = dict(cond or {})
+    w = float(w)
+    guided = w != 1.0
+    if guided and uncond is None:
+        raise ValueError(f"uncond: guidance_scale={w} needs the unconditional inputs (uncond=...)")
+    uncond = dict(uncond or {})
+    batch, state_dtype = x.shape[0], x.dtype
+
+    def run(xin, t, kwargs):
+        out = model(xin if model_dtype is None else xin.to(model_dtype), t, **kwargs)
+        if not isinstance(out, torch.Tensor) or out.shape != xin.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"model: expected an output of shape {tuple(xin.shape)}, got {got}")
+        return out.to(state_dtype)  # CFG and the solver run in the state's precision
+
+    if not guided:
+        return lambda xs, t: run(xs, t, cond)
+    if set(cond) != set(uncond):
+        raise ValueError(f"uncond: expected the same keys as cond {sorted(cond)}, got {sorted(uncond)}")
+    if cfg == "separate":
+        def guided_separate(xs, t):
+            m_u, m_c = run(xs, t, uncond), run(xs, t, cond)
+            return m_u + w * (m_c - m_u)
+        return guided_separate
+
+    doubled = {}
+    for k in cond:
+        c, u = cond[k], uncond[k]
+        if isinstance(c, torch.Tensor) and isinstance(u, torch.Tensor):
+            if c.shape != u.shape or c.shape[:1] != (batch,):
+                raise ValueError(f"cond[{k!r}]/uncond[{k!r}]: expected equal shapes with batch {batch}, "
+                                 f"got {tuple(c.shape)} and {tuple(u.shape)}")
+            doubled[k] = torch.cat([u, c])
+        elif c is u or c == u:
+            doubled[k] = c
+        else:
+            raise ValueError(f"cond[{k!r}]: non-tensor arguments must be equal in cond and uncond for "
+                             "cfg='batched'; use cfg='separate'")
+
+    def guided_batched(xs, t):
+        m = run(torch.cat([xs, xs]), torch.cat([t, t]), doubled)
+        m_u, m_c = m.chunk(2)
+        return m_u + w * (m_c - m_u)
+    return guided_batched
+
+
+def _progress(done: int, total: int) -> None:
+    width = 30
+    filled = width * done // total
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()

@@ -1,0 +1,137 @@
+"""Schedules and spacings: exact definitions, documented in fastdiff.schedules / fastdiff.grid."""
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+import fastdiff
+from fastdiff.grid import make_grid, spacing_points
+from fastdiff.schedules import FlowSchedule, VPSchedule
+
+
+def test_linear_and_scaled_linear_betas_match_their_definitions():
+    lin = VPSchedule.linear()
+    betas = 1 - lin.alphas_cumprod / np.concatenate([[1.0], lin.alphas_cumprod[:-1]])
+    np.testing.assert_allclose(betas, np.linspace(1e-4, 0.02, 1000), rtol=1e-10)
+    sl = VPSchedule.scaled_linear()
+    betas = 1 - sl.alphas_cumprod / np.concatenate([[1.0], sl.alphas_cumprod[:-1]])
+    np.testing.assert_allclose(np.sqrt(betas), np.linspace(0.00085**0.5, 0.012**0.5, 1000), rtol=1e-10)
+
+
+def test_cosine_follows_squared_cosine_until_the_beta_cap():
+    cos = VPSchedule.cosine()
+    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    for t in (0, 100, 500, 900):
+        assert cos.alphas_cumprod[t] == pytest.approx(f((t + 1) / 1000) / f(0), rel=1e-9)
+    betas = 1 - cos.alphas_cumprod[1:] / cos.alphas_cumprod[:-1]
+    assert betas.max() <= 0.999 + 1e-12
+
+
+def test_zero_terminal_snr_rescale_keeps_the_first_snr_and_zeroes_the_last():
+    base = VPSchedule.scaled_linear()
+    z = base.rescale_zero_terminal_snr()
+    assert z.alphas_cumprod[-1] == 0.0
+    assert z.alphas_cumprod[0] == pytest.approx(base.alphas_cumprod[0], rel=1e-12)
+    assert np.all(np.diff(z.alphas_cumprod) < 0)
+
+
+def test_custom_schedules_and_their_validation():
+    s = VPSchedule.from_betas(np.full(50, 0.02))
+    assert s.num_train_timesteps == 50
+    with pytest.raises(ValueError, match="betas"):
+        VPSchedule.from_betas([0.1, -0.1])
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        VPSchedule([0.5, 0.9])
+    with pytest.raises(ValueError, match="schedule"):
+        fastdiff.get_schedule("quadratic")
+    with pytest.raises(ValueError, match="shift"):
+        fastdiff.get_schedule("linear", shift=3.0)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_alpha_sigma_and_model_time_round_trip(name):
+    s = fastdiff.get_schedule(name)
+    tau = np.array([0.0, 1.5, 250.25, 998.0])
+    a, sig = s.alpha_sigma(tau)
+    np.testing.assert_allclose(a * a + sig * sig, 1.0, atol=1e-12)
+    for conv in ("timestep", "t", "karras_sigma"):
+        np.testing.assert_allclose(s.time_to_tau(s.model_time(tau, conv), conv), tau, atol=1e-6)
+    # exact at integers
+    np.testing.assert_allclose(s.alpha_sigma(np.arange(5.0))[0] ** 2, s.alphas_cumprod[:5], rtol=1e-12)
+
+
+def test_flow_schedule_and_shift():
+    f = FlowSchedule(shift=3.0)
+    a, s = f.alpha_sigma([0.0, 0.25, 1.0])
+    np.testing.assert_allclose(a + s, 1.0)
+    assert f.apply_shift(0.5) == pytest.approx(3 * 0.5 / (1 + 2 * 0.5))
+    assert f.model_time(0.5, "timestep") == pytest.approx(500.0)
+    with pytest.raises(ValueError, match="shift"):
+        FlowSchedule(shift=0.0)
+
+
+def test_spacings_exact_definitions():
+    s = VPSchedule.linear()
+    np.testing.assert_array_equal(spacing_points(s, "leading", 10)[:-1], np.arange(900, -1, -100))
+    np.testing.assert_array_equal(spacing_points(s, "leading", 10, steps_offset=1)[:-1], np.arange(901, 0, -100))
+    np.testing.assert_array_equal(spacing_points(s, "trailing", 10)[:-1], np.arange(999, 0, -100))
+    # linspace: N+1 points from T-1 to 0 inclusive; the model never runs at tau_min
+    lin = spacing_points(s, "linspace", 10)
+    np.testing.assert_allclose(lin, np.linspace(999, 0, 11))
+    # every spacing ends at tau_min; leading (offset 0) evaluates the model there too
+    for sp in ("leading", "trailing", "linspace", "karras", "logsnr"):
+        pts = spacing_points(s, sp, 7)
+        assert len(pts) == 8 and pts[-1] == pytest.approx(0.0, abs=1e-9)
+        assert np.all(np.diff(pts[:-1]) < 0) and (sp == "leading" or pts[-2] > pts[-1])
+    with pytest.warns(UserWarning, match="coincide"):
+        assert make_grid(s, "leading", 7, final="min").steps == 6
+    # logsnr: uniform in lambda; karras: uniform in sigma^(1/7)
+    g = make_grid(s, "logsnr", 6, final="min")
+    np.testing.assert_allclose(np.diff(g.lam), np.diff(g.lam)[0], rtol=1e-6)
+    g = make_grid(s, "karras", 6, final="min")
+    np.testing.assert_allclose(np.diff(g.karras_sigma ** (1 / 7)), np.diff(g.karras_sigma ** (1 / 7))[0], rtol=1e-6)
+
+
+def test_final_zero_moves_only_the_end_point_to_the_clean_limit():
+    s = VPSchedule.linear()
+    gz = make_grid(s, "trailing", 5, final="zero")
+    gm = make_grid(s, "trailing", 5, final="min")
+    np.testing.assert_array_equal(gz.tau, gm.tau)
+    assert gz.alpha[-1] == 1.0 and gz.sigma[-1] == 0.0 and gz.ends_clean
+    assert gm.sigma[-1] == pytest.approx(0.01) and not gm.ends_clean
+
+
+def test_rounded_karras_grid_drops_duplicate_timesteps_with_a_warning():
+    s = VPSchedule.linear()
+    with pytest.warns(UserWarning, match="coincide"):
+        g = make_grid(s, "karras", 200, round_timesteps=True)
+    assert np.all(np.diff(g.model_time) < 0) and np.all(np.diff(g.sigma) < 0)
+    assert g.steps < 200
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_grid(s, "karras", 200)  # unrounded: no duplicates
+
+
+def test_flow_spacings():
+    f = FlowSchedule(shift=2.0)
+    g = make_grid(f, "linspace", 4)
+    np.testing.assert_allclose(g.tau, f.apply_shift(np.linspace(1, 0, 5)))
+    with pytest.raises(ValueError, match="spacing"):
+        make_grid(f, "trailing", 4)
+    with pytest.raises(ValueError, match="sigma_max"):
+        make_grid(f, "karras", 4)
+    g = make_grid(f, "karras", 4, sigma_max=80.0)
+    assert g.karras_sigma[0] == pytest.approx(80.0)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(spacing="uniform"), "spacing"), (dict(steps=0), "steps"), (dict(steps=1001), "steps"),
+    (dict(steps=2.5), "steps"), (dict(final="none"), "final"), (dict(spacing="trailing", steps_offset=1), "steps_offset"),
+])
+def test_grid_bad_input(bad, match):
+    kw = dict(spacing="linspace", steps=10)
+    kw.update(bad)
+    spacing, steps = kw.pop("spacing"), kw.pop("steps")
+    with pytest.raises(ValueError, match=match):
+        make_grid(VPSchedule.linear(), spacing, steps, **kw)
