@@ -24,8 +24,8 @@ def to_x0(x, m, alpha, sigma, prediction):
     """The data prediction x0 from a model output of the given type."""
     if prediction == "epsilon":
         return (x - sigma * m) / alpha
-    if prediction == "v":  # v = alpha * eps - sigma * x0
-        return alpha * x - sigma * m
+    if prediction == "v":  # v = alpha * eps - sigma * x0 (divide by alpha^2 + sigma^2: 1 for VP, not for flow)
+        return (alpha * x - sigma * m) / (alpha * alpha + sigma * sigma)
     if prediction == "sample":
         return m
     # flow velocity v = eps - x0 on x = (1 - t) x0 + t eps
@@ -37,7 +37,7 @@ def to_eps(x, m, alpha, sigma, prediction):
     if prediction == "epsilon":
         return m
     if prediction == "v":
-        return sigma * x + alpha * m
+        return (sigma * x + alpha * m) / (alpha * alpha + sigma * sigma)
     if prediction == "sample":
         return (x - alpha * m) / sigma
     return x + alpha * m

@@ -1,0 +1,158 @@
+"""`fastdiff.sample()` / `Sampler`: classifier-free guidance, reproducibility, errors."""
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.testing import GaussianMixture
+
+SHAPE = (3, 2, 4, 4)
+
+
+class TwoWayModel(torch.nn.Module):
+    """A conditional toy denoiser: the output depends on x, t and a class embedding."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.emb = torch.nn.Parameter(torch.randn(5, 2, generator=g))
+        self.calls = 0
+
+    def forward(self, x, t, labels=None, scale=1.0):
+        self.calls += 1
+        out = 0.5 * torch.tanh(x) + 1e-3 * t.view(-1, 1, 1, 1)
+        if labels is not None:
+            out = out + scale * self.emb[labels].view(-1, 2, 1, 1)
+        return out
+
+
+def _noise(seed=0):
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+def test_doctest_example_runs():
+    gm = GaussianMixture.random(shape=(2, 4, 4), seed=0)
+    model = gm.model(fastdiff.get_schedule("linear"), prediction="epsilon")
+    x0 = fastdiff.sample(model, torch.randn(8, 2, 4, 4), solver="dpmpp_2m", steps=10)
+    assert x0.shape == (8, 2, 4, 4) and x0.dtype == torch.float32 and torch.isfinite(x0).all()
+
+
+def test_guidance_one_equals_the_conditional_model_alone_with_one_call_per_step():
+    m = TwoWayModel()
+    c, u = {"labels": torch.tensor([1, 2, 3])}, {"labels": torch.tensor([0, 0, 0])}
+    guided = fastdiff.sample(m, _noise(), steps=6, guidance_scale=1.0, cond=c, uncond=u)
+    assert m.calls == 6
+    assert torch.equal(guided, fastdiff.sample(m, _noise(), steps=6, cond=c))
+
+
+def test_guidance_zero_equals_the_unconditional_model():
+    m = TwoWayModel()
+    c, u = {"labels": torch.tensor([1, 2, 3])}, {"labels": torch.tensor([0, 0, 0])}
+    guided = fastdiff.sample(m, _noise(), steps=6, guidance_scale=0.0, cond=c, uncond=u, cfg="separate")
+    torch.testing.assert_close(guided, fastdiff.sample(m, _noise(), steps=6, cond=u), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("w", [3.0, 7.5])
+def test_batched_cfg_equals_two_separate_calls(w):
+    m = TwoWayModel()
+    c = {"labels": torch.tensor([1, 2, 3]), "scale": 2.0}
+    u = {"labels": torch.tensor([0, 0, 0]), "scale": 2.0}
+    batched = fastdiff.sample(m, _noise(), steps=5, guidance_scale=w, cond=c, uncond=u, cfg="batched")
+    assert m.calls == 5
+    separate = fastdiff.sample(m, _noise(), steps=5, guidance_scale=w, cond=c, uncond=u, cfg="separate")
+    assert m.calls == 15
+    torch.testing.assert_close(batched, separate, rtol=1e-6, atol=1e-6)
+    # and it is the formula m_u + w (m_c - m_u), checked on one step against the model itself
+    s = fastdiff.Sampler(solver="dpmpp_1m", steps=1, spacing="trailing", prediction="sample")
+    x = _noise()
+    t = torch.full((3,), float(s.grid.model_time[0]))
+    mu, mc = m(x, t, **u), m(x, t, **c)
+    expect = mu + w * (mc - mu)  # x0 prediction, one step to sigma = 0 returns it
+    torch.testing.assert_close(s.sample(m, x, guidance_scale=w, cond=c, uncond=u), expect, rtol=1e-6, atol=1e-6)
+
+
+def test_sde_solvers_reproduce_with_the_same_generator_and_differ_otherwise():
+    m = TwoWayModel()
+    run = lambda seed: fastdiff.sample(m, _noise(), steps=5, solver="dpmpp_2m_sde",  # noqa: E731
+                                       generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(run(1), run(1))
+    assert not torch.allclose(run(1), run(2))
+
+
+def test_sampler_plans_once_and_reuses():
+    s = fastdiff.Sampler(solver="dpmpp_3m", steps=8)
+    m = TwoWayModel()
+    a, b = s.sample(m, _noise(1)), s.sample(m, _noise(1))
+    assert torch.equal(a, b) and s.steps == 8
+
+
+def test_shape_and_generator_draw_the_noise():
+    m = TwoWayModel()
+    a = fastdiff.sample(m, shape=SHAPE, generator=torch.Generator().manual_seed(4), steps=3)
+    b = fastdiff.sample(m, _noise(4), steps=3)
+    assert torch.equal(a, b)
+
+
+def test_model_dtype_casts_the_model_input_but_the_state_stays_fp32():
+    seen = []
+
+    def model(x, t):
+        seen.append(x.dtype)
+        return x * 0.5
+
+    out = fastdiff.sample(model, _noise(), steps=3, model_dtype=torch.bfloat16)
+    assert set(seen) == {torch.bfloat16} and out.dtype == torch.float32
+
+
+def test_the_callers_noise_is_not_modified():
+    noise = _noise()
+    keep = noise.clone()
+    fastdiff.sample(TwoWayModel(), noise, steps=4)
+    assert torch.equal(noise, keep)
+
+
+def test_progress_bar_and_callback(capsys):
+    seen = []
+    fastdiff.sample(TwoWayModel(), _noise(), steps=4, progress=True, callback=lambda i, x: seen.append(i))
+    assert seen == [0, 1, 2, 3]
+    assert "4/4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(solver="heun"), "solver"), (dict(schedule="quadratic"), "schedule"), (dict(spacing="uniform"), "spacing"),
+    (dict(steps=0), "steps"), (dict(steps=1001), "steps"), (dict(prediction="score"), "prediction"),
+    (dict(model_time="sigma"), "model_time"), (dict(backend="opencl"), "backend"),
+    (dict(solver="dpmpp_2m", eta=0.5), "eta"), (dict(solver="ddim", eta=2.0), "eta"),
+    (dict(solver="flow_euler"), "solver"), (dict(prediction="flow"), "prediction"),
+    (dict(variance="medium"), "variance"), (dict(clamp=-1.0), "clamp"),
+])
+def test_bad_plan_arguments_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastdiff.Sampler(**kwargs)
+
+
+def test_bad_sample_arguments_name_the_argument():
+    m = TwoWayModel()
+    with pytest.raises(ValueError, match="noise"):
+        fastdiff.sample(m, _noise(), shape=(1, 2, 4, 4), steps=2)
+    with pytest.raises(ValueError, match="noise"):
+        fastdiff.sample(m, steps=2)
+    with pytest.raises(TypeError, match="noise"):
+        fastdiff.sample(m, torch.zeros(SHAPE, dtype=torch.int64), steps=2)
+    with pytest.raises(ValueError, match="uncond"):
+        fastdiff.sample(m, _noise(), steps=2, guidance_scale=5.0, cond={"labels": torch.tensor([1, 2, 3])})
+    with pytest.raises(ValueError, match="cfg"):
+        fastdiff.sample(m, _noise(), steps=2, guidance_scale=5.0, cond={}, uncond={}, cfg="fused")
+    with pytest.raises(ValueError, match="model"):
+        fastdiff.sample(lambda x, t: x[:1], _noise(), steps=2)
+    with pytest.raises(TypeError, match="model"):
+        fastdiff.sample("unet", _noise(), steps=2)
+    with pytest.raises(ValueError, match="dtype"):
+        fastdiff.sample(m, _noise(), steps=2, dtype=torch.bfloat16)
+
+
+def test_non_finite_model_output_is_caught_when_checking():
+    def broken(x, t):
+        return torch.where(t.view(-1, 1, 1, 1) < 500, torch.full_like(x, float("nan")), x)
+
+    with pytest.raises(FloatingPointError, match="model.*step"):
+        fastdiff.sample(broken, _noise(), steps=4, check_finite=True)
