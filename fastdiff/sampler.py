@@ -24,10 +24,12 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 
 from fastdiff.grid import Grid, make_grid
+from fastdiff.ops.solver_step import solver_step
 from fastdiff.reference.solvers import PREDICTIONS, SOLVERS
 from fastdiff.schedules import MODEL_TIMES, Schedule, get_schedule
+from fastdiff.solvers import SolverTable, build_table
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "cuda", "triton", "cpu")
 _ETA_SOLVERS = ("ddim", "euler_ancestral", "flow_sde")
 _FLOW_SOLVERS = ("flow_euler", "flow_sde")
 CFG_MODES = ("batched", "separate")
@@ -56,7 +58,12 @@ class Sampler:
             from it), like diffusers' clip_sample.
         round_timesteps: round model times to integer training timesteps (discrete VP only);
             coinciding points are dropped with a warning.
-        backend: "auto" or "reference" (plain PyTorch, the textbook formulas).
+        backend: "reference" runs the textbook solvers in plain PyTorch (the oracle). Every other
+            backend runs the solver's coefficient table (`fastdiff.solvers`) with one fused
+            `fastdiff::solver_step` per step: "cuda", "triton" or "cpu" force that kernel (an
+            error if it cannot run), "auto" takes the first of cuda -> triton -> cpu that can
+            run the inputs, else the op's plain-PyTorch implementation (`fastdiff.info()`
+            says which).
         zero_terminal_snr, shift, steps_offset, rho, sigma_min, sigma_max: schedule and
             spacing options (see `fastdiff.schedules` and `fastdiff.grid`).
     """
@@ -104,6 +111,9 @@ class Sampler:
         self._solver_args = dict(fixed, eta=eta, lower_order_final=lower_order_final, variance=variance,
                                  clamp=clamp)
         self._solver_cls = cls
+        self.clamp = clamp
+        self.table: SolverTable = build_table(solver, self.grid, prediction, eta=eta,
+                                              lower_order_final=lower_order_final, variance=variance)
 
     @property
     def steps(self) -> int:
@@ -137,23 +147,34 @@ class Sampler:
         """
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype: the solver state must be float32 or float64, got {dtype}")
+        fused = self.backend != "reference"
+        if fused and dtype != torch.float32:
+            raise ValueError(f"dtype: the fused backends keep the state in float32; {dtype} is for backend='reference'")
         x = _initial_state(noise, shape, generator, device, dtype)
-        call = _model_caller(model, x, guidance_scale, cond, uncond, cfg, model_dtype)
+        call = _model_caller(model, x, guidance_scale, cond, uncond, cfg, model_dtype, combine=not fused)
         t_all = torch.tensor(self.grid.model_time, dtype=torch.float32, device=x.device)
-        solver = self.new_solver()
         n = self.steps
+        if fused:
+            table, op_backend = self.table, "auto" if self.backend == "auto" else self.backend
+            hist = x.new_empty((table.history,) + tuple(x.shape)) if table.history else None
+            clamp = 0.0 if self.clamp is None else float(self.clamp)
+        else:
+            solver = self.new_solver()
         for i in range(n):
             m = call(x, t_all[i].expand(x.shape[0]))
-            if check_finite and not torch.isfinite(m).all():
+            if check_finite and not all(torch.isfinite(part).all() for part in m if part is not None):
                 raise FloatingPointError(f"model: returned non-finite values at step {i} "
                                          f"(model time {self.grid.model_time[i]:g})")
-            scale = solver.noise_scale(i)
             z = None
-            if scale != 0:
+            if (table.noisy(i) if fused else solver.noise_scale(i) != 0):
                 z = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(dtype)
-            x = solver.step(i, x, m, z)
+            if fused:
+                solver_step(x, m[0], m[1], hist, z, coef=table.coef[i].tolist(), slots=table.slots[i].tolist(),
+                            guidance=float(guidance_scale), clamp=clamp, out=x, backend=op_backend)
+            else:
+                x = solver.step(i, x, m[0], z)
             if callback is not None:
-                callback(i, x)
+                callback(i, x.clone() if fused else x)  # the fused path updates x in place
             if progress:
                 _progress(i + 1, n)
         return x
@@ -186,8 +207,13 @@ def _initial_state(noise, shape, generator, device, dtype) -> torch.Tensor:
     return noise.to(dtype, copy=True)
 
 
-def _model_caller(model, x, w, cond, uncond, cfg, model_dtype):
-    """A function (x, t) -> guided model output (in x's dtype), after validating the CFG inputs once."""
+def _model_caller(model, x, w, cond, uncond, cfg, model_dtype, combine: bool):
+    """A function (x, t) -> (m, m_uncond), after validating the CFG inputs once.
+
+    combine=True (the reference path): m is the guided output in x's dtype, m_uncond None.
+    combine=False (the fused path): the raw outputs in the model's dtype, for solver_step to
+    combine: (cond, uncond) from two calls, or (doubled-batch output, None) from one.
+    A model output in another memory layout than x is copied to x's (one extra pass)."""
     if not callable(model):
         raise TypeError(f"model: expected a callable model(x, t, **cond), got {type(model).__name__}")
     if cfg not in CFG_MODES:
@@ -198,23 +224,34 @@ def _model_caller(model, x, w, cond, uncond, cfg, model_dtype):
     if guided and uncond is None:
         raise ValueError(f"uncond: guidance_scale={w} needs the unconditional inputs (uncond=...)")
     uncond = dict(uncond or {})
-    batch, state_dtype = x.shape[0], x.dtype
+    batch, state_dtype, state_ptr = x.shape[0], x.dtype, x.untyped_storage().data_ptr()
+    layout = torch.channels_last if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last) else torch.contiguous_format
 
     def run(xin, t, kwargs):
         out = model(xin if model_dtype is None else xin.to(model_dtype), t, **kwargs)
         if not isinstance(out, torch.Tensor) or out.shape != xin.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"model: expected an output of shape {tuple(xin.shape)}, got {got}")
-        return out.to(state_dtype)  # CFG and the solver run in the state's precision
+        if combine:
+            return out.to(state_dtype)  # CFG and the solver run in the state's precision
+        out = out.contiguous(memory_format=layout)
+        if out.untyped_storage().data_ptr() == state_ptr:
+            out = out.clone()  # a model returning (a view of) its input: the step updates x in place
+        return out
+
+    def guide(m_u, m_c):
+        if combine:
+            return m_u + w * (m_c - m_u), None
+        return m_c, m_u
 
     if not guided:
-        return lambda xs, t: run(xs, t, cond)
+        return lambda xs, t: (run(xs, t, cond), None)
     if set(cond) != set(uncond):
         raise ValueError(f"uncond: expected the same keys as cond {sorted(cond)}, got {sorted(uncond)}")
     if cfg == "separate":
         def guided_separate(xs, t):
-            m_u, m_c = run(xs, t, uncond), run(xs, t, cond)
-            return m_u + w * (m_c - m_u)
+            return guide(run(xs, t, uncond), run(xs, t, cond))
         return guided_separate
 
     doubled = {}
@@ -233,8 +270,10 @@ def _model_caller(model, x, w, cond, uncond, cfg, model_dtype):
 
     def guided_batched(xs, t):
         m = run(torch.cat([xs, xs]), torch.cat([t, t]), doubled)
+        if not combine:
+            return m, None  # solver_step splits the doubled batch (unconditional half first)
         m_u, m_c = m.chunk(2)
-        return m_u + w * (m_c - m_u)
+        return guide(m_u, m_c)
     return guided_batched
 
 

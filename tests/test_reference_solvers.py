@@ -43,7 +43,7 @@ def test_convergence_order_against_the_exact_ode(mixture, ode_case, prediction, 
     errs = []
     for n in STEPS:
         s = fastdiff.Sampler(solver=solver, steps=n, spacing="logsnr", final="min", prediction=prediction,
-                             lower_order_final=False)
+                             lower_order_final=False, backend="reference")
         errs.append(_rel(s.sample(model, noise, dtype=F64), exact))
     slope = -np.polyfit(np.log(STEPS), np.log(errs), 1)[0]
     assert lo <= slope <= hi, f"{solver}: observed order {slope:.2f}, errors {errs}"
@@ -62,7 +62,8 @@ def test_higher_order_is_more_accurate_at_few_steps_with_the_usual_final_jump(mi
     model = mixture.model(fastdiff.get_schedule("linear"), "epsilon", dtype=F64)
     g = fastdiff.Sampler(steps=10, spacing="logsnr").grid
     exact = mixture.ode_solution(noise, g.alpha[0], g.sigma[0], 1.0, 0.0, step=5e-3)
-    err = {s: _rel(fastdiff.sample(model, noise, solver=s, steps=10, spacing="logsnr", dtype=F64), exact)
+    err = {s: _rel(fastdiff.sample(model, noise, solver=s, steps=10, spacing="logsnr", dtype=F64,
+                                    backend="reference"), exact)
            for s in ("ddim", "dpmpp_2m", "dpmpp_3m")}
     assert err["dpmpp_2m"] < 0.5 * err["ddim"] and err["dpmpp_3m"] < err["ddim"], err
 
@@ -72,7 +73,7 @@ def _run(mixture, solver, prediction="epsilon", schedule="linear", steps=12, see
     model = mixture.model(sched, prediction, dtype=F64)
     noise = torch.randn(8, 2, 2, 2, generator=torch.Generator().manual_seed(seed), dtype=F64)
     return fastdiff.sample(model, noise, solver=solver, steps=steps, schedule=schedule, prediction=prediction,
-                           generator=torch.Generator().manual_seed(seed + 1), dtype=F64, **kw)
+                           generator=torch.Generator().manual_seed(seed + 1), dtype=F64, backend="reference", **kw)
 
 
 @pytest.mark.parametrize("spacing", ["trailing", "karras", "linspace"])
@@ -101,7 +102,7 @@ def test_flow_euler_is_the_textbook_update(mixture, prediction):
     velocity = mixture.model(sched, "flow", model_time="t", dtype=F64)
     noise = torch.randn(8, 2, 2, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
     s = fastdiff.Sampler(solver="flow_euler", steps=7, schedule=sched, spacing="linspace", prediction=prediction,
-                         model_time="t")
+                         model_time="t", backend="reference")
     x = noise.clone()
     for i in range(7):
         t, t_next = s.grid.tau[i], s.grid.tau[i + 1]
@@ -112,7 +113,7 @@ def test_flow_euler_is_the_textbook_update(mixture, prediction):
     assert _rel(s.sample(model, noise, dtype=F64), x) < tol
     # and the stochastic flow sampler at eta = 0 is the same update
     sde = fastdiff.sample(model, noise, solver="flow_sde", eta=0.0, steps=7, schedule=sched, spacing="linspace",
-                          prediction=prediction, model_time="t", dtype=F64)
+                          prediction=prediction, model_time="t", dtype=F64, backend="reference")
     assert _rel(sde, x) < tol
 
 
