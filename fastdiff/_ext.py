@@ -38,15 +38,24 @@ def build_info() -> dict:
         return {"error": repr(e)}
 
 
+_HAS_KERNEL: dict = {}
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether `fastdiff_C::<op>` has a kernel for `dispatch_key` ("CPU" or "CUDA")."""
-    if C is None:
-        return False
-    name = f"fastdiff_C::{op}"
-    try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(name, dispatch_key))
-    except RuntimeError:  # op not registered
-        return False
+    """Whether `fastdiff_C::<op>` has a kernel for `dispatch_key` ("CPU" or "CUDA").
+    Cached: the extension's registrations do not change once it is loaded."""
+    key = (op, dispatch_key)
+    hit = _HAS_KERNEL.get(key)
+    if hit is not None:
+        return hit
+    ok = False
+    if C is not None:
+        try:
+            ok = bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiff_C::{op}", dispatch_key))
+        except RuntimeError:  # op not registered
+            ok = False
+    _HAS_KERNEL[key] = ok
+    return ok
 
 
 def missing_reason(op: str, dispatch_key: str) -> Optional[str]:

@@ -311,12 +311,13 @@ def test_clamp_propagates_nan(backend):
     assert_close(out[fin], ref_out[fin], torch.float32)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # interpreter: numpy casts to inf
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_conversions_exact(backend, dtype):
     """Every finite 16-bit value: load -> fp32 -> store round-trips exactly, and fp32 results
     round to nearest even like torch (overflow to inf, subnormals included)."""
     be, device = backend
-    if be == "triton" and device == "cpu":
+    if be == "triton" and device == "cpu" and dtype == "bf16":
         pytest.skip("the Triton interpreter rounds fp32->bf16 by truncation (GPU Triton rounds to nearest even)")
     dt = DTYPES[dtype]
     x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dt)

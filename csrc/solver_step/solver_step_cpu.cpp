@@ -1,11 +1,12 @@
 // fastdiff::solver_step -- CPU kernel. Torch-free: raw pointers and sizes only (contract in
-// solver_step.h). OpenMP splits the flat range into chunks; inside a chunk every pass is a
-// plain, branch-free loop over fp32 scratch arrays that the compiler vectorises (the dtype
-// conversions below are written with selects, not branches, for that reason).
+// solver_step.h). OpenMP splits the flat range into blocks; each block is one branch-free
+// loop that the compiler vectorises (the dtype conversions below are written with selects,
+// not branches, for that reason; -fno-trapping-math lets gcc if-convert them).
 #include "solver_step.h"
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -15,8 +16,8 @@ namespace fastdiff {
 namespace solver_step {
 namespace {
 
-// Elements per chunk: three fp32 scratch arrays of this size stay in L1.
-constexpr int kChunk = 1024;
+// Elements per OpenMP work item.
+constexpr int64_t kBlock = 16384;
 // Below this many elements a parallel region costs more than it saves.
 constexpr int64_t kParallelMin = int64_t(1) << 16;
 
@@ -91,8 +92,16 @@ struct Storage<DType::kBFloat16> {
   static uint16_t store(float v) { return float_to_bf16(v); }
 };
 
-template <DType TM, DType TS>
-void run(const Args& a, int num_threads) {
+// One pass over the flat range; every element is read before it is written (so out == x and
+// hist_write == a history read slot are safe). `#pragma omp simd` tells the compiler what it
+// cannot prove: iterations are independent even though the pointers may alias exactly (it
+// would otherwise version the loop on an overlap check and run the aliased ring-buffer case,
+// the common one, scalar). The optional terms are template parameters so that the loop body
+// has no branches: HAS_U (CFG), NT extra terms (history reads, then the noise -- the
+// reference's summation order), HAS_HW (store D). Clamp is always applied, with r = +inf when
+// off: clamp(d, -inf, inf) == d for every d, NaN included.
+template <DType TM, DType TS, bool HAS_U, int NT, bool HAS_HW>
+void run(const Args& a, const void* const* terms, const float* tcoef, float r, int num_threads) {
   using M = Storage<TM>;
   using S = Storage<TS>;
   using MT = typename M::type;
@@ -102,20 +111,19 @@ void run(const Args& a, int num_threads) {
   const MT* model = static_cast<const MT*>(a.model);
   const MT* uncond = static_cast<const MT*>(a.uncond);
   const ST* x = static_cast<const ST*>(a.x);
-  const ST* hist[3] = {static_cast<const ST*>(a.hist_read[0]), static_cast<const ST*>(a.hist_read[1]),
-                       static_cast<const ST*>(a.hist_read[2])};
-  const ST* noise = static_cast<const ST*>(a.noise);
+  const ST* t0 = static_cast<const ST*>(terms[0]);
+  const ST* t1 = static_cast<const ST*>(terms[1]);
+  const ST* t2 = static_cast<const ST*>(terms[2]);
+  const ST* t3 = static_cast<const ST*>(terms[3]);
   ST* out = static_cast<ST*>(a.out);
   ST* hist_write = static_cast<ST*>(a.hist_write);
 
-  const float p = a.coef[kP], q = a.coef[kQ], ca = a.coef[kA], b0 = a.coef[kB0], c = a.coef[kC];
-  const float bh[3] = {a.coef[kB1], a.coef[kB2], a.coef[kB3]};
+  const float p = a.coef[kP], q = a.coef[kQ], ca = a.coef[kA], b0 = a.coef[kB0];
+  const float c0 = tcoef[0], c1 = tcoef[1], c2 = tcoef[2], c3 = tcoef[3];
   const float w = a.guidance;
-  const float r = a.clamp;
-  const bool do_clamp = r > 0.0f;
 
-  const int64_t nchunks = (numel + kChunk - 1) / kChunk;
-  const bool parallel = numel >= kParallelMin && nchunks > 1;
+  const int64_t nblocks = (numel + kBlock - 1) / kBlock;
+  const bool parallel = numel >= kParallelMin && nblocks > 1;
 #ifdef _OPENMP
   const int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
 #else
@@ -123,72 +131,86 @@ void run(const Args& a, int num_threads) {
 #endif
 
 #pragma omp parallel for schedule(static) if (parallel) num_threads(nt)
-  for (int64_t ci = 0; ci < nchunks; ++ci) {
-    const int64_t begin = ci * kChunk;
-    const int n = int(std::min<int64_t>(kChunk, numel - begin));
-    alignas(64) float m[kChunk];
-    alignas(64) float d[kChunk];
-    alignas(64) float acc[kChunk];
-
-    // Every input of this chunk is read (into m/d/acc) before anything is stored, which
-    // is what makes out == x and hist_write == hist_read[k] safe.
-    const MT* mc = model + begin;
-    for (int j = 0; j < n; ++j) m[j] = M::load(mc[j]);
-    if (uncond != nullptr) {
-      const MT* uc = uncond + begin;
-      for (int j = 0; j < n; ++j) {
-        const float u = M::load(uc[j]);
-        m[j] = u + w * (m[j] - u);
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    const int64_t begin = blk * kBlock;
+    const int64_t end = std::min(numel, begin + kBlock);
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) {
+      float m = M::load(model[i]);
+      if constexpr (HAS_U) {
+        const float u = M::load(uncond[i]);
+        m = u + w * (m - u);
       }
-    }
-    const ST* xc = x + begin;
-    for (int j = 0; j < n; ++j) d[j] = p * S::load(xc[j]) + q * m[j];
-    if (do_clamp) {
-      // Comparisons (not fminf/fmaxf) so that NaN propagates like torch.clamp.
-      for (int j = 0; j < n; ++j) d[j] = d[j] < -r ? -r : (d[j] > r ? r : d[j]);
-    }
-    for (int j = 0; j < n; ++j) acc[j] = ca * S::load(xc[j]) + b0 * d[j];
-    for (int k = 0; k < 3; ++k) {
-      if (hist[k] == nullptr) continue;
-      const ST* hc = hist[k] + begin;
-      const float b = bh[k];
-      for (int j = 0; j < n; ++j) acc[j] += b * S::load(hc[j]);
-    }
-    if (noise != nullptr) {
-      const ST* zc = noise + begin;
-      for (int j = 0; j < n; ++j) acc[j] += c * S::load(zc[j]);
-    }
-    ST* oc = out + begin;
-    for (int j = 0; j < n; ++j) oc[j] = S::store(acc[j]);
-    if (hist_write != nullptr) {
-      ST* wc = hist_write + begin;
-      for (int j = 0; j < n; ++j) wc[j] = S::store(d[j]);
+      const float xv = S::load(x[i]);
+      float d = p * xv + q * m;
+      d = d < -r ? -r : (d > r ? r : d);  // comparisons, not fminf/fmaxf: NaN propagates
+      float acc = ca * xv + b0 * d;
+      if constexpr (NT > 0) acc += c0 * S::load(t0[i]);
+      if constexpr (NT > 1) acc += c1 * S::load(t1[i]);
+      if constexpr (NT > 2) acc += c2 * S::load(t2[i]);
+      if constexpr (NT > 3) acc += c3 * S::load(t3[i]);
+      out[i] = S::store(acc);
+      if constexpr (HAS_HW) hist_write[i] = S::store(d);
     }
   }
+}
+
+using RunFn = void (*)(const Args&, const void* const*, const float*, float, int);
+
+template <DType TM, DType TS, bool HAS_U, bool HAS_HW>
+RunFn pick_nt(int nt) {
+  switch (nt) {
+    case 0: return &run<TM, TS, HAS_U, 0, HAS_HW>;
+    case 1: return &run<TM, TS, HAS_U, 1, HAS_HW>;
+    case 2: return &run<TM, TS, HAS_U, 2, HAS_HW>;
+    case 3: return &run<TM, TS, HAS_U, 3, HAS_HW>;
+    default: return &run<TM, TS, HAS_U, 4, HAS_HW>;
+  }
+}
+
+template <DType TM, DType TS>
+RunFn pick(bool has_u, int nt, bool has_hw) {
+  if (has_u) return has_hw ? pick_nt<TM, TS, true, true>(nt) : pick_nt<TM, TS, true, false>(nt);
+  return has_hw ? pick_nt<TM, TS, false, true>(nt) : pick_nt<TM, TS, false, false>(nt);
 }
 
 }  // namespace
 
 void solver_step_cpu(const Args& a, int num_threads) {
   if (a.numel == 0) return;
+  // Pack the extra terms: history reads D_{i-1..i-3} that are present, then the noise.
+  const void* terms[4] = {nullptr, nullptr, nullptr, nullptr};
+  float tcoef[4] = {0, 0, 0, 0};
+  int nt = 0;
+  for (int k = 0; k < 3; ++k) {
+    if (a.hist_read[k] != nullptr) {
+      terms[nt] = a.hist_read[k];
+      tcoef[nt++] = a.coef[kB1 + k];
+    }
+  }
+  if (a.noise != nullptr) {
+    terms[nt] = a.noise;
+    tcoef[nt++] = a.coef[kC];
+  }
+  const float r = a.clamp > 0.0f ? a.clamp : std::numeric_limits<float>::infinity();
+  const bool has_u = a.uncond != nullptr;
+  const bool has_hw = a.hist_write != nullptr;
   const bool fp32_state = a.state_dtype == DType::kFloat32;
+  RunFn fn = nullptr;
   switch (a.model_dtype) {
     case DType::kFloat32:
-      run<DType::kFloat32, DType::kFloat32>(a, num_threads);
+      fn = pick<DType::kFloat32, DType::kFloat32>(has_u, nt, has_hw);
       break;
     case DType::kFloat16:
-      if (fp32_state)
-        run<DType::kFloat16, DType::kFloat32>(a, num_threads);
-      else
-        run<DType::kFloat16, DType::kFloat16>(a, num_threads);
+      fn = fp32_state ? pick<DType::kFloat16, DType::kFloat32>(has_u, nt, has_hw)
+                      : pick<DType::kFloat16, DType::kFloat16>(has_u, nt, has_hw);
       break;
     case DType::kBFloat16:
-      if (fp32_state)
-        run<DType::kBFloat16, DType::kFloat32>(a, num_threads);
-      else
-        run<DType::kBFloat16, DType::kBFloat16>(a, num_threads);
+      fn = fp32_state ? pick<DType::kBFloat16, DType::kFloat32>(has_u, nt, has_hw)
+                      : pick<DType::kBFloat16, DType::kBFloat16>(has_u, nt, has_hw);
       break;
   }
+  fn(a, terms, tcoef, r, num_threads);
 }
 
 int solver_step_cpu_has_openmp() {

@@ -120,8 +120,11 @@ def _is_dense(t: torch.Tensor) -> bool:
 
 
 def _same_layout(t: torch.Tensor, x: torch.Tensor) -> bool:
+    ts, xs = t.stride(), x.stride()
+    if ts == xs:
+        return True
     # strides of size-1 dimensions never address memory: ignore them
-    return all(st == sx for n, st, sx in zip(x.shape, t.stride(), x.stride()) if n != 1)
+    return all(st == sx for n, st, sx in zip(x.shape, ts, xs) if n != 1)
 
 
 def check_solver_step_args(x, model_out, uncond, history, noise, coef, slots, guidance, clamp, out) -> None:
@@ -231,26 +234,31 @@ def _check_overlaps(x, model_out, uncond, history, noise, slots, out) -> None:
     if x.numel() == 0:
         return
 
-    def span(t):
-        start = t.data_ptr()
-        return start, start + t.numel() * t.element_size()
-
+    # all tensors are dense (checked), so each covers [data_ptr, data_ptr + nbytes)
+    nbytes = x.numel() * x.element_size()
+    mbytes = x.numel() * model_out.element_size()
+    spans = [("x", x.data_ptr(), nbytes), ("model_out", model_out.data_ptr(), mbytes)]
+    if uncond is not None:
+        spans.append(("uncond", uncond.data_ptr(), mbytes))
+    if noise is not None:
+        spans.append(("noise", noise.data_ptr(), nbytes))
+    if history is not None:
+        h0 = history.data_ptr()
+        spans += [(f"history[{s}]", h0 + s * nbytes, nbytes) for s in slots[1:] if s >= 0]
+    writes = [("out", out.data_ptr())]
     sw = slots[0]
-    reads = [("x", x), ("model_out", model_out), ("uncond", uncond), ("noise", noise)]
-    reads += [(f"history[{s}]", history[s]) for s in slots[1:] if s >= 0]
-    writes = [("out", out)] + ([(f"history[{sw}] (write slot)", history[sw])] if sw >= 0 else [])
-    for i, (wn, w) in enumerate(writes):
-        ws, we = span(w)
-        others = reads + writes[i + 1:]
-        for rn, r in others:
-            if r is None:
+    if sw >= 0:
+        writes.append((f"history[{sw}] (write slot)", history.data_ptr() + sw * nbytes))
+        spans.append(writes[1][0:2] + (nbytes,))
+    for wn, ws in writes:
+        we = ws + nbytes
+        for rn, rs, rb in spans:
+            if rn == wn or rs >= we or ws >= rs + rb:
                 continue
-            rs, re_ = span(r)
-            if rs >= we or ws >= re_:
-                continue
-            exact = rs == ws and re_ == we
-            if exact and ((wn == "out" and rn == "x") or (w is not out and rn == f"history[{sw}]")):
-                continue  # elementwise: every element is read before it is written
+            if rs == ws and rb == nbytes and (
+                (wn == "out" and rn == "x") or (wn != "out" and rn == f"history[{sw}]")
+            ):
+                continue  # exact alias, elementwise: every element is read before it is written
             raise _fail(ValueError, f"{wn} overlaps {rn} in memory; the only aliasing allowed is out=x and "
                                     f"a history write slot equal to a read slot")
 
