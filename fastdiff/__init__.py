@@ -1,8 +1,20 @@
-"""fastdiff: fused, CUDA-graphed few-step diffusion sampling."""
-from fastdiff.schedules import FlowSchedule, VPSchedule, get_schedule
+"""fastdiff: fused, CUDA-graphed few-step diffusion sampling.
 
-__version__ = "0.1.0"
+    x0 = fastdiff.sample(model, noise, solver="dpmpp_2m", steps=8, guidance_scale=7.5,
+                         cond={...}, uncond={...}, cuda_graph=True)
+
+See `fastdiff.Sampler` for every option and `fastdiff.info()` for what was built.
+"""
 from fastdiff._info import info
+from fastdiff.graphs import GraphCaptureError, clear_graphs, graph_stats
 from fastdiff.grid import SPACINGS, make_grid
 from fastdiff.reference.solvers import PREDICTIONS, SOLVERS
 from fastdiff.sampler import Sampler, sample
+from fastdiff.schedules import FlowSchedule, VPSchedule, get_schedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FlowSchedule", "GraphCaptureError", "PREDICTIONS", "SOLVERS", "SPACINGS", "Sampler", "VPSchedule",
+    "clear_graphs", "get_schedule", "graph_stats", "info", "make_grid", "sample",
+]

@@ -24,7 +24,10 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 
 from fastdiff.grid import Grid, make_grid
+from fastdiff.graphs import CUDA_GRAPH_MODES, sample_graphed
+from fastdiff.guidance import ModelCaller
 from fastdiff.ops.solver_step import solver_step
+from fastdiff.profiling import nvtx_range
 from fastdiff.reference.solvers import PREDICTIONS, SOLVERS
 from fastdiff.schedules import MODEL_TIMES, Schedule, get_schedule
 from fastdiff.solvers import SolverTable, build_table
@@ -32,7 +35,6 @@ from fastdiff.solvers import SolverTable, build_table
 BACKENDS = ("auto", "reference", "cuda", "triton", "cpu")
 _ETA_SOLVERS = ("ddim", "euler_ancestral", "flow_sde")
 _FLOW_SOLVERS = ("flow_euler", "flow_sde")
-CFG_MODES = ("batched", "separate")
 
 
 class Sampler:
@@ -112,12 +114,20 @@ class Sampler:
                                  clamp=clamp)
         self._solver_cls = cls
         self.clamp = clamp
+        self._times = {}
         self.table: SolverTable = build_table(solver, self.grid, prediction, eta=eta,
                                               lower_order_final=lower_order_final, variance=variance)
 
     @property
     def steps(self) -> int:
         return self.grid.steps
+
+    @property
+    def signature(self) -> tuple:
+        """What the fused loop records, for the CUDA-graph cache key."""
+        t = self.table
+        return (self.solver, self.backend, self.clamp, t.coef.tobytes(), t.slots.tobytes(),
+                self.grid.model_time.tobytes())
 
     def new_solver(self):
         return self._solver_cls(self.grid, self.prediction, **self._solver_args)
@@ -126,7 +136,8 @@ class Sampler:
                generator: Optional[torch.Generator] = None, device=None, guidance_scale: float = 1.0,
                cond: Optional[Mapping] = None, uncond: Optional[Mapping] = None, cfg: str = "batched",
                model_dtype: Optional[torch.dtype] = None, check_finite: bool = False, progress: bool = False,
-               callback: Optional[Callable] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               callback: Optional[Callable] = None, dtype: torch.dtype = torch.float32,
+               cuda_graph=False) -> torch.Tensor:
         """Run the plan. Returns the final state (in `dtype`).
 
         Args:
@@ -144,6 +155,10 @@ class Sampler:
             callback: `callback(i, x)` after each step, with the new state.
             dtype: the solver state's dtype: float32 (default; keep it even for fp16/bf16 models,
                 a half-precision state loses about an order of magnitude of accuracy) or float64.
+            cuda_graph: True records the whole loop (every model call and solver step) into one
+                CUDA graph, cached, and replays it (see `fastdiff.graphs`); "auto" does so when
+                the inputs are on a GPU and the model can be captured, else runs the eager fused
+                loop (with a warning when capture failed). Needs a fused backend.
         """
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype: the solver state must be float32 or float64, got {dtype}")
@@ -151,44 +166,99 @@ class Sampler:
         if fused and dtype != torch.float32:
             raise ValueError(f"dtype: the fused backends keep the state in float32; {dtype} is for backend='reference'")
         x = _initial_state(noise, shape, generator, device, dtype)
-        call = _model_caller(model, x, guidance_scale, cond, uncond, cfg, model_dtype, combine=not fused)
-        t_all = torch.tensor(self.grid.model_time, dtype=torch.float32, device=x.device)
-        n = self.steps
-        if fused:
-            table, op_backend = self.table, "auto" if self.backend == "auto" else self.backend
-            hist = x.new_empty((table.history,) + tuple(x.shape)) if table.history else None
-            clamp = 0.0 if self.clamp is None else float(self.clamp)
-        else:
-            solver = self.new_solver()
-        for i in range(n):
-            m = call(x, t_all[i].expand(x.shape[0]))
-            if check_finite and not all(torch.isfinite(part).all() for part in m if part is not None):
-                raise FloatingPointError(f"model: returned non-finite values at step {i} "
-                                         f"(model time {self.grid.model_time[i]:g})")
-            z = None
-            if (table.noisy(i) if fused else solver.noise_scale(i) != 0):
-                z = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(dtype)
+        if cuda_graph not in CUDA_GRAPH_MODES:
+            raise ValueError(f"cuda_graph: expected one of {CUDA_GRAPH_MODES}, got {cuda_graph!r}")
+        if cuda_graph is True and (not fused or x.device.type != "cuda"):
+            why = "backend='reference' runs the textbook loop" if not fused else f"the noise is on {x.device}"
+            raise ValueError(f"cuda_graph: True needs CUDA tensors and a fused backend ({why})")
+        if cuda_graph and fused and x.device.type == "cuda":
+            if check_finite or callback is not None or progress:
+                raise ValueError("cuda_graph: check_finite, callback and progress need the host between steps; "
+                                 "turn them off or use cuda_graph=False")
+            with nvtx_range("fastdiff/sample"):
+                out = sample_graphed(self, model, x, generator=generator, guidance_scale=guidance_scale, cond=cond,
+                                     uncond=uncond, cfg=cfg, model_dtype=model_dtype, mode=cuda_graph)
+            if out is not None:
+                return out
+        caller = ModelCaller(model, x, guidance_scale, cond, uncond, cfg, model_dtype, combine=not fused)
+        with nvtx_range("fastdiff/sample"):
             if fused:
-                solver_step(x, m[0], m[1], hist, z, coef=table.coef[i].tolist(), slots=table.slots[i].tolist(),
-                            guidance=float(guidance_scale), clamp=clamp, out=x, backend=op_backend)
-            else:
-                x = solver.step(i, x, m[0], z)
+                def draw(i):
+                    return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+                self.run_fused(caller, x, self.new_history(x), draw, float(guidance_scale), check_finite=check_finite,
+                               progress=progress, callback=callback)
+                return x
+            return self._run_reference(caller, x, generator, check_finite, progress, callback)
+
+    def model_times(self, device) -> torch.Tensor:
+        """The model times as a float32 tensor on `device`, made once per device (a CUDA graph
+        must not copy from the host while it records)."""
+        device = torch.device(device)
+        if device not in self._times:
+            self._times[device] = torch.tensor(self.grid.model_time, dtype=torch.float32).to(device)
+        return self._times[device]
+
+    def new_history(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The ring buffer of earlier data predictions the table needs (None if none)."""
+        return x.new_empty((self.table.history,) + tuple(x.shape)) if self.table.history else None
+
+    def run_fused(self, caller: ModelCaller, x: torch.Tensor, hist, draw_noise: Callable, guidance,
+                  check_finite: bool = False, progress: bool = False, callback=None) -> None:
+        """The fused loop, updating x in place: per step one model call and one solver_step.
+        Host-sync free unless check_finite/callback ask otherwise, so a CUDA graph can record it;
+        `guidance` is a float or a 0-d device tensor (read at replay time); `draw_noise(i)` gives
+        step i's standard-normal noise when the table says the step is noisy."""
+        table, n = self.table, self.steps
+        call, t_all = caller.bind(), self.model_times(x.device)
+        op_backend = "auto" if self.backend == "auto" else self.backend
+        clamp = 0.0 if self.clamp is None else float(self.clamp)
+        for i in range(n):
+            with nvtx_range("fastdiff/step"):
+                with nvtx_range("fastdiff/model"):
+                    m_c, m_u = call(x, t_all[i].expand(x.shape[0]))
+                if check_finite:
+                    _check_finite(i, self.grid.model_time[i], m_c, m_u)
+                z = draw_noise(i) if table.noisy(i) else None
+                with nvtx_range("fastdiff/solver_step"):
+                    solver_step(x, m_c, m_u, hist, z, coef=table.coef[i].tolist(), slots=table.slots[i].tolist(),
+                                guidance=guidance, clamp=clamp, out=x, backend=op_backend)
             if callback is not None:
-                callback(i, x.clone() if fused else x)  # the fused path updates x in place
+                callback(i, x.clone())  # x is updated in place: hand out a copy
+            if progress:
+                _progress(i + 1, n)
+
+    def _run_reference(self, caller, x, generator, check_finite, progress, callback) -> torch.Tensor:
+        solver, call, n, t_all = self.new_solver(), caller.bind(), self.steps, self.model_times(x.device)
+        for i in range(n):
+            with nvtx_range("fastdiff/step"):
+                m, _ = call(x, t_all[i].expand(x.shape[0]))
+                if check_finite:
+                    _check_finite(i, self.grid.model_time[i], m, None)
+                z = None
+                if solver.noise_scale(i) != 0:
+                    z = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
+                x = solver.step(i, x, m, z)
+            if callback is not None:
+                callback(i, x)
             if progress:
                 _progress(i + 1, n)
         return x
 
 
+def _check_finite(i, time, *outputs) -> None:
+    if not all(bool(torch.isfinite(m).all()) for m in outputs if m is not None):
+        raise FloatingPointError(f"model: returned non-finite values at step {i} (model time {time:g})")
+
+
 def sample(model: Callable, noise: Optional[torch.Tensor] = None, *, shape=None, generator=None, device=None,
            guidance_scale: float = 1.0, cond=None, uncond=None, cfg: str = "batched", model_dtype=None,
            check_finite: bool = False, progress: bool = False, callback=None, dtype=torch.float32,
-           **plan) -> torch.Tensor:
+           cuda_graph=False, **plan) -> torch.Tensor:
     """Sample in one call: `Sampler(**plan).sample(model, noise, ...)`. See `Sampler`."""
     return Sampler(**plan).sample(model, noise, shape=shape, generator=generator, device=device,
                                   guidance_scale=guidance_scale, cond=cond, uncond=uncond, cfg=cfg,
                                   model_dtype=model_dtype, check_finite=check_finite, progress=progress,
-                                  callback=callback, dtype=dtype)
+                                  callback=callback, dtype=dtype, cuda_graph=cuda_graph)
 
 
 def _initial_state(noise, shape, generator, device, dtype) -> torch.Tensor:
@@ -205,76 +275,6 @@ def _initial_state(noise, shape, generator, device, dtype) -> torch.Tensor:
     if device is not None and torch.device(device) != noise.device:
         raise ValueError(f"device: {device} differs from noise.device {noise.device}")
     return noise.to(dtype, copy=True)
-
-
-def _model_caller(model, x, w, cond, uncond, cfg, model_dtype, combine: bool):
-    """A function (x, t) -> (m, m_uncond), after validating the CFG inputs once.
-
-    combine=True (the reference path): m is the guided output in x's dtype, m_uncond None.
-    combine=False (the fused path): the raw outputs in the model's dtype, for solver_step to
-    combine: (cond, uncond) from two calls, or (doubled-batch output, None) from one.
-    A model output in another memory layout than x is copied to x's (one extra pass)."""
-    if not callable(model):
-        raise TypeError(f"model: expected a callable model(x, t, **cond), got {type(model).__name__}")
-    if cfg not in CFG_MODES:
-        raise ValueError(f"cfg: expected one of {list(CFG_MODES)}, got {cfg!r}")
-    cond = dict(cond or {})
-    w = float(w)
-    guided = w != 1.0
-    if guided and uncond is None:
-        raise ValueError(f"uncond: guidance_scale={w} needs the unconditional inputs (uncond=...)")
-    uncond = dict(uncond or {})
-    batch, state_dtype, state_ptr = x.shape[0], x.dtype, x.untyped_storage().data_ptr()
-    layout = torch.channels_last if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
-        memory_format=torch.channels_last) else torch.contiguous_format
-
-    def run(xin, t, kwargs):
-        out = model(xin if model_dtype is None else xin.to(model_dtype), t, **kwargs)
-        if not isinstance(out, torch.Tensor) or out.shape != xin.shape:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"model: expected an output of shape {tuple(xin.shape)}, got {got}")
-        if combine:
-            return out.to(state_dtype)  # CFG and the solver run in the state's precision
-        out = out.contiguous(memory_format=layout)
-        if out.untyped_storage().data_ptr() == state_ptr:
-            out = out.clone()  # a model returning (a view of) its input: the step updates x in place
-        return out
-
-    def guide(m_u, m_c):
-        if combine:
-            return m_u + w * (m_c - m_u), None
-        return m_c, m_u
-
-    if not guided:
-        return lambda xs, t: (run(xs, t, cond), None)
-    if set(cond) != set(uncond):
-        raise ValueError(f"uncond: expected the same keys as cond {sorted(cond)}, got {sorted(uncond)}")
-    if cfg == "separate":
-        def guided_separate(xs, t):
-            return guide(run(xs, t, uncond), run(xs, t, cond))
-        return guided_separate
-
-    doubled = {}
-    for k in cond:
-        c, u = cond[k], uncond[k]
-        if isinstance(c, torch.Tensor) and isinstance(u, torch.Tensor):
-            if c.shape != u.shape or c.shape[:1] != (batch,):
-                raise ValueError(f"cond[{k!r}]/uncond[{k!r}]: expected equal shapes with batch {batch}, "
-                                 f"got {tuple(c.shape)} and {tuple(u.shape)}")
-            doubled[k] = torch.cat([u, c])
-        elif c is u or c == u:
-            doubled[k] = c
-        else:
-            raise ValueError(f"cond[{k!r}]: non-tensor arguments must be equal in cond and uncond for "
-                             "cfg='batched'; use cfg='separate'")
-
-    def guided_batched(xs, t):
-        m = run(torch.cat([xs, xs]), torch.cat([t, t]), doubled)
-        if not combine:
-            return m, None  # solver_step splits the doubled batch (unconditional half first)
-        m_u, m_c = m.chunk(2)
-        return guide(m_u, m_c)
-    return guided_batched
 
 
 def _progress(done: int, total: int) -> None:

@@ -1,0 +1,207 @@
+"""One CUDA graph for the whole sampling loop.
+
+`sample(..., cuda_graph=True)` records every model call and every `solver_step` of all N
+steps (CFG included) into one CUDA graph, then replays it with a single launch:
+
+* Static inputs: the state buffer (the initial noise is copied in), copies of the tensor
+  conditioning inputs, and the guidance scale as a 0-d device tensor (the fused step reads
+  it at replay time). New noise, new conditioning or a new guidance scale are copied into
+  them before each replay: none of them needs a new capture.
+* SDE / ancestral noise: one static buffer holds the noise of every noisy step; before each
+  replay it is refilled with `normal_(generator=...)` from the caller's generator (or the
+  default one), one launch. Same generator state, same samples; a new state, new noise.
+  (So noise is drawn differently from the eager loop, which draws step by step.) The buffer
+  costs noisy-steps x latent size; over `max_noise_bytes` it is an error.
+* The result is copied out of the state buffer: a later replay never overwrites a tensor a
+  caller holds.
+* Cache: graphs are keyed by everything that changes what is recorded (the model object, the
+  plan, shapes, dtypes, layout, device, CFG mode, conditioning structure and model dtype),
+  at most `max_graphs` of them (least recently used evicted), all allocating from one shared
+  memory pool. The cache holds a reference to the model: the graph reads its parameters in
+  place, so in-place weight updates are seen, but replaced parameter tensors need
+  `fastdiff.clear_graphs()`. Capture happens after one warm-up run on a side stream. A lock
+  makes capture and replay (with their static copies) atomic across threads.
+* A model that cannot be captured (host synchronisation such as `.item()`, data-dependent
+  shapes, CPU work) raises `GraphCaptureError` naming the cause; with `cuda_graph="auto"`
+  the eager fused loop runs instead, with a warning.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import torch
+
+from fastdiff.guidance import ModelCaller
+from fastdiff.profiling import nvtx_range
+
+
+class GraphCaptureError(RuntimeError):
+    """The sampling loop could not be recorded into a CUDA graph."""
+
+
+CUDA_GRAPH_MODES = (False, True, "auto")
+
+
+def _tensor_meta(v: Any):
+    if isinstance(v, torch.Tensor):
+        return ("tensor", tuple(v.shape), v.dtype, v.device, v.stride())
+    try:
+        hash(v)
+        return ("value", v)
+    except TypeError:
+        return ("object", id(v))
+
+
+def graph_key(sampler, model, x: torch.Tensor, caller: ModelCaller) -> tuple:
+    """Everything that changes what the graph records; the guidance scale and tensor values do not."""
+    cond = tuple(sorted((k, _tensor_meta(v)) for k, v in caller.cond.items()))
+    uncond = tuple(sorted((k, _tensor_meta(v)) for k, v in caller.uncond.items())) if caller.guided else ()
+    return (id(model), sampler.signature, tuple(x.shape), x.dtype, x.device, x.stride(), caller.mode,
+            caller.model_dtype, cond, uncond)
+
+
+@dataclass
+class _Recorded:
+    model: Any  # keeps the model (and its parameters' memory) alive as long as the graph
+    graph: Any
+    x: torch.Tensor
+    caller: ModelCaller
+    guidance: torch.Tensor
+    noise: Optional[torch.Tensor]
+
+    def replay(self, noise: torch.Tensor, cond, uncond, guidance_scale: float, generator) -> torch.Tensor:
+        self.x.copy_(noise)
+        for static, new in ((self.caller.cond, cond), (self.caller.uncond, uncond)):
+            for k, v in (new or {}).items():
+                if isinstance(v, torch.Tensor):
+                    static[k].copy_(v)
+        self.guidance.fill_(guidance_scale)
+        if self.noise is not None:
+            self.noise.normal_(generator=generator)
+        with nvtx_range("fastdiff/graph_replay"):
+            self.graph.replay()
+        return self.x.clone()
+
+
+class GraphCache:
+    """A bounded LRU of recorded sampling loops sharing one CUDA memory pool."""
+
+    def __init__(self, max_graphs: int = 8):
+        self.max_graphs = max_graphs
+        self._graphs: "OrderedDict[tuple, _Recorded]" = OrderedDict()
+        self.lock = threading.RLock()
+        self._pool = None
+        self.captures = 0
+        self.replays = 0
+
+    @property
+    def pool(self):
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
+    def get(self, key) -> Optional[_Recorded]:
+        rec = self._graphs.get(key)
+        if rec is not None:
+            self._graphs.move_to_end(key)
+        return rec
+
+    def put(self, key, rec: _Recorded) -> None:
+        self._graphs[key] = rec
+        self.captures += 1
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+
+    def clear(self) -> None:
+        with self.lock:
+            self._graphs.clear()
+            self._pool = None
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def stats(self) -> Dict[str, int]:
+        return {"cached": len(self._graphs), "captures": self.captures, "replays": self.replays,
+                "max_graphs": self.max_graphs}
+
+
+CACHE = GraphCache()
+
+
+def clear_graphs() -> None:
+    """Drop every cached CUDA graph and return their memory to the driver."""
+    CACHE.clear()
+
+
+def graph_stats() -> Dict[str, int]:
+    """{"cached", "captures", "replays", "max_graphs"} of the graph cache."""
+    return CACHE.stats()
+
+
+def _record(sampler, model, noise: torch.Tensor, caller: ModelCaller, max_noise_bytes: int) -> _Recorded:
+    x = noise.to(torch.float32, copy=True)
+    # static copies of the conditioning tensors, read by the recorded model calls
+    caller.cond = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in caller.cond.items()}
+    caller.uncond = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in caller.uncond.items()}
+    caller.state_ptr = x.untyped_storage().data_ptr()
+    guidance = torch.full((), caller.w, dtype=torch.float32, device=x.device)
+    noisy = [i for i in range(sampler.steps) if sampler.table.noisy(i)]
+    buf = None
+    if noisy:
+        nbytes = len(noisy) * x.numel() * x.element_size()
+        if nbytes > max_noise_bytes:
+            raise GraphCaptureError(f"noise: {len(noisy)} noisy steps x {tuple(x.shape)} need {nbytes / 2**20:.0f} MiB "
+                                    f"of static noise, over max_noise_bytes={max_noise_bytes}; use fewer steps, "
+                                    "a deterministic solver, or cuda_graph=False")
+        buf = torch.randn((len(noisy),) + tuple(x.shape), device=x.device, dtype=torch.float32)
+    slot = {i: k for k, i in enumerate(noisy)}
+    hist = sampler.new_history(x)
+    sampler.model_times(x.device)  # made before recording: no host copies inside the graph
+
+    def run():
+        sampler.run_fused(caller, x, hist, lambda i: buf[slot[i]], guidance)
+
+    side = torch.cuda.Stream(device=x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(side):
+        run()  # warm-up: lazy initialisation, autotuning and allocations happen outside the graph
+    torch.cuda.current_stream(x.device).wait_stream(side)
+    x.copy_(noise)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, pool=CACHE.pool):
+            run()
+    except Exception as exc:  # capture errors come from CUDA/torch as RuntimeError and friends
+        raise GraphCaptureError(f"model: the sampling loop cannot be captured in a CUDA graph: {exc}. "
+                                "Remove host synchronisation (.item(), .cpu(), printing tensors, data-"
+                                "dependent shapes) from the model, or pass cuda_graph='auto' to fall back "
+                                "to the eager fused loop") from exc
+    return _Recorded(model=model, graph=graph, x=x, caller=caller, guidance=guidance, noise=buf)
+
+
+def sample_graphed(sampler, model, noise: torch.Tensor, *, generator, guidance_scale, cond, uncond, cfg,
+                   model_dtype, mode, max_noise_bytes: int = 1 << 30) -> Optional[torch.Tensor]:
+    """Replay (capturing first if needed) the sampling loop. Returns None when `mode == "auto"`
+    and the loop cannot be captured (the caller then runs the eager loop)."""
+    caller = ModelCaller(model, noise, guidance_scale, cond, uncond, cfg, model_dtype, combine=False)
+    key = graph_key(sampler, model, noise, caller)
+    with CACHE.lock:
+        rec = CACHE.get(key)
+        if rec is None:
+            try:
+                rec = _record(sampler, model, noise, caller, max_noise_bytes)
+            except GraphCaptureError as exc:
+                if mode != "auto":
+                    raise
+                warnings.warn(f"{exc}; running the eager fused loop", RuntimeWarning, stacklevel=3)
+                return None
+            CACHE.put(key, rec)
+        CACHE.replays += 1
+        return rec.replay(noise, cond, uncond if caller.guided else None, caller.w, generator)

@@ -1,0 +1,170 @@
+"""Whole-loop CUDA graphs. CPU part: argument checks, the cache key and the cache. GPU part:
+replay equals the eager fused loop, SDE reproducibility, no re-capture for new guidance or
+conditioning, the caller's result is never overwritten, eviction frees memory."""
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.graphs import GraphCache, graph_key
+from fastdiff.guidance import ModelCaller
+from fastdiff.testing import GaussianMixture
+
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+
+
+def _model(x, t, shift=None):
+    out = 0.3 * torch.tanh(x) + 1e-4 * t.view(-1, 1, 1, 1)
+    return out if shift is None else out + shift.view(-1, 1, 1, 1)
+
+
+def test_cuda_graph_true_without_cuda_tensors_is_a_clear_error():
+    with pytest.raises(ValueError, match="cuda_graph"):
+        fastdiff.sample(_model, torch.randn(2, 3, 4, 4), steps=3, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        fastdiff.sample(_model, torch.randn(2, 3, 4, 4), steps=3, cuda_graph="yes")
+
+
+def test_cuda_graph_auto_on_cpu_runs_the_eager_fused_loop():
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    a = fastdiff.sample(_model, noise, steps=3, cuda_graph="auto")
+    b = fastdiff.sample(_model, noise, steps=3)
+    assert torch.equal(a, b)
+
+
+def _key(sampler, model, x, **kw):
+    kw.setdefault("guidance_scale", 1.0)
+    caller = ModelCaller(model, x, kw.pop("guidance_scale"), kw.pop("cond", None), kw.pop("uncond", None),
+                         kw.pop("cfg", "batched"), kw.pop("model_dtype", None), combine=False)
+    return graph_key(sampler, model, x, caller)
+
+
+def test_graph_key_changes_with_what_is_recorded_and_not_with_values():
+    s = fastdiff.Sampler(steps=4)
+    x = torch.randn(2, 3, 4, 4)
+    c, u = {"shift": torch.ones(2)}, {"shift": torch.zeros(2)}
+    base = _key(s, _model, x, guidance_scale=5.0, cond=c, uncond=u)
+    # values: guidance scale, conditioning values and noise values do not change the key
+    assert base == _key(s, _model, torch.randn(2, 3, 4, 4), guidance_scale=2.0, cond={"shift": torch.rand(2)},
+                        uncond={"shift": torch.rand(2)})
+    assert base == _key(fastdiff.Sampler(steps=4), _model, x, guidance_scale=5.0, cond=c, uncond=u)  # same plan
+    different = [
+        _key(fastdiff.Sampler(steps=5), _model, x, guidance_scale=5.0, cond=c, uncond=u),
+        _key(fastdiff.Sampler(steps=4, solver="dpmpp_3m"), _model, x, guidance_scale=5.0, cond=c, uncond=u),
+        _key(s, lambda x, t, shift=None: x, x, guidance_scale=5.0, cond=c, uncond=u),
+        _key(s, _model, torch.randn(3, 3, 4, 4), guidance_scale=5.0, cond={"shift": torch.ones(3)},
+             uncond={"shift": torch.zeros(3)}),
+        _key(s, _model, x.contiguous(memory_format=torch.channels_last), guidance_scale=5.0, cond=c, uncond=u),
+        _key(s, _model, x, guidance_scale=5.0, cond=c, uncond=u, cfg="separate"),
+        _key(s, _model, x, guidance_scale=1.0, cond=c),  # guidance off
+        _key(s, _model, x, guidance_scale=5.0, cond={"shift": torch.ones(2, dtype=torch.float64)},
+             uncond={"shift": torch.zeros(2, dtype=torch.float64)}),
+        _key(s, _model, x, guidance_scale=5.0, cond=c, uncond=u, model_dtype=torch.float16),
+        _key(fastdiff.Sampler(steps=4, backend="cpu"), _model, x, guidance_scale=5.0, cond=c, uncond=u),
+    ]
+    assert all(k != base for k in different)
+    assert len(set(different)) == len(different)
+
+
+def test_graph_cache_is_a_bounded_lru():
+    cache = GraphCache(max_graphs=2)
+    cache.put("a", object())
+    cache.put("b", object())
+    assert cache.get("a") is not None  # a is now the most recent
+    cache.put("c", object())
+    assert cache.get("b") is None and cache.get("a") is not None and len(cache) == 2
+    assert cache.stats()["captures"] == 3
+    cache.clear()
+    assert len(cache) == 0
+
+
+def test_graph_mode_rejects_host_callbacks():
+    if not HAS_CUDA:
+        pytest.skip("the check runs only where a graph would be captured (CUDA tensors)")
+    with pytest.raises(ValueError, match="cuda_graph"):
+        fastdiff.sample(_model, torch.randn(2, 3, 4, 4, device="cuda"), steps=3, cuda_graph=True, progress=True)
+
+
+# ------------------------------------------------------------------------------ GPU suite
+@pytest.fixture
+def mixture():
+    return GaussianMixture.random(shape=(4, 8, 8), seed=0)
+
+
+@gpu
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "dpmpp_3m", "flow_euler"])
+def test_replay_equals_the_eager_fused_loop_bitwise(mixture, solver):
+    fastdiff.clear_graphs()
+    flow = solver == "flow_euler"
+    sched = fastdiff.get_schedule("flow" if flow else "linear")
+    kw = dict(solver=solver, steps=6, schedule="flow" if flow else "linear", spacing="linspace" if flow else "trailing",
+              prediction="flow" if flow else "epsilon", model_time="t" if flow else "timestep")
+    model = mixture.model(sched, kw["prediction"], model_time=kw["model_time"])
+    noise = torch.randn(3, 4, 8, 8, device="cuda")
+    eager = fastdiff.sample(model, noise, **kw)
+    graphed = fastdiff.sample(model, noise, cuda_graph=True, **kw)
+    assert torch.equal(eager, graphed)
+
+
+@gpu
+def test_sde_reproduces_under_the_same_seed_and_new_noise_gives_new_results(mixture):
+    fastdiff.clear_graphs()
+    model = mixture.model(fastdiff.get_schedule("linear"), "epsilon")
+    s = fastdiff.Sampler(solver="dpmpp_2m_sde", steps=6)
+    noise = torch.randn(2, 4, 8, 8, device="cuda")
+    run = lambda seed: s.sample(model, noise, cuda_graph=True,  # noqa: E731
+                                generator=torch.Generator("cuda").manual_seed(seed))
+    first = run(1)
+    keep = first.clone()
+    assert torch.equal(run(1), first)
+    other = run(2)
+    assert not torch.equal(other, first)
+    assert torch.equal(first, keep), "a later replay overwrote the first caller's tensor"
+    assert fastdiff.graph_stats()["captures"] == 1
+
+
+@gpu
+def test_new_guidance_and_conditioning_need_no_recapture():
+    fastdiff.clear_graphs()
+    s = fastdiff.Sampler(solver="dpmpp_2m", steps=5)
+    noise = torch.randn(2, 3, 4, 4, device="cuda")
+    results = []
+    for w, shift in ((3.0, 0.1), (7.5, 0.1), (7.5, -0.4)):
+        c, u = {"shift": torch.full((2,), shift, device="cuda")}, {"shift": torch.zeros(2, device="cuda")}
+        graphed = s.sample(_model, noise, guidance_scale=w, cond=c, uncond=u, cuda_graph=True)
+        eager = s.sample(_model, noise, guidance_scale=w, cond=c, uncond=u)
+        torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+        results.append(graphed)
+    assert fastdiff.graph_stats()["captures"] == 1
+    assert not torch.equal(results[0], results[1]) and not torch.equal(results[1], results[2])
+
+
+@gpu
+def test_a_model_that_synchronises_cannot_be_captured():
+    fastdiff.clear_graphs()
+
+    def syncing(x, t):
+        if x.abs().max().item() > 1e9:  # host sync
+            raise AssertionError
+        return 0.5 * x
+
+    noise = torch.randn(2, 3, 4, 4, device="cuda")
+    with pytest.raises(fastdiff.GraphCaptureError, match="cannot be captured"):
+        fastdiff.sample(syncing, noise, steps=3, cuda_graph=True)
+    with pytest.warns(RuntimeWarning, match="eager"):
+        out = fastdiff.sample(syncing, noise, steps=3, cuda_graph="auto")
+    torch.testing.assert_close(out, fastdiff.sample(syncing, noise, steps=3), rtol=0, atol=0)
+
+
+@gpu
+def test_eviction_and_clear_free_memory(mixture):
+    fastdiff.clear_graphs()
+    model = mixture.model(fastdiff.get_schedule("linear"), "epsilon")
+    base = torch.cuda.memory_reserved()
+    for steps in (3, 4, 5):
+        fastdiff.sample(lambda x, t: 0.5 * x, torch.randn(64, 4, 64, 64, device="cuda"), steps=steps, cuda_graph=True)
+    assert torch.cuda.memory_reserved() > base
+    fastdiff.clear_graphs()
+    assert fastdiff.graph_stats()["cached"] == 0
+    assert torch.cuda.memory_reserved() <= base + (1 << 20)
+    del model
