@@ -377,6 +377,8 @@ def _err_cases():
          r"noise must be on x's device"),
         ("guidance without CFG", lambda c: c.update(uncond=None), ValueError, r"guidance=.*no effect without CFG"),
         ("clamp negative", lambda c: c.update(clamp=-1.0), ValueError, r"clamp must be"),
+        ("guidance tensor", lambda c: c.update(guidance=torch.tensor(2.0)), TypeError,
+         r"guidance must be a Python number.*tensor"),
         ("CFG twice", lambda c: c.update(model_out=torch.cat([c["model_out"], c["model_out"]])), ValueError,
          r"model_out must have x's shape.*CFG-doubled"),
         ("out overlaps model_out", lambda c: c.update(out=c["model_out"]), ValueError, r"out overlaps model_out"),

@@ -89,6 +89,7 @@ def solver_step_reference(
 # mismatch is an error, never a silent copy.
 # =============================================================================================
 import math  # noqa: E402
+import numbers  # noqa: E402
 import os  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import List  # noqa: E402
@@ -452,12 +453,18 @@ def solver_step(
         raise _fail(TypeError, f"model_out must be a torch.Tensor, got {type(model_out).__name__}")
     coef = _numbers("coef", coef, len(COEF_NAMES), float)
     slots = _numbers("slots", slots, 4, int)
+    for name, v in (("guidance", guidance), ("clamp", clamp)):
+        if isinstance(v, torch.Tensor):
+            raise _fail(TypeError, f"{name} must be a Python number (a host scalar baked into the launch), got a "
+                                   f"tensor; reading a device tensor would synchronise (and break CUDA graph capture)")
+        if not isinstance(v, numbers.Real) or isinstance(v, bool):
+            raise _fail(TypeError, f"{name} must be a Python number, got {type(v).__name__}")
     if (uncond is None and x.dim() >= 1 and model_out.dim() == x.dim() and x.shape[0] > 0
             and model_out.shape[0] == 2 * x.shape[0] and model_out.shape[1:] == x.shape[1:]):
         b = x.shape[0]
         uncond, model_out = model_out[:b], model_out[b:]  # diffusers order: (uncond, cond)
     if out is None:
-        if not isinstance(x, torch.Tensor) or x.dim() == 0 or not _is_dense(x):
+        if x.dim() == 0 or not _is_dense(x):  # report it as x's problem, before allocating
             check_solver_step_args(x, model_out, uncond, history, noise, coef, slots, guidance, clamp, x)
         out = torch.empty_like(x)  # keeps x's dense layout (contiguous or channels_last)
     torch.ops.fastdiff.solver_step(x, model_out, uncond, history, noise, coef, slots, float(guidance),
