@@ -22,8 +22,8 @@ import triton.language as tl
 def _solver_step_kernel(
     x_ptr, m_ptr, u_ptr, h1_ptr, h2_ptr, h3_ptr, z_ptr, out_ptr, hw_ptr,
     numel,
-    p, q, a, b0, b1, b2, b3, c, w, r,
-    HAS_U: tl.constexpr, HAS_H1: tl.constexpr, HAS_H2: tl.constexpr, HAS_H3: tl.constexpr,
+    p, q, a, b0, b1, b2, b3, c, w, w_ptr, r,
+    HAS_U: tl.constexpr, HAS_WT: tl.constexpr, HAS_H1: tl.constexpr, HAS_H2: tl.constexpr, HAS_H3: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_HW: tl.constexpr, HAS_CLAMP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -34,6 +34,8 @@ def _solver_step_kernel(
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_U:
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_WT:  # guidance from device memory (CUDA-graph replays see its current value)
+            w = tl.load(w_ptr)
         m = u + w * (m - u)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     d = p * x + q * m
@@ -76,12 +78,13 @@ def solver_step_triton(
     noise: Optional[torch.Tensor],
     coef: Sequence[float],
     slots: Sequence[int],
-    guidance: float,
+    guidance,
     clamp: float,
     out: torch.Tensor,
 ) -> None:
     """Launch on x's device (current stream). Inputs must already be validated by
-    `fastdiff.ops.solver_step.check_solver_step_args`."""
+    `fastdiff.ops.solver_step.check_solver_step_args`. `guidance` is a number, or a
+    one-element float32 tensor on x's device that the kernel reads."""
     numel = x.numel()
     if numel == 0:
         return
@@ -99,6 +102,7 @@ def solver_step_triton(
     else:
         block, num_warps = 2048, 8
     grid = (triton.cdiv(numel, block),)
+    wt = isinstance(guidance, torch.Tensor)
     kernel = _kernel()
     with torch.cuda.device(x.device) if x.device.type == "cuda" else nullcontext():
         kernel[grid](
@@ -106,8 +110,8 @@ def solver_step_triton(
             slot(s1), slot(s2), slot(s3), noise if noise is not None else x,
             out, slot(sw) if sw >= 0 else out,
             numel,
-            p, q, a, b0, b1, b2, b3, c, float(guidance), float(clamp),
-            HAS_U=uncond is not None, HAS_H1=s1 >= 0, HAS_H2=s2 >= 0, HAS_H3=s3 >= 0,
+            p, q, a, b0, b1, b2, b3, c, 1.0 if wt else float(guidance), guidance if wt else x, float(clamp),
+            HAS_U=uncond is not None, HAS_WT=wt, HAS_H1=s1 >= 0, HAS_H2=s2 >= 0, HAS_H3=s3 >= 0,
             HAS_Z=noise is not None, HAS_HW=sw >= 0, HAS_CLAMP=clamp > 0,
             BLOCK=block, num_warps=num_warps,
         )

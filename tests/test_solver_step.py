@@ -377,8 +377,14 @@ def _err_cases():
          r"noise must be on x's device"),
         ("guidance without CFG", lambda c: c.update(uncond=None), ValueError, r"guidance=.*no effect without CFG"),
         ("clamp negative", lambda c: c.update(clamp=-1.0), ValueError, r"clamp must be"),
-        ("guidance tensor", lambda c: c.update(guidance=torch.tensor(2.0)), TypeError,
-         r"guidance must be a Python number.*tensor"),
+        ("guidance tensor dtype", lambda c: c.update(guidance=torch.tensor(2.0, dtype=torch.float64)), ValueError,
+         r"guidance \(as a tensor\) must be a one-element float32 tensor"),
+        ("guidance tensor size", lambda c: c.update(guidance=torch.tensor([2.0, 3.0])), ValueError,
+         r"guidance \(as a tensor\) must be a one-element"),
+        ("guidance tensor without CFG", lambda c: c.update(guidance=torch.tensor(2.0), uncond=None), ValueError,
+         r"guidance \(as a tensor\) has no effect without CFG"),
+        ("clamp tensor", lambda c: c.update(clamp=torch.tensor(2.0)), TypeError,
+         r"clamp must be a Python number.*tensor"),
         ("CFG twice", lambda c: c.update(model_out=torch.cat([c["model_out"], c["model_out"]])), ValueError,
          r"model_out must have x's shape.*CFG-doubled"),
         ("out overlaps model_out", lambda c: c.update(out=c["model_out"]), ValueError, r"out overlaps model_out"),
@@ -422,13 +428,16 @@ def test_binding_checks_inputs():
     """The C++ binding checks what it is given too (for callers of torch.ops.fastdiff_C directly)."""
     c = _base()
     op = torch.ops.fastdiff_C.solver_step
-    args = [c["x"], c["model_out"], c["uncond"], c["history"], c["noise"], c["coef"], c["slots"], c["guidance"], 0.0]
+    args = [c["x"], c["model_out"], c["uncond"], c["history"], c["noise"], c["coef"], c["slots"], c["guidance"], None,
+            0.0]
     with pytest.raises(RuntimeError, match=r"slots\[1\] = 5"):
         op(*args[:6], [0, 5, -1, -1], *args[7:], torch.empty_like(c["x"]))
     with pytest.raises(RuntimeError, match=r"out must have the same memory layout as x"):
         op(*args, torch.empty_like(c["x"], memory_format=torch.channels_last))
     with pytest.raises(RuntimeError, match=r"history must have x's dtype"):
         op(*args[:3], c["history"].half(), *args[4:], torch.empty_like(c["x"]))
+    with pytest.raises(RuntimeError, match=r"guidance_t must be a one-element float32 tensor"):
+        op(*args[:8], torch.ones(2), *args[9:], torch.empty_like(c["x"]))
 
 
 # -------------------------------------------------------------------------------------------
@@ -511,9 +520,10 @@ def test_opcheck(be):
         _need(HAS_CPU_KERNEL, "fastdiff._C not built")
     c = make_case((2, 4, 8, 8), torch.float16, torch.float32, "separate", "d1-ring2", True, True, False, "cpu",
                   _seed("opcheck"))
-    args = (c["x"], c["model_out"], c["uncond"], c["history"], c["noise"], c["coef"], c["slots"], c["guidance"],
-            c["clamp"], torch.empty_like(c["x"]), be)
-    torch.library.opcheck(torch.ops.fastdiff.solver_step.default, args)
+    for guidance_t in (None, torch.tensor(c["guidance"])):
+        args = (c["x"], c["model_out"], c["uncond"], c["history"], c["noise"], c["coef"], c["slots"], c["guidance"],
+                guidance_t, c["clamp"], torch.empty_like(c["x"]), be)
+        torch.library.opcheck(torch.ops.fastdiff.solver_step.default, args)
 
 
 def _sample_loop(x, model_outs, history, noise, coefs, backend):
@@ -626,3 +636,20 @@ def test_cuda_numel_past_int32():
     assert float(out[2 ** 31]) == 2.5
     del x, m, h, out
     torch.cuda.empty_cache()
+
+
+def test_guidance_as_a_device_tensor_equals_the_number(backend):
+    """A 0-d float32 guidance tensor is read by the kernel (CUDA graphs replay with its current
+    value): the result is bit-identical to passing the same number."""
+    be, device = backend
+    c = make_case((3, 4, 7, 5), torch.float16, torch.float32, "separate", "d1-ring2", True, True, False, device,
+                  _seed("guidance-tensor"))
+    kw = dict(coef=c["coef"], slots=c["slots"], clamp=c["clamp"], backend=be)
+    hist_a, hist_b = c["history"].clone(), c["history"].clone()
+    a = solver_step(c["x"], c["model_out"], c["uncond"], hist_a, c["noise"], guidance=c["guidance"], **kw)
+    w = torch.tensor(c["guidance"], dtype=torch.float32, device=device)
+    b = solver_step(c["x"], c["model_out"], c["uncond"], hist_b, c["noise"], guidance=w, **kw)
+    assert torch.equal(a, b) and torch.equal(hist_a, hist_b)
+    w.fill_(c["guidance"] + 1.0)  # the kernel reads the tensor's current value
+    d = solver_step(c["x"], c["model_out"], c["uncond"], c["history"].clone(), c["noise"], guidance=w, **kw)
+    assert not torch.equal(a, d)

@@ -32,6 +32,7 @@ struct Params {
   void* hist_write;
   int64_t numel;
   float p, q, a, b0, b[3], c, w, r;
+  const float* w_ptr;  // nullptr: use w
 };
 
 template <DType T>
@@ -152,13 +153,13 @@ __device__ __forceinline__ void store(void* base, int64_t i, const float (&v)[VE
 // VEC elements from index i. All loads of these elements happen before any store, so
 // out == x and hist_write == hist[k] are safe (no __restrict__ anywhere for that reason).
 template <DType TM, DType TS, int VEC>
-__device__ __forceinline__ void step(const Params& P, int64_t i) {
+__device__ __forceinline__ void step(const Params& P, float w, int64_t i) {
   float m[VEC], x[VEC], d[VEC], acc[VEC], t[VEC];
   load<TM, VEC>(P.model, i, m);
   if (P.uncond != nullptr) {
     load<TM, VEC>(P.uncond, i, t);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) m[j] = t[j] + P.w * (m[j] - t[j]);
+    for (int j = 0; j < VEC; ++j) m[j] = t[j] + w * (m[j] - t[j]);
   }
   load<TS, VEC>(P.x, i, x);
 #pragma unroll
@@ -190,10 +191,11 @@ __global__ void __launch_bounds__(kThreads) solver_step_kernel(const Params P) {
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t nvec = P.numel / VEC;
-  for (int64_t v = tid; v < nvec; v += stride) step<TM, TS, VEC>(P, v * VEC);
+  const float w = P.w_ptr != nullptr ? __ldg(P.w_ptr) : P.w;  // one cached load per thread
+  for (int64_t v = tid; v < nvec; v += stride) step<TM, TS, VEC>(P, w, v * VEC);
   if constexpr (VEC > 1) {
     const int64_t i = nvec * VEC + tid;  // scalar tail: fewer than VEC elements
-    if (i < P.numel) step<TM, TS, 1>(P, i);
+    if (i < P.numel) step<TM, TS, 1>(P, w, i);
   }
 }
 
@@ -258,6 +260,7 @@ cudaError_t solver_step_cuda(const Args& a, cudaStream_t stream) {
   P.b[2] = a.coef[kB3];
   P.c = a.coef[kC];
   P.w = a.guidance;
+  P.w_ptr = a.guidance_ptr;
   P.r = a.clamp;
   const bool vec = solver_step_cuda_vectorized(a);
   const bool fp32_state = a.state_dtype == DType::kFloat32;

@@ -6,7 +6,7 @@
 // storage order of the tensors: contiguous or channels_last, treated as flat):
 //
 //   m   = model                                  (uncond == nullptr)
-//   m   = u + guidance * (model - u)             (CFG; u = uncond)
+//   m   = u + guidance * (model - u)             (CFG; u = uncond; guidance or *guidance_ptr)
 //   D   = p * x + q * m
 //   D   = clamp(D, -clamp, clamp)                (only when clamp > 0; NaN propagates)
 //   out = a * x + b0 * D + b1 * H1 + b2 * H2 + b3 * H3 + c * z     (absent terms skipped)
@@ -52,6 +52,10 @@ struct Args {
   void* hist_write = nullptr;           // nullptr: D_i not stored
   float coef[kNumCoefs] = {0, 0, 0, 0, 0, 0, 0, 0};  // p, q, a, b0, b1, b2, b3, c
   float guidance = 1.0f;
+  // When set, the guidance scale is read from this fp32 scalar (device memory for the CUDA
+  // kernel, host memory for the CPU kernel) at run time instead of `guidance`: a CUDA graph
+  // then replays with whatever scale was written there last.
+  const float* guidance_ptr = nullptr;
   float clamp = 0.0f;                   // <= 0: no clamp
 };
 

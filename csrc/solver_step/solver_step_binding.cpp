@@ -64,7 +64,8 @@ const char* slot_ptr(const at::Tensor& history, int64_t slot, int64_t numel) {
 
 Args make_args(const at::Tensor& x, const at::Tensor& model_out, const std::optional<at::Tensor>& uncond,
                const std::optional<at::Tensor>& history, const std::optional<at::Tensor>& noise,
-               at::ArrayRef<double> coef, at::IntArrayRef slots, double guidance, double clamp,
+               at::ArrayRef<double> coef, at::IntArrayRef slots, double guidance,
+               const std::optional<at::Tensor>& guidance_t, double clamp,
                const at::Tensor& out, c10::DeviceType device_type) {
   TORCH_CHECK(x.device().type() == device_type, kOp, "x must be a ", device_type, " tensor, got ", x.device());
   TORCH_CHECK(x.is_non_overlapping_and_dense(), kOp,
@@ -123,6 +124,13 @@ Args make_args(const at::Tensor& x, const at::Tensor& model_out, const std::opti
                                : nullptr;
   for (int k = 0; k < kNumCoefs; ++k) a.coef[k] = static_cast<float>(coef[k]);
   a.guidance = static_cast<float>(guidance);
+  if (guidance_t.has_value()) {
+    const at::Tensor& g = *guidance_t;
+    TORCH_CHECK(g.numel() == 1 && g.scalar_type() == at::kFloat && g.device() == x.device(), kOp,
+                "guidance_t must be a one-element float32 tensor on ", x.device(), ", got ", g.sizes(), " ",
+                g.scalar_type(), " on ", g.device());
+    a.guidance_ptr = g.const_data_ptr<float>();
+  }
   a.clamp = static_cast<float>(clamp);
   const char* err = check_args(a);
   TORCH_CHECK(err == nullptr, kOp, err);
@@ -131,18 +139,22 @@ Args make_args(const at::Tensor& x, const at::Tensor& model_out, const std::opti
 
 void solver_step_cpu_impl(const at::Tensor& x, const at::Tensor& model_out, const std::optional<at::Tensor>& uncond,
                           const std::optional<at::Tensor>& history, const std::optional<at::Tensor>& noise,
-                          at::ArrayRef<double> coef, at::IntArrayRef slots, double guidance, double clamp,
+                          at::ArrayRef<double> coef, at::IntArrayRef slots, double guidance,
+               const std::optional<at::Tensor>& guidance_t, double clamp,
                           const at::Tensor& out) {
-  const Args a = make_args(x, model_out, uncond, history, noise, coef, slots, guidance, clamp, out, c10::kCPU);
+  const Args a =
+      make_args(x, model_out, uncond, history, noise, coef, slots, guidance, guidance_t, clamp, out, c10::kCPU);
   solver_step_cpu(a, at::get_num_threads());
 }
 
 #ifdef FASTDIFF_WITH_CUDA
 void solver_step_cuda_impl(const at::Tensor& x, const at::Tensor& model_out, const std::optional<at::Tensor>& uncond,
                            const std::optional<at::Tensor>& history, const std::optional<at::Tensor>& noise,
-                           at::ArrayRef<double> coef, at::IntArrayRef slots, double guidance, double clamp,
+                           at::ArrayRef<double> coef, at::IntArrayRef slots, double guidance,
+               const std::optional<at::Tensor>& guidance_t, double clamp,
                            const at::Tensor& out) {
-  const Args a = make_args(x, model_out, uncond, history, noise, coef, slots, guidance, clamp, out, c10::kCUDA);
+  const Args a =
+      make_args(x, model_out, uncond, history, noise, coef, slots, guidance, guidance_t, clamp, out, c10::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   C10_CUDA_CHECK(solver_step_cuda(a, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()));
 }
@@ -155,7 +167,7 @@ void solver_step_cuda_impl(const at::Tensor& x, const at::Tensor& model_out, con
 TORCH_LIBRARY_FRAGMENT(fastdiff_C, m) {
   m.def(
       "solver_step(Tensor x, Tensor model_out, Tensor? uncond, Tensor(a!)? history, Tensor? noise, "
-      "float[] coef, int[] slots, float guidance, float clamp, Tensor(b!) out) -> ()");
+      "float[] coef, int[] slots, float guidance, Tensor? guidance_t, float clamp, Tensor(b!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastdiff_C, CPU, m) { m.impl("solver_step", &fastdiff::solver_step::solver_step_cpu_impl); }

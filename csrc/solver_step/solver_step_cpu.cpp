@@ -120,7 +120,7 @@ void run(const Args& a, const void* const* terms, const float* tcoef, float r, i
 
   const float p = a.coef[kP], q = a.coef[kQ], ca = a.coef[kA], b0 = a.coef[kB0];
   const float c0 = tcoef[0], c1 = tcoef[1], c2 = tcoef[2], c3 = tcoef[3];
-  const float w = a.guidance;
+  const float w = a.guidance_ptr != nullptr ? *a.guidance_ptr : a.guidance;
 
   const int64_t nblocks = (numel + kBlock - 1) / kBlock;
   const bool parallel = numel >= kParallelMin && nblocks > 1;

@@ -19,7 +19,7 @@ PyTorch). Kernels live in `kernels/solver_step.py` (Triton) and `csrc/solver_ste
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -35,7 +35,7 @@ def solver_step_reference(
     noise: Optional[torch.Tensor],
     coef: Sequence[float],
     slots: Sequence[int],
-    guidance: float = 1.0,
+    guidance=1.0,
     clamp: float = 0.0,
     compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
@@ -51,7 +51,8 @@ def solver_step_reference(
     m = model_out.to(f)
     if uncond is not None:
         m_u = uncond.to(f)
-        m = m_u + guidance * (m - m_u)
+        w = guidance.to(f) if isinstance(guidance, torch.Tensor) else guidance  # a 0-d tensor stays on device
+        m = m_u + w * (m - m_u)
     xf = x.to(f)
     d = p * xf + q * m
     if clamp > 0:
@@ -128,7 +129,8 @@ def _same_layout(t: torch.Tensor, x: torch.Tensor) -> bool:
     return all(st == sx for n, st, sx in zip(x.shape, ts, xs) if n != 1)
 
 
-def check_solver_step_args(x, model_out, uncond, history, noise, coef, slots, guidance, clamp, out) -> None:
+def check_solver_step_args(x, model_out, uncond, history, noise, coef, slots, guidance, clamp, out,
+                           guidance_t=None) -> None:
     """Raise TypeError/ValueError naming the offending argument; touches no data.
 
     Works on fake/meta tensors too (it only reads metadata), so it runs at trace time under
@@ -189,6 +191,16 @@ def check_solver_step_args(x, model_out, uncond, history, noise, coef, slots, gu
             raise _fail(ValueError, f"slots[{k}] ({SLOT_NAMES[k]}) must be an int, got {s!r}")
     if not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
         raise _fail(ValueError, f"guidance must be a finite number, got {guidance!r}")
+    if guidance_t is not None:
+        if not isinstance(guidance_t, torch.Tensor):
+            raise _fail(TypeError, f"guidance_t must be a torch.Tensor or None, got {type(guidance_t).__name__}")
+        if guidance_t.numel() != 1 or guidance_t.dtype != torch.float32 or guidance_t.device != x.device:
+            raise _fail(ValueError, f"guidance (as a tensor) must be a one-element float32 tensor on x's device "
+                                    f"{x.device}, got shape {tuple(guidance_t.shape)} {guidance_t.dtype} on "
+                                    f"{guidance_t.device}")
+        if uncond is None:
+            raise _fail(ValueError, "guidance (as a tensor) has no effect without CFG: pass uncond=, or a "
+                                    "model_out with batch 2*B (unconditional half first)")
     if not isinstance(clamp, (int, float)) or not math.isfinite(clamp) or clamp < 0:
         raise _fail(ValueError, f"clamp must be a finite number >= 0 (0 = no clamp), got {clamp!r}")
 
@@ -278,6 +290,7 @@ class SolverStepArgs:
     guidance: float
     clamp: float
     out: torch.Tensor
+    guidance_t: Optional[torch.Tensor] = None  # overrides guidance, read by the kernel at run time
 
     @property
     def device_type(self) -> str:
@@ -346,17 +359,19 @@ def _cpu_supports(a) -> Optional[str]:
 
 def _run_compiled(a: SolverStepArgs) -> None:
     torch.ops.fastdiff_C.solver_step(a.x, a.model_out, a.uncond, a.history, a.noise, a.coef, a.slots,
-                                     a.guidance, a.clamp, a.out)
+                                     a.guidance, a.guidance_t, a.clamp, a.out)
 
 
 def _run_triton(a: SolverStepArgs) -> None:
     _dispatch.import_kernel("solver_step").solver_step_triton(
-        a.x, a.model_out, a.uncond, a.history, a.noise, a.coef, a.slots, a.guidance, a.clamp, a.out)
+        a.x, a.model_out, a.uncond, a.history, a.noise, a.coef, a.slots,
+        a.guidance if a.guidance_t is None else a.guidance_t, a.clamp, a.out)
 
 
 def _run_reference(a: SolverStepArgs) -> None:
     res = solver_step_reference(a.x, a.model_out, a.uncond, a.history, a.noise, a.coef, a.slots,
-                                a.guidance, a.clamp, compute_dtype=torch.float32)
+                                a.guidance if a.guidance_t is None else a.guidance_t, a.clamp,
+                                compute_dtype=torch.float32)
     a.out.copy_(res)
 
 
@@ -377,14 +392,15 @@ DISPATCH = _dispatch.register(_dispatch.Dispatcher(
 _LIB = torch.library.Library("fastdiff", "FRAGMENT")  # noqa: TOR901 (kept alive at module scope)
 _LIB.define(
     "solver_step(Tensor x, Tensor model_out, Tensor? uncond, Tensor(a!)? history, Tensor? noise, "
-    "float[] coef, int[] slots, float guidance, float clamp, Tensor(b!) out, str backend) -> ()"
+    "float[] coef, int[] slots, float guidance, Tensor? guidance_t, float clamp, Tensor(b!) out, str backend) -> ()"
 )
 
 
-def _solver_step_impl(x, model_out, uncond, history, noise, coef, slots, guidance, clamp, out, backend):
-    check_solver_step_args(x, model_out, uncond, history, noise, coef, slots, guidance, clamp, out)
+def _solver_step_impl(x, model_out, uncond, history, noise, coef, slots, guidance, guidance_t, clamp, out, backend):
+    check_solver_step_args(x, model_out, uncond, history, noise, coef, slots, guidance, clamp, out, guidance_t)
     _check_overlaps(x, model_out, uncond, history, noise, slots, out)
-    args = SolverStepArgs(x, model_out, uncond, history, noise, list(coef), list(slots), guidance, clamp, out)
+    args = SolverStepArgs(x, model_out, uncond, history, noise, list(coef), list(slots), guidance, clamp, out,
+                          guidance_t)
     DISPATCH.run(args, backend)
 
 
@@ -392,11 +408,11 @@ _LIB.impl("solver_step", _solver_step_impl, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fastdiff::solver_step", lib=_LIB)
-def _solver_step_fake(x, model_out, uncond, history, noise, coef, slots, guidance, clamp, out, backend):
-    check_solver_step_args(x, model_out, uncond, history, noise, coef, slots, guidance, clamp, out)
+def _solver_step_fake(x, model_out, uncond, history, noise, coef, slots, guidance, guidance_t, clamp, out, backend):
+    check_solver_step_args(x, model_out, uncond, history, noise, coef, slots, guidance, clamp, out, guidance_t)
     # a forced backend that cannot run fails at trace time too
     DISPATCH.select(SolverStepArgs(x, model_out, uncond, history, noise, list(coef), list(slots), guidance,
-                                   clamp, out), backend)
+                                   clamp, out, guidance_t), backend)
     return None
 
 
@@ -422,7 +438,7 @@ def solver_step(
     *,
     coef: Sequence[float],
     slots: Sequence[int],
-    guidance: float = 1.0,
+    guidance: Union[float, torch.Tensor] = 1.0,
     clamp: float = 0.0,
     out: Optional[torch.Tensor] = None,
     backend: str = "auto",
@@ -439,7 +455,9 @@ def solver_step(
     coef       (p, q, a, b0, b1, b2, b3, c), host floats (a float64 table row).
     slots      (write, read D_{i-1}, read D_{i-2}, read D_{i-3}) history slots, -1 = unused; the
                write slot may equal a read slot (it is read first).
-    guidance   CFG scale w: m = m_u + w (m_c - m_u). Must be 1.0 without CFG.
+    guidance   CFG scale w: m = m_u + w (m_c - m_u). Must be 1.0 without CFG. A Python number
+               is baked into the launch; a one-element float32 tensor on x's device is read by
+               the kernel when it runs (a CUDA graph replays with its current value).
     clamp      clamp D to [-clamp, clamp] when > 0.
     out        output buffer like x; may be x itself (in-place update).
     backend    "auto" | "cuda" | "triton" | "cpu" | "reference"; a forced backend that cannot
@@ -453,6 +471,9 @@ def solver_step(
         raise _fail(TypeError, f"model_out must be a torch.Tensor, got {type(model_out).__name__}")
     coef = _numbers("coef", coef, len(COEF_NAMES), float)
     slots = _numbers("slots", slots, 4, int)
+    guidance_t = None
+    if isinstance(guidance, torch.Tensor):
+        guidance_t, guidance = guidance, 1.0  # read on the device by the kernel, never on the host
     for name, v in (("guidance", guidance), ("clamp", clamp)):
         if isinstance(v, torch.Tensor):
             raise _fail(TypeError, f"{name} must be a Python number (a host scalar baked into the launch), got a "
@@ -467,6 +488,6 @@ def solver_step(
         if x.dim() == 0 or not _is_dense(x):  # report it as x's problem, before allocating
             check_solver_step_args(x, model_out, uncond, history, noise, coef, slots, guidance, clamp, x)
         out = torch.empty_like(x)  # keeps x's dense layout (contiguous or channels_last)
-    torch.ops.fastdiff.solver_step(x, model_out, uncond, history, noise, coef, slots, float(guidance),
+    torch.ops.fastdiff.solver_step(x, model_out, uncond, history, noise, coef, slots, float(guidance), guidance_t,
                                    float(clamp), out, backend)
     return out
