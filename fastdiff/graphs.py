@@ -70,7 +70,7 @@ class _Recorded:
     graph: Any
     x: torch.Tensor
     caller: ModelCaller
-    guidance: torch.Tensor
+    guidance: Optional[torch.Tensor]  # the CFG scale the recorded kernels read (None: no CFG)
     noise: Optional[torch.Tensor]
 
     def replay(self, noise: torch.Tensor, cond, uncond, guidance_scale: float, generator) -> torch.Tensor:
@@ -79,7 +79,8 @@ class _Recorded:
             for k, v in (new or {}).items():
                 if isinstance(v, torch.Tensor):
                     static[k].copy_(v)
-        self.guidance.fill_(guidance_scale)
+        if self.guidance is not None:
+            self.guidance.fill_(guidance_scale)
         if self.noise is not None:
             self.noise.normal_(generator=generator)
         with nvtx_range("fastdiff/graph_replay"):
@@ -120,6 +121,7 @@ class GraphCache:
         with self.lock:
             self._graphs.clear()
             self._pool = None
+            self.captures = self.replays = 0
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
@@ -136,13 +138,30 @@ CACHE = GraphCache()
 
 
 def clear_graphs() -> None:
-    """Drop every cached CUDA graph and return their memory to the driver."""
+    """Drop every cached CUDA graph, return their memory to the driver, reset the counters."""
     CACHE.clear()
 
 
 def graph_stats() -> Dict[str, int]:
-    """{"cached", "captures", "replays", "max_graphs"} of the graph cache."""
+    """{"cached", "captures", "replays", "max_graphs"} of the graph cache (since the last clear)."""
     return CACHE.stats()
+
+
+def _warm_up(run, device) -> None:
+    """One eager run on a side stream: lazy initialisation, autotuning and first allocations
+    happen outside the graph."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream(device).wait_stream(side)
+
+
+def _capture(run, device):
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=CACHE.pool):
+        run()
+    return graph
 
 
 def _record(sampler, model, noise: torch.Tensor, caller: ModelCaller, max_noise_bytes: int) -> _Recorded:
@@ -151,7 +170,7 @@ def _record(sampler, model, noise: torch.Tensor, caller: ModelCaller, max_noise_
     caller.cond = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in caller.cond.items()}
     caller.uncond = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in caller.uncond.items()}
     caller.state_ptr = x.untyped_storage().data_ptr()
-    guidance = torch.full((), caller.w, dtype=torch.float32, device=x.device)
+    guidance = torch.full((), caller.w, dtype=torch.float32, device=x.device) if caller.guided else None
     noisy = [i for i in range(sampler.steps) if sampler.table.noisy(i)]
     buf = None
     if noisy:
@@ -166,18 +185,12 @@ def _record(sampler, model, noise: torch.Tensor, caller: ModelCaller, max_noise_
     sampler.model_times(x.device)  # made before recording: no host copies inside the graph
 
     def run():
-        sampler.run_fused(caller, x, hist, lambda i: buf[slot[i]], guidance)
+        sampler.run_fused(caller, x, hist, lambda i: buf[slot[i]], 1.0 if guidance is None else guidance)
 
-    side = torch.cuda.Stream(device=x.device)
-    side.wait_stream(torch.cuda.current_stream(x.device))
-    with torch.cuda.stream(side):
-        run()  # warm-up: lazy initialisation, autotuning and allocations happen outside the graph
-    torch.cuda.current_stream(x.device).wait_stream(side)
+    _warm_up(run, x.device)
     x.copy_(noise)
-    graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph, pool=CACHE.pool):
-            run()
+        graph = _capture(run, x.device)
     except Exception as exc:  # capture errors come from CUDA/torch as RuntimeError and friends
         raise GraphCaptureError(f"model: the sampling loop cannot be captured in a CUDA graph: {exc}. "
                                 "Remove host synchronisation (.item(), .cpu(), printing tensors, data-"

@@ -168,3 +168,83 @@ def test_eviction_and_clear_free_memory(mixture):
     assert fastdiff.graph_stats()["cached"] == 0
     assert torch.cuda.memory_reserved() <= base + (1 << 20)
     del model
+
+
+# ------------------------------------------------- the graph logic on the CPU, with a fake graph
+class _FakeGraph:
+    """Stands in for a CUDA graph: 'replay' re-runs the recorded closure on the same static
+    buffers, which is what a real replay does to them. Checks the static-buffer logic (noise,
+    conditioning, guidance, results copied out) where no GPU is available."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def replay(self):
+        self.run()
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    import fastdiff.graphs as G
+
+    monkeypatch.setattr(G, "_warm_up", lambda run, device: run())
+    monkeypatch.setattr(G, "_capture", lambda run, device: _FakeGraph(run))
+    G.CACHE.clear()
+    yield G
+    G.CACHE.clear()
+
+
+def _graphed(G, sampler, model, noise, **kw):
+    kw.setdefault("generator", None)
+    return G.sample_graphed(sampler, model, noise, guidance_scale=kw.pop("guidance_scale", 1.0),
+                            cond=kw.pop("cond", None), uncond=kw.pop("uncond", None), cfg=kw.pop("cfg", "batched"),
+                            model_dtype=None, mode=kw.pop("mode", True), **kw)
+
+
+def test_fake_replay_equals_the_eager_fused_loop_and_needs_one_capture(fake_graphs):
+    s = fastdiff.Sampler(solver="dpmpp_3m", steps=5)
+    results = []
+    for w, shift in ((3.0, 0.1), (7.5, 0.1), (7.5, -0.4)):
+        noise = torch.randn(2, 3, 4, 4)
+        c, u = {"shift": torch.full((2,), shift)}, {"shift": torch.zeros(2)}
+        out = _graphed(fake_graphs, s, _model, noise, guidance_scale=w, cond=c, uncond=u)
+        assert torch.equal(out, s.sample(_model, noise, guidance_scale=w, cond=c, uncond=u))
+        results.append(out)
+    assert fake_graphs.graph_stats()["captures"] == 1 and fake_graphs.graph_stats()["replays"] == 3
+    keep = results[0].clone()
+    _graphed(fake_graphs, s, _model, torch.randn(2, 3, 4, 4), guidance_scale=2.0, cond=c, uncond=u)
+    assert torch.equal(results[0], keep), "a replay overwrote an earlier result"
+
+
+def test_fake_replay_without_guidance(fake_graphs):
+    s = fastdiff.Sampler(solver="dpmpp_2m", steps=4)
+    noise = torch.randn(2, 3, 4, 4)
+    assert torch.equal(_graphed(fake_graphs, s, _model, noise), s.sample(_model, noise))
+
+
+def test_fake_replay_sde_noise_follows_the_generator(fake_graphs):
+    s = fastdiff.Sampler(solver="dpmpp_2m_sde", steps=4)
+    noise = torch.randn(2, 3, 4, 4)
+    run = lambda seed: _graphed(fake_graphs, s, _model, noise,  # noqa: E731
+                                generator=torch.Generator().manual_seed(seed))
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert fake_graphs.graph_stats()["captures"] == 1
+
+
+def test_static_noise_over_budget_is_an_error(fake_graphs):
+    s = fastdiff.Sampler(solver="ddpm", steps=50)
+    with pytest.raises(fastdiff.GraphCaptureError, match="max_noise_bytes"):
+        _graphed(fake_graphs, s, _model, torch.randn(2, 3, 4, 4), max_noise_bytes=1024)
+
+
+def test_capture_failure_raises_or_falls_back_with_auto(fake_graphs, monkeypatch):
+    def refuse(run, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(fake_graphs, "_capture", refuse)
+    s = fastdiff.Sampler(steps=3)
+    with pytest.raises(fastdiff.GraphCaptureError, match="cannot be captured.*not permitted"):
+        _graphed(fake_graphs, s, _model, torch.randn(1, 3, 4, 4))
+    with pytest.warns(RuntimeWarning, match="eager fused loop"):
+        assert _graphed(fake_graphs, s, _model, torch.randn(1, 3, 4, 4), mode="auto") is None
