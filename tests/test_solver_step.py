@@ -8,7 +8,6 @@ kernel, Triton) fails instead of skipping. Nothing in this file times anything.
 """
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import math
@@ -24,52 +23,14 @@ from fastdiff import _ext
 from fastdiff.ops import _dispatch
 from fastdiff.ops import solver_step as ss
 from fastdiff.ops.solver_step import BackendUnavailableError, solver_step, solver_step_reference
+from conftest import HAS_CUDA, HAS_TRITON
+from conftest import need as _need
 from tolerances import assert_close
 
 NAN = float("nan")
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+OP = "solver_step"  # the compiled kernels the `backend` fixture (tests/conftest.py) needs
 HAS_CPU_KERNEL = _ext.has_kernel("solver_step", "CPU")
-HAS_CUDA = torch.cuda.is_available()
 HAS_CUDA_KERNEL = HAS_CUDA and _ext.has_kernel("solver_step", "CUDA")
-
-
-def _need(ok: bool, reason: str) -> None:
-    """Skip when a backend is missing; in CI the CPU-runnable ones must be there."""
-    if not ok:
-        if IN_CI and "GPU" not in reason:
-            pytest.fail(f"{reason} (CI=true: this backend must run in CI)")
-        pytest.skip(reason)
-
-
-# (backend, device)
-BACKENDS = {
-    "cpu": ("cpu", "cpu"),
-    "triton-interp": ("triton", "cpu"),
-    "reference": ("reference", "cpu"),
-    "cuda": ("cuda", "cuda"),
-    "triton-cuda": ("triton", "cuda"),
-}
-
-
-@pytest.fixture(params=list(BACKENDS))
-def backend(request, monkeypatch):
-    """-> (backend name, device) with the environment it needs."""
-    name = request.param
-    be, device = BACKENDS[name]
-    if device == "cuda":
-        _need(HAS_CUDA, "no GPU")
-        if be == "cuda":
-            _need(HAS_CUDA_KERNEL, "fastdiff._C has no CUDA kernels (GPU present but not built with CUDA)")
-    if be == "cpu":
-        _need(HAS_CPU_KERNEL, f"fastdiff._C not built ({_ext.LOAD_ERROR})")
-    if be == "triton":
-        _need(HAS_TRITON, "triton is not installed")
-        if device == "cpu":
-            monkeypatch.setenv("TRITON_INTERPRET", "1")
-        else:
-            monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    return be, device
 
 
 # -------------------------------------------------------------------------------------------

@@ -1,0 +1,71 @@
+"""Shared test fixtures: the backend matrix every op test runs over.
+
+Backends: the C++ CPU kernel ("cpu"), Triton under its CPU interpreter ("triton-interp": the
+fixture sets TRITON_INTERPRET=1 for the test, so these run in the plain `pytest tests` of CI),
+the plain-PyTorch fallback ("reference"), and, only with a GPU, the CUDA kernel ("cuda") and
+Triton on CUDA ("triton-cuda"). Under CI=true a backend that should exist here (the compiled
+CPU kernel, Triton) fails instead of skipping.
+
+A test module that uses the `backend` fixture names its op in a module-level `OP = "<op>"`
+(the compiled kernels `fastdiff_C::<op>` the "cpu" and "cuda" backends need). Helpers for the
+module itself: `from conftest import need, HAS_TRITON, ...`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from fastdiff import _ext
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA = torch.cuda.is_available()
+
+
+def need(ok: bool, reason: str) -> None:
+    """Skip when a backend is missing; in CI the CPU-runnable ones must be there."""
+    if not ok:
+        if IN_CI and "GPU" not in reason:
+            pytest.fail(f"{reason} (CI=true: this backend must run in CI)")
+        pytest.skip(reason)
+
+
+# (backend, device)
+BACKENDS = {
+    "cpu": ("cpu", "cpu"),
+    "triton-interp": ("triton", "cpu"),
+    "reference": ("reference", "cpu"),
+    "cuda": ("cuda", "cuda"),
+    "triton-cuda": ("triton", "cuda"),
+}
+
+
+def setup_backend(name: str, op: str, monkeypatch) -> tuple:
+    """Skip (or fail in CI) when backend `name` cannot run `op` here; set TRITON_INTERPRET for
+    Triton. -> (backend, device)."""
+    be, device = BACKENDS[name]
+    if device == "cuda":
+        need(HAS_CUDA, "no GPU")
+        if be == "cuda":
+            need(_ext.has_kernel(op, "CUDA"), "fastdiff._C has no CUDA kernels (GPU present but not built with CUDA)")
+    if be == "cpu":
+        need(_ext.has_kernel(op, "CPU"), f"fastdiff._C not built ({_ext.LOAD_ERROR})")
+    if be == "triton":
+        need(HAS_TRITON, "triton is not installed")
+        if device == "cpu":
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+        else:
+            monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return be, device
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend(request, monkeypatch):
+    """-> (backend name, device) with the environment it needs, for the module's `OP`."""
+    op = getattr(request.module, "OP", None)
+    if op is None:
+        raise RuntimeError(f"{request.module.__name__} uses the `backend` fixture but defines no OP = '<op name>'")
+    return setup_backend(request.param, op, monkeypatch)
