@@ -1,0 +1,430 @@
+"""`fastdiff::attention`: multi-head softmax attention (no mask), the core of the U-Net block.
+
+    out[b, h] = softmax(scale * q[b, h] @ k[b, h]^T) @ v[b, h]          scale = 1/sqrt(D) by default
+
+q (B, H, Lq, D), k and v (B, H, Lk, D) -> out (B, H, Lq, D). Self-attention over the H*W
+tokens of a feature map (Lq = Lk) and cross-attention to context tokens (Lk = 77 for CLIP).
+Any strides: q/k/v may be head-split views of one packed QKV projection output, `out` a view
+of a (B, L, H*D) buffer (`qkv_attention` / `kv_attention` below build those views).
+
+This module holds the specification (`attention_reference`, float64-capable plain PyTorch),
+the classic eager computation used as the accuracy yardstick and benchmark baseline
+(`attention_eager`), and the op. The Triton kernel lives in `kernels/attention.py`.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastdiff.ops import _dispatch
+from fastdiff.ops._dispatch import BackendUnavailableError  # noqa: F401  (re-exported)
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_MAX_HEAD_DIM = 256  # = kernels.attention.MAX_HEAD_DIM (not imported: Triton is optional)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: Optional[float] = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The specification: softmax(scale * q k^T) v computed in `compute_dtype` (float64 for
+    test oracles), returned in q's dtype. Materialises the (Lq, Lk) score matrix."""
+    if scale is None:
+        scale = default_scale(q.shape[-1])
+    f = compute_dtype
+    s = torch.matmul(q.to(f), k.to(f).transpose(-2, -1)) * scale
+    return torch.matmul(torch.softmax(s, dim=-1), v.to(f)).to(q.dtype)
+
+
+def attention_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    """The classic eager attention IN THE INPUT DTYPE (what a U-Net without SDPA runs, e.g.
+    diffusers' AttnProcessor): scores rounded to the dtype, softmax in the dtype, P @ V.
+    The accuracy yardstick of the tests and the "eager" provider of the benchmark."""
+    if scale is None:
+        scale = default_scale(q.shape[-1])
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    return torch.matmul(torch.softmax(s, dim=-1), v)
+
+
+# =============================================================================================
+# The op `fastdiff::attention`: validation, backends, torch.library registration.
+#
+#   attention(q, k, v, *, scale=None, out=None, backend="auto") -> out
+#
+# allocates `out` when not given and calls the registered op
+#
+#   torch.ops.fastdiff.attention(q, k, v, scale, out, backend) -> ()
+#
+# which writes `out` in place (static buffers: CUDA-graph friendly), has a fake implementation
+# (torch.compile / meta) and dispatches to a backend (fastdiff/ops/_dispatch.py):
+#
+#   cuda       PyTorch SDPA (flash / cuDNN / memory-efficient, whichever PyTorch picks) on CUDA
+#              tensors, result copied into `out`. Chosen first on CUDA tensors: the GPU
+#              comparison with our kernel is in benchmarks/NOTES.md (no fastdiff CUDA kernel).
+#   triton     our flash-attention kernel (kernels/attention.py): CUDA tensors, or CPU tensors
+#              under TRITON_INTERPRET=1; head_dim <= 256.
+#   cpu        PyTorch SDPA on CPU tensors: ATen's blocked flash kernel (vectorised, multi-
+#              threaded, fp32 accumulation for fp16/bf16, O(L) memory). A C++ kernel of ours
+#              would only duplicate it; the tests hold it to the same error bound as the others.
+#   reference  attention_reference in fp32, over query chunks (bounded memory): the fallback.
+# =============================================================================================
+
+
+def _fail(exc, msg):
+    return exc(f"fastdiff.attention: {msg}")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _non_overlapping(t: torch.Tensor) -> bool:
+    """No two indices address the same element (metadata only; works on fake tensors).
+    Sufficient test: sorted by stride, each stride clears the extent of the smaller ones."""
+    if t.numel() <= 1:
+        return True
+    extent = 0  # largest offset reachable with the dims seen so far
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if stride <= extent:
+            return False
+        extent += stride * (size - 1)
+    return True
+
+
+def check_attention_args(q, k, v, scale, out) -> None:
+    """Raise TypeError/ValueError naming the offending argument; touches no data.
+
+    Metadata only, so it also runs on fake tensors at torch.compile trace time. `out=None`
+    skips the checks of `out` (the wrapper allocates it after this).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise _fail(TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if out is not None and not isinstance(out, torch.Tensor):
+        raise _fail(TypeError, f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if q.dtype not in DTYPES:
+        raise _fail(TypeError, f"q must be float32, float16 or bfloat16, got {q.dtype}")
+    if q.dim() != 4:
+        raise _fail(ValueError, f"q must be 4-D (batch, heads, Lq, head_dim), got shape {tuple(q.shape)}")
+    b, h, lq, d = q.shape
+    if d == 0:
+        raise _fail(ValueError, f"q must have head_dim >= 1, got shape {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise _fail(ValueError, f"{name} must be on q's device {q.device}, got {t.device}")
+        if t.dtype != q.dtype:
+            raise _fail(TypeError, f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.dim() != 4 or t.shape[0] != b or t.shape[1] != h or t.shape[3] != d:
+            raise _fail(ValueError, f"{name} must have shape ({b}, {h}, Lk, {d}) (q's batch, heads and head_dim), "
+                                    f"got {tuple(t.shape)}")
+    if v.shape[2] != k.shape[2]:
+        raise _fail(ValueError, f"v must have k's number of keys Lk = {k.shape[2]}, got shape {tuple(v.shape)}")
+    if k.shape[2] == 0:
+        raise _fail(ValueError, f"k must hold at least one key (Lk >= 1): softmax over no keys is undefined; "
+                                f"got shape {tuple(k.shape)}")
+    if scale is not None and (not _is_number(scale) or not math.isfinite(scale) or scale <= 0):
+        raise _fail(ValueError, f"scale must be a finite number > 0 or None (1/sqrt(head_dim)), got {scale!r}")
+    if out is not None:
+        if out.device != q.device:
+            raise _fail(ValueError, f"out must be on q's device {q.device}, got {out.device}")
+        if out.dtype != q.dtype:
+            raise _fail(TypeError, f"out must have q's dtype {q.dtype}, got {out.dtype}")
+        if out.shape != q.shape:
+            raise _fail(ValueError, f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
+        if not _non_overlapping(out):
+            raise _fail(ValueError, f"out must not overlap itself (no expanded/broadcast strides), got strides "
+                                    f"{out.stride()} for shape {tuple(out.shape)}")
+
+
+def _span(t: torch.Tensor):
+    """[first byte, last byte + 1) that t can address (strides are never negative in torch)."""
+    start = t.data_ptr()
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return start, start + (last + 1) * t.element_size()
+
+
+def _check_overlaps(q, k, v, out) -> None:
+    """out is written while q, k, v are read by other programs: it may not share memory with
+    them (conservative: their address ranges may not intersect)."""
+    if out.numel() == 0:
+        return
+    os_, oe = _span(out)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.numel() == 0:
+            continue
+        ts, te = _span(t)
+        if ts < oe and os_ < te:
+            raise _fail(ValueError, f"out overlaps {name} in memory; out must be a separate buffer")
+
+
+@dataclass
+class AttentionArgs:
+    """Validated arguments, as the providers see them (scale resolved)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    scale: float
+    out: torch.Tensor
+
+    @property
+    def device_type(self) -> str:
+        return self.q.device.type
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[-1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+
+@dataclass
+class _Example:
+    """What `supports` reads, for fastdiff.info(): typical inputs on a device type."""
+
+    device_type: str
+    dtype: torch.dtype = torch.float16
+    head_dim: int = 64
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.device_type)
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+_TRITON_ERROR: List[Optional[str]] = []
+
+
+def _triton_missing() -> Optional[str]:
+    if not _TRITON_ERROR:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON_ERROR.append(None)
+        except Exception as e:  # ImportError, or a broken install
+            _TRITON_ERROR.append(f"triton is not importable ({type(e).__name__}: {e}); pip install 'fastdiff[triton]'")
+    return _TRITON_ERROR[0]
+
+
+def _cuda_supports(a) -> Optional[str]:
+    if a.device_type != "cuda":
+        return f"the inputs are {a.device_type} tensors; the cuda backend (PyTorch SDPA) runs CUDA tensors only"
+    return None if torch.cuda.is_available() else "CUDA is not available (no GPU or no driver)"
+
+
+def _triton_supports(a) -> Optional[str]:
+    if a.device_type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available (no GPU or no driver)"
+        if a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) < (8, 0):
+            return "bfloat16 tl.dot needs compute capability >= 8.0 (Ampere)"
+    elif a.device_type == "cpu":
+        if not _triton_interpret():
+            return "Triton runs CPU tensors only under its interpreter: set TRITON_INTERPRET=1"
+    else:
+        return f"Triton does not run {a.device_type} tensors"
+    if a.head_dim > TRITON_MAX_HEAD_DIM:
+        return f"head_dim {a.head_dim} > {TRITON_MAX_HEAD_DIM} (the kernel keeps a whole head row in registers)"
+    return _triton_missing()
+
+
+def _cpu_supports(a) -> Optional[str]:
+    if a.device_type != "cpu":
+        return f"the inputs are {a.device_type} tensors; the cpu backend (PyTorch SDPA on CPU) runs CPU tensors only"
+    return None
+
+
+def _run_sdpa(a: AttentionArgs) -> None:
+    a.out.copy_(F.scaled_dot_product_attention(a.q, a.k, a.v, scale=a.scale))
+
+
+def _run_triton(a: AttentionArgs) -> None:
+    _dispatch.import_kernel("attention").attention_triton(a.q, a.k, a.v, a.out, a.scale)
+
+
+REFERENCE_CHUNK_ELEMENTS = 1 << 24  # fp32 scores per chunk of queries (64 MiB)
+
+
+def _run_reference(a: AttentionArgs) -> None:
+    b, h, lq, _ = a.q.shape
+    lk = a.k.shape[2]
+    rows = max(1, REFERENCE_CHUNK_ELEMENTS // max(1, b * h * lk))
+    k, v = a.k.float(), a.v.float()
+    for i in range(0, lq, rows):
+        a.out[:, :, i:i + rows].copy_(attention_reference(a.q[:, :, i:i + rows], k, v, a.scale, torch.float32))
+
+
+DISPATCH = _dispatch.register(_dispatch.Dispatcher(
+    "attention",
+    [
+        _dispatch.Provider("cuda", _cuda_supports, _run_sdpa),
+        _dispatch.Provider("triton", _triton_supports, _run_triton),
+        _dispatch.Provider("cpu", _cpu_supports, _run_sdpa),
+        _dispatch.Provider("reference", lambda a: None, _run_reference),
+    ],
+    example=_Example,
+))
+
+
+_LIB = torch.library.Library("fastdiff", "FRAGMENT")  # noqa: TOR901 (kept alive at module scope)
+_LIB.define("attention(Tensor q, Tensor k, Tensor v, float? scale, Tensor(a!) out, str backend) -> ()")
+
+
+def _resolve_scale(q, scale) -> float:
+    return default_scale(q.shape[-1]) if scale is None else float(scale)
+
+
+def _attention_impl(q, k, v, scale, out, backend):
+    check_attention_args(q, k, v, scale, out)
+    _check_overlaps(q, k, v, out)
+    args = AttentionArgs(q, k, v, _resolve_scale(q, scale), out)
+    provider = DISPATCH.select(args, backend)  # a forced backend that cannot run fails even for empty inputs
+    if out.numel() == 0:
+        return
+    provider.run(args)
+
+
+_LIB.impl("attention", _attention_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastdiff::attention", lib=_LIB)
+def _attention_fake(q, k, v, scale, out, backend):
+    check_attention_args(q, k, v, scale, out)
+    DISPATCH.select(AttentionArgs(q, k, v, _resolve_scale(q, scale), out), backend)
+    return None
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    out: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """softmax(scale * q k^T) v per (batch, head); returns `out` (allocated if None).
+
+    q        (B, H, Lq, D) float32/float16/bfloat16, any strides.
+    k, v     (B, H, Lk, D), q's dtype and device, any strides (may be views of one buffer); Lk >= 1.
+    scale    softmax scale > 0; None = 1/sqrt(D).
+    out      (B, H, Lq, D) in q's dtype, any non-overlapping strides; must not share memory
+             with q, k or v.
+    backend  "auto" | "cuda" (PyTorch SDPA) | "triton" | "cpu" (PyTorch SDPA on CPU) |
+             "reference"; a forced backend that cannot run raises BackendUnavailableError.
+
+    All checks run before anything is written. No autograd (inference op).
+    """
+    if out is None or not all(isinstance(t, torch.Tensor) for t in (q, k, v, out)) or not (
+            scale is None or _is_number(scale)):
+        # before the op's schema would reject it with a less helpful message, or before allocating
+        check_attention_args(q, k, v, scale, out)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    torch.ops.fastdiff.attention(q, k, v, None if scale is None else float(scale), out, backend)
+    return out
+
+
+# =============================================================================================
+# The U-Net block's layouts: one fused projection, heads split by views (no copies).
+# =============================================================================================
+
+def _check_heads(fn, heads, features, parts, what):
+    if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
+        raise TypeError(f"fastdiff.{fn}: heads must be a positive int, got {heads!r}")
+    if features == 0 or features % (parts * heads):
+        raise ValueError(f"fastdiff.{fn}: {what}'s last dim ({features}) must be a positive multiple of "
+                         f"{parts} * heads = {parts * heads}")
+
+
+def _check_tokens(fn, name, t, dims=3):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"fastdiff.{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"fastdiff.{fn}: {name} must be 3-D (batch, tokens, features), got shape {tuple(t.shape)}")
+
+
+def _heads_out(fn, out, like, b, n, heads, d):
+    """`out` (B, N, H*D) -> its (B, H, N, D) view; allocated (contiguous) when None."""
+    if out is None:
+        out = torch.empty((b, n, heads * d), dtype=like.dtype, device=like.device)
+    else:
+        _check_tokens(fn, "out", out)
+        if tuple(out.shape) != (b, n, heads * d):
+            raise ValueError(f"fastdiff.{fn}: out must have shape ({b}, {n}, {heads * d}), got {tuple(out.shape)}")
+    return out, out.unflatten(-1, (heads, d)).transpose(1, 2)
+
+
+def qkv_attention(
+    qkv: torch.Tensor,
+    heads: int,
+    *,
+    scale: Optional[float] = None,
+    out: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Self-attention from one fused QKV projection: (B, L, 3*H*D) -> (B, L, H*D).
+
+    The features of `qkv` are ordered [q | k | v], each split into `heads` heads of D
+    contiguous features (a (B, L, 3, H, D) layout: what `nn.Linear(C, 3C)` produces with the
+    weight rows stacked q, k, v). q, k and v are passed to the kernel as strided (B, H, L, D)
+    views of `qkv`, and the result is written straight into `out` viewed as (B, H, L, D), so
+    the (B, L, H*D) result is ready for the output projection: no transpose is copied.
+    `out` (B, L, H*D) in qkv's dtype may be given (e.g. a static buffer).
+    """
+    _check_tokens("qkv_attention", "qkv", qkv)
+    b, n, f = qkv.shape
+    _check_heads("qkv_attention", heads, f, 3, "qkv")
+    d = f // (3 * heads)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unflatten(-1, (3, heads, d)).unbind(2))
+    out, o = _heads_out("qkv_attention", out, qkv, b, n, heads, d)
+    attention(q, k, v, scale=scale, out=o, backend=backend)
+    return out
+
+
+def kv_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    heads: int,
+    *,
+    scale: Optional[float] = None,
+    out: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Cross-attention of queries (B, Lq, H*D) over a fused KV projection (B, Lk, 2*H*D),
+    features ordered [k | v] (each `heads` x D): -> (B, Lq, H*D). Views only, like
+    `qkv_attention`."""
+    _check_tokens("kv_attention", "q", q)
+    _check_tokens("kv_attention", "kv", kv)
+    b, n, f = q.shape
+    _check_heads("kv_attention", heads, f, 1, "q")
+    d = f // heads
+    if kv.shape[0] != b or kv.shape[2] != 2 * f:
+        raise ValueError(f"fastdiff.kv_attention: kv must have shape ({b}, Lk, {2 * f}) (q's batch, 2 * q's "
+                         f"features), got {tuple(kv.shape)}")
+    qh = q.unflatten(-1, (heads, d)).transpose(1, 2)
+    k, v = (t.transpose(1, 2) for t in kv.unflatten(-1, (2, heads, d)).unbind(2))
+    out, o = _heads_out("kv_attention", out, q, b, n, heads, d)
+    attention(qh, k, v, scale=scale, out=o, backend=backend)
+    return out
