@@ -10,8 +10,9 @@ import torch
 
 import fastdiff
 from fastdiff.testing import GaussianMixture
-from test_solver_step import backend  # noqa: F401  (the backend fixture: cpu, triton-interp, reference, cuda, ...)
 from tolerances import REL_TOL, rel_err
+
+OP = "solver_step"  # the conftest `backend` fixture: cpu, triton-interp, reference, cuda, triton-cuda
 
 F64 = torch.float64
 VP_SOLVERS = ["ddpm", "ddim", "dpmpp_1m", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "euler", "euler_ancestral",
@@ -44,7 +45,7 @@ def _pair(mixture, backend_name, device, *, schedule="linear", prediction="epsil
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v", "sample"])
 @pytest.mark.parametrize("solver", VP_SOLVERS)
-def test_vp_solvers_match_the_textbook_reference(mixture, backend, solver, prediction):  # noqa: F811
+def test_vp_solvers_match_the_textbook_reference(mixture, backend, solver, prediction):
     be, device = backend
     if device == "cuda" and solver in ("ddpm", "dpmpp_2m_sde", "euler_ancestral", "consistency"):
         pytest.skip("CUDA draws different noise than the CPU generator: stochastic solvers are checked "
@@ -55,7 +56,7 @@ def test_vp_solvers_match_the_textbook_reference(mixture, backend, solver, predi
 
 @pytest.mark.parametrize("prediction", ["flow", "v", "sample"])
 @pytest.mark.parametrize("solver", FLOW_SOLVERS)
-def test_flow_solvers_match_the_textbook_reference(mixture, backend, solver, prediction):  # noqa: F811
+def test_flow_solvers_match_the_textbook_reference(mixture, backend, solver, prediction):
     be, device = backend
     if device == "cuda" and solver == "flow_sde":
         pytest.skip("stochastic: checked on CPU backends")
@@ -68,7 +69,7 @@ def test_flow_solvers_match_the_textbook_reference(mixture, backend, solver, pre
                                 # one step from tau = T-1: v, since eps -> x0 there amplifies the fp32
                                 # model output's rounding by sigma/alpha = 157 (the model's conditioning)
                                 dict(steps=1, prediction="v"), dict(steps=2, solver="dpmpp_3m")])
-def test_plan_options_match_the_reference(mixture, backend, kw):  # noqa: F811
+def test_plan_options_match_the_reference(mixture, backend, kw):
     be, device = backend
     kw = dict(kw)
     kw.setdefault("solver", "ddim" if "eta" in kw else "dpmpp_3m")
@@ -77,7 +78,7 @@ def test_plan_options_match_the_reference(mixture, backend, kw):  # noqa: F811
 
 
 @pytest.mark.parametrize("cfg", ["batched", "separate"])
-def test_guided_sampling_matches_the_reference(mixture, backend, cfg):  # noqa: F811
+def test_guided_sampling_matches_the_reference(mixture, backend, cfg):
     be, device = backend
     sched = fastdiff.get_schedule("linear")
     base = mixture.model(sched, "epsilon", dtype=F64)
@@ -95,7 +96,7 @@ def test_guided_sampling_matches_the_reference(mixture, backend, cfg):  # noqa: 
 
 
 @pytest.mark.parametrize("model_dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_model_output_keeps_an_fp32_state(mixture, backend, model_dtype):  # noqa: F811
+def test_half_precision_model_output_keeps_an_fp32_state(mixture, backend, model_dtype):
     """The kernel reads the fp16/bf16 output as it is; the error is the output's own rounding
     (one unit roundoff per step, accumulated over 9 steps: bound 9 x REL_TOL[dtype])."""
     be, device = backend
@@ -104,7 +105,7 @@ def test_half_precision_model_output_keeps_an_fp32_state(mixture, backend, model
     assert rel_err(out, ref) < 9 * REL_TOL[model_dtype]
 
 
-def test_channels_last_model_output_is_accepted(mixture, backend):  # noqa: F811
+def test_channels_last_model_output_is_accepted(mixture, backend):
     be, device = backend
     sched = fastdiff.get_schedule("linear")
     base = mixture.model(sched, "epsilon")
@@ -127,7 +128,7 @@ def test_a_forced_backend_that_cannot_run_is_an_error():
         fastdiff.sample(lambda x, t: x, torch.randn(1, 2, 2, 2), backend="cuda", steps=2)
 
 
-def test_a_model_returning_its_input_does_not_alias_the_state(backend):  # noqa: F811
+def test_a_model_returning_its_input_does_not_alias_the_state(backend):
     be, device = backend
     noise = torch.randn(2, 2, 3, 5, generator=torch.Generator().manual_seed(4))
     ref = fastdiff.sample(lambda x, t: x, noise, backend="reference", steps=3, prediction="sample")
