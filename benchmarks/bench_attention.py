@@ -21,6 +21,10 @@ but sdpa `sdpa_ratio` = SDPA time / provider time (1.0 = as fast as SDPA; the go
 on a GPU is >= 0.9) in extra_info, when sdpa ran earlier in the same session. Each provider
 is checked against SDPA once before it is timed.
 
+The block's output projection with bias and residual (`linear_residual`, op "linear_residual")
+is timed here too: eager `F.linear(x, W, b) + residual` against the addmm-epilogue path, at the
+same three SD levels (tokens x channels), bytes_moved = x, W, b, residual read + out written.
+
     pytest benchmarks/bench_attention.py --benchmark-json=out.json            # GPU: full sizes
     FASTDIFF_BENCH_QUICK=1 pytest benchmarks/bench_attention.py               # small sizes
 """
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 
 from fastdiff.bench.harness import Rotating, bench_sizes, run_benchmark
 from fastdiff.ops.attention import attention, attention_eager
+from fastdiff.ops.linear_residual import linear_residual
 
 GPU = torch.cuda.is_available()
 
@@ -124,3 +129,40 @@ def test_attention(benchmark, hw, device, size, dtype, provider):
             _SDPA_MS[(size, dtype)] = median
         elif (size, dtype) in _SDPA_MS:
             benchmark.extra_info["sdpa_ratio"] = _SDPA_MS[(size, dtype)] / median
+
+
+# (tokens = B * L, channels): the SD levels at batch 2 (CFG); quick: small
+LR_SIZES = bench_sizes(full=[(8192, 320), (2048, 640), (512, 1280)], quick=[(2048, 64), (512, 320)])
+LR_DTYPES = ["fp16"] if GPU else ["fp32"]
+
+
+@pytest.mark.parametrize("provider", ["eager", "addmm"])
+@pytest.mark.parametrize("dtype", LR_DTYPES)
+@pytest.mark.parametrize("size", LR_SIZES)
+def test_linear_residual(benchmark, hw, device, size, dtype, provider):
+    dt = _DT[dtype]
+    m, c = size
+    el = torch.tensor([], dtype=dt).element_size()
+    bytes_moved = el * (3 * m * c + c * c + c)  # x, residual in; out; W, b
+
+    def make(seed):
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        x = torch.randn(m, c, generator=g).to(device, dt)
+        w = (torch.randn(c, c, generator=g) * c ** -0.5).to(device, dt)
+        b = torch.randn(c, generator=g).to(device, dt)
+        r = torch.randn(m, c, generator=g).to(device, dt)
+        return x, w, b, r, torch.empty_like(r)
+
+    sets = [make(i) for i in range(Rotating.count(bytes_moved, device))]
+    x, w, b, r, out = sets[0]
+    expect = F.linear(x, w, b) + r
+    if provider == "eager":
+        fn = Rotating(sets).bind(lambda x, w, b, r, out: F.linear(x, w, b) + r)
+    else:
+        linear_residual(x, w, b, r, out=out)
+        assert _rel(out, expect) < (1e-4 if dt == torch.float32 else 1e-2)
+        fn = Rotating(sets).bind(lambda x, w, b, r, out: linear_residual(x, w, b, r, out=out))
+    for _ in range(len(sets)):
+        fn()
+    run_benchmark(benchmark, fn, hw=hw, op="linear_residual", provider=provider, size=size,
+                  bytes_moved=bytes_moved, flops=2 * m * c * c, variant=dtype)

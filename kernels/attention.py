@@ -310,20 +310,23 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 _KERNELS: dict = {}
 
 
+def make_autotuned(do_bench=None):
+    """A fresh @triton.autotune'd kernel over GPU_CONFIGS (pruned by `_prune`), keyed by
+    (Lq, Lk, D, precision) and the dtypes. `do_bench` replaces Triton's benchmarker (tests run
+    the whole autotuning path under the interpreter with a stand-in)."""
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bm, bn, w, s in GPU_CONFIGS]
+    return triton.autotune(configs, key=["Lq", "Lk", "HEAD_D", "DOT_PRECISION"],
+                           prune_configs_by={"early_config_prune": _prune},
+                           do_bench=do_bench)(triton.jit(_attention_fwd_kernel))
+
+
 def _kernel(kind: str):
     """The jitted kernel: "interpret" (plain jit under the interpreter), "fixed" (plain jit,
     config passed at launch) or "autotune"."""
     k = _KERNELS.get(kind)
     if k is None:
-        jitted = triton.jit(_attention_fwd_kernel)
-        if kind == "autotune":
-            configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                       for bm, bn, w, s in GPU_CONFIGS]
-            k = triton.autotune(configs, key=["Lq", "Lk", "HEAD_D", "DOT_PRECISION"],
-                                prune_configs_by={"early_config_prune": _prune})(jitted)
-        else:
-            k = jitted
-        _KERNELS[kind] = k
+        k = _KERNELS[kind] = make_autotuned() if kind == "autotune" else triton.jit(_attention_fwd_kernel)
     return k
 
 
@@ -338,11 +341,14 @@ def attention_triton(
     out: torch.Tensor,
     scale: float,
     config: Optional[Tuple[int, int, int, int]] = None,
+    *,
+    autotuned=None,
 ) -> None:
     """Launch on q's device (current stream). Inputs must already be validated by
     `fastdiff.ops.attention.check_attention_args` (shapes, dtypes, devices, scale > 0, no
     overlap of out with the inputs). `config` = (BLOCK_M, BLOCK_N, num_warps, num_stages)
-    forces one config (tests); by default: autotuned on a GPU, INTERPRET_CONFIG on the CPU."""
+    forces one config (tests); by default: autotuned on a GPU, INTERPRET_CONFIG on the CPU.
+    `autotuned` (from `make_autotuned`) forces that autotuner (tests)."""
     from triton import knobs
 
     B, H, Lq, D = q.shape
@@ -363,18 +369,20 @@ def attention_triton(
         # size-1 dims are only ever indexed at 0: their stride is irrelevant (pass 0)
         strides += [st[i] // align if t.shape[i] > 1 else 0 for i in range(3)] + [st[3]]
     args = (q, k, v, out, *strides, H, Lq, Lk, float(scale) * LOG2E)
-    # The interpreter (triton 3.9) multiplies bf16 tiles in tl.dot as their raw uint16 bit
-    # patterns; there the bf16 operands (P already rounded to bf16) are widened to fp32 first,
-    # which gives the same products (bf16 x bf16 is exact in fp32) with fp32 accumulation.
+    # The interpreter stores bf16 as uint16 and its tl.dot multiplies the bit patterns
+    # (triton-lang/triton#11584; its debugging guide: no bf16 arithmetic, cast to fp32). There
+    # the bf16 operands (P already rounded to bf16) are widened to fp32 first, which gives the
+    # same products (bf16 x bf16 is exact in fp32) with fp32 accumulation.
     dot_ty = tl.float32 if (interpret and q.dtype == torch.bfloat16) else _TL_DTYPES[q.dtype]
     meta = dict(HEAD_D=D, BLOCK_D0=d0, BLOCK_D1=d1, DOT_PRECISION=precision, DOT_TY=dot_ty, ALIGN=align,
                 # explicit: FMA contraction on (Triton 3.10 turns its default off); the numerics do not
                 # rely on it (see the module doc), the speed does a little
                 enable_fp_fusion=True)
-    if config is None and interpret:
-        config = INTERPRET_CONFIG
-    if config is None and not _autotune_enabled():
-        config = heuristic_config(D, Lk)
+    if autotuned is None:
+        if config is None and interpret:
+            config = INTERPRET_CONFIG
+        if config is None and not _autotune_enabled():
+            config = heuristic_config(D, Lk)
     with torch.cuda.device(q.device) if q.device.type == "cuda" else nullcontext():
         if config is not None:
             bm, bn, warps, stages = config
@@ -383,7 +391,7 @@ def attention_triton(
                 *args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
         else:
             grid = lambda meta_: (triton.cdiv(Lq, meta_["BLOCK_M"]) * B * H,)  # noqa: E731
-            _kernel("autotune")[grid](*args, **meta)
+            (autotuned or _kernel("autotune"))[grid](*args, **meta)
 
 
 def flops(batch: int, heads: int, lq: int, lk: int, head_dim: int) -> int:
@@ -391,5 +399,5 @@ def flops(batch: int, heads: int, lq: int, lk: int, head_dim: int) -> int:
     return 4 * batch * heads * lq * lk * head_dim
 
 
-__all__ = ["attention_triton", "split_head_dim", "stride_alignment", "heuristic_config", "GPU_CONFIGS",
+__all__ = ["attention_triton", "make_autotuned", "split_head_dim", "stride_alignment", "heuristic_config", "GPU_CONFIGS",
            "INTERPRET_CONFIG", "MAX_HEAD_DIM", "flops"]
