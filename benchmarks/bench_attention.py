@@ -22,8 +22,10 @@ on a GPU is >= 0.9) in extra_info, when sdpa ran earlier in the same session. Ea
 is checked against SDPA once before it is timed.
 
 The block's output projection with bias and residual (`linear_residual`, op "linear_residual")
-is timed here too: eager `F.linear(x, W, b) + residual` against the addmm-epilogue path, at the
-same three SD levels (tokens x channels), bytes_moved = x, W, b, residual read + out written.
+is timed here too, as the block uses it: residual = the tokens view of an NCHW map, result
+needed in NCHW. eager (linear + add + copy back to NCHW), `addmm` (linear_residual: residual +
+bias in one pass, the GEMM epilogue adds it and writes NCHW memory), compile (of eager); at the
+three SD levels; bytes_moved = o, x read + result written (+ W, b).
 
     pytest benchmarks/bench_attention.py --benchmark-json=out.json            # GPU: full sizes
     FASTDIFF_BENCH_QUICK=1 pytest benchmarks/bench_attention.py               # small sizes
@@ -131,38 +133,51 @@ def test_attention(benchmark, hw, device, size, dtype, provider):
             benchmark.extra_info["sdpa_ratio"] = _SDPA_MS[(size, dtype)] / median
 
 
-# (tokens = B * L, channels): the SD levels at batch 2 (CFG); quick: small
-LR_SIZES = bench_sizes(full=[(8192, 320), (2048, 640), (512, 1280)], quick=[(2048, 64), (512, 320)])
+# (B, L, C): the attention block's output projection at the SD levels, batch 2 (CFG)
+LR_SIZES = bench_sizes(full=[(2, 4096, 320), (2, 1024, 640), (2, 256, 1280)], quick=[(2, 1024, 64), (2, 256, 320)])
 LR_DTYPES = ["fp16"] if GPU else ["fp32"]
 
 
-@pytest.mark.parametrize("provider", ["eager", "addmm"])
+def _block_eager(o, w, b, x):
+    """The block as written eagerly: tokens view of the NCHW input as residual, result back to
+    NCHW memory (the `.transpose(1, 2).reshape(B, C, H, W)` of the block copies)."""
+    tokens = x.flatten(2).transpose(1, 2)
+    return (F.linear(o, w, b) + tokens).transpose(1, 2).contiguous()
+
+
+def _block_fused(o, w, b, x):
+    return linear_residual(o, w, b, x.flatten(2).transpose(1, 2)).transpose(1, 2)  # NCHW already: a view
+
+
+@pytest.mark.parametrize("provider", ["eager", "addmm", "compile"])
 @pytest.mark.parametrize("dtype", LR_DTYPES)
 @pytest.mark.parametrize("size", LR_SIZES)
 def test_linear_residual(benchmark, hw, device, size, dtype, provider):
+    """The block's `x + proj_out(o)` with x an NCHW map and the result needed in NCHW:
+    eager (linear, add on the tokens view, copy back to NCHW), `linear_residual` (the GEMM
+    writes NCHW memory, residual + bias in one pass first), torch.compile of eager."""
     dt = _DT[dtype]
-    m, c = size
+    bsz, length, c = size
     el = torch.tensor([], dtype=dt).element_size()
-    bytes_moved = el * (3 * m * c + c * c + c)  # x, residual in; out; W, b
+    bytes_moved = el * (3 * bsz * length * c + c * c + c)  # o, x in; result out; W, b
 
     def make(seed):
         g = torch.Generator(device="cpu").manual_seed(seed)
-        x = torch.randn(m, c, generator=g).to(device, dt)
+        o = torch.randn(bsz, length, c, generator=g).to(device, dt)
         w = (torch.randn(c, c, generator=g) * c ** -0.5).to(device, dt)
         b = torch.randn(c, generator=g).to(device, dt)
-        r = torch.randn(m, c, generator=g).to(device, dt)
-        return x, w, b, r, torch.empty_like(r)
+        x = torch.randn(bsz, c, length, generator=g).to(device, dt)  # NCHW with H*W flattened
+        return o, w, b, x
 
     sets = [make(i) for i in range(Rotating.count(bytes_moved, device))]
-    x, w, b, r, out = sets[0]
-    expect = F.linear(x, w, b) + r
-    if provider == "eager":
-        fn = Rotating(sets).bind(lambda x, w, b, r, out: F.linear(x, w, b) + r)
-    else:
-        linear_residual(x, w, b, r, out=out)
-        assert _rel(out, expect) < (1e-4 if dt == torch.float32 else 1e-2)
-        fn = Rotating(sets).bind(lambda x, w, b, r, out: linear_residual(x, w, b, r, out=out))
+    expect = _block_eager(*sets[0])
+    f = {"eager": _block_eager, "addmm": _block_fused}.get(provider)
+    if provider == "compile":
+        torch._dynamo.reset()
+        f = torch.compile(_block_eager, dynamic=False)
+    assert _rel(f(*sets[0]), expect) < (1e-4 if dt == torch.float32 else 1e-2)
+    fn = Rotating(sets).bind(f)
     for _ in range(len(sets)):
         fn()
     run_benchmark(benchmark, fn, hw=hw, op="linear_residual", provider=provider, size=size,
-                  bytes_moved=bytes_moved, flops=2 * m * c * c, variant=dtype)
+                  bytes_moved=bytes_moved, flops=2 * bsz * length * c * c, variant=dtype)

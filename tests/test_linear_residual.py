@@ -45,15 +45,18 @@ def _check(got, x, w, bias, residual):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("layout", ["contiguous", "tokens"])
 @pytest.mark.parametrize("mode", ["alloc", "out", "inplace"])
-def test_matches_float64(device, dtype, with_bias, mode):
+def test_matches_float64(device, dtype, with_bias, layout, mode):
+    """Both GEMM orientations: a contiguous residual ("rows") and the U-Net block's tokens
+    view of an NCHW map ("columns"); out allocated, given (NaN-poisoned), or the residual."""
     dt = DTYPES[dtype]
-    layout = "tokens" if mode == "alloc" else "contiguous"
-    x, w, bias, residual = _case(2, 67, 40, 48, dt, device, (dtype, with_bias, mode), layout)
+    x, w, bias, residual = _case(2, 67, 40, 48, dt, device, (dtype, with_bias, mode, layout), layout)
     bias = bias if with_bias else None
     r0 = residual.clone()
     if mode == "alloc":
         got = linear_residual(x, w, bias, residual)
+        assert got.stride() == residual.stride(), "out should take the residual's layout"
     elif mode == "out":
         out = torch.full_like(residual, float("nan"))
         got = linear_residual(x, w, bias, residual, out=out)
@@ -64,11 +67,22 @@ def test_matches_float64(device, dtype, with_bias, mode):
     _check(got, x, w, bias, r0)
     if mode != "inplace":
         assert torch.equal(residual, r0), "residual was modified"
+    if layout == "tokens":  # the block's result is NCHW memory: back to (B, C, L) without a copy
+        assert got.transpose(1, 2).is_contiguous()
 
 
-def test_two_dim_and_empty():
+def test_two_dim_other_layouts_and_empty():
     x, w, bias, residual = _case(1, 33, 16, 24, torch.float32, "cpu", "2d")
     _check(linear_residual(x[0], w, bias, residual[0]), x[0], w, bias, residual[0])
+    rt = residual[0].t().contiguous().t()  # 2-D column-major residual: out falls back to contiguous
+    got = linear_residual(x[0], w, bias, rt)
+    assert got.is_contiguous()
+    _check(got, x[0], w, bias, rt)
+    rows = torch.randn(1, 33, 30)[..., :24]  # padded rows: still one strided GEMM, no copy
+    out = torch.full((1, 33, 32), float("nan"))[..., :24]
+    got = linear_residual(x, w, None, rows, out=out)
+    assert got is out
+    _check(got, x, w, None, rows)
     e = linear_residual(x[:, :0], w, bias, residual[:, :0])
     assert e.shape == (1, 0, 24)
 
@@ -81,7 +95,7 @@ def test_bad_inputs():
         (dict(bias=bias[:5]), ValueError, r"bias must have shape \(24,\)"),
         (dict(bias=bias.half()), TypeError, r"bias must have x's dtype"),
         (dict(residual=residual[:, :3]), ValueError, r"residual must have shape \(2, 9, 24\)"),
-        (dict(out=torch.empty(2, 24, 9).transpose(1, 2)), ValueError, r"out must be contiguous"),
+        (dict(out=torch.empty(2, 9, 48)[..., ::2]), ValueError, r"out must be dense with unit stride"),
         (dict(out=torch.empty(2, 9, 25)), ValueError, r"out must have shape"),
         (dict(residual=torch.empty(2, 9, 24, device="meta")), ValueError, r"residual must be on x's device"),
         (dict(out="x"), TypeError, r"out must be a torch.Tensor or None"),
