@@ -500,8 +500,12 @@ def test_block_helpers_errors():
         qkv_attention(qkv, 2, out=torch.empty(2, 9, 48))
     with pytest.raises(ValueError, match=r"kv must have shape \(2, Lk, 32\)"):
         kv_attention(torch.randn(2, 9, 16), torch.randn(2, 5, 16), 2)
-    with pytest.raises(TypeError, match=r"out must have q's dtype"):
+    with pytest.raises(TypeError, match=r"kv_attention: out must have q's dtype"):
         kv_attention(torch.randn(2, 9, 16), torch.randn(2, 5, 32), 2, out=torch.empty(2, 9, 16).half())
+    with pytest.raises(TypeError, match=r"kv_attention: kv must have q's dtype"):
+        kv_attention(torch.randn(2, 9, 16), torch.randn(2, 5, 32).half(), 2)
+    with pytest.raises(TypeError, match=r"qkv_attention: qkv must be float32, float16 or bfloat16"):
+        qkv_attention(qkv.double(), 2)
 
 
 def test_forced_triton_needs_interpreter_on_cpu(monkeypatch):

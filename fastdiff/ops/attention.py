@@ -358,11 +358,20 @@ def _check_heads(fn, heads, features, parts, what):
                          f"{parts} * heads = {parts * heads}")
 
 
-def _check_tokens(fn, name, t, dims=3):
+def _check_tokens(fn, name, t, like=None):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"fastdiff.{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != dims:
+    if t.dim() != 3:
         raise ValueError(f"fastdiff.{fn}: {name} must be 3-D (batch, tokens, features), got shape {tuple(t.shape)}")
+    if like is None:
+        if t.dtype not in DTYPES:
+            raise TypeError(f"fastdiff.{fn}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    else:
+        other, other_name = like
+        if t.dtype != other.dtype:
+            raise TypeError(f"fastdiff.{fn}: {name} must have {other_name}'s dtype {other.dtype}, got {t.dtype}")
+        if t.device != other.device:
+            raise ValueError(f"fastdiff.{fn}: {name} must be on {other_name}'s device {other.device}, got {t.device}")
 
 
 def _heads_out(fn, out, like, b, n, heads, d):
@@ -370,7 +379,7 @@ def _heads_out(fn, out, like, b, n, heads, d):
     if out is None:
         out = torch.empty((b, n, heads * d), dtype=like.dtype, device=like.device)
     else:
-        _check_tokens(fn, "out", out)
+        _check_tokens(fn, "out", out, like=(like, "q" if fn == "kv_attention" else "qkv"))
         if tuple(out.shape) != (b, n, heads * d):
             raise ValueError(f"fastdiff.{fn}: out must have shape ({b}, {n}, {heads * d}), got {tuple(out.shape)}")
     return out, out.unflatten(-1, (heads, d)).transpose(1, 2)
@@ -416,7 +425,7 @@ def kv_attention(
     features ordered [k | v] (each `heads` x D): -> (B, Lq, H*D). Views only, like
     `qkv_attention`."""
     _check_tokens("kv_attention", "q", q)
-    _check_tokens("kv_attention", "kv", kv)
+    _check_tokens("kv_attention", "kv", kv, like=(q, "q"))
     b, n, f = q.shape
     _check_heads("kv_attention", heads, f, 1, "q")
     d = f // heads
