@@ -310,6 +310,17 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 _KERNELS: dict = {}
 
 
+# Integer arguments Triton would otherwise specialise on (== 1, % 16): the strides that ALIGN
+# already describes, and the sizes. Not specialising them keeps one compiled kernel per (head
+# dim, dtype, ALIGN, config) across shapes and layouts (fewer recompiles for new resolutions;
+# the GPU tests compile ~5x fewer variants); the head-dim strides stay specialised (== 1).
+_NO_SPECIALIZE = [f"stride_{t}{d}" for t in "qkvo" for d in ("b", "h", "n" if t in "kv" else "m")] + ["H", "Lq", "Lk"]
+
+
+def _jit():
+    return triton.jit(_attention_fwd_kernel, do_not_specialize=_NO_SPECIALIZE)
+
+
 def make_autotuned(do_bench=None):
     """A fresh @triton.autotune'd kernel over GPU_CONFIGS (pruned by `_prune`), keyed by
     (Lq, Lk, D, precision) and the dtypes. `do_bench` replaces Triton's benchmarker (tests run
@@ -318,7 +329,7 @@ def make_autotuned(do_bench=None):
                for bm, bn, w, s in GPU_CONFIGS]
     return triton.autotune(configs, key=["Lq", "Lk", "HEAD_D", "DOT_PRECISION"],
                            prune_configs_by={"early_config_prune": _prune},
-                           do_bench=do_bench)(triton.jit(_attention_fwd_kernel))
+                           do_bench=do_bench)(_jit())
 
 
 def _kernel(kind: str):
@@ -326,7 +337,7 @@ def _kernel(kind: str):
     config passed at launch) or "autotune"."""
     k = _KERNELS.get(kind)
     if k is None:
-        k = _KERNELS[kind] = make_autotuned() if kind == "autotune" else triton.jit(_attention_fwd_kernel)
+        k = _KERNELS[kind] = make_autotuned() if kind == "autotune" else _jit()
     return k
 
 
@@ -399,5 +410,5 @@ def flops(batch: int, heads: int, lq: int, lk: int, head_dim: int) -> int:
     return 4 * batch * heads * lq * lk * head_dim
 
 
-__all__ = ["attention_triton", "make_autotuned", "split_head_dim", "stride_alignment", "heuristic_config", "GPU_CONFIGS",
-           "INTERPRET_CONFIG", "MAX_HEAD_DIM", "flops"]
+__all__ = ["attention_triton", "make_autotuned", "split_head_dim", "stride_alignment", "heuristic_config",
+           "GPU_CONFIGS", "INTERPRET_CONFIG", "MAX_HEAD_DIM", "flops"]
