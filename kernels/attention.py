@@ -312,8 +312,8 @@ _KERNELS: dict = {}
 
 # Integer arguments Triton would otherwise specialise on (== 1, % 16): the strides that ALIGN
 # already describes, and the sizes. Not specialising them keeps one compiled kernel per (head
-# dim, dtype, ALIGN, config) across shapes and layouts (fewer recompiles for new resolutions;
-# the GPU tests compile ~5x fewer variants); the head-dim strides stay specialised (== 1).
+# dim, dtype, ALIGN, config) across shapes and layouts (no recompile for a new resolution or
+# layout); the head-dim strides stay specialised (== 1: vector loads).
 _NO_SPECIALIZE = [f"stride_{t}{d}" for t in "qkvo" for d in ("b", "h", "n" if t in "kv" else "m")] + ["H", "Lq", "Lk"]
 
 
