@@ -1,0 +1,39 @@
+"""`python -m fastdiff <command>`.
+
+Each command lives in its own module with a `register(subparsers)` function that adds its
+parser and sets `func` (called with the parsed arguments, returns the exit code). To add a
+command, import its `register` and append it to `COMMANDS`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fastdiff.demo.cli import register as _register_demo
+
+COMMANDS = [_register_demo]
+CPU_HEAVY = {"demo"}  # commands re-executed with a passive OpenMP wait policy (see fastdiff.demo._env)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fastdiff import __version__
+
+    p = argparse.ArgumentParser(prog="python -m fastdiff", description="fastdiff: fused few-step diffusion sampling")
+    p.add_argument("--version", action="version", version=f"fastdiff {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in COMMANDS:
+        register(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] in CPU_HEAVY:
+        from fastdiff.demo._env import reexec_with_passive_omp
+
+        reexec_with_passive_omp("fastdiff")
+    sys.exit(main())
