@@ -228,14 +228,16 @@ def test_config_validation_and_dict_round_trip():
 
 
 def test_state_dict_round_trip():
-    from safetensors.torch import load, save
-
     cfg = UNetConfig.digits(zero_init=False)
     a = _randomize(UNet(cfg), seed=5, std=0.05).eval()
-    blob = save({k: v.contiguous() for k, v in a.state_dict().items()})
     b = UNet(cfg).eval()
-    b.load_state_dict(load(blob))
-    # torch.save round trip too, with strict key matching
+    try:  # safetensors (how the bundled weights ship) is in the `demo` extra, not a core dependency
+        from safetensors.torch import load, save
+    except ImportError:
+        b = None
+    else:
+        b.load_state_dict(load(save({k: v.contiguous() for k, v in a.state_dict().items()})))
+    # torch.save round trip, with strict key matching
     buf = io.BytesIO()
     torch.save(a.state_dict(), buf)
     buf.seek(0)
@@ -247,7 +249,8 @@ def test_state_dict_round_trip():
     y = torch.tensor([3, 10])
     with torch.no_grad():
         ref = a(x, t, class_labels=y)
-        assert torch.equal(b(x, t, class_labels=y), ref)
+        if b is not None:
+            assert torch.equal(b(x, t, class_labels=y), ref)
         assert torch.equal(c(x, t, class_labels=y), ref)
     # the parameter names a fused implementation must keep
     keys = set(a.state_dict())
