@@ -1,0 +1,230 @@
+// fastdiff::group_norm_silu -- CPU kernel. Torch-free: raw pointers and sizes only (contract in
+// group_norm_silu.h).
+//
+// Work items are (group, chunk) pairs, spread over OpenMP threads. A chunk is a range of the
+// group's flattened [R, K] matrix, walked as row segments (contiguous in memory).
+//
+//   statistics  the segments' d = (x - x0) + (temb[c] - temb0) are gathered into a small fp32
+//               block (kBlock elements, L1-resident); each full block gets an exact two-pass
+//               mean/M2 (omp simd reductions) and is merged into the running (n, mean, M2)
+//               with Chan's formula.
+//   normalise   one branch-free `omp simd` loop per segment: (x - x0) * scale[c] + shift[c],
+//               SiLU (a vectorisable exp), + residual, rounded to the storage dtype.
+//
+// One chunk per group (the default when there are at least as many groups as threads): both
+// passes in one work item, the second one reading the group again from cache. Split groups:
+// a parallel loop writes each chunk's (n, mean, M2, x0), a second one merges a group's partials
+// and normalises the chunk (x0 comes from the partials, so out == x is safe).
+//
+// The kernel body (group_norm_silu_cpu_kernel.inc) is compiled three times on x86-64 with GCC
+// -- baseline (SSE2), AVX2+FMA and AVX-512 -- and the widest one the CPU supports is picked
+// at run time: the SiLU's exp is arithmetic-bound (~40 operations per 4 floats with SSE2), and
+// eager PyTorch runs its own SiLU with AVX-512. The build flags stay the project's baseline.
+#include "group_norm_silu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace fastdiff {
+namespace group_norm_silu {
+namespace {
+
+// Elements per exact two-pass statistics block.
+constexpr int64_t kBlock = 512;
+// Below this many elements in all, one thread does everything.
+constexpr int64_t kParallelMin = int64_t(1) << 15;
+// Automatic splitting never makes chunks smaller than this.
+constexpr int64_t kMinChunk = 16384;
+
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+// IEEE binary16 -> float, exact. The 15 magnitude bits shifted into a float's exponent and
+// mantissa fields read as 2^-112 times the half's value (subnormals included); one multiply
+// by 2^112 restores it. Infinity and NaN (exponent all ones) are built directly.
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t mag = h & 0x7fffu;
+  const uint32_t finite = float_to_bits(bits_to_float(mag << 13) * 0x1p112f);
+  const uint32_t special = 0x7f800000u | ((mag & 0x3ffu) << 13);
+  return bits_to_float(sign | (mag >= 0x7c00u ? special : finite));
+}
+
+// float -> IEEE binary16, round to nearest even. Written with selects, not branches, so that
+// the loops calling it vectorise.
+inline uint16_t float_to_half(float f) {
+  const uint32_t bits = float_to_bits(f);
+  const uint32_t sign = (bits >> 16) & 0x8000u;
+  const uint32_t mag = bits & 0x7fffffffu;
+  // normal results: subtract 112 from the exponent, add half an ulp minus one plus the lowest
+  // kept bit (ties to even), drop 13 bits; a carry into the exponent is the correct rounding
+  const uint32_t normal = (mag - (112u << 23) + 0x0fffu + ((mag >> 13) & 1u)) >> 13;
+  // results below 2^-14 (subnormal halves): adding 0.5 puts the half's ulp 2^-24 at the
+  // float's ulp, so the FPU rounds to nearest even; remove the 0.5 again from the bits
+  const uint32_t tiny = float_to_bits(bits_to_float(mag) + 0.5f) - 0x3f000000u;
+  uint32_t out = mag < 0x38800000u ? tiny : normal;
+  out = mag >= 0x47800000u ? 0x7c00u : out;  // |f| >= 65536 (65520 rounds up above): inf
+  out = mag > 0x7f800000u ? 0x7e00u : out;   // NaN -> quiet NaN
+  return uint16_t(sign | out);
+}
+
+inline float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
+
+// float -> bfloat16, round to nearest even; NaN -> 0x7fc0 (sign kept), as torch rounds.
+inline uint16_t float_to_bf16(float f) {
+  const uint32_t bits = float_to_bits(f);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const uint32_t nan = ((bits >> 16) & 0x8000u) | 0x7fc0u;
+  return uint16_t((bits & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+}
+
+template <DType T>
+struct Storage;
+template <>
+struct Storage<DType::kFloat32> {
+  using type = float;
+  static float load(float v) { return v; }
+  static float store(float v) { return v; }
+};
+template <>
+struct Storage<DType::kFloat16> {
+  using type = uint16_t;
+  static float load(uint16_t v) { return half_to_float(v); }
+  static uint16_t store(float v) { return float_to_half(v); }
+};
+template <>
+struct Storage<DType::kBFloat16> {
+  using type = uint16_t;
+  static float load(uint16_t v) { return bf16_to_float(v); }
+  static uint16_t store(float v) { return float_to_bf16(v); }
+};
+
+// One element of a per-channel parameter of any supported dtype (not in hot loops).
+inline float load_any(const void* p, DType t, int64_t i) {
+  switch (t) {
+    case DType::kFloat16: return half_to_float(static_cast<const uint16_t*>(p)[i]);
+    case DType::kBFloat16: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+// ---------------------------------------------------------------------------------- variants
+
+// The SiLU must inline into the `omp simd` loops (a call there stops vectorisation).
+#if defined(__GNUC__) || defined(__clang__)
+#define GN_INLINE inline __attribute__((always_inline))
+#else
+#define GN_INLINE inline
+#endif
+
+#define GN_ISA isa_baseline
+#define GN_MADD(a, b, c) ((a) * (b) + (c))
+#include "group_norm_silu_cpu_kernel.inc"
+#undef GN_MADD
+#undef GN_ISA
+
+// GCC only (function-level target pragmas; Clang builds use the baseline variant).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTDIFF_GN_MULTIVERSION 1
+#define GN_MADD(a, b, c) __builtin_fmaf((a), (b), (c))
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define GN_ISA isa_avx2
+#include "group_norm_silu_cpu_kernel.inc"
+#undef GN_ISA
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,fma,prefer-vector-width=512")
+#define GN_ISA isa_avx512
+#include "group_norm_silu_cpu_kernel.inc"
+#undef GN_ISA
+#pragma GCC pop_options
+
+#undef GN_MADD
+#endif
+
+using RunFn = void (*)(const Args&, int);
+
+struct Variant {
+  const char* name;
+  RunFn run;
+};
+
+// The widest variant this CPU runs, at most `cap` ("baseline" < "avx2" < "avx512"; anything else:
+// no cap).
+Variant pick_variant(const char* cap) {
+  int level = 2;
+  if (cap != nullptr && std::strcmp(cap, "baseline") == 0) level = 0;
+  if (cap != nullptr && std::strcmp(cap, "avx2") == 0) level = 1;
+#ifdef FASTDIFF_GN_MULTIVERSION
+  __builtin_cpu_init();
+  if (level >= 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma")) {
+    return {"avx512", &isa_avx512::run};
+  }
+  if (level >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {"avx2", &isa_avx2::run};
+#else
+  (void)level;
+#endif
+  return {"baseline", &isa_baseline::run};
+}
+
+// FASTDIFF_CPU_ISA=baseline|avx2 caps the variant (tests run every variant on one machine); read
+// at every call, the pick itself is cached.
+Variant current_variant() {
+  static const Variant best = pick_variant(nullptr);
+  const char* cap = std::getenv("FASTDIFF_CPU_ISA");
+  if (cap == nullptr || *cap == '\0') return best;
+  return pick_variant(cap);
+}
+
+}  // namespace
+
+int64_t group_norm_silu_cpu_splits(const Args& a, int num_threads) {
+  const Geometry g = geometry(a);
+  const int64_t groups = a.N * a.groups;
+  if (g.size <= 1) return 1;
+  int64_t splits;
+  if (a.num_splits > 0) {
+    splits = a.num_splits;
+  } else {
+#ifdef _OPENMP
+    const int64_t nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+#else
+    (void)num_threads;
+    const int64_t nt = 1;
+#endif
+    splits = groups >= nt ? 1 : std::min((nt + groups - 1) / std::max<int64_t>(groups, 1), g.size / kMinChunk);
+  }
+  splits = std::max<int64_t>(1, std::min(splits, g.size));
+  const int64_t chunk = (g.size + splits - 1) / splits;
+  return (g.size + chunk - 1) / chunk;  // no empty chunk
+}
+
+void group_norm_silu_cpu(const Args& a, int num_threads) {
+  if (numel(a) == 0) return;
+  current_variant().run(a, num_threads);
+}
+
+const char* group_norm_silu_cpu_isa() { return current_variant().name; }
+
+}  // namespace group_norm_silu
+}  // namespace fastdiff
