@@ -8,6 +8,7 @@ See `fastdiff.Sampler` for every option and `fastdiff.info()` for what was built
 from fastdiff._info import info
 from fastdiff.graphs import GraphCaptureError, clear_graphs, graph_stats
 from fastdiff.grid import SPACINGS, make_grid
+from fastdiff.optimize import OptimizeReport, optimize, optimize_report
 from fastdiff.reference.solvers import PREDICTIONS, SOLVERS
 from fastdiff.sampler import Sampler, sample
 from fastdiff.schedules import FlowSchedule, VPSchedule, get_schedule
@@ -15,6 +16,7 @@ from fastdiff.schedules import FlowSchedule, VPSchedule, get_schedule
 __version__ = "0.1.0"
 
 __all__ = [
-    "FlowSchedule", "GraphCaptureError", "PREDICTIONS", "SOLVERS", "SPACINGS", "Sampler", "VPSchedule",
-    "clear_graphs", "get_schedule", "graph_stats", "info", "make_grid", "sample",
+    "FlowSchedule", "GraphCaptureError", "OptimizeReport", "PREDICTIONS", "SOLVERS", "SPACINGS", "Sampler",
+    "VPSchedule", "clear_graphs", "get_schedule", "graph_stats", "info", "make_grid", "optimize", "optimize_report",
+    "sample",
 ]

@@ -69,9 +69,12 @@ class GroupNormSiLU(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
 
+    backend: Optional[str] = None  # None: the eager twin (plain PyTorch); else the fused op's backend
+
     def forward(self, x: torch.Tensor, add: Optional[torch.Tensor] = None,
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return FD.group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps, self.silu, add, residual)
+        return FD.group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps, self.silu, add, residual,
+                                  backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, groups={self.num_groups}, eps={self.eps}, silu={self.silu}"
@@ -148,6 +151,8 @@ class AttentionBlock(nn.Module):
             if context_dim:
                 _zero_(self.proj_out_cross)
 
+    backend: Optional[str] = None  # None: the eager twin (plain PyTorch); else the fused ops' backend
+
     @staticmethod
     def _tokens(x: torch.Tensor) -> torch.Tensor:
         return x.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
@@ -156,7 +161,8 @@ class AttentionBlock(nn.Module):
         b, c, h, w = x.shape
         tokens = self._tokens(x)
         t = self._tokens(self.norm(x))
-        tokens = tokens + self.proj_out(FD.qkv_attention(self.qkv(t), self.head_dim))
+        be = self.backend
+        tokens = FD.linear_residual(FD.qkv_attention(self.qkv(t), self.head_dim, be), self.proj_out, tokens, be)
         if self.context_dim:
             if context is None:
                 raise ValueError(f"context: this block cross-attends; expected a (B, L, {self.context_dim}) tensor")
@@ -164,8 +170,8 @@ class AttentionBlock(nn.Module):
                 raise ValueError(f"context: expected shape ({b}, L, {self.context_dim}), got {tuple(context.shape)}")
             x1 = tokens.transpose(1, 2).reshape(b, c, h, w)
             t = self._tokens(self.norm_cross(x1))
-            o = FD.kv_attention(self.to_q(t), self.to_kv(context.to(t.dtype)), self.head_dim)
-            tokens = tokens + self.proj_out_cross(o)
+            o = FD.kv_attention(self.to_q(t), self.to_kv(context.to(t.dtype)), self.head_dim, be)
+            tokens = FD.linear_residual(o, self.proj_out_cross, tokens, be)
         return tokens.transpose(1, 2).reshape(b, c, h, w)
 
 

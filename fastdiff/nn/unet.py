@@ -188,6 +188,14 @@ class UNet(nn.Module):
         """The class index that means "no class" (classifier-free guidance), or None."""
         return self.config.num_classes
 
+    def set_backend(self, backend) -> "UNet":
+        """Run the GroupNorm(+SiLU) and attention blocks on the fused ops of `backend` ("auto",
+        "cuda", "triton", "cpu", "reference"), or None for the eager twin. Returns self."""
+        from fastdiff.optimize import set_backend
+
+        set_backend(self, backend)
+        return self
+
     def count_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
