@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from fastdiff.ops import _dispatch
 from fastdiff.ops import attention as attn_mod
-from conftest import HAS_CUDA, HAS_TRITON, need
+from conftest import BACKENDS, HAS_CUDA, HAS_TRITON, need, setup_backend
 from fastdiff.ops.attention import (BackendUnavailableError, attention, attention_eager, attention_reference,
                                     kv_attention, qkv_attention)
 from tolerances import rel_err
@@ -43,31 +43,14 @@ F64 = torch.float64
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HEAD_DIMS = (40, 64, 80, 128, 160)
 
-# (backend, device). The shared `backend` fixture of tests/conftest.py is overridden here: this
-# op's "cpu" and "cuda" backends are PyTorch SDPA, not fastdiff._C kernels, so nothing compiled
-# is required; Triton gets TRITON_INTERPRET=1 on CPU tensors exactly as there.
-BACKENDS = {
-    "triton-interp": ("triton", "cpu"),
-    "cpu": ("cpu", "cpu"),
-    "reference": ("reference", "cpu"),
-    "cuda": ("cuda", "cuda"),
-    "triton-cuda": ("triton", "cuda"),
-}
-
-
+# The shared backend matrix of tests/conftest.py with op=None: this op's "cpu" and "cuda"
+# backends are PyTorch SDPA, so nothing compiled is required.
 def _setup_backend(name, monkeypatch):
-    be, device = BACKENDS[name]
-    if device == "cuda":
-        need(HAS_CUDA, "no GPU")
-    if be == "triton":
-        need(HAS_TRITON, "triton is not installed")
-        if device == "cpu":
-            monkeypatch.setenv("TRITON_INTERPRET", "1")
-        else:
-            monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-            # one heuristic config per head dim: autotuning every tiny test shape would compile
-            # and time all configs per case (minutes); test_cuda_graph_capture autotunes
-            monkeypatch.setenv("FASTDIFF_ATTENTION_AUTOTUNE", "0")
+    be, device = setup_backend(name, None, monkeypatch)
+    if be == "triton" and device == "cuda":
+        # one heuristic config per head dim: autotuning every tiny test shape would compile
+        # and time all configs per case (minutes); test_cuda_graph_capture autotunes
+        monkeypatch.setenv("FASTDIFF_ATTENTION_AUTOTUNE", "0")
     return be, device
 
 

@@ -145,3 +145,42 @@ def import_kernel(name: str):
     sys.modules["fastdiff.kernels"] = mod
     spec.loader.exec_module(mod)
     return importlib.import_module(full)
+
+
+# --- what every op's providers check -------------------------------------------------------------
+
+_TRITON_ERROR: List[Optional[str]] = []  # cached import result: [None] ok, [msg] missing/broken
+
+
+def triton_missing() -> Optional[str]:
+    """None when Triton imports, else why not (cached)."""
+    if not _TRITON_ERROR:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON_ERROR.append(None)
+        except Exception as e:  # ImportError, or a broken install
+            _TRITON_ERROR.append(f"triton is not importable ({type(e).__name__}: {e}); pip install 'fastdiff[triton]'")
+    return _TRITON_ERROR[0]
+
+
+def triton_interpret() -> bool:
+    """TRITON_INTERPRET is set: Triton kernels run on CPU tensors, interpreted."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def triton_unsupported(device_type: str) -> Optional[str]:
+    """Why the Triton backend cannot run tensors of `device_type` here, or None."""
+    import torch
+
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available (no GPU or no driver)"
+    elif device_type == "cpu":
+        if not triton_interpret():
+            return "Triton runs CPU tensors only under its interpreter: set TRITON_INTERPRET=1"
+    else:
+        return f"Triton does not run {device_type} tensors"
+    return triton_missing()

@@ -14,9 +14,8 @@ the classic eager computation used as the accuracy yardstick and benchmark basel
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -209,24 +208,6 @@ class _Example:
         return torch.device(self.device_type)
 
 
-def _triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-_TRITON_ERROR: List[Optional[str]] = []
-
-
-def _triton_missing() -> Optional[str]:
-    if not _TRITON_ERROR:
-        try:
-            import triton  # noqa: F401
-
-            _TRITON_ERROR.append(None)
-        except Exception as e:  # ImportError, or a broken install
-            _TRITON_ERROR.append(f"triton is not importable ({type(e).__name__}: {e}); pip install 'fastdiff[triton]'")
-    return _TRITON_ERROR[0]
-
-
 def _cuda_supports(a) -> Optional[str]:
     if a.device_type != "cuda":
         return f"the inputs are {a.device_type} tensors; the cuda backend (PyTorch SDPA) runs CUDA tensors only"
@@ -234,19 +215,13 @@ def _cuda_supports(a) -> Optional[str]:
 
 
 def _triton_supports(a) -> Optional[str]:
-    if a.device_type == "cuda":
-        if not torch.cuda.is_available():
-            return "CUDA is not available (no GPU or no driver)"
-        if a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) < (8, 0):
-            return "bfloat16 tl.dot needs compute capability >= 8.0 (Ampere)"
-    elif a.device_type == "cpu":
-        if not _triton_interpret():
-            return "Triton runs CPU tensors only under its interpreter: set TRITON_INTERPRET=1"
-    else:
-        return f"Triton does not run {a.device_type} tensors"
-    if a.head_dim > TRITON_MAX_HEAD_DIM:
-        return f"head_dim {a.head_dim} > {TRITON_MAX_HEAD_DIM} (the kernel keeps a whole head row in registers)"
-    return _triton_missing()
+    why = _dispatch.triton_unsupported(a.device_type)
+    if why is None and a.device_type == "cuda" and a.dtype == torch.bfloat16 and \
+            torch.cuda.get_device_capability(a.device) < (8, 0):
+        why = "bfloat16 tl.dot needs compute capability >= 8.0 (Ampere)"
+    if why is None and a.head_dim > TRITON_MAX_HEAD_DIM:
+        why = f"head_dim {a.head_dim} > {TRITON_MAX_HEAD_DIM} (the kernel keeps a whole head row in registers)"
+    return why
 
 
 def _cpu_supports(a) -> Optional[str]:

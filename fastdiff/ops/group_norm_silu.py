@@ -113,7 +113,6 @@ def group_norm_silu_reference(
 # Aliasing: out may be x itself or residual itself (in-place); any other overlap of out with an
 # input is an error.
 # =============================================================================================
-import os  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import List  # noqa: E402
 
@@ -307,24 +306,6 @@ class _Example:
     channels_per_group: int = 10  # SD-1.5: 320 channels, 32 groups
 
 
-def _triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-_TRITON_ERROR: List[Optional[str]] = []  # cached import result: [None] ok, [msg] missing/broken
-
-
-def _triton_missing() -> Optional[str]:
-    if not _TRITON_ERROR:
-        try:
-            import triton  # noqa: F401
-
-            _TRITON_ERROR.append(None)
-        except Exception as e:  # ImportError, or a broken install
-            _TRITON_ERROR.append(f"triton is not importable ({type(e).__name__}: {e}); pip install 'fastdiff[triton]'")
-    return _TRITON_ERROR[0]
-
-
 def _cuda_supports(a) -> Optional[str]:
     if a.device_type != "cuda":
         return f"the inputs are {a.device_type} tensors; the cuda backend runs CUDA tensors only"
@@ -337,15 +318,7 @@ def _cuda_supports(a) -> Optional[str]:
 
 
 def _triton_supports(a) -> Optional[str]:
-    if a.device_type == "cuda":
-        if not torch.cuda.is_available():
-            return "CUDA is not available (no GPU or no driver)"
-    elif a.device_type == "cpu":
-        if not _triton_interpret():
-            return "Triton runs CPU tensors only under its interpreter: set TRITON_INTERPRET=1"
-    else:
-        return f"Triton does not run {a.device_type} tensors"
-    return _triton_missing()
+    return _dispatch.triton_unsupported(a.device_type)
 
 
 def _cpu_supports(a) -> Optional[str]:
