@@ -10,8 +10,9 @@ import argparse
 import sys
 
 from fastdiff.demo.cli import register as _register_demo
+from fastdiff.profile_cli import register as _register_profile
 
-COMMANDS = [_register_demo]
+COMMANDS = [_register_demo, _register_profile]
 CPU_HEAVY = {"demo"}  # commands re-executed with a passive OpenMP wait policy (see fastdiff.demo._env)
 
 

@@ -1,0 +1,145 @@
+"""`python -m fastdiff profile`: run a sampling workload with NVTX ranges on.
+
+Writes a torch-profiler Chrome trace (OUT/trace.json, open in chrome://tracing or Perfetto)
+and a per-range summary (OUT/summary.md, also printed), then prints the `nsys` and `ncu`
+command lines that profile the same workload in Nsight. With `--nsight` it only runs the
+workload with NVTX on (what those command lines call).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+
+MODELS = ("digits", "cifar", "sd15_like", "gmm")
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("profile", help="profile a sampling workload (torch profiler trace + Nsight commands)",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=MODELS, default="cifar",
+                   help="U-Net config with random weights (digits: the bundled model), or gmm: the analytic model")
+    p.add_argument("--solver", default="dpmpp_2m")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="CFG scale (default: 7.5 for sd15_like, else no guidance)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default: fp16 on GPU, fp32 on CPU)")
+    p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="record the loop in one CUDA graph (default: on with a GPU)")
+    p.add_argument("--backend", default="auto", help="sampler backend (auto, cuda, triton, cpu, reference)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--iters", type=int, default=3, help="profiled sampling calls after one warm-up call")
+    p.add_argument("--out", default="fastdiff-profile")
+    p.add_argument("--nsight", action="store_true", help="no torch profiler: run with NVTX on, for nsys/ncu")
+    p.set_defaults(func=run)
+    return p
+
+
+def _workload(args, torch, fastdiff):
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")])
+    g = torch.Generator(device).manual_seed(0)
+    if args.model == "gmm":
+        from fastdiff.testing import GaussianMixture
+
+        gm = GaussianMixture.random(shape=(4, 32, 32), seed=0)
+        return gm.model(fastdiff.get_schedule("linear"), "epsilon", dtype=dtype), \
+            torch.randn(args.batch, 4, 32, 32, generator=g, device=device), {}, dtype
+    from fastdiff.nn import UNet, UNetConfig
+
+    if args.model == "digits":
+        from fastdiff.demo import load_digits_model
+
+        model = load_digits_model()
+    else:
+        torch.manual_seed(0)
+        model = UNet(getattr(UNetConfig, args.model)())
+    model = model.to(device, dtype).eval()
+    cfg = model.config
+    noise = torch.randn((args.batch,) + cfg.sample_shape, generator=g, device=device)
+    w = args.guidance_scale if args.guidance_scale is not None else (7.5 if cfg.context_dim else 1.0)
+    kw = {"guidance_scale": w}
+    if cfg.context_dim:
+        ctx = torch.randn(args.batch, cfg.context_length, cfg.context_dim, generator=g, device=device, dtype=dtype)
+        kw.update(cond={"context": ctx}, uncond={"context": torch.zeros_like(ctx)})
+    elif cfg.num_classes:
+        labels = torch.arange(args.batch, device=device) % cfg.num_classes
+        kw.update(cond={"class_labels": labels}, uncond={"class_labels": torch.full_like(labels, cfg.num_classes)})
+    if w == 1.0:
+        kw.pop("uncond", None)
+    return model, noise, kw, dtype
+
+
+def _summary(prof, torch) -> str:
+    rows = []
+    for e in prof.key_averages():
+        if e.key.startswith("fastdiff"):
+            dev = getattr(e, "device_time_total", 0.0) or 0.0
+            rows.append((e.key, e.count, e.cpu_time_total / 1e3, dev / 1e3))
+    rows.sort(key=lambda r: -max(r[2], r[3]))
+    lines = ["| range / op | calls | CPU total ms | device total ms |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {k} | {n} | {c:.3f} | {d:.3f} |" for k, n, c, d in rows]
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    import torch
+
+    import fastdiff
+    from fastdiff import profiling
+
+    if args.steps < 1 or args.batch < 1 or args.iters < 1:
+        print("fastdiff profile: --steps, --batch and --iters must be >= 1", file=sys.stderr)
+        return 2
+    model, noise, kw, dtype = _workload(args, torch, fastdiff)
+    graph = args.graph if args.graph is not None else noise.is_cuda
+    sampler = fastdiff.Sampler(solver=args.solver, steps=args.steps, backend=args.backend)
+
+    def once():
+        with torch.no_grad():
+            out = sampler.sample(model, noise, model_dtype=dtype, cuda_graph=graph, **kw)
+        if noise.is_cuda:
+            torch.cuda.synchronize()
+        return out
+
+    once()  # warm-up: capture / autotune / lazy init outside what is profiled
+    if args.nsight:
+        profiling.enable(True)
+        for _ in range(args.iters):
+            once()
+        return 0
+    os.makedirs(args.out, exist_ok=True)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if noise.is_cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    profiling.enable(True, record_functions=True)
+    try:
+        with torch.profiler.profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            for _ in range(args.iters):
+                once()
+            elapsed = time.perf_counter() - t0
+    finally:
+        profiling.enable(False)
+    trace = os.path.join(args.out, "trace.json")
+    prof.export_chrome_trace(trace)
+    ms = 1e3 * elapsed / args.iters
+    head = (f"workload: {args.model} batch {args.batch}, {args.solver} x {args.steps} steps, {dtype}, "
+            f"{noise.device}, graph={graph}, guidance={kw.get('guidance_scale', 1.0)}; "
+            f"{ms:.2f} ms per sampling call (profiled, so slower than a benchmark)")
+    table = _summary(prof, torch)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(head + "\n\n" + table + "\n")
+    base = [sys.executable, "-m", "fastdiff", "profile", "--nsight", "--model", args.model, "--solver", args.solver,
+            "--steps", str(args.steps), "--batch", str(args.batch), "--iters", "1"]
+    nsys = ["nsys", "profile", "-t", "cuda,nvtx,osrt", "--cuda-graph-trace=node", "-o", "fastdiff_nsys"] + base
+    ncu = ["ncu", "--nvtx", "--nvtx-include", "fastdiff/solver_step/", "--set", "full", "-o", "fastdiff_ncu"] + base
+    ncu += ["--no-graph"]  # NVTX ranges exist per step only in the eager loop
+    print(head)
+    print(table)
+    print(f"\ntrace: {trace}\nNsight Systems: {shlex.join(nsys)}\nNsight Compute: {shlex.join(ncu)}")
+    return 0

@@ -1,0 +1,24 @@
+"""`python -m fastdiff profile` on the CPU: trace, summary with the NVTX range names, Nsight commands."""
+import json
+import subprocess
+import sys
+
+
+def test_profile_writes_a_trace_and_a_range_summary(tmp_path):
+    out = tmp_path / "prof"
+    r = subprocess.run([sys.executable, "-m", "fastdiff", "profile", "--model", "gmm", "--steps", "3", "--batch", "2",
+                        "--iters", "2", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    summary = (out / "summary.md").read_text()
+    for name in ("fastdiff/sample", "fastdiff/step", "fastdiff/model", "fastdiff/solver_step"):
+        assert f"| {name} |" in summary
+    assert "| fastdiff/step | 6 |" in summary  # 2 profiled calls x 3 steps
+    events = json.loads((out / "trace.json").read_text())["traceEvents"]
+    assert any(e.get("name") == "fastdiff/solver_step" for e in events)
+    assert "nsys profile" in r.stdout and "ncu --nvtx" in r.stdout and "--nsight" in r.stdout
+
+
+def test_profile_rejects_bad_arguments():
+    r = subprocess.run([sys.executable, "-m", "fastdiff", "profile", "--model", "gmm", "--steps", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--steps" in r.stderr
