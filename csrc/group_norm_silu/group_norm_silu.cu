@@ -19,11 +19,11 @@
 // warps and the block merge the same way (shuffles, then shared memory). fp32 throughout,
 // 64-bit offsets. Per-channel scale/shift/offsets live in shared memory (3 * C/G floats).
 #include "group_norm_silu.cuh"
+#include "../common/cuda_util.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <atomic>
 #include <cstdint>
 
 namespace fastdiff {
@@ -37,7 +37,6 @@ constexpr int kCacheVecs = 4;   // vectors per thread a fused block keeps in reg
 constexpr int kBlocksPerSM = 4;  // what the automatic split aims for
 constexpr int64_t kMinChunk = 4096;
 constexpr int64_t kMaxSplits = 65535;  // gridDim.y
-constexpr int kMaxDevices = 64;
 
 template <DType T>
 struct Elem;
@@ -411,20 +410,6 @@ __global__ void __launch_bounds__(kThreads) group_norm_silu_apply_kernel(const P
   const int64_t e0 = s * P.chunk;
   const int64_t e1 = e0 + P.chunk < P.size ? e0 + P.chunk : P.size;
   chunk_apply<T, VEC>(P, base, x0, sm.scale, sm.shift, e0, e1);
-}
-
-int sm_count() {
-  static std::atomic<int> cache[kMaxDevices];
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 1;
-  if (dev >= 0 && dev < kMaxDevices) {
-    const int c = cache[dev].load(std::memory_order_relaxed);
-    if (c > 0) return c;
-  }
-  int n = 0;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) n = 1;
-  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(n, std::memory_order_relaxed);
-  return n;
 }
 
 bool aligned(const void* p, int bytes) {

@@ -15,6 +15,7 @@
 #include <optional>
 #include <vector>
 
+#include "../common/torch_dtype.h"
 #include "group_norm_silu.h"
 
 #ifdef FASTDIFF_WITH_CUDA
@@ -32,15 +33,7 @@ namespace {
 
 constexpr const char* kOp = "fastdiff_C::group_norm_silu: ";
 
-DType to_dtype(at::ScalarType t, const char* name) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, kOp, name, " must be float32, float16 or bfloat16, got ", t);
-  }
-  return DType::kFloat32;
-}
+DType to_dtype(at::ScalarType t, const char* name) { return scalar_type_to<DType>(t, kOp, name); }
 
 // Strides wherever a dimension has more than one element (size-1 strides never address memory).
 bool strides_match(at::IntArrayRef sizes, at::IntArrayRef strides, const std::vector<int64_t>& expected) {

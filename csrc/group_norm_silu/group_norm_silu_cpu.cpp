@@ -22,10 +22,11 @@
 // eager PyTorch runs its own SiLU with AVX-512. The build flags stay the project's baseline.
 #include "group_norm_silu.h"
 
+#include "../common/half_convert.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #ifdef _OPENMP
@@ -42,49 +43,6 @@ constexpr int64_t kBlock = 512;
 constexpr int64_t kParallelMin = int64_t(1) << 15;
 // Automatic splitting never makes chunks smaller than this.
 constexpr int64_t kMinChunk = 16384;
-
-inline float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
-// IEEE binary16 -> float, exact. The 15 magnitude bits shifted into a float's exponent and
-// mantissa fields read as 2^-112 times the half's value (subnormals included); one multiply
-// by 2^112 restores it. Infinity and NaN (exponent all ones) are built directly.
-inline float half_to_float(uint16_t h) {
-  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
-  const uint32_t mag = h & 0x7fffu;
-  const uint32_t finite = float_to_bits(bits_to_float(mag << 13) * 0x1p112f);
-  const uint32_t special = 0x7f800000u | ((mag & 0x3ffu) << 13);
-  return bits_to_float(sign | (mag >= 0x7c00u ? special : finite));
-}
-
-// float -> IEEE binary16, round to nearest even. Written with selects, not branches, so that
-// the loops calling it vectorise.
-inline uint16_t float_to_half(float f) {
-  const uint32_t bits = float_to_bits(f);
-  const uint32_t sign = (bits >> 16) & 0x8000u;
-  const uint32_t mag = bits & 0x7fffffffu;
-  // normal results: subtract 112 from the exponent, add half an ulp minus one plus the lowest
-  // kept bit (ties to even), drop 13 bits; a carry into the exponent is the correct rounding
-  const uint32_t normal = (mag - (112u << 23) + 0x0fffu + ((mag >> 13) & 1u)) >> 13;
-  // results below 2^-14 (subnormal halves): adding 0.5 puts the half's ulp 2^-24 at the
-  // float's ulp, so the FPU rounds to nearest even; remove the 0.5 again from the bits
-  const uint32_t tiny = float_to_bits(bits_to_float(mag) + 0.5f) - 0x3f000000u;
-  uint32_t out = mag < 0x38800000u ? tiny : normal;
-  out = mag >= 0x47800000u ? 0x7c00u : out;  // |f| >= 65536 (65520 rounds up above): inf
-  out = mag > 0x7f800000u ? 0x7e00u : out;   // NaN -> quiet NaN
-  return uint16_t(sign | out);
-}
-
-inline float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
 
 // float -> bfloat16, round to nearest even; NaN -> 0x7fc0 (sign kept), as torch rounds.
 inline uint16_t float_to_bf16(float f) {

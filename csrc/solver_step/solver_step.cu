@@ -7,11 +7,11 @@
 // numel % VEC elements go through the scalar code. Otherwise the whole range is scalar.
 // fp32 arithmetic, 64-bit indices.
 #include "solver_step.cuh"
+#include "../common/cuda_util.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <atomic>
 #include <cstdint>
 
 namespace fastdiff {
@@ -20,7 +20,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxBlocksPerSM = 2048 / kThreads;  // enough resident threads to hide latency
-constexpr int kMaxDevices = 64;
 
 struct Params {
   const void* x;
@@ -197,20 +196,6 @@ __global__ void __launch_bounds__(kThreads) solver_step_kernel(const Params P) {
     const int64_t i = nvec * VEC + tid;  // scalar tail: fewer than VEC elements
     if (i < P.numel) step<TM, TS, 1>(P, w, i);
   }
-}
-
-int sm_count() {
-  static std::atomic<int> cache[kMaxDevices];
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 1;
-  if (dev >= 0 && dev < kMaxDevices) {
-    const int c = cache[dev].load(std::memory_order_relaxed);
-    if (c > 0) return c;
-  }
-  int n = 0;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) n = 1;
-  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(n, std::memory_order_relaxed);
-  return n;
 }
 
 bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }

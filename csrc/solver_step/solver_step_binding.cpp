@@ -13,6 +13,7 @@
 
 #include <optional>
 
+#include "../common/torch_dtype.h"
 #include "solver_step.h"
 
 #ifdef FASTDIFF_WITH_CUDA
@@ -29,15 +30,7 @@ namespace {
 
 constexpr const char* kOp = "fastdiff_C::solver_step: ";
 
-DType to_dtype(at::ScalarType t, const char* name) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, kOp, name, " must be float32, float16 or bfloat16, got ", t);
-  }
-  return DType::kFloat32;
-}
+DType to_dtype(at::ScalarType t, const char* name) { return scalar_type_to<DType>(t, kOp, name); }
 
 // Same sizes and the same strides wherever a dimension has more than one element (the
 // stride of a size-1 dimension never addresses memory).
