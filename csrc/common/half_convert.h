@@ -1,9 +1,6 @@
 // fastdiff -- scalar fp16/bf16 <-> fp32 conversions shared by the CPU kernels. Torch-free.
 // Written with selects, not branches, so that the loops calling them vectorise (with
 // -fno-trapping-math gcc if-converts them).
-//
-// float -> bfloat16 is not here: the two kernels differ in the sign of a rounded NaN, so each
-// keeps its own float_to_bf16.
 #pragma once
 
 #include <cstdint>
@@ -53,5 +50,13 @@ inline uint16_t float_to_half(float f) {
 }
 
 inline float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
+
+// float -> bfloat16, round to nearest even; NaN -> the canonical quiet NaN 0x7fc0, as torch's
+// own conversion does (so the kernels match the reference bit for bit).
+inline uint16_t float_to_bf16(float f) {
+  const uint32_t u = float_to_bits(f);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return uint16_t((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
+}
 
 }  // namespace fastdiff

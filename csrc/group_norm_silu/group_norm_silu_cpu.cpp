@@ -44,14 +44,6 @@ constexpr int64_t kParallelMin = int64_t(1) << 15;
 // Automatic splitting never makes chunks smaller than this.
 constexpr int64_t kMinChunk = 16384;
 
-// float -> bfloat16, round to nearest even; NaN -> 0x7fc0 (sign kept), as torch rounds.
-inline uint16_t float_to_bf16(float f) {
-  const uint32_t bits = float_to_bits(f);
-  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  const uint32_t nan = ((bits >> 16) & 0x8000u) | 0x7fc0u;
-  return uint16_t((bits & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
-}
-
 template <DType T>
 struct Storage;
 template <>

@@ -22,13 +22,6 @@ constexpr int64_t kBlock = 16384;
 // Below this many elements a parallel region costs more than it saves.
 constexpr int64_t kParallelMin = int64_t(1) << 16;
 
-// float -> bfloat16, round to nearest even; NaN -> quiet NaN (0x7fc0), as torch does.
-inline uint16_t float_to_bf16(float f) {
-  const uint32_t u = float_to_bits(f);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return uint16_t((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);
-}
-
 template <DType T>
 struct Storage;
 template <>
