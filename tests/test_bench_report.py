@@ -5,7 +5,6 @@ from (speed-ups recomputed from the stored medians), never against expectations 
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re

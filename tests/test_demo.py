@@ -16,7 +16,6 @@ import torch
 pytest.importorskip("sklearn", reason="the demo data ships with scikit-learn (pip install 'fastdiff[demo]')")
 pytest.importorskip("safetensors", reason="the demo weights are safetensors (pip install 'fastdiff[demo]')")
 
-import fastdiff  # noqa: E402
 from fastdiff.demo import evaluate as E  # noqa: E402
 from fastdiff.demo import load_classifier, load_digits_model, model_facts  # noqa: E402
 from fastdiff.demo.assets import ASSETS_DIR  # noqa: E402

@@ -23,12 +23,10 @@ Metrics (the literature's sampler-comparison table, scaled down to 16x16 digits)
 """
 from __future__ import annotations
 
-import json
-import math
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -155,7 +153,6 @@ class FeatureMetrics:
     def __init__(self, classifier, real: torch.Tensor, *, kid_subset_size: int = 100, kid_subsets: int = 50,
                  seed: int = 0):
         from torchmetrics.image.fid import FrechetInceptionDistance
-        from torchmetrics.image.kid import KernelInceptionDistance
 
         feat = FeatureExtractor(classifier)
         self.device = real.device
