@@ -59,6 +59,8 @@ def _workload(args, torch, fastdiff):
         torch.manual_seed(0)
         model = UNet(getattr(UNetConfig, args.model)())
     model = model.to(device, dtype).eval()
+    if args.backend != "reference":
+        model.set_backend("auto")  # the fused U-Net blocks, like the sampler's fused steps
     cfg = model.config
     noise = torch.randn((args.batch,) + cfg.sample_shape, generator=g, device=device)
     w = args.guidance_scale if args.guidance_scale is not None else (7.5 if cfg.context_dim else 1.0)
