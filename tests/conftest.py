@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -70,3 +72,12 @@ def backend(request, monkeypatch):
     if op is None:
         raise RuntimeError(f"{request.module.__name__} uses the `backend` fixture but defines no OP = '<op name>'")
     return setup_backend(request.param, op, monkeypatch)
+
+
+def run_without_extension(code: str) -> None:
+    """Run `code` in a fresh interpreter with fastdiff._C disabled (FASTDIFF_LOAD_EXT=0) and
+    Triton's interpreter off; it must exit 0 and print "ok"."""
+    env = dict(os.environ, FASTDIFF_LOAD_EXT="0")
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import subprocess
-import sys
 import zlib
 
 import pytest
@@ -22,7 +19,7 @@ from fastdiff import _ext
 from fastdiff.ops import _dispatch
 from fastdiff.ops import solver_step as ss
 from fastdiff.ops.solver_step import BackendUnavailableError, solver_step, solver_step_reference
-from conftest import HAS_CUDA, HAS_TRITON
+from conftest import HAS_CUDA, HAS_TRITON, run_without_extension
 from conftest import need as _need
 from tolerances import assert_close
 
@@ -464,10 +461,7 @@ except BackendUnavailableError as e:
     assert "fastdiff._C is not available" in str(e), e
 print("ok")
 """
-    env = dict(os.environ, FASTDIFF_LOAD_EXT="0")
-    env.pop("TRITON_INTERPRET", None)
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+    run_without_extension(code)
 
 
 # -------------------------------------------------------------------------------------------
