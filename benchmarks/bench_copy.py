@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastdiff.bench.harness import Rotating, bench_sizes, run_benchmark
+from fastdiff.bench.harness import Rotating, bench_sizes, graph_per_arg_set, run_benchmark
 
 SIZES = bench_sizes(full=[1 << 20, 1 << 22, 1 << 24, 1 << 26, 1 << 28], quick=[1 << 16, 1 << 20])
 PROVIDERS = ["eager", "alloc"] + (["triton", "graph"] if torch.cuda.is_available() else [])
@@ -55,28 +55,11 @@ def _triton_add(a, b, c):
     _add_kernel[(triton.cdiv(a.numel(), BLOCK),)](a, b, c, a.numel(), BLOCK=BLOCK, num_warps=8)
 
 
-def _graphed(fn, arg_sets):
-    """One CUDA graph per argument set (graphs bake in pointers); returns the graphs."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for args in arg_sets:
-            fn(*args)
-    torch.cuda.current_stream().wait_stream(side)
-    graphs = []
-    for args in arg_sets:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn(*args)
-        graphs.append(g)
-    return graphs
-
-
 def _make_fn(provider, eager, alloc, triton_fn, arg_sets):
     if provider == "triton" and not HAVE_TRITON:
         pytest.skip("triton is not importable")
     if provider == "graph":
-        rot = Rotating(_graphed(eager, arg_sets))
+        rot = Rotating(graph_per_arg_set(eager, arg_sets))
         return rot.bind(lambda g: g.replay())
     rot = Rotating(arg_sets)
     return rot.bind({"eager": eager, "alloc": alloc, "triton": triton_fn}[provider])

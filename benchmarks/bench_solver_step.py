@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from fastdiff import _ext
-from fastdiff.bench.harness import Rotating, bench_sizes, run_benchmark
+from fastdiff.bench.harness import Rotating, bench_sizes, graph_per_arg_set, run_benchmark
 from fastdiff.ops.solver_step import solver_step
 
 GPU = torch.cuda.is_available()
@@ -161,19 +161,7 @@ def test_solver_step(benchmark, hw, device, size, dtype, provider):
         for s in sets:  # history slot back to D_{i-1} (the check above overwrote it)
             s[3][0].copy_(s[2])
         if provider == "cuda_graph":
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for s in sets:
-                    fused(*s)
-            torch.cuda.current_stream().wait_stream(side)
-            graphs = []
-            for s in sets:
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    fused(*s)
-                graphs.append(g)
-            fn = Rotating(graphs).bind(lambda g: g.replay())
+            fn = Rotating(graph_per_arg_set(fused, sets)).bind(lambda g: g.replay())
         else:
             fn = Rotating(sets).bind(fused)
 

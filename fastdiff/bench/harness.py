@@ -379,6 +379,24 @@ def _cache_bytes(device: Any) -> int:
 # --------------------------------------------------------------------------- rotation
 
 
+def graph_per_arg_set(fn, arg_sets) -> list:
+    """One CUDA graph of `fn(*args)` per argument set (a graph bakes in its pointers), after a
+    warm-up of every set on a side stream; replay them through `Rotating(graphs)`."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for args in arg_sets:
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graphs = []
+    for args in arg_sets:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn(*args)
+        graphs.append(g)
+    return graphs
+
+
 class Rotating:
     """Cycle through several argument tuples so that consecutive calls touch different memory.
 
