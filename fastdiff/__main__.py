@@ -10,10 +10,11 @@ import argparse
 import sys
 
 from fastdiff.demo.cli import register as _register_demo
+from fastdiff.generate_cli import register as _register_generate
 from fastdiff.profile_cli import register as _register_profile
 
-COMMANDS = [_register_demo, _register_profile]
-CPU_HEAVY = {"demo"}  # commands re-executed with a passive OpenMP wait policy (see fastdiff.demo._env)
+COMMANDS = [_register_demo, _register_generate, _register_profile]
+CPU_HEAVY = {"demo", "generate", "evaluate", "compare"}  # commands re-executed with a passive OpenMP wait policy (see fastdiff.demo._env)
 
 
 def build_parser() -> argparse.ArgumentParser:

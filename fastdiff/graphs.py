@@ -9,7 +9,8 @@ steps (CFG included) into one CUDA graph, then replays it with a single launch:
   them before each replay: none of them needs a new capture.
 * SDE / ancestral noise: one static buffer holds the noise of every noisy step; before each
   replay it is refilled with `normal_(generator=...)` from the caller's generator (or the
-  default one), one launch. Same generator state, same samples; a new state, new noise.
+  default one), one launch. Same generator state, same samples; a new state, new noise. With a
+  list of per-image generators, image b's noise for all steps is drawn from generator b alone.
   (So noise is drawn differently from the eager loop, which draws step by step.) The buffer
   costs noisy-steps x latent size; over `max_noise_bytes` it is an error.
 * The result is copied out of the state buffer: a later replay never overwrites a tensor a
@@ -36,6 +37,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from fastdiff.guidance import ModelCaller
+from fastdiff.noise import randn
 from fastdiff.profiling import nvtx_range
 
 
@@ -81,7 +83,10 @@ class _Recorded:
                     static[k].copy_(v)
         if self.guidance is not None:
             self.guidance.fill_(guidance_scale)
-        if self.noise is not None:
+        if isinstance(generator, (list, tuple)) and self.noise is not None:  # per-image: image-major draws
+            self.noise.copy_(randn((self.x.shape[0], self.noise.shape[0]) + tuple(self.x.shape[1:]), generator,
+                                   self.x.device).transpose(0, 1))
+        elif self.noise is not None:
             self.noise.normal_(generator=generator)
         with nvtx_range("fastdiff/graph_replay"):
             self.graph.replay()

@@ -26,6 +26,7 @@ import torch
 from fastdiff.grid import Grid, make_grid
 from fastdiff.graphs import CUDA_GRAPH_MODES, sample_graphed
 from fastdiff.guidance import ModelCaller
+from fastdiff.noise import randn
 from fastdiff.ops.solver_step import solver_step
 from fastdiff.profiling import nvtx_range
 from fastdiff.reference.solvers import PREDICTIONS, SOLVERS
@@ -109,6 +110,11 @@ class Sampler:
             raise ValueError(f"solver: {solver!r} works in sigma/alpha, which is infinite at zero SNR; "
                              "use dpmpp_*, ddim or flow_euler")
         self.solver, self.prediction, self.backend = solver, prediction, backend
+        self.options = dict(solver=solver, steps=steps, spacing=spacing, prediction=prediction, model_time=model_time,
+                            final=final, eta=eta, lower_order_final=lower_order_final, variance=variance, clamp=clamp,
+                            round_timesteps=round_timesteps, backend=backend, zero_terminal_snr=zero_terminal_snr,
+                            shift=shift, steps_offset=steps_offset, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max,
+                            schedule=schedule if isinstance(schedule, str) else repr(schedule))
         cls, fixed = SOLVERS[solver]
         self._solver_args = dict(fixed, eta=eta, lower_order_final=lower_order_final, variance=variance,
                                  clamp=clamp)
@@ -121,6 +127,12 @@ class Sampler:
     @property
     def steps(self) -> int:
         return self.grid.steps
+
+    def describe(self) -> dict:
+        """The whole plan as JSON-ready data: the constructor's options, the model times and the
+        coefficient table every step runs (for provenance in saved samples)."""
+        return dict(self.options, model_time_values=self.grid.model_time.tolist(), coef=self.table.coef.tolist(),
+                    slots=self.table.slots.tolist())
 
     @property
     def signature(self) -> tuple:
@@ -144,6 +156,8 @@ class Sampler:
             model: `model(x, t, **cond)`; returns a tensor shaped like x.
             noise: the initial latent (standard normal); or give `shape` (+ `generator`, `device`).
             generator: draws the initial noise (when not given) and every SDE/ancestral step's noise.
+                A list of generators, one per image, draws image b's noise from `generator[b]`
+                only: each image then gets the same noise whatever batch it is sampled in.
             guidance_scale: classifier-free guidance w: m = m_uncond + w (m_cond - m_uncond).
                 w = 1 needs no `uncond` and makes one model call per step.
             cond, uncond: keyword arguments for the model's conditional / unconditional call.
@@ -184,7 +198,7 @@ class Sampler:
         with nvtx_range("fastdiff/sample"):
             if fused:
                 def draw(i):
-                    return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+                    return randn(x.shape, generator, x.device)
                 self.run_fused(caller, x, self.new_history(x), draw, float(guidance_scale), check_finite=check_finite,
                                progress=progress, callback=callback)
                 return x
@@ -236,7 +250,7 @@ class Sampler:
                     _check_finite(i, self.grid.model_time[i], m, None)
                 z = None
                 if solver.noise_scale(i) != 0:
-                    z = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x.dtype)
+                    z = randn(x.shape, generator, x.device).to(x.dtype)
                 x = solver.step(i, x, m, z)
             if callback is not None:
                 callback(i, x)
@@ -265,7 +279,7 @@ def _initial_state(noise, shape, generator, device, dtype) -> torch.Tensor:
     if noise is None:
         if shape is None:
             raise ValueError("noise: give the initial noise tensor, or shape= to draw it")
-        return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32).to(dtype)
+        return randn(tuple(shape), generator, device).to(dtype)
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
         raise TypeError(f"noise: expected a floating-point tensor, got {type(noise).__name__}")
     if shape is not None and tuple(noise.shape) != tuple(shape):
