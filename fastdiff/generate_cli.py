@@ -69,7 +69,7 @@ def _evaluation_args(p) -> None:
     p.add_argument("--reference", default="digits", metavar="REF",
                    help="'digits' (held-out split, default), 'digits-train', or a .npz with uint8 'images'")
     p.add_argument("--features", default="classifier", help="feature space: classifier (default) or inception")
-    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates for the 95%% intervals (0: none)")
+    p.add_argument("--bootstrap", type=int, default=100, help="bootstrap replicates for the 95%% intervals (0: none)")
 
 
 def _main(args, command) -> int:

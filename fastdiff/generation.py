@@ -67,7 +67,6 @@ class Workload:
     uncond: Optional[Callable[[torch.Tensor], Mapping]] = None
     guidance_scale: float = 1.0
     decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-    name: str = ""
 
 
 @dataclass
@@ -102,7 +101,8 @@ def generate(model, sampler: Sampler, num_images: int, seed: int, batch_size: in
 
     model: `model(x, t, **cond)` as for `fastdiff.sample`; sampler: the plan; shape: one image's
     shape (C, H, W); cond/uncond/decode: see `Workload`; device: where to sample (default: the
-    model's parameters' device, else the CPU); cuda_graph: as for `Sampler.sample`.
+    model's parameters' device, else the CPU); cuda_graph: as for `Sampler.sample`; name: a label
+    saved in the metadata (the CLI saves the --model spec).
     """
     check_count("num_images", num_images)
     check_count("batch_size", batch_size)
@@ -256,17 +256,20 @@ def _shard_done(shard_dir: str, k: int, span, fingerprint: str, warn: bool) -> b
 def _sample_shard(model, sampler, indices, seed, shape, device, cond, uncond, guidance_scale, decode, cuda_graph):
     gens = image_generators(seed, indices.tolist(), device)
     c = dict(cond(indices)) if cond else {}
-    u = dict(uncond(indices)) if uncond else None
-    to_dev = lambda d: {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in d.items()}  # noqa: E731
+    u = _on_device(uncond(indices), device) if uncond else None
     with torch.inference_mode():
         x = sampler.sample(model, shape=(len(indices),) + shape, generator=gens, device=device,
-                           guidance_scale=guidance_scale, cond=to_dev(c) or None,
-                           uncond=to_dev(u) if u is not None else None, cuda_graph=cuda_graph)
+                           guidance_scale=guidance_scale, cond=_on_device(c, device) or None, uncond=u,
+                           cuda_graph=cuda_graph)
         if decode is not None:
             x = decode(x)
     conds = {f"cond_{k}": v.detach().cpu().numpy() for k, v in c.items()
              if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == len(indices)}
     return to_uint8(x).numpy(), conds
+
+
+def _on_device(kwargs: Mapping, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
 
 
 def _merge(shard_dir, shards, path, grid_path, identity) -> None:

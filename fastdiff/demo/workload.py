@@ -25,4 +25,4 @@ def digits(device="cpu", solver: Optional[str] = None, steps: Optional[int] = No
     return Workload(model=model, sampler=sampler, shape=tuple(model.config.sample_shape),
                     cond=lambda idx: {"class_labels": idx % n_cls},
                     uncond=(lambda idx: {"class_labels": torch.full_like(idx, null)}) if w != 1.0 else None,
-                    guidance_scale=w, name="fastdiff digits")
+                    guidance_scale=w)
