@@ -5,9 +5,11 @@ Feature space: the bundled digits classifier's (the demo's metric, `fastdiff.dem
 the classifier as feature extractor). The 95 % intervals come from a percentile bootstrap over
 the generated samples (the reference set is held fixed, as it is when two samplers are
 compared against it): each replicate resamples the samples' features with replacement and
-recomputes FD, and KID on `kid_subsets` random subsets. Resampling duplicates images, which
-shrinks the feature covariance a little, so replicate FDs sit slightly above the point
-estimate; use the intervals to compare runs of equal size, not as absolute error bars.
+recomputes FD, and KID on `kid_subsets` random subsets. A resample repeats images, which
+biases both upwards if left alone: KID leaves pairs of copies of one image out of its
+unbiased estimate, and the FD replicates are shifted back by their mean excess over the
+point estimate (the bootstrap bias estimate). Two samplers evaluated on equal numbers of
+images against the same reference differ beyond noise when their intervals do not overlap.
 
 An Inception feature space needs torch-fidelity's FID Inception weights, which torchmetrics
 downloads on first use; fastdiff never downloads, so it is reported as not available.
@@ -116,14 +118,14 @@ def _evaluate(samples, reference, features, bootstrap, seed, device) -> dict:
     if bootstrap:
         extract = FeatureExtractor(classifier)
         f_fake, f_real = extract(fake).double(), extract(real).double()
-        fds, kids = _bootstrap(f_fake, f_real, bootstrap, seed, metrics.kid_subset_size, metrics.kid_subsets)
-        out["fd_ci"], out["kid_ci"] = _interval(fds), _interval(kids)
+        out["fd_ci"], out["kid_ci"] = _bootstrap(f_fake, f_real, bootstrap, seed, metrics.kid_subset_size,
+                                                 metrics.kid_subsets)
     return out
 
 
 def _bootstrap(f_fake, f_real, replicates, seed, kid_subset_size, kid_subsets):
+    """(FD interval, KID interval) from `replicates` resamplings of the sample features."""
     from torchmetrics.image.fid import _compute_fid
-    from torchmetrics.image.kid import poly_mmd
 
     g = torch.Generator().manual_seed(seed)
     n, m = f_fake.shape[0], f_real.shape[0]
@@ -131,12 +133,28 @@ def _bootstrap(f_fake, f_real, replicates, seed, kid_subset_size, kid_subsets):
     mu_r, cov_r = f_real.mean(0), torch.cov(f_real.T)
     fds, kids = [], []
     for _ in range(replicates):
-        f = f_fake[torch.randint(n, (n,), generator=g)]
+        idx = torch.randint(n, (n,), generator=g)
+        f = f_fake[idx]
         fds.append(float(_compute_fid(f.mean(0), torch.cov(f.T), mu_r, cov_r)))
-        kids.append(float(np.mean([float(poly_mmd(f_real[torch.randperm(m, generator=g)[:k]],
-                                                  f[torch.randperm(n, generator=g)[:k]]))
-                                   for _ in range(kid_subsets)])))
-    return fds, kids
+        subsets = [torch.randperm(n, generator=g)[:k] for _ in range(kid_subsets)]
+        kids.append(float(np.mean([_mmd_distinct(f_real[torch.randperm(m, generator=g)[:k]], f[s], idx[s])
+                                   for s in subsets])))
+    # FD: a resample repeats images, which shrinks the covariance and lifts every replicate's FD
+    # by about the same amount; shift the replicates back by that bootstrap bias estimate.
+    bias = float(np.mean(fds)) - float(_compute_fid(f_fake.mean(0), torch.cov(f_fake.T), mu_r, cov_r))
+    return _interval(np.asarray(fds) - bias), _interval(kids)
+
+
+def _mmd_distinct(real, fake, source):
+    """KID's unbiased polynomial-kernel MMD^2 (torchmetrics' kernel), leaving out pairs of fake
+    features that are copies of one image (`source`: its index): a copy's kernel value with
+    itself would count as a pair of distinct images and bias the resampled KID upwards."""
+    from torchmetrics.image.kid import poly_kernel
+
+    k_rr, k_ff, k_rf = poly_kernel(real, real), poly_kernel(fake, fake), poly_kernel(real, fake)
+    r = real.shape[0]
+    distinct = source[:, None] != source[None, :]
+    return float((k_rr.sum() - k_rr.diagonal().sum()) / (r * (r - 1)) + k_ff[distinct].mean() - 2 * k_rf.mean())
 
 
 def _interval(values) -> list:
