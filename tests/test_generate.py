@@ -219,7 +219,7 @@ def test_evaluate_intervals_tell_real_digits_from_degraded_ones(tmp_path):
     good = evaluate(Samples(_uint8(x), labels[:200]), ref, bootstrap=20)
     bad = evaluate(Samples(_uint8(blurred.clamp(-1, 1))), ref, bootstrap=20)
     for r in (good, bad):
-        assert r["fd_ci"][0] <= r["fd_ci"][1] and r["kid_ci"][0] <= r["kid_ci"][1]
+        assert r["fd_ci"][0] < r["fd"] < r["fd_ci"][1] and r["kid_ci"][0] < r["kid"] < r["kid_ci"][1]
     assert good["fd_ci"][1] < bad["fd_ci"][0] and good["kid_ci"][1] < bad["kid_ci"][0]
     assert good["acc"] > 0.9 and "acc" not in bad
 
