@@ -14,7 +14,8 @@ from fastdiff.generate_cli import register as _register_generate
 from fastdiff.profile_cli import register as _register_profile
 
 COMMANDS = [_register_demo, _register_generate, _register_profile]
-CPU_HEAVY = {"demo", "generate", "evaluate", "compare"}  # commands re-executed with a passive OpenMP wait policy (see fastdiff.demo._env)
+# commands re-executed with a passive OpenMP wait policy (see fastdiff.demo._env)
+CPU_HEAVY = {"demo", "generate", "evaluate", "compare"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -142,7 +142,7 @@ def _bootstrap(f_fake, f_real, replicates, seed, kid_subset_size, kid_subsets):
     # FD: a resample repeats images, which shrinks the covariance and lifts every replicate's FD
     # by about the same amount; shift the replicates back by that bootstrap bias estimate.
     bias = float(np.mean(fds)) - float(_compute_fid(f_fake.mean(0), torch.cov(f_fake.T), mu_r, cov_r))
-    return _interval(np.asarray(fds) - bias), _interval(kids)
+    return _interval(np.maximum(np.asarray(fds) - bias, 0.0)), _interval(kids)  # FD >= 0; KID's estimate need not be
 
 
 def _mmd_distinct(real, fake, source):

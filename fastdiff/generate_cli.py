@@ -6,11 +6,10 @@
     python -m fastdiff compare --configs ddim:8 dpmpp_2m:8 --num-images 500 --out cmp
 
 `--model module:function` samples your own model: `function(device=..., [solver=, steps=,
-guidance_scale=] only those given on the command line)` returns a `fastdiff.generation.Workload`.
+guidance_scale=] only those given on the command line)` returns a `fastdiff.Workload`.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
@@ -54,7 +53,7 @@ def register(subparsers) -> None:
 
 def _sampling_args(p, solver: bool = True) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="MODULE:FUNCTION",
-                   help=f"what to sample: a function returning a fastdiff.generation.Workload (default: {DEFAULT_MODEL})")
+                   help=f"what to sample: a function returning a fastdiff.Workload (default: {DEFAULT_MODEL})")
     p.add_argument("--num-images", type=int, default=1000, help="images to generate (default: 1000)")
     p.add_argument("--batch-size", type=int, default=100, help="images per model batch and per shard (default: 100)")
     p.add_argument("--seed", type=int, default=0, help="image i's noise is seeded by (seed, i) (default: 0)")
@@ -105,7 +104,7 @@ def load_workload(spec: str, device, **options):
     except (TypeError, ValueError) as e:  # unknown option, bad solver/steps for this model
         raise UsageError(f"--model {spec}: {e}") from e
     if not isinstance(w, Workload):
-        raise UsageError(f"--model {spec}: returned {type(w).__name__}, expected a fastdiff.generation.Workload")
+        raise UsageError(f"--model {spec}: returned {type(w).__name__}, expected a fastdiff.Workload")
     return w
 
 

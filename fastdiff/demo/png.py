@@ -20,7 +20,8 @@ def encode_png(pixels: torch.Tensor) -> bytes:
     """PNG bytes of a (H, W) grayscale or (H, W, 3) RGB uint8 tensor."""
     rgb = pixels.dim() == 3 and pixels.shape[2] == 3
     if pixels.dtype != torch.uint8 or not (pixels.dim() == 2 or rgb):
-        raise ValueError(f"pixels: expected a (H, W) or (H, W, 3) uint8 tensor, got {tuple(pixels.shape)} {pixels.dtype}")
+        raise ValueError(f"pixels: expected a (H, W) or (H, W, 3) uint8 tensor, "
+                         f"got {tuple(pixels.shape)} {pixels.dtype}")
     h, w = pixels.shape[:2]
     rows = pixels.cpu().contiguous().numpy().reshape(h, -1)
     raw = b"".join(b"\x00" + rows[i].tobytes() for i in range(h))  # filter type 0 on every row
