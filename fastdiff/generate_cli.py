@@ -129,15 +129,15 @@ def _setup_distributed(device_arg: str):
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg.startswith("cuda")
-    if world > 1 and cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cuda" if cuda else device_arg if device_arg != "auto" else "cpu")
     try:
+        if world > 1 and cuda:  # one GPU per rank
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cuda" if cuda else device_arg if device_arg != "auto" else "cpu")
         torch.empty(1, device=device)
     except (RuntimeError, AssertionError) as e:
-        raise UsageError(f"--device {device_arg}: {e}") from e
+        raise UsageError(f"--device {device_arg}: {e} (under torchrun: one GPU per process, or --device cpu)") from e
     if world > 1:
         import torch.distributed as dist
 
