@@ -16,8 +16,8 @@ Layout of `out_dir`:
     shards/NNNNNN.npz   one finished shard each: written to a temporary file, fsynced, then
                         renamed into place, so the set of these files is the index of finished
                         work and a killed run never leaves a partial shard under this name
-                        (stray *.tmp files are ignored and overwritten; a shard that does not
-                        validate is recomputed)
+                        (its *.tmp files are deleted on restart; a shard that does not
+                        validate is sampled again)
     samples.npz         the merged result (rank 0): uint8 images (N, C, H, W) in index order,
                         the per-image conditioning tensors as cond_<name>, the plan and the
                         provenance (fastdiff version, git commit) as JSON strings
@@ -100,7 +100,8 @@ def generate(model, sampler: Sampler, num_images: int, seed: int, batch_size: in
     `device`; rank 0 merges. Returns where the result is and how fast this run sampled.
 
     model: `model(x, t, **cond)` as for `fastdiff.sample`; sampler: the plan; shape: one image's
-    shape (C, H, W); cond/uncond/decode: see `Workload`; device: where to sample (default: the
+    shape (C, H, W); cond/uncond/decode: see `Workload` (the images, in [-1, 1], are saved as
+    uint8 0..255); device: where to sample (default: the
     model's parameters' device, else the CPU); cuda_graph: as for `Sampler.sample`; name: a label
     saved in the metadata (the CLI saves the --model spec).
     """
@@ -140,7 +141,7 @@ def generate(model, sampler: Sampler, num_images: int, seed: int, batch_size: in
         bar.close()
     _barrier(world)
     path = os.path.join(out_dir, "samples.npz")
-    grid_path = os.path.join(out_dir, "grid.png") if shape[0] in (1, 3) else None  # PNG: grayscale or RGB
+    grid_path = os.path.join(out_dir, "grid.png") if len(shape) == 3 and shape[0] in (1, 3) else None  # gray/RGB
     if rank == 0:
         _merge(shard_dir, shards, path, grid_path, identity)
     _barrier(world)
@@ -221,6 +222,9 @@ def _prepare_out_dir(out_dir: str, shard_dir: str, identity: dict) -> None:
     """Create out_dir, check it is writable and that a run already there is this run."""
     check_out_dir(out_dir)
     os.makedirs(shard_dir, exist_ok=True)
+    for name in os.listdir(shard_dir):  # partial writes of a killed run
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(shard_dir, name))
     run_json = os.path.join(out_dir, "run.json")
     if os.path.exists(run_json):
         with open(run_json) as f:
