@@ -6,6 +6,11 @@ the plain-PyTorch fallback ("reference"), and, only with a GPU, the CUDA kernel 
 Triton on CUDA ("triton-cuda"). Under CI=true a backend that should exist here (the compiled
 CPU kernel, Triton) fails instead of skipping.
 
+Order: `FASTDIFF_TEST_ORDER=reverse` runs the test files, and the tests inside each file, in
+reverse; `FASTDIFF_TEST_ORDER=shuffle:<seed>` in a seeded random order (files shuffled, then the
+tests inside each file, so module-scoped fixtures are built once). CI runs one shuffled pass:
+the suite must pass in any order (no test may depend on what an earlier one left behind).
+
 A test module that uses the `backend` fixture names its op in a module-level `OP = "<op>"`
 (the compiled kernels `fastdiff_C::<op>` the "cpu" and "cuda" backends need). Helpers for the
 module itself: `from conftest import need, HAS_TRITON, ...`.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import subprocess
 import sys
 
@@ -25,6 +31,26 @@ from fastdiff import _ext
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    order = os.environ.get("FASTDIFF_TEST_ORDER", "")
+    if not order:
+        return
+    if order == "reverse":
+        arrange = list.reverse
+    elif order.startswith("shuffle:") and order[len("shuffle:"):].isdigit():
+        arrange = random.Random(int(order[len("shuffle:"):])).shuffle
+    else:
+        raise pytest.UsageError(f"FASTDIFF_TEST_ORDER={order!r}: expected 'reverse' or 'shuffle:<integer seed>'")
+    by_file: dict = {}
+    for item in items:
+        by_file.setdefault(item.path, []).append(item)
+    files = list(by_file.values())
+    arrange(files)
+    for group in files:
+        arrange(group)
+    items[:] = [item for group in files for item in group]
 
 
 def need(ok: bool, reason: str) -> None:
