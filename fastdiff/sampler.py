@@ -132,6 +132,7 @@ class Sampler:
     def new_solver(self):
         return self._solver_cls(self.grid, self.prediction, **self._solver_args)
 
+    @torch.no_grad()  # sampling is inference: the caller never needs to turn autograd off
     def sample(self, model: Callable, noise: Optional[torch.Tensor] = None, *, shape: Optional[Sequence[int]] = None,
                generator: Optional[torch.Generator] = None, device=None, guidance_scale: float = 1.0,
                cond: Optional[Mapping] = None, uncond: Optional[Mapping] = None, cfg: str = "batched",
@@ -203,13 +204,15 @@ class Sampler:
         return x.new_empty((self.table.history,) + tuple(x.shape)) if self.table.history else None
 
     def run_fused(self, caller: ModelCaller, x: torch.Tensor, hist, draw_noise: Callable, guidance,
-                  check_finite: bool = False, progress: bool = False, callback=None) -> None:
+                  check_finite: bool = False, progress: bool = False, callback=None,
+                  times: Optional[torch.Tensor] = None) -> None:
         """The fused loop, updating x in place: per step one model call and one solver_step.
         Host-sync free unless check_finite/callback ask otherwise, so a CUDA graph can record it;
         `guidance` is a float or a 0-d device tensor (read at replay time); `draw_noise(i)` gives
-        step i's standard-normal noise when the table says the step is noisy."""
+        step i's standard-normal noise when the table says the step is noisy; `times` the model
+        times tensor to read (default: `model_times(x.device)`)."""
         table, n = self.table, self.steps
-        call, t_all = caller.bind(), self.model_times(x.device)
+        call, t_all = caller.bind(), self.model_times(x.device) if times is None else times
         op_backend = "auto" if self.backend == "auto" else self.backend
         clamp = 0.0 if self.clamp is None else float(self.clamp)
         for i in range(n):

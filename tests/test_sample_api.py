@@ -156,3 +156,22 @@ def test_non_finite_model_output_is_caught_when_checking():
 
     with pytest.raises(FloatingPointError, match="model.*step"):
         fastdiff.sample(broken, _noise(), steps=4, check_finite=True)
+
+
+def test_sample_needs_no_autograd_off_from_the_caller():
+    """Sampling is inference: a model with trainable parameters and out= ops (as the fused
+    U-Net blocks use) runs inside sample() without the caller wrapping it in no_grad."""
+
+    class OutOp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(0.5))
+
+        def forward(self, x, t):
+            return torch.mul(x, self.scale, out=torch.empty_like(x))  # fails under autograd
+
+    assert torch.is_grad_enabled()
+    for backend in ("auto", "reference"):
+        out = fastdiff.sample(OutOp(), torch.randn(2, 3, 4, 4), steps=3, backend=backend)
+        assert not out.requires_grad
+    assert torch.is_grad_enabled()
