@@ -14,6 +14,10 @@ the suite must pass in any order (no test may depend on what an earlier one left
 A test module that uses the `backend` fixture names its op in a module-level `OP = "<op>"`
 (the compiled kernels `fastdiff_C::<op>` the "cpu" and "cuda" backends need). Helpers for the
 module itself: `from conftest import need, HAS_TRITON, ...`.
+
+GPU tests carry the marker `gpu` (`pytest -m gpu` runs only them: the GPU check's test phase):
+the "cuda" and "triton-cuda" cases of the backend matrix and a `device="cuda"` parameter are
+marked here at collection, other GPU-only tests by the `gpu_test(...)` decorator.
 """
 from __future__ import annotations
 
@@ -59,6 +63,26 @@ def need(ok: bool, reason: str) -> None:
         if IN_CI and "GPU" not in reason:
             pytest.fail(f"{reason} (CI=true: this backend must run in CI)")
         pytest.skip(reason)
+
+
+def gpu_test(ok: bool = HAS_CUDA, reason: str = "needs a GPU"):
+    """Decorator for a test that runs only on a GPU: marked `gpu`, skipped where `ok` is false."""
+
+    def mark(fn):
+        return pytest.mark.gpu(pytest.mark.skipif(not ok, reason=reason)(fn))
+
+    return mark
+
+
+# parameters (name, value) whose test cases run on a GPU
+GPU_PARAMS = (("backend", "cuda"), ("backend", "triton-cuda"), ("device", "cuda"))
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        params = getattr(item, "callspec", None)
+        if params is not None and any(params.params.get(k) == v for k, v in GPU_PARAMS):
+            item.add_marker(pytest.mark.gpu)
 
 
 # (backend, device)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from fastdiff.ops import _dispatch
 from fastdiff.ops import attention as attn_mod
-from conftest import BACKENDS, HAS_CUDA, HAS_TRITON, need, setup_backend
+from conftest import BACKENDS, HAS_CUDA, HAS_TRITON, gpu_test, need, setup_backend
 from fastdiff.ops.attention import (BackendUnavailableError, attention, attention_eager, attention_reference,
                                     kv_attention, qkv_attention)
 from tolerances import rel_err
@@ -548,7 +548,7 @@ def test_torch_compile_fullgraph(be):
 # GPU only
 # -------------------------------------------------------------------------------------------
 
-gpu_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+gpu_only = gpu_test()
 
 # SD-1.5 at 512x512 with CFG (batch 2, 8 heads) and the CIFAR model: (B, H, Lq, Lk, D)
 SD_SHAPES = [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 8, 1024, 1024, 80), (2, 8, 1024, 77, 80),

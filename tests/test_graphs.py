@@ -3,6 +3,7 @@ replay equals the eager fused loop, SDE reproducibility, no re-capture for new g
 conditioning, the caller's result is never overwritten, eviction frees memory."""
 import pytest
 import torch
+from conftest import gpu_test
 
 import fastdiff
 from fastdiff.graphs import GraphCache, graph_key
@@ -10,8 +11,7 @@ from fastdiff.guidance import ModelCaller
 from fastdiff.testing import GaussianMixture
 from fake_cuda_graph import FakeCUDAGraph, FreedBufferError
 
-HAS_CUDA = torch.cuda.is_available()
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+gpu = gpu_test()
 
 
 def _model(x, t, shift=None):
@@ -79,9 +79,8 @@ def test_graph_cache_is_a_bounded_lru():
     assert len(cache) == 0
 
 
+@gpu  # the check runs only where a graph would be captured (CUDA tensors)
 def test_graph_mode_rejects_host_callbacks():
-    if not HAS_CUDA:
-        pytest.skip("the check runs only where a graph would be captured (CUDA tensors)")
     with pytest.raises(ValueError, match="cuda_graph"):
         fastdiff.sample(_model, torch.randn(2, 3, 4, 4, device="cuda"), steps=3, cuda_graph=True, progress=True)
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from fastdiff import _ext
 from fastdiff.ops import group_norm_silu as gn
 from fastdiff.ops.group_norm_silu import BackendUnavailableError, group_norm_silu, group_norm_silu_reference
-from conftest import HAS_CUDA, HAS_TRITON, need, run_without_extension
+from conftest import HAS_CUDA, HAS_TRITON, gpu_test, need, run_without_extension
 from tolerances import REL_TOL, assert_close, rel_err
 
 OP = "group_norm_silu"  # the compiled kernels the `backend` fixture needs
@@ -532,8 +532,8 @@ def test_triton_compiles_for_gpus(mode, cl, single, cc, gpu_compiled):
 # GPU only
 # -------------------------------------------------------------------------------------------
 
-cuda_only = pytest.mark.skipif(not HAS_CUDA_KERNEL, reason="needs a GPU and fastdiff._C built with CUDA")
-gpu_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+cuda_only = gpu_test(HAS_CUDA_KERNEL, "needs a GPU and fastdiff._C built with CUDA")
+gpu_only = gpu_test()
 
 
 @gpu_only

@@ -19,7 +19,7 @@ from fastdiff import _ext
 from fastdiff.ops import _dispatch
 from fastdiff.ops import solver_step as ss
 from fastdiff.ops.solver_step import BackendUnavailableError, solver_step, solver_step_reference
-from conftest import HAS_CUDA, HAS_TRITON, run_without_extension
+from conftest import HAS_CUDA, HAS_TRITON, gpu_test, run_without_extension
 from conftest import need as _need
 from tolerances import assert_close
 
@@ -563,7 +563,7 @@ def test_triton_compiles_for_gpus():
 # GPU only
 # -------------------------------------------------------------------------------------------
 
-cuda_only = pytest.mark.skipif(not HAS_CUDA_KERNEL, reason="needs a GPU and fastdiff._C built with CUDA")
+cuda_only = gpu_test(HAS_CUDA_KERNEL, "needs a GPU and fastdiff._C built with CUDA")
 
 
 @cuda_only
