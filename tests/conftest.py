@@ -37,7 +37,20 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
 
 
+# parameters (name, value) whose test cases run on a GPU
+GPU_PARAMS = (("backend", "cuda"), ("backend", "triton-cuda"), ("device", "cuda"))
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        params = getattr(item, "callspec", None)
+        if params is not None and any(params.params.get(k) == v for k, v in GPU_PARAMS):
+            item.add_marker(pytest.mark.gpu)
+    _arrange(items)
+
+
+def _arrange(items) -> None:
+    """Apply FASTDIFF_TEST_ORDER (see the module doc)."""
     order = os.environ.get("FASTDIFF_TEST_ORDER", "")
     if not order:
         return
@@ -72,17 +85,6 @@ def gpu_test(ok: bool = HAS_CUDA, reason: str = "needs a GPU"):
         return pytest.mark.gpu(pytest.mark.skipif(not ok, reason=reason)(fn))
 
     return mark
-
-
-# parameters (name, value) whose test cases run on a GPU
-GPU_PARAMS = (("backend", "cuda"), ("backend", "triton-cuda"), ("device", "cuda"))
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        params = getattr(item, "callspec", None)
-        if params is not None and any(params.params.get(k) == v for k, v in GPU_PARAMS):
-            item.add_marker(pytest.mark.gpu)
 
 
 # (backend, device)
