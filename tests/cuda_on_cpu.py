@@ -44,9 +44,11 @@ def _compile_all(jobs):
     def one(job):
         src, obj, extra = job
         lang = ["-x", "c++"] if src.endswith(".cu") else []
-        r = subprocess.run(["g++", *compile_flags(), *extra, "-c", *lang, src, "-o", obj], capture_output=True, text=True)
+        tmp = obj + f".tmp{os.getpid()}"
+        r = subprocess.run(["g++", *compile_flags(), *extra, "-c", *lang, src, "-o", tmp], capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"compiling {src} for the CPU failed:\n{r.stdout}{r.stderr}")
+        os.replace(tmp, obj)
 
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(one, jobs))
@@ -54,35 +56,38 @@ def _compile_all(jobs):
 
 def build(replace_source: dict | None = None) -> str:
     """-> path of the driver executable. replace_source: {kernel .cu path: its text} builds a
-    variant with that text instead of the file (for mutation tests)."""
+    variant with that text instead of the file (mutation tests). Objects and executables are
+    cached by the hash of what went into them."""
     replace_source = replace_source or {}
-    kernels = sorted(glob.glob(os.path.join(CSRC, "*", "*.cu")))
-    deps = sorted(glob.glob(os.path.join(CSRC, "**", "*.*"), recursive=True))
-    h = hashlib.sha256(" ".join(compile_flags()).encode())
-    h.update(subprocess.run(["g++", "--version"], capture_output=True, text=True, check=True).stdout.encode())
-    for p in deps:
-        if p.endswith((".h", ".cuh", ".cu", ".cc")):
-            h.update(p.encode() + b"\0")
-            h.update(replace_source[p].encode() if p in replace_source else open(p, "rb").read())
-    out = os.path.join(cache_dir(), h.hexdigest()[:20])
-    exe = os.path.join(out, "kernel_driver")
-    if os.path.exists(exe):
-        return exe
-    os.makedirs(out, exist_ok=True)
-    jobs = []
-    for src in kernels + sorted(glob.glob(os.path.join(EMU, "*.cc"))):
-        obj = os.path.join(out, os.path.basename(src) + ".o")
+    sources = sorted(glob.glob(os.path.join(CSRC, "*", "*.cu"))) + sorted(glob.glob(os.path.join(EMU, "*.cc")))
+    headers = sorted(p for p in glob.glob(os.path.join(CSRC, "**", "*.*"), recursive=True) if p.endswith((".h", ".cuh")))
+    common = hashlib.sha256(" ".join(compile_flags()).encode())
+    common.update(subprocess.run(["g++", "--version"], capture_output=True, text=True, check=True).stdout.encode())
+    for p in headers:
+        common.update(p.encode() + b"\0" + open(p, "rb").read())
+    os.makedirs(cache_dir(), exist_ok=True)
+    jobs, objects = [], []
+    for src in sources:
+        text = replace_source[src].encode() if src in replace_source else open(src, "rb").read()
+        h = common.copy()
+        h.update(src.encode() + b"\0" + text)
+        obj = os.path.join(cache_dir(), f"{os.path.basename(src)}.{h.hexdigest()[:20]}.o")
+        objects.append(obj)
+        if os.path.exists(obj):
+            continue
         if src in replace_source:  # compiled from a copy; its includes still resolve to csrc
-            copy = os.path.join(out, os.path.basename(src))
-            with open(copy, "w") as f:
-                f.write(replace_source[src])
+            copy = obj[:-2] + os.path.splitext(src)[1]
+            with open(copy, "wb") as f:
+                f.write(text)
             jobs.append((copy, obj, ["-iquote", os.path.dirname(src)]))
         else:
             jobs.append((src, obj, []))
     _compile_all(jobs)
-    tmp = exe + f".tmp{os.getpid()}"
-    subprocess.run(["g++", *SANITIZE, *(j[1] for j in jobs), "-o", tmp], check=True)
-    os.replace(tmp, exe)  # atomic: concurrent test runs may share the cache
+    exe = os.path.join(cache_dir(), "kernel_driver." + hashlib.sha256(" ".join(objects).encode()).hexdigest()[:20])
+    if not os.path.exists(exe):
+        tmp = exe + f".tmp{os.getpid()}"
+        subprocess.run(["g++", *SANITIZE, *objects, "-o", tmp], check=True)
+        os.replace(tmp, exe)  # atomic: concurrent test runs may share the cache
     return exe
 
 

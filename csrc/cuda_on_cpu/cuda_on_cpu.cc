@@ -1,5 +1,8 @@
-// cuda_on_cpu -- the block scheduler (see cuda_on_cpu.h). Threads are ucontext fibers; a fiber
-// runs until it reaches a barrier or returns, then the scheduler resumes the next one.
+// cuda_on_cpu -- the block scheduler (see cuda_on_cpu.h). Threads are fibers: a fiber runs until
+// it reaches a barrier or returns, then the scheduler resumes the next one. A fiber starts once
+// with makecontext and then runs the kernel body for one block after another. Switches are
+// GCC's __builtin_setjmp/__builtin_longjmp: swapcontext costs a system call and ASan's longjmp
+// handling clears shadow memory each time, which made the tests several times slower.
 // (*.cc, not *.cpp: setup.py builds every csrc/*/*.cpp into the torch extension.)
 #include "cuda_on_cpu.h"
 
@@ -36,7 +39,9 @@ constexpr size_t kStackBytes = 256 * 1024;
 enum class State { kRunnable, kAtBarrier, kAtShuffle, kDone };
 
 struct Fiber {
-  ucontext_t ctx;
+  ucontext_t ctx;  // first entry only
+  void* jmp[5];  // __builtin_setjmp buffer
+  bool started = false;
   std::unique_ptr<char[]> stack;
   uint3 idx;
   State state;
@@ -47,7 +52,7 @@ struct Fiber {
 struct Scheduler {
   std::mt19937_64 rng{0};
   std::vector<Fiber> fibers;
-  ucontext_t main_ctx;
+  void* main_jmp[5];
   int current = -1;
   const std::function<void()>* body = nullptr;
   std::unique_ptr<unsigned char[]> smem;
@@ -60,34 +65,43 @@ struct Scheduler {
 #endif
 };
 
-Scheduler& sched() {
-  static Scheduler s;
-  return s;
-}
+Scheduler g_sched;
+Scheduler& sched() { return g_sched; }
 
-// Context switches, announced to AddressSanitizer so that it tracks the right stack.
-void enter_fiber(Fiber& f) {
+// Context switches, announced to AddressSanitizer so that it tracks the right stack. Neither
+// instrumented nor inlined into code that is: ASan would "unpoison" the stack left behind before
+// the no-return jump (it is suspended, not unwound), at the cost of a system call and a memset
+// per switch.
+#define CUDA_ON_CPU_SWITCH [[gnu::noinline, gnu::no_sanitize_address]]
+
+// Not in a function that calls __builtin_setjmp (GCC's rule).
+CUDA_ON_CPU_SWITCH void jump(void** buf) { __builtin_longjmp(buf, 1); }
+
+CUDA_ON_CPU_SWITCH void enter_fiber(Fiber& f) {
   Scheduler& s = sched();
 #ifdef CUDA_ON_CPU_ASAN
   void* fake = nullptr;
   __sanitizer_start_switch_fiber(&fake, f.stack.get(), kStackBytes);
-  swapcontext(&s.main_ctx, &f.ctx);
+#endif
+  if (__builtin_setjmp(s.main_jmp) == 0) {
+    if (f.started) jump(f.jmp);
+    f.started = true;
+    setcontext(&f.ctx);
+  }
+#ifdef CUDA_ON_CPU_ASAN
   __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
-#else
-  swapcontext(&s.main_ctx, &f.ctx);
 #endif
 }
 
-void leave_fiber(Fiber& f, bool exiting) {
+CUDA_ON_CPU_SWITCH void leave_fiber(Fiber& f) {
   Scheduler& s = sched();
 #ifdef CUDA_ON_CPU_ASAN
   void* fake = nullptr;
-  __sanitizer_start_switch_fiber(exiting ? nullptr : &fake, s.main_stack, s.main_stack_size);
-  swapcontext(&f.ctx, &s.main_ctx);
+  __sanitizer_start_switch_fiber(&fake, s.main_stack, s.main_stack_size);
+#endif
+  if (__builtin_setjmp(f.jmp) == 0) jump(s.main_jmp);
+#ifdef CUDA_ON_CPU_ASAN
   __sanitizer_finish_switch_fiber(fake, &s.main_stack, &s.main_stack_size);
-#else
-  (void)exiting;
-  swapcontext(&f.ctx, &s.main_ctx);
 #endif
 }
 
@@ -96,10 +110,12 @@ void fiber_main() {
 #ifdef CUDA_ON_CPU_ASAN
   __sanitizer_finish_switch_fiber(nullptr, &s.main_stack, &s.main_stack_size);
 #endif
-  (*s.body)();
-  Fiber& f = s.fibers[s.current];
-  f.state = State::kDone;
-  leave_fiber(f, true);
+  for (;;) {
+    (*s.body)();
+    Fiber& f = s.fibers[s.current];
+    f.state = State::kDone;
+    leave_fiber(f);
+  }
 }
 
 Fiber& self() { return sched().fibers[sched().current]; }
@@ -107,7 +123,7 @@ Fiber& self() { return sched().fibers[sched().current]; }
 void wait(State st) {
   Fiber& f = self();
   f.state = st;
-  leave_fiber(f, false);
+  leave_fiber(f);
 }
 
 const char* state_name(State st) {
@@ -146,20 +162,20 @@ bool release_shuffles(std::string& error) {
 }
 
 // (Its own function: getcontext returns twice, which clobbers locals around it.)
-void start_fiber(Fiber& f) {
+void make_fiber(Fiber& f) {
+  f.stack.reset(new char[kStackBytes]);
   getcontext(&f.ctx);
   f.ctx.uc_stack.ss_sp = f.stack.get();
   f.ctx.uc_stack.ss_size = kStackBytes;
   f.ctx.uc_link = nullptr;
   makecontext(&f.ctx, fiber_main, 0);
-  f.state = State::kRunnable;
 }
 
 // Runs one block to completion; "" or why it cannot complete.
 std::string run_block(Scheduler& s) {
   std::vector<int> order(s.fibers.size());
   for (size_t i = 0; i < s.fibers.size(); ++i) {
-    start_fiber(s.fibers[i]);
+    s.fibers[i].state = State::kRunnable;
     order[i] = static_cast<int>(i);
   }
   for (;;) {
@@ -240,7 +256,7 @@ cudaError_t run_grid(const cudaLaunchConfig_t& cfg, const std::function<void()>&
   s.fibers.resize(threads);
   for (uint64_t i = 0; i < threads; ++i) {
     Fiber& f = s.fibers[i];
-    if (!f.stack) f.stack.reset(new char[kStackBytes]);
+    if (!f.stack) make_fiber(f);
     f.idx = uint3{unsigned(i % b.x), unsigned(i / b.x % b.y), unsigned(i / (uint64_t(b.x) * b.y))};
   }
   s.smem.reset(new unsigned char[cfg.dynamicSmemBytes]);
@@ -256,7 +272,7 @@ cudaError_t run_grid(const cudaLaunchConfig_t& cfg, const std::function<void()>&
     if (!err.empty()) {
       s.error = "block (" + std::to_string(blk.x) + "," + std::to_string(blk.y) + "," + std::to_string(blk.z) +
                 "): " + err;
-      s.fibers.clear();  // abandoned mid-kernel: fresh fibers next launch
+      s.fibers.clear();  // abandoned mid-kernel: new fibers next launch
       return s.last = cudaErrorLaunchFailure;
     }
   }
