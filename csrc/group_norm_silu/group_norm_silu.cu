@@ -326,8 +326,11 @@ __device__ __forceinline__ Smem smem_layout(float* dyn, int64_t cpg) {
 
 // Reads happen before writes everywhere (x0 before the block's first store, each element loaded
 // before it is stored by the same thread): out may alias x or residual. No __restrict__.
+// Min. 2 blocks per SM: without it ptxas (CUDA 13) caps the sm_80 VEC=2 streamed variant at 80
+// registers and spills; with it every variant fits in <= 128 registers without spilling
+// (tests/test_cuda_resources.py).
 template <DType T, int VEC, bool CACHED>
-__global__ void __launch_bounds__(kThreads) group_norm_silu_fused_kernel(const Params P) {
+__global__ void __launch_bounds__(kThreads, 2) group_norm_silu_fused_kernel(const Params P) {
   const Smem sm = smem_layout(dynamic_shared<float>(), P.cpg);
   const int64_t ng = blockIdx.x;
   const int64_t base = group_base(P, ng);
