@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import re
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -91,6 +92,23 @@ def build(replace_source: dict | None = None) -> str:
     return exe
 
 
+def short_name(demangled: str) -> str:
+    """'void fastdiff::op::(anonymous namespace)::k<(fastdiff::op::DType)1, 8>(...)' -> 'k<(DType)1, 8>'."""
+    name = re.sub(r"\(anonymous namespace\)::|fastdiff::\w+::", "", demangled)
+    return re.sub(r"^void ", "", name).split("(Params")[0].rstrip("(")
+
+
+def kernel_symbols(exe: str) -> dict:
+    """{offset in exe: short name} of every template kernel instantiation (*_kernel<...>) in it."""
+    out = subprocess.run(["nm", "-C", "--defined-only", exe], capture_output=True, text=True, check=True).stdout
+    syms = {}
+    for line in out.splitlines():
+        addr, _, name = line.split(" ", 2)
+        if re.match(r"\w+_kernel<", short_name(name)):
+            syms[int(addr, 16)] = short_name(name)
+    return syms
+
+
 def span(t: torch.Tensor) -> torch.Tensor:
     """The flat run of storage elements from t's first element to its last (its memory image)."""
     n = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride())) if t.numel() else 0
@@ -102,7 +120,11 @@ class DriverError(RuntimeError):
 
 
 class Driver:
+    """One driver process. `launched`: names of the kernels it has launched."""
+
     def __init__(self, exe: str):
+        self.kernels = kernel_symbols(exe)
+        self.launched = set()
         self.stderr = tempfile.TemporaryFile()
         env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0",
                    UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
@@ -118,7 +140,8 @@ class Driver:
     def run(self, op: str, seed: int, params: dict, bufs: dict) -> dict:
         """Launch `op`. bufs: name -> tensor (its memory image is sent, at its own alignment
         modulo 16 bytes, and the kernel's result is copied back into it), "alias:NAME" or None.
-        -> the reply's key=value pairs; DriverError if the launch failed."""
+        -> the reply's key=value pairs, "launches" as [{grid, block, smem, kernel}];
+        DriverError if the launch failed."""
         line = [op, f"seed={seed}"] + [f"{k}={v}" for k, v in params.items()]
         sent = []
         for name, t in bufs.items():
@@ -146,7 +169,17 @@ class Driver:
             if len(data) != n:
                 raise self._died()
             flat.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8).view(flat.dtype))
-        return dict(kv.split("=", 1) for kv in reply.split()[1:])
+        out = dict(kv.split("=", 1) for kv in reply.split()[1:])
+        out["launches"] = [self._launch(x) for x in out.get("launches", "").split(",") if x]
+        return out
+
+    def _launch(self, text: str) -> dict:
+        """'GXxGYxGZ/BLOCK/SMEM@OFFSET' (kernel_driver.cc) -> {grid, block, smem, kernel}."""
+        dims, block, rest = text.split("/")
+        smem, off = rest.split("@")
+        kernel = self.kernels.get(int(off), f"?@{off}")
+        self.launched.add(kernel)
+        return dict(grid=tuple(int(v) for v in dims.split("x")), block=int(block), smem=int(smem), kernel=kernel)
 
     def close(self) -> None:
         self.proc.stdin.close()

@@ -49,7 +49,7 @@ def ptxas_report(src: str, flags: list) -> list:
     names = subprocess.run(["c++filt"], input="\n".join(r["kernel"] for r in rows), capture_output=True,
                            text=True).stdout.splitlines() if shutil.which("c++filt") else []
     for row, name in zip(rows, names):
-        row["kernel"] = re.sub(r"\(anonymous namespace\)::|fastdiff::\w+::", "", name)
+        row["kernel"] = cuda_on_cpu.short_name(name)
     return rows
 
 
@@ -64,7 +64,7 @@ def max_dynamic_smem(op: str) -> int:
         _, reply = run_gn(driver, case)
     finally:
         driver.close()
-    return max(int(launch.split("/")[-1]) for launch in reply["launches"].strip(",").split(","))
+    return max(launch["smem"] for launch in reply["launches"])
 
 
 def test_no_spills_and_shared_memory_fits():

@@ -19,6 +19,10 @@
 #define CUDA_ON_CPU_ASAN 1
 #endif
 
+// Bounds of the static __shared__ variables' section (set by the linker; null without any).
+extern "C" char __start_cuda_on_cpu_shared[] __attribute__((weak));
+extern "C" char __stop_cuda_on_cpu_shared[] __attribute__((weak));
+
 cudaError_t cudaGetDevice(int* device) {
   *device = 0;
   return cudaSuccess;
@@ -235,9 +239,9 @@ uint64_t warp_exchange(unsigned mask, uint64_t value, unsigned src_lane) {
   return self().got;
 }
 
-cudaError_t run_grid(const cudaLaunchConfig_t& cfg, const std::function<void()>& body) {
+cudaError_t run_grid(const void* kernel, const cudaLaunchConfig_t& cfg, const std::function<void()>& body) {
   Scheduler& s = sched();
-  s.launches.push_back({cfg.gridDim, cfg.blockDim, cfg.dynamicSmemBytes});
+  s.launches.push_back({kernel, cfg.gridDim, cfg.blockDim, cfg.dynamicSmemBytes});
   const dim3 g = cfg.gridDim, b = cfg.blockDim;
   const uint64_t threads = uint64_t(b.x) * b.y * b.z;
   s.error.clear();
@@ -268,6 +272,8 @@ cudaError_t run_grid(const cudaLaunchConfig_t& cfg, const std::function<void()>&
   for (const uint3& blk : blocks) {
     blockIdx = blk;
     std::memset(s.smem.get(), 0xff, cfg.dynamicSmemBytes);
+    if (__start_cuda_on_cpu_shared != nullptr)
+      std::memset(__start_cuda_on_cpu_shared, 0xff, __stop_cuda_on_cpu_shared - __start_cuda_on_cpu_shared);
     const std::string err = run_block(s);
     if (!err.empty()) {
       s.error = "block (" + std::to_string(blk.x) + "," + std::to_string(blk.y) + "," + std::to_string(blk.z) +

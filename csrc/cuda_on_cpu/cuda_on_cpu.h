@@ -10,7 +10,9 @@
 // reaches a different barrier than its peers, or exits while they wait, fails the launch.
 // Dynamic shared memory is a separate allocation of exactly the launch's size (AddressSanitizer
 // sees overruns), filled with 0xff bytes (NaN) before each block. Static __shared__ variables
-// are function statics: correct because blocks never overlap, but not re-poisoned per block.
+// are function statics in their own ELF section, which is filled the same way before each block
+// (blocks never overlap, so one copy serves them all).
+// `extern __shared__` does not compile here: kernels use fastdiff::dynamic_shared<T>().
 // Not modelled: timing, concurrency between blocks, the memory model, fast-math rounding.
 #pragma once
 
@@ -33,7 +35,7 @@
 #define __global__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+#define __shared__ static __attribute__((section("cuda_on_cpu_shared")))
 
 // ---- built-in types and variables ---------------------------------------------------------
 
@@ -94,6 +96,7 @@ constexpr int kMultiProcessors = 1;
 constexpr size_t kMaxDynamicSmemBytes = 48 * 1024;
 
 struct LaunchRecord {
+  const void* kernel;
   dim3 grid, block;
   size_t smem;
 };
@@ -105,7 +108,7 @@ std::vector<LaunchRecord> take_launches();
 const std::string& last_error();
 
 // Runs body once per thread of every block of the grid; see the top of this file.
-cudaError_t run_grid(const cudaLaunchConfig_t& cfg, const std::function<void()>& body);
+cudaError_t run_grid(const void* kernel, const cudaLaunchConfig_t& cfg, const std::function<void()>& body);
 
 void* dynamic_shared();
 // Waits for every thread of the block.
@@ -132,7 +135,7 @@ T shuffle(unsigned mask, T v, unsigned src_lane) {
 template <typename... ExpTypes, typename... ActTypes>
 cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(ExpTypes...), ActTypes&&... args) {
   std::tuple<std::decay_t<ExpTypes>...> params(std::forward<ActTypes>(args)...);
-  return cuda_on_cpu::run_grid(*config, [&] { std::apply(kernel, params); });
+  return cuda_on_cpu::run_grid(reinterpret_cast<const void*>(kernel), *config, [&] { std::apply(kernel, params); });
 }
 
 // ---- device functions -------------------------------------------------------------------------

@@ -7,6 +7,8 @@
 // starts OFFSET bytes into its own allocation, whose other bytes are poisoned for ASan) or
 // `alias:KEY` (the same pointer as buffer KEY). The reply is one line `ok key=value ...` or
 // `error MESSAGE`, followed (for `ok`) by every `buf:` buffer's bytes after the kernel ran.
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <iostream>
 #include <map>
@@ -75,11 +77,16 @@ bool read_request(Request& r) {
   return static_cast<bool>(std::cin);
 }
 
+// GRIDxYxZ/BLOCK/SMEM@KERNEL per launch, KERNEL the function's offset in the executable (the
+// test names it from the symbol table).
 std::string launches() {
   std::string s = "launches=";
   for (const cuda_on_cpu::LaunchRecord& l : cuda_on_cpu::take_launches()) {
+    Dl_info info{};
+    dladdr(l.kernel, &info);
+    const uintptr_t off = reinterpret_cast<uintptr_t>(l.kernel) - reinterpret_cast<uintptr_t>(info.dli_fbase);
     s += std::to_string(l.grid.x) + "x" + std::to_string(l.grid.y) + "x" + std::to_string(l.grid.z) + "/" +
-         std::to_string(l.block.x) + "/" + std::to_string(l.smem) + ",";
+         std::to_string(l.block.x) + "/" + std::to_string(l.smem) + "@" + std::to_string(off) + ",";
   }
   return s;
 }
@@ -142,10 +149,10 @@ std::string group_norm_silu(const Request& r) {
          " " + launches();
 }
 
-// Each thread writes its id to shared memory, (optionally) __syncthreads, then reads its
-// neighbour's: proves that the scheduler exposes a missing barrier. Replies the wrong reads.
+// Each thread writes its id to (static) shared memory, (optionally) __syncthreads, then reads
+// its neighbour's: proves that the scheduler exposes a missing barrier. Replies the wrong reads.
 void neighbour_kernel(int* wrong, bool sync) {
-  int* s = fastdiff::dynamic_shared<int>();
+  __shared__ int s[1024];
   const unsigned t = threadIdx.x;
   s[t] = static_cast<int>(t);
   if (sync) __syncthreads();
@@ -166,8 +173,8 @@ std::string selftest(const Request& r) {
   int wrong = 0;
   const dim3 block(static_cast<unsigned>(r.i64("threads", 256)));
   cudaError_t err = r.op == "selftest_barrier"
-                        ? fastdiff::launch_kernel(neighbour_kernel, dim3(2), block, block.x * sizeof(int), nullptr,
-                                                  &wrong, r.i64("sync") != 0)
+                        ? fastdiff::launch_kernel(neighbour_kernel, dim3(2), block, 0, nullptr, &wrong,
+                                                  r.i64("sync") != 0)
                         : fastdiff::launch_kernel(shuffle_kernel, dim3(2), block, 0, nullptr, &wrong);
   if (err != cudaSuccess) throw std::runtime_error("cuda error " + std::to_string(err) + " " + cuda_on_cpu::last_error());
   return "wrong=" + std::to_string(wrong);
