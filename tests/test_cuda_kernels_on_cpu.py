@@ -77,6 +77,15 @@ def test_warp_shuffles(driver):
         driver.run("selftest_shuffle", 2, {"threads": 48}, {})
 
 
+def test_out_of_bounds_access_is_caught(exe):
+    """AddressSanitizer is live: a solver_step told about one element more than its buffers
+    hold ends the driver with a heap-buffer-overflow report."""
+    d = cuda_on_cpu.Driver(exe)
+    x = torch.randn(37)
+    with pytest.raises(AssertionError, match="heap-buffer-overflow"):
+        d.run("solver_step", 0, {"numel": 38, "c0": 1.0}, {"x": x, "model": x.clone(), "out": torch.empty(37)})
+
+
 def test_missing_barrier_in_group_norm_is_caught(exe):
     """Mutation test on the real kernel: without block_merge's first __syncthreads, warp 0 merges
     partials that other warps have not written yet, and the result check fails."""

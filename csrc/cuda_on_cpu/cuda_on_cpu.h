@@ -187,7 +187,6 @@ inline unsigned short __half_as_ushort(__half h) { return h.__x; }
 inline float __half2float(__half h) { return fastdiff::half_to_float(h.__x); }
 inline __half __float2half_rn(float f) { return __half{f != f ? uint16_t(0x7fff) : fastdiff::float_to_half(f)}; }
 
-inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return __nv_bfloat16{u}; }
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.__x; }
 inline float __bfloat162float(__nv_bfloat16 h) { return fastdiff::bf16_to_float(h.__x); }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {

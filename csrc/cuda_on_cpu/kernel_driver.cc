@@ -159,7 +159,8 @@ void neighbour_kernel(int* wrong, bool sync) {
   if (s[(t + 1) % blockDim.x] != static_cast<int>((t + 1) % blockDim.x)) ++*wrong;
 }
 
-// Warp sum with __shfl_xor_sync, then lane 0 of each warp checks it against the exact sum.
+// Butterfly warp sum (__shfl_xor_sync), a shift (__shfl_down_sync) and a broadcast
+// (__shfl_sync), each checked by every lane.
 void shuffle_kernel(int* wrong) {
   const unsigned lane = threadIdx.x % 32;
   unsigned v = lane + 1;
@@ -167,6 +168,7 @@ void shuffle_kernel(int* wrong) {
   if (v != 32 * 33 / 2) ++*wrong;
   const unsigned down = __shfl_down_sync(0xffffffffu, lane, 3);
   if (down != (lane + 3 < 32 ? lane + 3 : lane)) ++*wrong;
+  if (__shfl_sync(0xffffffffu, lane * 7, 5) != 35) ++*wrong;
 }
 
 std::string selftest(const Request& r) {
