@@ -9,8 +9,6 @@
 #include <ucontext.h>
 
 #include <algorithm>
-#include <cstdio>
-#include <cstdlib>
 #include <memory>
 #include <random>
 
@@ -257,6 +255,7 @@ cudaError_t run_grid(const void* kernel, const cudaLaunchConfig_t& cfg, const st
   gridDim = g;
   blockDim = b;
   s.body = &body;
+  s.fibers.reserve(1024);  // never reallocated: a parked fiber's context points into its Fiber
   s.fibers.resize(threads);
   for (uint64_t i = 0; i < threads; ++i) {
     Fiber& f = s.fibers[i];
