@@ -32,6 +32,7 @@ import torch
 
 from fastdiff import _ext
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -68,6 +69,14 @@ def _arrange(items) -> None:
     for group in files:
         arrange(group)
     items[:] = [item for group in files for item in group]
+
+
+def load_build_flags():
+    """csrc/build_flags.py: the one description of the C++/CUDA compile flags (as setup.py loads it)."""
+    spec = importlib.util.spec_from_file_location("_fastdiff_build_flags", os.path.join(ROOT, "csrc", "build_flags.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def need(ok: bool, reason: str) -> None:
