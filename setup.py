@@ -10,7 +10,8 @@ only adds its folder.
 
 Environment:
   FASTDIFF_BUILD_EXT=0     build no extension (pure Python; the package falls back to the
-                           Triton/reference backends at run time)
+                           Triton/reference backends at run time). Without it, a build with no
+                           importable torch (pip's build isolation) is an error.
   FASTDIFF_WITH_CUDA=0|1   0: CPU kernels only; 1: require the CUDA kernels (error if no CUDA
                            toolkit or a CPU-only torch); unset: CUDA when both are present
   FASTDIFF_CUDA_ARCHS      CUDA targets, default "sm_80;sm_90a;compute_90" (see build_flags.py)
@@ -53,10 +54,13 @@ def _extension():
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        # Only reachable with build isolation or without torch: the package still works.
-        print("fastdiff: torch is not importable at build time; building no compiled extension "
-              "(install with --no-build-isolation to build it)", file=sys.stderr)
-        return [], {}
+        # An isolated build, or no torch yet: building against another torch than the one
+        # fastdiff will run with gives an extension that does not load, so stop here.
+        raise SystemExit(
+            "fastdiff: torch is not importable at build time. fastdiff._C is built against the "
+            "installed torch: install torch first (pip install torch==2.13.0), then fastdiff with "
+            "`pip install --no-build-isolation ...`; or set FASTDIFF_BUILD_EXT=0 to install the "
+            "pure-Python package without the compiled kernels.")
 
     flags = _load_build_flags()
     cxx = flags.cxx_flags()

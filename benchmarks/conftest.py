@@ -9,6 +9,9 @@ Fixtures:
 The same dict goes into the pytest-benchmark JSON as ``machine_info["fastdiff"]`` (hook
 `pytest_benchmark_update_machine_info`), where `python -m fastdiff.bench report` reads it.
 
+Providers (a test's `provider` parameter) are chosen at collection by FASTDIFF_BENCH_PROVIDERS
+(only these) and FASTDIFF_BENCH_SKIP_PROVIDERS (not these), see `fastdiff.bench.harness`.
+
 Benchmark files are named ``bench_*.py`` and their functions ``test_*``; this conftest makes
 ``pytest benchmarks`` collect them (pytest's default pattern is ``test_*.py``). Run, e.g.::
 
@@ -33,6 +36,16 @@ def pytest_collect_file(file_path, parent):
     ):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
+
+
+def pytest_collection_modifyitems(items):
+    # Providers ruled out by FASTDIFF_BENCH_PROVIDERS / FASTDIFF_BENCH_SKIP_PROVIDERS are skipped
+    # here, before the test body builds them (a torch.compile provider compiles there).
+    for item in items:
+        provider = getattr(item, "callspec", None) and item.callspec.params.get("provider")
+        reason = harness.provider_skip_reason(provider) if provider else None
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 def pytest_report_header(config):

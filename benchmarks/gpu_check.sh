@@ -4,55 +4,148 @@
 # On a bare GPU machine with no network (torch, triton, nvcc, cmake, ninja, pybind11, pytest,
 # pytest-benchmark installed), from anywhere:
 #
-#     FASTDIFF_COMMIT=<sha of the tree you sent> bash benchmarks/gpu_check.sh
+#     FASTDIFF_COMMIT=<sha of the tree you sent> bash benchmarks/gpu_check.sh [--phases LIST] [--plan]
 #
-# Phases, each under `timeout` (a failure or timeout is recorded and the script goes on):
+#   --plan          print the phases that would run, each with its time cap, and a last line
+#                   "total budget: N s" (N <= 540: the default run fits one 10-minute call with
+#                   room to spare), then exit without running anything
+#   --phases LIST   run only these phases (comma or space separated), still in the order below;
+#                   a name selects that phase, a prefix selects its default sub-phases ("bench":
+#                   every bench:*, "tests": tests and tests:triton). For a second call that
+#                   finishes what the first could not, e.g. on the same machine (still built):
+#                   --phases bench:attention,compile,ncu; on a fresh one add build first.
 #
-#   versions     nvidia-smi, driver, nvcc, python/torch/triton/CUDA, ncu; commit; source hash   <= 25 s
-#   build        pip install --no-build-isolation --no-deps -e . for the detected GPU arch
-#                (FASTDIFF_CUDA_ARCHS=sm_<cc>[a], FASTDIFF_WITH_CUDA=1), then fastdiff.info()     <= 170 s
-#   tests        pytest tests (the GPU tests run where CUDA is), log kept                        <= 150 s
-#   bench:<op>   pytest benchmarks/bench_<op>.py --benchmark-json, one file at a time:
-#                copy 45 s, solver_step 90 s, group_norm_silu 75 s, attention 75 s, sample 120 s,
-#                any other bench_*.py 60 s; a known op whose file does not exist yet is skipped
-#   ncu:<op>     Nsight Compute (SpeedOfLight + MemoryWorkloadAnalysis + DRAM bytes/throughput)
-#                on the fused solver step and GroupNorm+SiLU kernels, via the op's benchmark
-#                file in profile mode (FASTDIFF_BENCH_PROFILE=1, largest size, providers
-#                cuda,triton, NVTX range fastdiff_profile)                                        <= 60 s each
-#   report       python -m fastdiff.bench report over all JSONs (+ plots when matplotlib is
-#                there), with the phase table and the ncu summary appended; printed LAST        <= 30 s
+# Phases in priority order, caps in seconds (each runs under `timeout`; a failure, timeout or
+# skip is recorded in summary.txt and the script goes on):
 #
-# The whole run is budgeted by FASTDIFF_CHECK_BUDGET (default 560 s) so that it fits one
-# 10-minute call: a phase gets min(its cap, time left - a reserve for the phases after it), and
-# is skipped when that is under 5 s.
+#   setup              GPU probe (torch) and the result's name; always runs                    25
+#   versions           nvidia-smi, driver, nvcc, python/torch/triton/CUDA, ncu; commit; hash    10
+#   build              pip install --no-build-isolation --no-deps -e . for the detected GPU arch
+#                      (FASTDIFF_CUDA_ARCHS=sm_<cc>[a], FASTDIFF_WITH_CUDA=1), fastdiff.info() 100
+#   tests              pytest -m gpu -k "not triton": the CUDA-kernel and CUDA-graph tests of
+#                      test_solver_step, test_group_norm_silu, test_attention,
+#                      test_linear_residual, test_graphs, test_sample_fused, test_fused_unet     50
+#   tests:triton       pytest -m gpu -k triton: the same files' Triton-on-GPU cases (cold
+#                      Triton compiles, so after the compiled kernels)                            60
+#   bench:<file>       pytest benchmarks/bench_<file>.py without the torch.compile providers
+#                      (FASTDIFF_BENCH_SKIP_PROVIDERS=compile): memory-bound kernels first
+#                      (copy 20, solver_step 30, group_norm_silu 30), then end-to-end sampling
+#                      eager vs fused vs graph (sampling 50), attention 40, unet 20
+#   compile            probe (torch.compile of a tiny function, <= 20 s); if it passes, the
+#                      torch.compile providers of bench_solver_step, bench_group_norm_silu and
+#                      bench_attention at their largest size, one pytest run                       40
+#   ncu                probe (ncu on one trivial kernel, <= 20 s); if it passes, Nsight Compute
+#                      (SpeedOfLight + MemoryWorkloadAnalysis + DRAM bytes/throughput) on the
+#                      fused solver step and GroupNorm+SiLU kernels via their benchmark files in
+#                      profile mode (FASTDIFF_BENCH_PROFILE=1, largest size, NCU_PROVIDERS)       45
+#   report             python -m fastdiff.bench report over all JSONs (+ plots when matplotlib
+#                      is there) with the phase table and ncu summary appended; always runs,
+#                      printed LAST                                                              15
 #
-# $OUT (default ./out) receives 7 files (the device tool brings back at most 8, no deeper than 2
-# folders, names of letters, digits and ._- only):
+# Not in the default run (name them in --phases; each exceeds what one call can spare):
+#   compile:unet       torch.compile of the U-Net forward, largest workload (bench_unet)         150
+#   compile:sample     torch.compile(mode="max-autotune") sampling, largest workload            390
+#
+# A probe that fails skips its phase as a whole (the workloads do not run). The whole run is
+# also bounded by FASTDIFF_CHECK_BUDGET (default 540 s): a phase gets min(its cap, time left
+# less the report's cap) and is skipped when that is under 5 s.
+#
+# $OUT (default ./out) receives 7 files, rewritten after EVERY phase so that a call cut short
+# still brings back what ran (the device tool brings back at most 8, no deeper than 2 folders,
+# names of letters, digits and ._- only):
 #   report.md  summary.txt  versions.txt  tests.log  build.log  ncu_summary.md
 #   <YYYY-MM-DD>_<gpu>.tar.gz   the folder <YYYY-MM-DD>_<gpu>/ with everything: raw pytest-benchmark
 #                               JSON (bench/), logs (logs/), ncu reports and CSVs (ncu/), plots/,
 #                               report.md, summary.txt, versions.txt, commit.txt -- unpack it into
 #                               benchmarks/results/ as it is.
 #
-# Knobs: OUT, PYTHON (default python3), FASTDIFF_CHECK_BUDGET, FASTDIFF_CHECK_SKIP (any of
-# "versions build tests bench ncu report", space or comma separated), FASTDIFF_COMMIT,
+# Knobs: OUT, PYTHON (default python3), FASTDIFF_CHECK_BUDGET, FASTDIFF_COMMIT,
 # NCU_PROVIDERS (default cuda,triton), NCU_REGEX_SOLVER_STEP, NCU_REGEX_GROUP_NORM_SILU.
 
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 ROOT=$PWD
 PY=${PYTHON:-python3}
+
+# ---------------------------------------------------------------- the plan
+# Phases in priority order; DEFAULT=0: only when named in --phases.
+PHASES=(versions build tests tests:triton bench:copy bench:solver_step bench:group_norm_silu
+        bench:sampling bench:attention bench:unet compile compile:unet compile:sample ncu)
+declare -A CAP=([setup]=25 [versions]=10 [build]=100 [tests]=50 [tests:triton]=60 [bench:copy]=20
+  [bench:solver_step]=30 [bench:group_norm_silu]=30 [bench:sampling]=50 [bench:attention]=40
+  [bench:unet]=20 [compile]=40 [compile:unet]=150 [compile:sample]=390 [ncu]=45 [report]=15)
+declare -A DEFAULT=([compile:unet]=0 [compile:sample]=0)
+declare -A WHAT=([setup]="GPU probe and result naming (always runs)"
+  [versions]="driver, toolkit and library versions; commit"
+  [build]="pip install -e . with the CUDA kernels for this GPU"
+  [tests]="GPU tests: CUDA kernels and CUDA graphs"
+  [tests:triton]="GPU tests: Triton kernels on the GPU"
+  [bench:copy]="copy/add bandwidth baselines" [bench:solver_step]="fused solver step"
+  [bench:group_norm_silu]="fused GroupNorm+SiLU" [bench:sampling]="sampling: eager vs fused vs graph"
+  [bench:attention]="attention and linear_residual" [bench:unet]="U-Net forward: eager vs fused"
+  [compile]="torch.compile providers of the kernel benchmarks, largest size (after a probe)"
+  [compile:unet]="torch.compile U-Net forward, largest workload (after a probe)"
+  [compile:sample]="max-autotune sampling, largest workload (after a probe)"
+  [ncu]="Nsight Compute on solver_step and group_norm_silu (after a probe)"
+  [report]="markdown report, plots, phase table (always runs)")
+
+usage() { sed -n '2,/^$/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+PLAN_ONLY=0
+SELECT=""
+while (( $# )); do
+  case $1 in
+    --plan) PLAN_ONLY=1 ;;
+    --phases) (( $# > 1 )) || { echo "gpu_check.sh: --phases needs a list of phases" >&2; exit 2; }
+              SELECT=$2; shift ;;
+    --phases=*) SELECT=${1#--phases=} ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument '$1' (expected --plan, --phases LIST or --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+declare -A RUN=()
+if [ -z "$SELECT" ]; then
+  for ph in "${PHASES[@]}"; do [ "${DEFAULT[$ph]:-1}" = 1 ] && RUN[$ph]=1; done
+else
+  for want in $(echo "$SELECT" | tr ',' ' '); do
+    hit=0
+    for ph in "${PHASES[@]}"; do
+      if [ "$ph" = "$want" ] || { [[ "$ph" == "$want:"* ]] && [ "${DEFAULT[$ph]:-1}" = 1 ]; }; then
+        RUN[$ph]=1; hit=1
+      fi
+    done
+    (( hit )) || { echo "gpu_check.sh: --phases: unknown phase '$want' (phases: ${PHASES[*]})" >&2; exit 2; }
+  done
+fi
+ORDER=(setup)
+for ph in "${PHASES[@]}"; do [ -n "${RUN[$ph]:-}" ] && ORDER+=("$ph"); done
+ORDER+=(report)
+BUDGET=${FASTDIFF_CHECK_BUDGET:-540}
+
+if (( PLAN_ONLY )); then
+  total=0
+  printf '%-22s %6s  %s\n' phase cap_s what
+  for ph in "${ORDER[@]}"; do
+    printf '%-22s %6s  %s\n' "$ph" "${CAP[$ph]}" "${WHAT[$ph]}"
+    total=$((total + ${CAP[$ph]}))
+  done
+  (( total > BUDGET )) && echo "note: over FASTDIFF_CHECK_BUDGET=$BUDGET s: the last phases get what is left, or are skipped"
+  echo "total budget: $total s"
+  exit 0
+fi
+
 OUT=${OUT:-$ROOT/out}
-BUDGET=${FASTDIFF_CHECK_BUDGET:-560}
-SKIP=" $(echo "${FASTDIFF_CHECK_SKIP:-}" | tr ',' ' ') "
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
+RESERVE=${CAP[report]}   # every phase but the report leaves the report its time
+PHASE_END=$DEADLINE
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-
 mkdir -p "$OUT"
-# ---------------------------------------------------------------- naming: <date>_<gpu>
+
+# ---------------------------------------------------------------- setup: naming <date>_<gpu>
 # one torch import: "1 <device name>" when torch sees a GPU, "0" when not
-PROBE=$(timeout 120 "$PY" -c 'import torch; ok = torch.cuda.is_available(); print(int(ok), torch.cuda.get_device_name(0) if ok else "")' 2>/dev/null)
+PROBE=$(timeout "${CAP[setup]}" "$PY" -c 'import torch; ok = torch.cuda.is_available(); print(int(ok), torch.cuda.get_device_name(0) if ok else "")' 2>/dev/null)
 HAVE_GPU=0; [ "${PROBE%% *}" = 1 ] && HAVE_GPU=1
 GPU_NAME=""; [ "$HAVE_GPU" = 1 ] && GPU_NAME=${PROBE#* }
 [ -n "$GPU_NAME" ] || GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)
@@ -60,44 +153,72 @@ GPU_SLUG=$(echo "${GPU_NAME:-nogpu}" | tr 'A-Z' 'a-z' | sed -e 's/^nvidia //' -e
 [ -n "$GPU_SLUG" ] || GPU_SLUG=nogpu
 RESULT_NAME="$(date -u +%Y-%m-%d)_${GPU_SLUG}"
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/fastdiff_check.XXXXXX")
+trap 'rm -rf "$TMP"' EXIT
 W="$TMP/$RESULT_NAME"
 mkdir -p "$W/bench" "$W/logs" "$W/ncu" "$W/plots"
 SUMMARY="$W/summary.txt"
 printf '%-26s %-9s %6s %7s  %s\n' phase status "secs" limit note > "$SUMMARY"
 
-left() { echo $((DEADLINE - $(date +%s))); }
-skipped() { [[ "$SKIP" == *" $1 "* ]]; }
 record() { # record PHASE STATUS SECS LIMIT NOTE
   printf '%-26s %-9s %6s %7s  %s\n' "$1" "$2" "$3" "$4" "$5" | tee -a "$SUMMARY"
 }
-# run_phase NAME CAP RESERVE LOG CMD...: CMD under timeout min(CAP, left - RESERVE); never fails
-run_phase() {
-  local name=$1 cap=$2 reserve=$3 log=$4
-  shift 4
-  local t=$(( $(left) - reserve ))
-  (( t > cap )) && t=$cap
+record setup "$([ "$HAVE_GPU" = 1 ] && echo ok || echo NOGPU)" $(( $(date +%s) - START )) "${CAP[setup]}" \
+  "${GPU_NAME:-torch sees no GPU}; phases: ${ORDER[*]}"
+
+# run_step NAME CAP LOG CMD...: CMD under timeout min(CAP, time left in the phase, time left in
+# the run less RESERVE), output appended to LOG, recorded in summary.txt; returns CMD's status
+run_step() {
+  local name=$1 cap=$2 log=$3
+  shift 3
+  local now t
+  now=$(date +%s)
+  t=$cap
+  (( t > PHASE_END - now )) && t=$((PHASE_END - now))
+  (( t > DEADLINE - RESERVE - now )) && t=$((DEADLINE - RESERVE - now))
   if (( t < 5 )); then
-    record "$name" SKIPPED 0 "$t" "no time left in the ${BUDGET}s budget"
+    record "$name" SKIPPED 0 "$t" "no time left in the phase or the ${BUDGET}s budget"
     return 99
   fi
-  local t0 rc dt status note=""
-  t0=$(date +%s)
-  timeout -s INT -k 15 "$t" "$@" >"$log" 2>&1
+  local rc dt status note=""
+  timeout -s INT -k 5 "$t" "$@" >>"$log" 2>&1
   rc=$?
-  dt=$(( $(date +%s) - t0 ))
+  dt=$(( $(date +%s) - now ))
   case $rc in
     0) status=ok ;;
     124|137) status=TIMEOUT; note="killed at the ${t}s limit" ;;
     *) status=FAILED; note="exit $rc" ;;
   esac
-  note="$note${note:+; }log $(basename "$log")"
-  record "$name" "$status" "$dt" "$t" "$note"
+  record "$name" "$status" "$dt" "$t" "$note${note:+; }log $(basename "$log")"
   return $rc
+}
+
+# ---------------------------------------------------------------- collect into $OUT (7 files)
+# Called after every phase: what ran so far is in $OUT even if the call is cut short later.
+collect() {
+  {
+    if [ -s "$W/logs/report_body.md" ]; then cat "$W/logs/report_body.md"
+    else printf '# fastdiff GPU check: %s\n\nNo benchmark report (yet; see the phase table below).\n' "$RESULT_NAME"; fi
+    printf '\n## GPU check phases\n\n```\n'
+    cat "$W/commit.txt" "$SUMMARY"
+    printf '```\n\n'
+    cat "$W/ncu_summary.md"
+  } >"$W/report.md"
+  cp "$W/report.md" "$SUMMARY" "$W/ncu_summary.md" "$OUT/"
+  if [ -f "$W/versions.txt" ]; then cp "$W/versions.txt" "$OUT/"; else cp "$W/commit.txt" "$OUT/versions.txt"; fi
+  local t
+  for t in tests tests_triton; do [ -f "$W/logs/$t.log" ] && tail -n 1500 "$W/logs/$t.log"; done >"$OUT/tests.log"
+  [ -s "$OUT/tests.log" ] || rm -f "$OUT/tests.log"
+  [ -f "$W/logs/build.log" ] && tail -n 400 "$W/logs/build.log" >"$OUT/build.log"
+  local tarball="$OUT/$RESULT_NAME.tar.gz"
+  tar -czf "$tarball.part" -C "$TMP" "$RESULT_NAME" 2>/dev/null
+  if [ "$(stat -c %s "$tarball.part" 2>/dev/null || echo 0)" -gt 15000000 ]; then # .ncu-rep can be large
+    tar -czf "$tarball.part" -C "$TMP" --exclude='*.ncu-rep' "$RESULT_NAME" 2>/dev/null
+  fi
+  mv -f "$tarball.part" "$tarball"
 }
 
 NCU=$(command -v ncu 2>/dev/null || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n1)
 
-# ---------------------------------------------------------------- versions
 COMMIT=${FASTDIFF_COMMIT:-}
 if [ -z "$COMMIT" ] && git -C "$ROOT" rev-parse HEAD >/dev/null 2>&1; then
   COMMIT=$(git -C "$ROOT" rev-parse HEAD)
@@ -112,7 +233,10 @@ SRC_HASH=$(find fastdiff csrc kernels benchmarks tests setup.py pyproject.toml C
              2>/dev/null | LC_ALL=C sort | xargs -r sha256sum 2>/dev/null | sha256sum | cut -c1-16)
 printf 'commit: %s\nsource sha256 (tracked source files, first 16 hex): %s\nresult: %s\n' \
   "$COMMIT" "$SRC_HASH" "$RESULT_NAME" > "$W/commit.txt"
+printf '## Nsight Compute summary\n\nNo Nsight Compute profile in this run (see summary.txt for why).\n' >"$W/ncu_summary.md"
+collect
 
+# ---------------------------------------------------------------- phases
 versions_cmd() {
   echo "== date";       date -u +%Y-%m-%dT%H:%M:%SZ
   echo "== result";     echo "$RESULT_NAME"
@@ -148,158 +272,167 @@ for mod in ("triton", "pytest", "pytest_benchmark", "pybind11", "numpy", "matplo
         print(mod, "missing:", type(exc).__name__)
 PYEOF
 }
-if skipped versions; then record versions SKIPPED 0 0 "FASTDIFF_CHECK_SKIP"; else
-  export -f versions_cmd; export W RESULT_NAME NCU PY
-  run_phase versions 25 400 "$W/versions.txt" bash -c versions_cmd
-fi
 
-# ---------------------------------------------------------------- build
-if skipped build; then record build SKIPPED 0 0 "FASTDIFF_CHECK_SKIP"
-else
+phase_versions() {
+  export -f versions_cmd; export W RESULT_NAME NCU PY
+  run_step versions "${CAP[versions]}" "$W/versions.txt" bash -c versions_cmd
+}
+
+phase_build() {
+  local log="$W/logs/build.log"
   if [ "$HAVE_GPU" = 1 ]; then
-    CC=$(timeout 60 "$PY" -c 'import torch; p = torch.cuda.get_device_capability(); print(f"{p[0]}.{p[1]}")' 2>/dev/null)
-    MAJOR=${CC%%.*}; MINOR=${CC##*.}
-    SUFFIX=""; [ "${MAJOR:-0}" -ge 9 ] && SUFFIX=a     # sm_90a / sm_100a: wgmma, setmaxnreg, TMA
+    local cc major minor suffix=""
+    cc=$(timeout 30 "$PY" -c 'import torch; p = torch.cuda.get_device_capability(); print(f"{p[0]}.{p[1]}")' 2>/dev/null)
+    major=${cc%%.*}; minor=${cc##*.}
+    [ "${major:-0}" -ge 9 ] && suffix=a     # sm_90a / sm_100a: wgmma, setmaxnreg, TMA
     # setup.py / csrc/build_flags.py read FASTDIFF_CUDA_ARCHS (and FASTDIFF_WITH_CUDA=1 makes a
     # build without the CUDA kernels an error); CUDAARCHS and TORCH_CUDA_ARCH_LIST are the CMake
     # and torch spellings of the same choice, for builds that read those.
-    export FASTDIFF_CUDA_ARCHS="sm_${MAJOR}${MINOR}${SUFFIX}" FASTDIFF_WITH_CUDA=1
-    export CUDAARCHS="${MAJOR}${MINOR}${SUFFIX}" TORCH_CUDA_ARCH_LIST="${MAJOR}.${MINOR}${SUFFIX}"
-    echo "build: GPU capability $CC -> FASTDIFF_CUDA_ARCHS=$FASTDIFF_CUDA_ARCHS" | tee "$W/logs/build_arch.txt"
+    export FASTDIFF_CUDA_ARCHS="sm_${major}${minor}${suffix}" FASTDIFF_WITH_CUDA=1
+    export CUDAARCHS="${major}${minor}${suffix}" TORCH_CUDA_ARCH_LIST="${major}.${minor}${suffix}"
+    echo "build: GPU capability $cc -> FASTDIFF_CUDA_ARCHS=$FASTDIFF_CUDA_ARCHS" | tee -a "$log"
   else
-    echo "build: no GPU visible to torch; default arch list, CUDA kernels only if a toolkit is found" | tee "$W/logs/build_arch.txt"
+    echo "build: no GPU visible to torch; default arch list, CUDA kernels only if a toolkit is found" | tee -a "$log"
   fi
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-  run_phase build 170 330 "$W/logs/build.log" \
-    "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e .
-  timeout 60 "$PY" -c 'import fastdiff; f = getattr(fastdiff, "info", None); print(f() if callable(f) else "fastdiff.info() does not exist yet")' \
-    >>"$W/logs/build.log" 2>&1 || echo "import fastdiff failed (see build.log)" | tee -a "$W/logs/build.log"
-  tail -n 3 "$W/logs/build.log"
-fi
-
-# ---------------------------------------------------------------- tests
-if skipped tests; then record tests SKIPPED 0 0 "FASTDIFF_CHECK_SKIP"
-else
-  run_phase tests 150 200 "$W/logs/tests.log" \
-    "$PY" -m pytest tests -q -rs -p no:cacheprovider --junitxml="$W/logs/tests.xml"
-  echo "tests: $(tail -n 1 "$W/logs/tests.log")"
-fi
-
-# ---------------------------------------------------------------- benchmarks
-NCU_RESERVE=0
-if [ -n "$NCU" ] && [ "$HAVE_GPU" = 1 ] && ! skipped ncu; then NCU_RESERVE=60; fi
-declare -A CAP=([copy]=45 [solver_step]=90 [group_norm_silu]=75 [attention]=75 [sample]=120)
-KNOWN=(copy solver_step group_norm_silu attention sample)
-bench_file() { # the benchmark file of an op, or nothing
-  local op=$1
-  for f in "benchmarks/bench_${op}.py" $([ "$op" = sample ] && echo benchmarks/bench_sampling.py); do
-    [ -f "$f" ] && { echo "$f"; return; }
-  done
+  run_step build "${CAP[build]}" "$log" "$PY" -m pip install --no-build-isolation --no-deps --no-index -v -e . \
+    && run_step "build:info" 20 "$log" "$PY" -c 'import fastdiff; print(fastdiff.info())'
+  tail -n 3 "$log"
 }
-if skipped bench; then record bench SKIPPED 0 0 "FASTDIFF_CHECK_SKIP"
-else
-  DONE=" "
-  for op in "${KNOWN[@]}"; do
-    f=$(bench_file "$op")
-    if [ -z "$f" ]; then
-      record "bench:$op" SKIPPED 0 0 "benchmarks/bench_${op}.py does not exist yet"
-      continue
-    fi
-    DONE+="$f "
-    run_phase "bench:$op" "${CAP[$op]}" $((30 + NCU_RESERVE)) "$W/logs/bench_${op}.log" \
-      "$PY" -m pytest "$f" -q -p no:cacheprovider --benchmark-json="$W/bench/bench_${op}.json" \
-      --benchmark-group-by=group --benchmark-columns=median,iqr,rounds,iterations
-  done
-  for f in benchmarks/bench_*.py; do
-    [ -f "$f" ] || continue
-    [[ "$DONE" == *" $f "* ]] && continue
-    name=$(basename "$f" .py)
-    run_phase "bench:${name#bench_}" 60 $((30 + NCU_RESERVE)) "$W/logs/${name}.log" \
-      "$PY" -m pytest "$f" -q -p no:cacheprovider --benchmark-json="$W/bench/${name}.json" \
-      --benchmark-group-by=group --benchmark-columns=median,iqr,rounds,iterations
-  done
-fi
 
-# ---------------------------------------------------------------- Nsight Compute
+TEST_FILES=(tests/test_solver_step.py tests/test_group_norm_silu.py tests/test_attention.py
+            tests/test_linear_residual.py tests/test_graphs.py tests/test_sample_fused.py tests/test_fused_unet.py)
+phase_tests() { # phase_tests NAME LOGNAME KEYWORDS
+  run_step "$1" "${CAP[$1]}" "$W/logs/$2.log" "$PY" -m pytest "${TEST_FILES[@]}" -m gpu -k "$3" -q -rs \
+    -p no:cacheprovider --durations=15 --junitxml="$W/logs/$2.xml"
+  echo "$1: $(tail -n 1 "$W/logs/$2.log" 2>/dev/null)"
+}
+
+# bench_run NAME JSON FILES...: the benchmark files under pytest-benchmark, JSON kept in bench/
+bench_run() {
+  local name=$1 json=$2
+  shift 2
+  run_step "$name" "${CAP[$name]}" "$W/logs/${json}.log" "$PY" -m pytest "$@" -q -p no:cacheprovider \
+    --benchmark-json="$W/bench/${json}.json" --benchmark-group-by=group --benchmark-columns=median,iqr,rounds,iterations
+}
+
+phase_bench() { # phase_bench FILE-STEM
+  local f="benchmarks/bench_$1.py"
+  if [ ! -f "$f" ]; then record "bench:$1" SKIPPED 0 0 "$f does not exist"; return; fi
+  FASTDIFF_BENCH_SKIP_PROVIDERS=compile bench_run "bench:$1" "bench_$1" "$f"
+}
+
+# probe NAME CMD...: run once per script (cached); 0 when CMD succeeded
+declare -A PROBED=()
+probe() {
+  local name=$1
+  shift
+  if [ -z "${PROBED[$name]:-}" ]; then
+    run_step "$name" 20 "$W/logs/$name.log" "$@"
+    PROBED[$name]=$?
+  fi
+  return "${PROBED[$name]}"
+}
+
+compile_probe_cmd() {
+  "$PY" -c 'import torch
+f = torch.compile(lambda x: torch.sin(x) * 2 + 1)
+x = torch.randn(4096, device="cuda")
+torch.testing.assert_close(f(x), torch.sin(x) * 2 + 1)
+print("torch.compile probe: ok")'
+}
+
+phase_compile() { # phase_compile NAME JSON FILES...
+  local name=$1
+  if [ "$HAVE_GPU" != 1 ]; then record "$name" SKIPPED 0 0 "no GPU visible to torch"; return; fi
+  export -f compile_probe_cmd; export PY
+  if ! probe compile-probe bash -c compile_probe_cmd; then
+    record "$name" SKIPPED 0 0 "the torch.compile probe failed (logs/compile-probe.log)"
+    return
+  fi
+  FASTDIFF_BENCH_PROVIDERS=compile FASTDIFF_BENCH_SIZES=largest bench_run "$@"
+}
+
 # the metrics fastdiff/bench/ncu.py summarises (NCU_METRICS there), besides the two sections
 NCU_METRICS=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed
 ncu_target() { # ncu_target OP REGEX
-  local op=$1 regex=$2 f rep
-  f=$(bench_file "$op")
-  if [ -z "$f" ]; then record "ncu:$op" SKIPPED 0 0 "benchmarks/bench_${op}.py does not exist yet"; return; fi
-  rep="$W/ncu/ncu_${op}"
+  local op=$1 regex=$2 f="benchmarks/bench_$1.py" rep="$W/ncu/ncu_$1"
   local common=(--clock-control none --target-processes all --kernel-name "regex:${regex}"
                 --section SpeedOfLight --section MemoryWorkloadAnalysis --metrics "$NCU_METRICS" -f)
-  local pytest_cmd=("$PY" -m pytest "$f" -q -p no:cacheprovider --benchmark-disable)
-  run_phase "ncu:$op" 60 30 "$W/logs/ncu_${op}.log" \
-    env FASTDIFF_BENCH_PROFILE=1 FASTDIFF_BENCH_SIZES=largest FASTDIFF_BENCH_PROVIDERS="${NCU_PROVIDERS:-cuda,triton}" \
-    "$NCU" "${common[@]}" --nvtx --nvtx-include "fastdiff_profile/" --launch-count 8 -o "$rep" "${pytest_cmd[@]}"
-  if [ ! -s "$rep.ncu-rep" ] && (( $(left) > 60 )); then # nothing matched inside the NVTX range: retry without it
-    run_phase "ncu:$op (no NVTX filter)" 50 30 "$W/logs/ncu_${op}_nonvtx.log" \
-      env FASTDIFF_BENCH_PROFILE=1 FASTDIFF_BENCH_SIZES=largest FASTDIFF_BENCH_PROVIDERS="${NCU_PROVIDERS:-cuda,triton}" \
-      "$NCU" "${common[@]}" --launch-count 8 -o "$rep" "${pytest_cmd[@]}"
+  local workload=(env FASTDIFF_BENCH_PROFILE=1 FASTDIFF_BENCH_SIZES=largest
+                  FASTDIFF_BENCH_PROVIDERS="${NCU_PROVIDERS:-cuda,triton}"
+                  "$PY" -m pytest "$f" -q -p no:cacheprovider --benchmark-disable)
+  run_step "ncu:$op" 20 "$W/logs/ncu_$op.log" "$NCU" "${common[@]}" --nvtx --nvtx-include "fastdiff_profile/" \
+    --launch-count 8 -o "$rep" "${workload[@]}"
+  if [ ! -s "$rep.ncu-rep" ]; then # nothing matched inside the NVTX range: retry without it
+    run_step "ncu:$op (no NVTX filter)" 15 "$W/logs/ncu_$op.log" "$NCU" "${common[@]}" --launch-count 8 \
+      -o "$rep" "${workload[@]}"
   fi
   if [ -s "$rep.ncu-rep" ]; then
-    timeout 60 "$NCU" -i "$rep.ncu-rep" --csv --page raw --print-units base >"$W/ncu/${op}.csv" 2>>"$W/logs/ncu_${op}.log" \
-      || timeout 60 "$NCU" -i "$rep.ncu-rep" --csv --page raw >"$W/ncu/${op}.csv" 2>>"$W/logs/ncu_${op}.log"
-    timeout 60 "$NCU" -i "$rep.ncu-rep" --page details >"$W/ncu/${op}_details.txt" 2>>"$W/logs/ncu_${op}.log"
+    timeout 20 "$NCU" -i "$rep.ncu-rep" --csv --page raw --print-units base >"$W/ncu/$op.csv" 2>>"$W/logs/ncu_$op.log" \
+      || timeout 20 "$NCU" -i "$rep.ncu-rep" --csv --page raw >"$W/ncu/$op.csv" 2>>"$W/logs/ncu_$op.log"
+    timeout 20 "$NCU" -i "$rep.ncu-rep" --page details >"$W/ncu/${op}_details.txt" 2>>"$W/logs/ncu_$op.log"
   else
-    record "ncu:$op" NOREPORT 0 0 "no kernel matched regex:${regex} (see logs/ncu_${op}.log)"
+    record "ncu:$op" NOREPORT 0 0 "no kernel matched regex:${regex} (logs/ncu_$op.log)"
   fi
 }
-if skipped ncu; then record ncu SKIPPED 0 0 "FASTDIFF_CHECK_SKIP"
-elif [ -z "$NCU" ]; then record ncu SKIPPED 0 0 "ncu (Nsight Compute) not found on this machine"
-elif [ "$HAVE_GPU" != 1 ]; then record ncu SKIPPED 0 0 "no GPU visible to torch"
-else
+
+ncu_probe_cmd() { # a report with one profiled kernel, or failure
+  "$NCU" --target-processes all --launch-count 1 -f -o "$W/ncu/probe" \
+    "$PY" -c 'import torch; torch.ones(8, device="cuda").add_(1); torch.cuda.synchronize()' && [ -s "$W/ncu/probe.ncu-rep" ]
+}
+
+phase_ncu() {
+  if [ -z "$NCU" ]; then record ncu SKIPPED 0 0 "ncu (Nsight Compute) not found on this machine"; return; fi
+  if [ "$HAVE_GPU" != 1 ]; then record ncu SKIPPED 0 0 "no GPU visible to torch"; return; fi
+  export -f ncu_probe_cmd; export NCU W PY
+  if ! probe ncu-probe bash -c ncu_probe_cmd; then
+    record ncu SKIPPED 0 0 "the ncu probe failed (logs/ncu-probe.log): no profile in this sandbox"
+    return
+  fi
+  rm -f "$W/ncu/probe.ncu-rep"
   ncu_target solver_step "${NCU_REGEX_SOLVER_STEP:-[Ss]olver}"
   ncu_target group_norm_silu "${NCU_REGEX_GROUP_NORM_SILU:-[Gg]roup_?[Nn]orm|gn_silu|[Gg]n[Ss]ilu}"
-fi
-shopt -s nullglob
-NCU_CSVS=("$W"/ncu/*.csv)
-if (( ${#NCU_CSVS[@]} )); then
-  timeout 60 "$PY" -m fastdiff.bench ncu-summary "${NCU_CSVS[@]}" -o "$W/ncu_summary.md" 2>>"$W/logs/ncu_summary.log" \
-    || echo "ncu-summary failed (see logs/ncu_summary.log)" >"$W/ncu_summary.md"
-else
-  echo "## Nsight Compute summary" >"$W/ncu_summary.md"
-  echo >>"$W/ncu_summary.md"
-  echo "No Nsight Compute profile in this run (see summary.txt for why)." >>"$W/ncu_summary.md"
-fi
+  shopt -s nullglob
+  local csvs=("$W"/ncu/*.csv)
+  shopt -u nullglob
+  if (( ${#csvs[@]} )); then
+    timeout 20 "$PY" -m fastdiff.bench ncu-summary "${csvs[@]}" -o "$W/ncu_summary.md" 2>>"$W/logs/ncu_summary.log" \
+      || echo "ncu-summary failed (see logs/ncu_summary.log)" >"$W/ncu_summary.md"
+  fi
+}
 
-# ---------------------------------------------------------------- report
-JSONS=("$W"/bench/*.json)
-if skipped report; then record report SKIPPED 0 0 "FASTDIFF_CHECK_SKIP"
-elif (( ${#JSONS[@]} )); then
-  run_phase report 30 0 "$W/logs/report.log" \
-    "$PY" -m fastdiff.bench report "${JSONS[@]}" -o "$W/report.md" --plots "$W/plots" \
-    --title "fastdiff GPU check: $RESULT_NAME"
-else
-  record report SKIPPED 0 0 "no benchmark JSON was written"
-fi
-[ -s "$W/report.md" ] || printf '# fastdiff GPU check: %s\n\nNo benchmark report (see the phase table below).\n' "$RESULT_NAME" >"$W/report.md"
-record total "" $(( $(date +%s) - START )) "$BUDGET" "$RESULT_NAME"
-{
-  echo
-  echo "## GPU check phases"
-  echo
-  echo '```'
-  cat "$W/commit.txt"
-  cat "$SUMMARY"
-  echo '```'
-  echo
-  cat "$W/ncu_summary.md"
-} >>"$W/report.md"
+phase_report() {
+  RESERVE=0
+  shopt -s nullglob
+  local jsons=("$W"/bench/*.json)
+  shopt -u nullglob
+  if (( ${#jsons[@]} )); then
+    run_step report "${CAP[report]}" "$W/logs/report.log" "$PY" -m fastdiff.bench report "${jsons[@]}" \
+      -o "$W/logs/report_body.md" --plots "$W/plots" --title "fastdiff GPU check: $RESULT_NAME"
+  else
+    record report SKIPPED 0 0 "no benchmark JSON was written"
+  fi
+}
 
-# ---------------------------------------------------------------- collect into $OUT (7 files)
-cp "$W/report.md" "$W/summary.txt" "$W/ncu_summary.md" "$OUT/" 2>/dev/null
-[ -f "$W/versions.txt" ] && cp "$W/versions.txt" "$OUT/" || cp "$W/commit.txt" "$OUT/versions.txt"
-[ -f "$W/logs/tests.log" ] && tail -n 3000 "$W/logs/tests.log" >"$OUT/tests.log"
-[ -f "$W/logs/build.log" ] && tail -n 400 "$W/logs/build.log" >"$OUT/build.log"
-tar -czf "$OUT/$RESULT_NAME.tar.gz" -C "$TMP" "$RESULT_NAME" 2>/dev/null
-if [ "$(stat -c %s "$OUT/$RESULT_NAME.tar.gz" 2>/dev/null || echo 0)" -gt 15000000 ]; then
-  tar -czf "$OUT/$RESULT_NAME.tar.gz" -C "$TMP" --exclude='*.ncu-rep' "$RESULT_NAME" 2>/dev/null
-  echo "note: .ncu-rep files left out of the tarball (over 15 MB)" | tee -a "$OUT/summary.txt"
-fi
-rm -rf "$TMP"
+for ph in "${ORDER[@]:1}"; do
+  PHASE_END=$(( $(date +%s) + ${CAP[$ph]} ))
+  case $ph in
+    versions) phase_versions ;;
+    build) phase_build ;;
+    tests) phase_tests tests tests "not triton" ;;
+    tests:triton) phase_tests tests:triton tests_triton triton ;;
+    bench:*) phase_bench "${ph#bench:}" ;;
+    compile) phase_compile compile compile benchmarks/bench_solver_step.py benchmarks/bench_group_norm_silu.py \
+               benchmarks/bench_attention.py ;;
+    compile:unet) phase_compile compile:unet compile_unet benchmarks/bench_unet.py ;;
+    compile:sample) phase_compile compile:sample compile_sample benchmarks/bench_sampling.py ;;
+    ncu) phase_ncu ;;
+    report) phase_report ;;
+  esac
+  [ "$ph" = report ] && record total "" $(( $(date +%s) - START )) "$BUDGET" "$RESULT_NAME"
+  collect
+done
 
 echo
 echo "==================== $OUT/report.md ===================="

@@ -2,13 +2,14 @@
 
 Each command lives in its own module with a `register(subparsers)` function that adds its
 parser and sets `func` (called with the parsed arguments, returns the exit code). To add a
-command, import its `register` and append it to `COMMANDS`.
+command, import its `register` and append it to `COMMANDS`. A bad argument found after parsing
+raises `fastdiff._cli.UsageError`: one line on stderr naming the option, exit code 2.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
+from fastdiff._cli import Parser, UsageError
 from fastdiff.demo.cli import register as _register_demo
 from fastdiff.generate_cli import register as _register_generate
 from fastdiff.profile_cli import register as _register_profile
@@ -18,10 +19,10 @@ COMMANDS = [_register_demo, _register_generate, _register_profile]
 CPU_HEAVY = {"demo", "generate", "evaluate", "compare"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     from fastdiff import __version__
 
-    p = argparse.ArgumentParser(prog="python -m fastdiff", description="fastdiff: fused few-step diffusion sampling")
+    p = Parser(prog="python -m fastdiff", description="fastdiff: fused few-step diffusion sampling")
     p.add_argument("--version", action="version", version=f"fastdiff {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in COMMANDS:
@@ -31,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as e:
+        print(f"python -m fastdiff {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,12 +16,20 @@ steps (CFG included) into one CUDA graph, then replays it with a single launch:
 * The result is copied out of the state buffer: a later replay never overwrites a tensor a
   caller holds.
 * Cache: graphs are keyed by everything that changes what is recorded (the model object, the
-  plan, shapes, dtypes, layout, device, CFG mode, conditioning structure and model dtype),
-  at most `max_graphs` of them (least recently used evicted), all allocating from one shared
-  memory pool. The cache holds a reference to the model: the graph reads its parameters in
-  place, so in-place weight updates are seen, but replaced parameter tensors need
-  `fastdiff.clear_graphs()`. Capture happens after one warm-up run on a side stream. A lock
-  makes capture and replay (with their static copies) atomic across threads.
+  plan, shapes, dtypes, layout, device, CFG mode, conditioning structure, model dtype, and the
+  grad / inference / autocast modes), at most `max_graphs` of them (least recently used
+  evicted), all allocating from one shared memory pool. A CUDA graph keeps no Python
+  references, so each cache entry owns every tensor the recorded work reads or writes: the
+  state, the history ring buffer, the model times, the static conditioning, guidance and noise
+  (and the model, whose parameters the graph reads in place: in-place weight updates are seen,
+  replaced parameter tensors need `fastdiff.clear_graphs()`).
+* Capture runs on a side stream of the tensors' own device, after one warm-up run there.
+* Threads: a lock makes capture and the host side of a replay atomic; on the GPU every replay
+  (its static copies in, the graph, the result copied out) waits for the previous one, on
+  whatever stream it was issued, so replays from threads on different streams never overlap
+  (they share static buffers and the memory pool).
+* A model compiled with `torch.compile(mode="reduce-overhead")` records CUDA graphs of its own,
+  which cannot nest in ours: `GraphCaptureError` (or the eager loop under "auto").
 * A model that cannot be captured (host synchronisation such as `.item()`, data-dependent
   shapes, CPU work) raises `GraphCaptureError` naming the cause; with `cuda_graph="auto"`
   the eager fused loop runs instead, with a warning.
@@ -58,24 +66,51 @@ def _tensor_meta(v: Any):
         return ("object", id(v))
 
 
+def _modes(device: torch.device) -> tuple:
+    """Thread-local modes that change what is recorded or which tensors may be written later:
+    a graph recorded under inference_mode owns inference tensors that normal mode cannot update."""
+    autocast = torch.is_autocast_enabled(device.type)
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast,
+            torch.get_autocast_dtype(device.type) if autocast else None)
+
+
 def graph_key(sampler, model, x: torch.Tensor, caller: ModelCaller) -> tuple:
     """Everything that changes what the graph records; the guidance scale and tensor values do not."""
     cond = tuple(sorted((k, _tensor_meta(v)) for k, v in caller.cond.items()))
     uncond = tuple(sorted((k, _tensor_meta(v)) for k, v in caller.uncond.items())) if caller.guided else ()
     return (id(model), sampler.signature, tuple(x.shape), x.dtype, x.device, x.stride(), caller.mode,
-            caller.model_dtype, cond, uncond)
+            caller.model_dtype, cond, uncond, _modes(x.device))
+
+
+def nested_graph_reason(model) -> Optional[str]:
+    """Why `model` would record CUDA graphs of its own inside ours (torch.compile with
+    mode="reduce-overhead" or the inductor option triton.cudagraphs), or None."""
+    parts = model.modules() if isinstance(model, torch.nn.Module) else (model,)
+    for part in parts:
+        config = getattr(part, "get_compiler_config", None)
+        if callable(config) and (config() or {}).get("triton.cudagraphs"):
+            name = type(getattr(part, "_orig_mod", part)).__name__
+            return (f"{name} is compiled with CUDA graphs of its own (torch.compile mode='reduce-overhead' or "
+                    "triton.cudagraphs), which cannot nest in the sampling loop's graph: compile it with "
+                    "mode='max-autotune-no-cudagraphs' or 'default', or sample with cuda_graph=False")
+    return None
 
 
 @dataclass
 class _Recorded:
+    """A recorded loop and every tensor it reads or writes: the graph itself holds none."""
+
     model: Any  # keeps the model (and its parameters' memory) alive as long as the graph
     graph: Any
     x: torch.Tensor
-    caller: ModelCaller
+    history: Optional[torch.Tensor]
+    times: torch.Tensor  # the model times the recorded calls read
+    caller: ModelCaller  # its static cond/uncond copies
     guidance: Optional[torch.Tensor]  # the CFG scale the recorded kernels read (None: no CFG)
     noise: Optional[torch.Tensor]
 
     def replay(self, noise: torch.Tensor, cond, uncond, guidance_scale: float, generator) -> torch.Tensor:
+        _after_previous_replay(self.x.device)
         self.x.copy_(noise)
         for static, new in ((self.caller.cond, cond), (self.caller.uncond, uncond)):
             for k, v in (new or {}).items():
@@ -90,7 +125,26 @@ class _Recorded:
             self.noise.normal_(generator=generator)
         with nvtx_range("fastdiff/graph_replay"):
             self.graph.replay()
-        return self.x.clone()
+        out = self.x.clone()
+        _mark_replay_done(self.x.device)
+        return out
+
+
+# The event recorded after the last replay (its result copied out), per device. Each replay
+# first makes its own stream wait for it: replays from any thread or stream run one at a time
+# on the GPU, with no host synchronisation.
+_LAST_REPLAY: Dict[torch.device, Any] = {}
+
+
+def _after_previous_replay(device: torch.device) -> None:
+    done = _LAST_REPLAY.get(device)
+    if done is not None:
+        torch.cuda.current_stream(device).wait_event(done)
+
+
+def _mark_replay_done(device: torch.device) -> None:
+    if device.type == "cuda":
+        _LAST_REPLAY[device] = torch.cuda.current_stream(device).record_event()
 
 
 class GraphCache:
@@ -153,19 +207,22 @@ def graph_stats() -> Dict[str, int]:
 
 
 def _warm_up(run, device) -> None:
-    """One eager run on a side stream: lazy initialisation, autotuning and first allocations
-    happen outside the graph."""
-    side = torch.cuda.Stream(device=device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream(device).wait_stream(side)
+    """One eager run on a side stream of `device`: lazy initialisation, autotuning and first
+    allocations happen outside the graph."""
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream(device).wait_stream(side)
 
 
 def _capture(run, device):
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=CACHE.pool):
-        run()
+    """Record `run` on a side stream of `device` (not of the current device)."""
+    with torch.cuda.device(device):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=CACHE.pool, stream=torch.cuda.Stream(device=device)):
+            run()
     return graph
 
 
@@ -187,10 +244,11 @@ def _record(sampler, model, noise: torch.Tensor, caller: ModelCaller, max_noise_
         buf = torch.randn((len(noisy),) + tuple(x.shape), device=x.device, dtype=torch.float32)
     slot = {i: k for k, i in enumerate(noisy)}
     hist = sampler.new_history(x)
-    sampler.model_times(x.device)  # made before recording: no host copies inside the graph
+    times = sampler.model_times(x.device)  # made before recording: no host copies inside the graph
 
     def run():
-        sampler.run_fused(caller, x, hist, lambda i: buf[slot[i]], 1.0 if guidance is None else guidance)
+        sampler.run_fused(caller, x, hist, lambda i: buf[slot[i]], 1.0 if guidance is None else guidance,
+                          times=times)
 
     _warm_up(run, x.device)
     x.copy_(noise)
@@ -201,7 +259,8 @@ def _record(sampler, model, noise: torch.Tensor, caller: ModelCaller, max_noise_
                                 "Remove host synchronisation (.item(), .cpu(), printing tensors, data-"
                                 "dependent shapes) from the model, or pass cuda_graph='auto' to fall back "
                                 "to the eager fused loop") from exc
-    return _Recorded(model=model, graph=graph, x=x, caller=caller, guidance=guidance, noise=buf)
+    return _Recorded(model=model, graph=graph, x=x, history=hist, times=times, caller=caller, guidance=guidance,
+                     noise=buf)
 
 
 def sample_graphed(sampler, model, noise: torch.Tensor, *, generator, guidance_scale, cond, uncond, cfg,
@@ -214,6 +273,9 @@ def sample_graphed(sampler, model, noise: torch.Tensor, *, generator, guidance_s
         rec = CACHE.get(key)
         if rec is None:
             try:
+                nested = nested_graph_reason(model)
+                if nested:
+                    raise GraphCaptureError(f"model: {nested}")
                 rec = _record(sampler, model, noise, caller, max_noise_bytes)
             except GraphCaptureError as exc:
                 if mode != "auto":

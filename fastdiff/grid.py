@@ -23,16 +23,17 @@ Spacings (T training timesteps, N steps, exact definitions):
 `round_timesteps=True` rounds model times to integer training timesteps (what a discrete
 model was trained on) and recomputes alpha/sigma there. Points that coincide (after
 rounding, or `leading` with offset 0 and `final="min"`, whose last model time is tau_min)
-are dropped with a warning: a zero-size step would divide by zero in a multistep formula.
+are an error naming the cause: a zero-size step would divide by zero in a multistep formula,
+and dropping points would return fewer steps than asked.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from fastdiff.schedules import Schedule
+from fastdiff._names import did_you_mean
 
 SPACINGS = ("leading", "trailing", "linspace", "karras", "logsnr")
 FINALS = ("zero", "min")
@@ -74,6 +75,9 @@ def _karras(lo: float, hi: float, n: int, rho: float) -> np.ndarray:
 
 def _sigma_range(schedule: Schedule, sigma_min, sigma_max, spacing: str):
     ks = schedule.model_time(np.array([schedule.tau_min, schedule.tau_max]), "karras_sigma")
+    for name, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v)):
+            raise ValueError(f"{name}: expected a finite number or None, got {v!r}")
     lo = ks[0] if sigma_min is None else float(sigma_min)
     hi = ks[1] if sigma_max is None else float(sigma_max)
     if not np.isfinite(hi):
@@ -83,6 +87,12 @@ def _sigma_range(schedule: Schedule, sigma_min, sigma_max, spacing: str):
         )
     if not (0 <= lo < hi):
         raise ValueError(f"sigma_min/sigma_max: expected 0 <= sigma_min < sigma_max, got {lo}, {hi}")
+    # the schedule has no times outside [tau_min, tau_max]: points there would be clipped onto
+    # its ends and coincide
+    if sigma_max is not None and np.isfinite(ks[1]) and hi > ks[1] * (1 + 1e-9):
+        raise ValueError(f"sigma_max: {hi:g} is above this schedule's largest sigma/alpha ({ks[1]:g})")
+    if sigma_min is not None and lo < ks[0] * (1 - 1e-9):
+        raise ValueError(f"sigma_min: {lo:g} is below this schedule's smallest sigma/alpha ({ks[0]:g})")
     return lo, hi
 
 
@@ -90,9 +100,15 @@ def spacing_points(schedule: Schedule, spacing: str, steps: int, *, steps_offset
                    sigma_min=None, sigma_max=None) -> np.ndarray:
     """The N + 1 grid points (tau, decreasing) of a spacing, ending at tau_min."""
     if spacing not in SPACINGS:
-        raise ValueError(f"spacing: expected one of {list(SPACINGS)}, got {spacing!r}")
+        raise ValueError(f"spacing: expected one of {list(SPACINGS)}, got {spacing!r}{did_you_mean(spacing, SPACINGS)}")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
+    if isinstance(steps_offset, bool) or not isinstance(steps_offset, (int, np.integer)):
+        raise ValueError(f"steps_offset: expected an integer, got {steps_offset!r}")
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not np.isfinite(rho) or rho <= 0:
+        raise ValueError(f"rho: expected a finite number > 0, got {rho!r}")
+    if spacing not in ("karras", "logsnr") and (sigma_min is not None or sigma_max is not None):
+        raise ValueError(f"sigma_min/sigma_max: only the 'karras' and 'logsnr' spacings take them, not {spacing!r}")
     n = int(steps)
     t_min, t_max = schedule.tau_min, schedule.tau_max
     if schedule.kind == "flow":
@@ -137,15 +153,21 @@ def make_grid(schedule: Schedule, spacing: str, steps: int, *, final: str = "zer
         if schedule.kind != "vp":
             raise ValueError("round_timesteps: only discrete VP schedules have integer timesteps")
         tau = np.round(tau)
-    keep = np.concatenate([[True], np.diff(tau) < 0])
+    same = np.flatnonzero(np.diff(tau) >= 0) + 1  # points on (or behind) the previous one
     if final == "zero":
-        keep[-1] = True  # the end point moves to the clean limit: it never coincides
-    if not keep.all():
-        warnings.warn(f"{int((~keep).sum())} grid point(s) coincide after rounding and were dropped: "
-                      f"{int(keep.sum()) - 1} steps remain (asked for {steps})", stacklevel=3)
-        tau = tau[keep]
-    if len(tau) < 2:
-        raise ValueError("steps: the grid collapsed to a single point")
+        same = same[same != len(tau) - 1]  # the end point moves to the clean limit: it never coincides
+    if len(same):
+        # a zero-size step divides by zero in multistep formulas; never return fewer steps than asked
+        i = int(same[0])
+        if round_timesteps:
+            why, fix = "after rounding to integer timesteps", "use fewer steps or round_timesteps=False"
+        elif i == len(tau) - 1:
+            why = f"with final='min' (the end point tau_min={tau[i]:g} is also the last model time)"
+            fix = "use final='zero'" + (" or steps_offset >= 1" if spacing == "leading" else "")
+        else:
+            why, fix = f"with spacing={spacing!r}", "use fewer steps or another spacing"
+        raise ValueError(f"steps: {steps} steps {why} put {len(same)} grid point(s) on the time of the point "
+                         f"before (tau={tau[i]:g}): a step of size zero; {fix}")
     alpha, sigma = schedule.alpha_sigma(tau)
     if final == "zero":
         alpha, sigma = alpha.copy(), sigma.copy()

@@ -13,11 +13,32 @@ in the solver state's precision, and returned as `(m, None)`.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping, Optional
 
 import torch
 
 CFG_MODES = ("batched", "separate")
+
+
+MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def state_layout(x: torch.Tensor) -> torch.memory_format:
+    """The dense layout of a solver state: contiguous, or channels_last for 4-D tensors."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    raise ValueError(f"noise: expected a contiguous or channels_last tensor, got shape {tuple(x.shape)} with strides "
+                     f"{x.stride()}; call .contiguous() first")
+
+
+def check_guidance_scale(w) -> float:
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+        got = f"a tensor of shape {tuple(w.shape)}" if isinstance(w, torch.Tensor) else repr(w)
+        raise ValueError(f"guidance_scale: expected a finite real number, got {got}")
+    return float(w)
 
 
 class ModelCaller:
@@ -27,8 +48,15 @@ class ModelCaller:
             raise TypeError(f"model: expected a callable model(x, t, **cond), got {type(model).__name__}")
         if cfg not in CFG_MODES:
             raise ValueError(f"cfg: expected one of {list(CFG_MODES)}, got {cfg!r}")
-        self.w = float(guidance_scale)
+        if model_dtype is not None and model_dtype not in MODEL_DTYPES:
+            raise ValueError(f"model_dtype: expected None or one of {list(MODEL_DTYPES)} (a torch.dtype), "
+                             f"got {model_dtype!r}")
+        self.w = check_guidance_scale(guidance_scale)
         self.guided = self.w != 1.0
+        for name, kw in (("cond", cond), ("uncond", uncond)):
+            if kw is not None and not isinstance(kw, Mapping):
+                raise TypeError(f"{name}: expected a dict of keyword arguments for the model (e.g. "
+                                f"{name}={{'context': tensor}}), got {type(kw).__name__}")
         if self.guided and uncond is None:
             raise ValueError(f"uncond: guidance_scale={self.w} needs the unconditional inputs (uncond=...)")
         self.cond, self.uncond = dict(cond or {}), dict(uncond or {})
@@ -36,10 +64,18 @@ class ModelCaller:
         self.model, self.model_dtype, self.combine = model, model_dtype, combine
         self.batch, self.state_dtype = x.shape[0], x.dtype
         self.state_ptr = x.untyped_storage().data_ptr()
-        self.layout = (torch.channels_last if x.dim() == 4 and not x.is_contiguous()
-                       and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+        self.layout = state_layout(x)
+        self._check_batches()
         if self.guided:
             self._check_pairs()
+
+    def _check_batches(self) -> None:
+        """Tensor conditioning carries the batch first, like x."""
+        for name, kw in (("cond", self.cond), ("uncond", self.uncond if self.guided else {})):
+            for k, v in kw.items():
+                if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] != self.batch:
+                    raise ValueError(f"{name}[{k!r}]: expected batch {self.batch} (x's) as the first dimension, "
+                                     f"got shape {tuple(v.shape)}")
 
     def _check_pairs(self) -> None:
         if set(self.cond) != set(self.uncond):
@@ -49,18 +85,32 @@ class ModelCaller:
         for k, c in self.cond.items():
             u = self.uncond[k]
             if isinstance(c, torch.Tensor) and isinstance(u, torch.Tensor):
-                if c.shape != u.shape or c.shape[:1] != (self.batch,):
+                if c.shape != u.shape:
                     raise ValueError(f"cond[{k!r}]/uncond[{k!r}]: expected equal shapes with batch {self.batch}, "
                                      f"got {tuple(c.shape)} and {tuple(u.shape)}")
             elif not (c is u or c == u):
                 raise ValueError(f"cond[{k!r}]: non-tensor arguments must be equal in cond and uncond for "
                                  "cfg='batched'; use cfg='separate'")
 
-    def _run(self, x: torch.Tensor, t: torch.Tensor, kwargs) -> torch.Tensor:
-        out = self.model(x if self.model_dtype is None else x.to(self.model_dtype), t, **kwargs)
+    def _run(self, x: torch.Tensor, t: torch.Tensor, kwargs, is_state: bool = True) -> torch.Tensor:
+        # The model gets the solver state itself when nothing else copies it (no model_dtype
+        # cast, no CFG doubling): no copy per step. A model that writes into its input would
+        # corrupt the state, so that is detected (version counter) and is an error.
+        arg = x if self.model_dtype is None else x.to(self.model_dtype)
+        guard = is_state and arg is x
+        version = x._version if guard and not x.is_inference() else None
+        if guard and version is None:
+            arg = x.clone()  # inference tensors have no version counter: pay the copy instead
+        out = self.model(arg, t, **kwargs)
+        if version is not None and x._version != version:
+            raise RuntimeError("model: modified its input x in place; fastdiff passes the solver state itself "
+                               "(no copy), so the model must not write into it (use out-of-place ops, or "
+                               "x = x.clone() at the top of forward)")
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"model: expected an output of shape {tuple(x.shape)}, got {got}")
+        if out.dtype not in MODEL_DTYPES and not (out.dtype == torch.float64 == self.state_dtype):
+            raise TypeError(f"model: returned {out.dtype}; expected a float32, float16 or bfloat16 output")
         if self.combine:
             return out.to(self.state_dtype)  # CFG and the solver run in the state's precision
         out = out.contiguous(memory_format=self.layout)  # a model output in another layout: one copy
@@ -81,7 +131,7 @@ class ModelCaller:
                    for k, c in self.cond.items()}
 
         def batched(x, t):
-            m = self._run(torch.cat([x, x]), torch.cat([t, t]), doubled)
+            m = self._run(torch.cat([x, x]), torch.cat([t, t]), doubled, is_state=False)  # a copy already
             if not self.combine:
                 return m, None  # solver_step splits the doubled batch (unconditional half first)
             m_u, m_c = m.chunk(2)

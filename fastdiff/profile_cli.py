@@ -13,34 +13,58 @@ import shlex
 import sys
 import time
 
+from fastdiff._cli import UsageError, at_least_one, make_out_dir, pick_device
+
 MODELS = ("digits", "cifar", "sd15_like", "gmm")
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def register(subparsers) -> argparse.ArgumentParser:
+    from fastdiff import SOLVERS
+    from fastdiff.ops._dispatch import AUTO, BACKENDS
+
     p = subparsers.add_parser("profile", help="profile a sampling workload (torch profiler trace + Nsight commands)",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=MODELS, default="cifar",
-                   help="U-Net config with random weights (digits: the bundled model), or gmm: the analytic model")
-    p.add_argument("--solver", default="dpmpp_2m")
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--batch", type=int, default=1)
+                   help="U-Net config with random weights (digits: the bundled model), or gmm: the analytic "
+                        "model (default: %(default)s)")
+    p.add_argument("--solver", choices=sorted(SOLVERS), default="dpmpp_2m", metavar="SOLVER",
+                   help="one of %(choices)s (default: %(default)s)")
+    p.add_argument("--steps", type=at_least_one, default=8, help="sampling steps (default: %(default)s)")
+    p.add_argument("--batch", type=at_least_one, default=1, help="images per sampling call (default: %(default)s)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="CFG scale (default: 7.5 for sd15_like, else no guidance)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default: fp16 on GPU, fp32 on CPU)")
     p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
-                   help="record the loop in one CUDA graph (default: on with a GPU)")
-    p.add_argument("--backend", default="auto", help="sampler backend (auto, cuda, triton, cpu, reference)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--iters", type=int, default=3, help="profiled sampling calls after one warm-up call")
-    p.add_argument("--out", default="fastdiff-profile")
-    p.add_argument("--nsight", action="store_true", help="no torch profiler: run with NVTX on, for nsys/ncu")
+                   help="record the loop in one CUDA graph; needs a CUDA device and a fused backend "
+                        "(default: on with a GPU and a fused backend)")
+    p.add_argument("--backend", choices=(AUTO,) + BACKENDS, default=AUTO,
+                   help="sampler backend; a forced one must be able to run on the device (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s: cuda when "
+                                                    "torch sees a GPU)")
+    p.add_argument("--iters", type=at_least_one, default=3,
+                   help="profiled sampling calls after one warm-up call (default: %(default)s)")
+    p.add_argument("--out", default="fastdiff-profile", help="output directory (default: %(default)s)")
+    p.add_argument("--nsight", action="store_true",
+                   help="no torch profiler: only run the workload with NVTX on, for nsys/ncu (default: off)")
     p.set_defaults(func=run)
     return p
 
 
-def _workload(args, torch, fastdiff):
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+def _check(args, device) -> None:
+    """The option combinations that cannot run on `device`, as one-line usage errors."""
+    from fastdiff.ops.solver_step import DISPATCH
+
+    why = DISPATCH.plan(device.type)["skipped"].get(args.backend)
+    if why:
+        raise UsageError(f"--backend {args.backend}: cannot run on {device.type} tensors here: {why}")
+    if args.graph and device.type != "cuda":
+        raise UsageError(f"--graph: needs a CUDA device, the workload runs on {device}")
+    if args.graph and args.backend == "reference":
+        raise UsageError("--graph: needs a fused backend, not --backend reference")
+
+
+def _workload(args, device, torch, fastdiff):
     dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")])
     g = torch.Generator(device).manual_seed(0)
     if args.model == "gmm":
@@ -94,11 +118,12 @@ def run(args) -> int:
     import fastdiff
     from fastdiff import profiling
 
-    if args.steps < 1 or args.batch < 1 or args.iters < 1:
-        print("fastdiff profile: --steps, --batch and --iters must be >= 1", file=sys.stderr)
-        return 2
-    model, noise, kw, dtype = _workload(args, torch, fastdiff)
-    graph = args.graph if args.graph is not None else noise.is_cuda
+    device = pick_device(args.device)
+    _check(args, device)
+    if not args.nsight:
+        make_out_dir(args.out)
+    model, noise, kw, dtype = _workload(args, device, torch, fastdiff)
+    graph = args.graph if args.graph is not None else (noise.is_cuda and args.backend != "reference")
     sampler = fastdiff.Sampler(solver=args.solver, steps=args.steps, backend=args.backend)
 
     def once():
@@ -114,7 +139,6 @@ def run(args) -> int:
         for _ in range(args.iters):
             once()
         return 0
-    os.makedirs(args.out, exist_ok=True)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if noise.is_cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)

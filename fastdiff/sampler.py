@@ -25,8 +25,9 @@ import torch
 
 from fastdiff.grid import Grid, make_grid
 from fastdiff.graphs import CUDA_GRAPH_MODES, sample_graphed
-from fastdiff.guidance import ModelCaller
-from fastdiff.noise import randn
+from fastdiff._names import did_you_mean
+from fastdiff.guidance import ModelCaller, check_guidance_scale, state_layout
+from fastdiff.noise import check_generator, randn
 from fastdiff.ops.solver_step import solver_step
 from fastdiff.profiling import nvtx_range
 from fastdiff.reference.solvers import PREDICTIONS, SOLVERS
@@ -56,7 +57,8 @@ class Sampler:
         eta: noise fraction for "ddim" (default 0), "euler_ancestral" and "flow_sde" (default 1).
         lower_order_final: DPM-Solver++: cap the order at N - i near the end (steadier at few
             steps). A step to sigma = 0 is always first order.
-        variance: "ddpm" posterior variance, "small" (beta tilde) or "large" (beta).
+        variance: "ddpm" posterior variance, "small" (beta tilde, the default) or "large" (beta);
+            only for "ddpm".
         clamp: if set, the data prediction x0 is clamped to [-clamp, clamp] (and eps recomputed
             from it), like diffusers' clip_sample.
         round_timesteps: round model times to integer training timesteps (discrete VP only);
@@ -73,26 +75,25 @@ class Sampler:
 
     def __init__(self, solver: str = "dpmpp_2m", steps: int = 20, schedule="linear", spacing: str = "trailing",
                  prediction: str = "epsilon", model_time: str = "timestep", final: str = "zero",
-                 eta: Optional[float] = None, lower_order_final: bool = True, variance: str = "small",
+                 eta: Optional[float] = None, lower_order_final: bool = True, variance: Optional[str] = None,
                  clamp: Optional[float] = None, round_timesteps: bool = False, backend: str = "auto",
                  zero_terminal_snr: bool = False, shift: float = 1.0, steps_offset: int = 0, rho: float = 7.0,
                  sigma_min: Optional[float] = None, sigma_max: Optional[float] = None):
-        if solver not in SOLVERS:
-            raise ValueError(f"solver: expected one of {sorted(SOLVERS)}, got {solver!r}")
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"prediction: expected one of {list(PREDICTIONS)}, got {prediction!r}")
-        if model_time not in MODEL_TIMES:
-            raise ValueError(f"model_time: expected one of {sorted(MODEL_TIMES)}, got {model_time!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+        for name, value, choices in (("solver", solver, sorted(SOLVERS)), ("prediction", prediction, list(PREDICTIONS)),
+                                     ("model_time", model_time, sorted(MODEL_TIMES)), ("backend", backend, BACKENDS)):
+            if value not in choices:
+                raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}{did_you_mean(value, choices)}")
         if eta is not None and solver not in _ETA_SOLVERS:
             raise ValueError(f"eta: only {list(_ETA_SOLVERS)} take eta, not {solver!r}")
-        if eta is not None and not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta: expected a value in [0, 1], got {eta}")
+        if eta is not None and (isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0):
+            raise ValueError(f"eta: expected a number in [0, 1], got {eta!r}")
+        if variance is not None and solver != "ddpm":
+            raise ValueError(f"variance: only 'ddpm' takes a posterior variance, not {solver!r}")
+        variance = "small" if variance is None else variance
         if variance not in ("small", "large"):
             raise ValueError(f"variance: expected 'small' or 'large', got {variance!r}")
-        if clamp is not None and not clamp > 0:
-            raise ValueError(f"clamp: expected a positive bound or None, got {clamp}")
+        if clamp is not None and (isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not clamp > 0):
+            raise ValueError(f"clamp: expected a positive bound or None, got {clamp!r}")
         self.schedule: Schedule = get_schedule(schedule, zero_terminal_snr=zero_terminal_snr, shift=shift)
         if (solver in _FLOW_SOLVERS or prediction == "flow") and self.schedule.kind != "flow":
             what = "solver" if solver in _FLOW_SOLVERS else "prediction"
@@ -144,8 +145,9 @@ class Sampler:
     def new_solver(self):
         return self._solver_cls(self.grid, self.prediction, **self._solver_args)
 
+    @torch.no_grad()  # sampling is inference: the caller never needs to turn autograd off
     def sample(self, model: Callable, noise: Optional[torch.Tensor] = None, *, shape: Optional[Sequence[int]] = None,
-               generator: Optional[torch.Generator] = None, device=None, guidance_scale: float = 1.0,
+               generator=None, device=None, guidance_scale: float = 1.0,
                cond: Optional[Mapping] = None, uncond: Optional[Mapping] = None, cfg: str = "batched",
                model_dtype: Optional[torch.dtype] = None, check_finite: bool = False, progress: bool = False,
                callback: Optional[Callable] = None, dtype: torch.dtype = torch.float32,
@@ -179,6 +181,9 @@ class Sampler:
         fused = self.backend != "reference"
         if fused and dtype != torch.float32:
             raise ValueError(f"dtype: the fused backends keep the state in float32; {dtype} is for backend='reference'")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback: expected a callable callback(i, x) or None, got {type(callback).__name__}")
+        check_guidance_scale(guidance_scale)
         x = _initial_state(noise, shape, generator, device, dtype)
         if cuda_graph not in CUDA_GRAPH_MODES:
             raise ValueError(f"cuda_graph: expected one of {CUDA_GRAPH_MODES}, got {cuda_graph!r}")
@@ -197,8 +202,11 @@ class Sampler:
         caller = ModelCaller(model, x, guidance_scale, cond, uncond, cfg, model_dtype, combine=not fused)
         with nvtx_range("fastdiff/sample"):
             if fused:
+                layout = state_layout(x)
+
                 def draw(i):
-                    return randn(x.shape, generator, x.device)
+                    z = randn(x.shape, generator, x.device)
+                    return z.contiguous(memory_format=layout)  # the fused step wants x's layout
                 self.run_fused(caller, x, self.new_history(x), draw, float(guidance_scale), check_finite=check_finite,
                                progress=progress, callback=callback)
                 return x
@@ -213,17 +221,25 @@ class Sampler:
         return self._times[device]
 
     def new_history(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """The ring buffer of earlier data predictions the table needs (None if none)."""
-        return x.new_empty((self.table.history,) + tuple(x.shape)) if self.table.history else None
+        """The ring buffer of earlier data predictions the table needs (None if none), each slot
+        in x's layout (the fused step reads every tensor in one layout)."""
+        n = self.table.history
+        if not n:
+            return None
+        flat = torch.empty((n * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device,
+                           memory_format=state_layout(x))
+        return flat.view((n,) + tuple(x.shape))
 
     def run_fused(self, caller: ModelCaller, x: torch.Tensor, hist, draw_noise: Callable, guidance,
-                  check_finite: bool = False, progress: bool = False, callback=None) -> None:
+                  check_finite: bool = False, progress: bool = False, callback=None,
+                  times: Optional[torch.Tensor] = None) -> None:
         """The fused loop, updating x in place: per step one model call and one solver_step.
         Host-sync free unless check_finite/callback ask otherwise, so a CUDA graph can record it;
         `guidance` is a float or a 0-d device tensor (read at replay time); `draw_noise(i)` gives
-        step i's standard-normal noise when the table says the step is noisy."""
+        step i's standard-normal noise when the table says the step is noisy; `times` the model
+        times tensor to read (default: `model_times(x.device)`)."""
         table, n = self.table, self.steps
-        call, t_all = caller.bind(), self.model_times(x.device)
+        call, t_all = caller.bind(), self.model_times(x.device) if times is None else times
         op_backend = "auto" if self.backend == "auto" else self.backend
         clamp = 0.0 if self.clamp is None else float(self.clamp)
         for i in range(n):
@@ -253,7 +269,7 @@ class Sampler:
                     z = randn(x.shape, generator, x.device).to(x.dtype)
                 x = solver.step(i, x, m, z)
             if callback is not None:
-                callback(i, x)
+                callback(i, x.clone())  # the same contract as the fused loop: a copy to keep or change
             if progress:
                 _progress(i + 1, n)
         return x
@@ -276,18 +292,33 @@ def sample(model: Callable, noise: Optional[torch.Tensor] = None, *, shape=None,
 
 
 def _initial_state(noise, shape, generator, device, dtype) -> torch.Tensor:
+    if shape is not None and (not isinstance(shape, (tuple, list, torch.Size)) or len(shape) == 0 or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape)):
+        raise ValueError(f"shape: expected a sequence of positive integers like (batch, channels, height, width), "
+                         f"got {shape!r}")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device: expected a device like 'cpu' or 'cuda:0', got {device!r}") from e
+    where = noise.device if isinstance(noise, torch.Tensor) else device or torch.device("cpu")
+    if where.type == "meta":
+        raise ValueError("noise: meta tensors hold no data to sample from; use a cpu or cuda device")
     if noise is None:
         if shape is None:
             raise ValueError("noise: give the initial noise tensor, or shape= to draw it")
+        check_generator(generator, where, shape[0])
         return randn(tuple(shape), generator, device).to(dtype)
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
         raise TypeError(f"noise: expected a floating-point tensor, got {type(noise).__name__}")
+    state_layout(noise)
     if shape is not None and tuple(noise.shape) != tuple(shape):
         raise ValueError(f"noise: shape {tuple(noise.shape)} does not match shape={tuple(shape)}")
     if noise.dim() < 1 or noise.shape[0] < 1:
         raise ValueError(f"noise: expected a batch dimension of size >= 1, got shape {tuple(noise.shape)}")
     if device is not None and torch.device(device) != noise.device:
         raise ValueError(f"device: {device} differs from noise.device {noise.device}")
+    check_generator(generator, where, noise.shape[0])
     return noise.to(dtype, copy=True)
 
 

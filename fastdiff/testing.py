@@ -79,16 +79,42 @@ class GaussianMixture:
             return eps - x0
         raise ValueError(f"prediction: expected one of {list(PREDICTIONS)}, got {prediction!r}")
 
-    def model(self, schedule, prediction: str = "epsilon", model_time: str = "timestep", dtype=torch.float32):
-        """A `model(x, t)` callable giving the ideal prediction at model time t."""
+    def model(self, schedule, prediction: str = "epsilon", model_time: str = "timestep", dtype=torch.float32,
+              times=None):
+        """A `model(x, t)` callable giving the ideal prediction at model time t.
+
+        With `times` (the model times it will be called at, e.g. `sampler.grid.model_time`)
+        the model is torch-only on x's device -- no host copies, so a CUDA graph can capture it:
+        alpha and sigma of those times are tabulated once, and each call looks its t up in the
+        table (the nearest entry; a t not in `times` gives the prediction at the nearest one)."""
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction: expected one of {list(PREDICTIONS)}, got {prediction!r}")
+        if times is not None:
+            return self._tabulated_model(schedule, prediction, model_time, dtype, times)
 
         def ideal_model(x, t, **_):
             tau = schedule.time_to_tau(t.detach().double().cpu().numpy(), model_time)
             alpha, sigma = schedule.alpha_sigma(np.clip(tau, schedule.tau_min, schedule.tau_max))
             out = self.prediction(x.cpu(), torch.from_numpy(alpha), torch.from_numpy(sigma), prediction)
             return out.to(device=x.device, dtype=dtype)
+
+        return ideal_model
+
+    def _tabulated_model(self, schedule, prediction, model_time, dtype, times):
+        times = np.asarray(times, dtype=np.float64).ravel()
+        tau = np.clip(schedule.time_to_tau(times, model_time), schedule.tau_min, schedule.tau_max)
+        alpha, sigma = schedule.alpha_sigma(tau)
+        table = torch.from_numpy(np.stack([times, alpha, sigma]))  # (3, N) float64
+        on_device = {}  # device -> (table, this mixture's tensors) copied there once
+
+        def ideal_model(x, t, **_):
+            if x.device not in on_device:
+                mix = GaussianMixture(self.weights.to(x.device), self.means.to(x.device),
+                                      self.variances.to(x.device), self.shape)
+                on_device[x.device] = table.to(x.device), mix
+            tab, mix = on_device[x.device]
+            i = (t.to(torch.float64).view(-1, 1) - tab[0]).abs().argmin(dim=1)
+            return mix.prediction(x, tab[1][i], tab[2][i], prediction).to(dtype)
 
         return ideal_model
 

@@ -44,9 +44,9 @@ Design (one program = one BLOCK_M tile of queries of one (batch, head)):
 
 Tuning: on a GPU the kernel is autotuned over six (BLOCK_M, BLOCK_N, num_warps, num_stages)
 configs for Hopper (wgmma: 128-row tiles with 8 warps) and Ampere (mma.sync, cp.async
-pipelining with 3-4 stages), pruned by head dim and Lk to those that neither spill nor
-overflow shared memory (checked offline by compiling each for sm_90a and sm_80 and reading
-cuobjdump's resource usage); the key is (Lq, Lk, D, dtype). Autotuning runs on the first call of a
+pipelining with 3-4 stages), pruned by head dim, Lk and GPU generation (`gpu_configs`) to
+those that neither spill nor overflow shared memory (CI compiles each allowed config for
+sm_90a and sm_80 and reads cuobjdump's resource usage); the key is (Lq, Lk, D, dtype). Autotuning runs on the first call of a
 shape: do that call before capturing a CUDA graph. Under the Triton interpreter (CPU tensors,
 TRITON_INTERPRET=1) a fixed small config runs instead. FASTDIFF_ATTENTION_AUTOTUNE=0 skips
 autotuning on the GPU and uses a per-head-dim heuristic config (fast first call).
@@ -56,6 +56,7 @@ TRITON_INTERPRET is read when the kernel is used rather than when this module is
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from contextlib import nullcontext
@@ -246,15 +247,15 @@ def split_head_dim(d: int) -> Tuple[int, int]:
     return d0, max(16, triton.next_power_of_2(rest))
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Checked without a GPU by compiling every config
-# for sm_90a and sm_80 with triton.compile and reading registers/spills with cuobjdump (fp16,
-# D in {40, 64, 80, 128, 160}): the pruning rules below drop the ones that spill.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), fp16/bf16. Which of them each GPU may use is decided
+# by `gpu_configs` from offline compiles (tests/test_attention.py compiles every config it allows
+# for sm_90a and sm_80 and fails on any spill or shared-memory overflow).
 GPU_CONFIGS = (
-    (128, 64, 8, 3),   # Hopper: two warpgroups of 64 rows each (wgmma); no spills at any D
+    (128, 64, 8, 3),   # Hopper: two warpgroups of 64 rows each (wgmma)
     (128, 128, 8, 3),  # small D, long Lk: fewer softmax rescales per key
     (128, 64, 4, 3),   # Ampere-style 4 warps x 32 rows; D <= 64 only (spills beyond)
     (64, 64, 4, 3),    # short sequences / few heads: twice the programs
-    (128, 32, 8, 4),   # large D (160 -> 128 + 32): small K/V tiles, deeper pipeline, no spills
+    (128, 32, 8, 4),   # large D (160 -> 128 + 32): small K/V tiles, deeper pipeline
     (64, 32, 4, 4),    # large D on Ampere, and the 77-token cross-attention
 )
 # Interpreter: one fixed config. Small tiles keep the numpy work per step small and make
@@ -262,32 +263,46 @@ GPU_CONFIGS = (
 INTERPRET_CONFIG = (32, 16, 1, 1)
 
 
-def _prune(configs, named_args, **kwargs):
-    d = kwargs.get("HEAD_D", named_args.get("HEAD_D"))
-    d_tile = sum(split_head_dim(int(d)))
-    lk = int(named_args["Lk"])
-    keep = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if bn == 128 and (d_tile > 128 or lk <= 64):
-            continue  # K/V tiles 128 x 160 x 3 stages exceed shared memory; Lk <= 64: all tail anyway
-        if bm == 128 and c.num_warps == 4 and d_tile > 64:
-            continue  # a 128-row fp32 accumulator in 4 warps spills for D >= 80 (sm_90a and sm_80)
-        keep.append(c)
-    if kwargs.get("DOT_PRECISION") == "ieee":  # fp32 inputs: FMA dots, a test path; smallest tiles
-        keep = [c for c in keep if c.kwargs["BLOCK_M"] == 64 and c.kwargs["BLOCK_N"] == 32] or keep
-    return keep or list(configs[:1])
-
-
-def heuristic_config(d: int, lk: int) -> Tuple[int, int, int, int]:
-    """The config used when autotuning is off (FASTDIFF_ATTENTION_AUTOTUNE=0): a guess, not
-    a measurement -- 128-row tiles with 8 warps, K/V tiles narrower for big head dims."""
+def gpu_configs(d: int, lk: int, cc: int) -> list:
+    """The GPU_CONFIGS that head dim `d` may use on compute capability `cc` (major * 10 +
+    minor) for fp16/bf16 inputs: none that spills registers or overflows shared memory in the
+    offline compiles (sm_90a: 227 KB of shared memory per block, sm_80: 163 KB). Empty: the
+    Triton kernel does not run that head dim on that GPU. fp32 inputs have no GPU config: the
+    FMA (ieee) dots spill at every tile size tried, down to 16 x 32."""
     d_tile = sum(split_head_dim(d))
-    if d_tile > 128:
-        return (128, 32, 8, 4)
-    if d_tile <= 64 and lk >= 512:
-        return (128, 128, 8, 3)
-    return (128, 64, 8, 3)
+    keep = []
+    for c in GPU_CONFIGS:
+        bm, bn, warps, _ = c
+        if bn == 128 and (d_tile > 128 or lk <= 64):
+            continue  # K/V tiles 128 x 160 x 3 stages overflow shared memory; Lk <= 64: all tail anyway
+        if bm == 128 and warps == 4 and d_tile > 64:
+            continue  # a 128-row fp32 accumulator in 4 warps spills for D >= 80
+        if d_tile > 160 and (cc < 90 or bn > 32):
+            continue  # D = 256: sm_80 spills with every config; sm_90a with 64-key tiles
+        if cc < 90 and d_tile > 64 and c != (128, 32, 8, 4):
+            continue  # sm_80 at D in 80..160: only this one is spill-free at 80, 128 and 160
+        keep.append(c)
+    return keep
+
+
+def _prune(configs, named_args, capability=None, **kwargs):
+    """Autotuner hook: GPU_CONFIGS allowed by `gpu_configs` on `capability` (default: the
+    current device's)."""
+    d = kwargs.get("HEAD_D", named_args.get("HEAD_D"))
+    major, minor = capability or torch.cuda.get_device_capability()
+    allowed = gpu_configs(int(d), int(named_args["Lk"]), major * 10 + minor)
+    return [c for c in configs
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+
+
+def heuristic_config(d: int, lk: int, cc: int) -> Tuple[int, int, int, int]:
+    """The config used when autotuning is off (FASTDIFF_ATTENTION_AUTOTUNE=0): a guess among
+    `gpu_configs`, not a measurement -- 128-row tiles with 8 warps, K/V tiles narrower for big
+    head dims."""
+    allowed = gpu_configs(d, lk, cc)
+    d_tile = sum(split_head_dim(d))
+    guess = (128, 32, 8, 4) if d_tile > 128 else (128, 128, 8, 3) if d_tile <= 64 and lk >= 512 else (128, 64, 8, 3)
+    return guess if guess in allowed else allowed[0]
 
 
 MAX_ALIGN = 16
@@ -321,14 +336,15 @@ def _jit():
     return triton.jit(_attention_fwd_kernel, do_not_specialize=_NO_SPECIALIZE)
 
 
-def make_autotuned(do_bench=None):
+def make_autotuned(do_bench=None, capability=None):
     """A fresh @triton.autotune'd kernel over GPU_CONFIGS (pruned by `_prune`), keyed by
-    (Lq, Lk, D, precision) and the dtypes. `do_bench` replaces Triton's benchmarker (tests run
-    the whole autotuning path under the interpreter with a stand-in)."""
+    (Lq, Lk, D, precision) and the dtypes. `do_bench` replaces Triton's benchmarker and
+    `capability` the device's (tests run the whole autotuning path under the interpreter with
+    stand-ins)."""
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                for bm, bn, w, s in GPU_CONFIGS]
     return triton.autotune(configs, key=["Lq", "Lk", "HEAD_D", "DOT_PRECISION"],
-                           prune_configs_by={"early_config_prune": _prune},
+                           prune_configs_by={"early_config_prune": functools.partial(_prune, capability=capability)},
                            do_bench=do_bench)(_jit())
 
 
@@ -372,6 +388,10 @@ def attention_triton(
     interpret = bool(knobs.runtime.interpret)
     if q.device.type == "cpu" and not interpret:
         raise RuntimeError("attention_triton: CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
+    if q.device.type == "cuda":
+        why = gpu_unsupported(q.dtype, D, torch.cuda.get_device_capability(q.device))
+        if why:
+            raise ValueError(f"attention_triton: {why}")
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit inputs
     align = stride_alignment(q, k, v, out)
     strides = []
@@ -393,7 +413,8 @@ def attention_triton(
         if config is None and interpret:
             config = INTERPRET_CONFIG
         if config is None and not _autotune_enabled():
-            config = heuristic_config(D, Lk)
+            major, minor = torch.cuda.get_device_capability(q.device)
+            config = heuristic_config(D, Lk, major * 10 + minor)
     with torch.cuda.device(q.device) if q.device.type == "cuda" else nullcontext():
         if config is not None:
             bm, bn, warps, stages = config
@@ -405,10 +426,21 @@ def attention_triton(
             (autotuned or _kernel("autotune"))[grid](*args, **meta)
 
 
+def gpu_unsupported(dtype: torch.dtype, d: int, capability: Tuple[int, int]) -> Optional[str]:
+    """Why the kernel does not run `dtype` inputs of head dim `d` on a GPU of this compute
+    capability, or None."""
+    if dtype == torch.float32:
+        return "float32 inputs do not run on a GPU (the FMA dots spill registers at every tile size)"
+    cc = capability[0] * 10 + capability[1]
+    if not gpu_configs(d, 4096, cc):
+        return f"head dim {d} on sm_{cc}: every tile config spills registers"
+    return None
+
+
 def flops(batch: int, heads: int, lq: int, lk: int, head_dim: int) -> int:
     """Useful floating-point operations of one forward: 2 GEMMs of 2*Lq*Lk*D each."""
     return 4 * batch * heads * lq * lk * head_dim
 
 
 __all__ = ["attention_triton", "make_autotuned", "split_head_dim", "stride_alignment", "heuristic_config",
-           "GPU_CONFIGS", "INTERPRET_CONFIG", "MAX_HEAD_DIM", "flops"]
+           "gpu_configs", "gpu_unsupported", "GPU_CONFIGS", "INTERPRET_CONFIG", "MAX_HEAD_DIM", "flops"]

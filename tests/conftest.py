@@ -6,14 +6,24 @@ the plain-PyTorch fallback ("reference"), and, only with a GPU, the CUDA kernel 
 Triton on CUDA ("triton-cuda"). Under CI=true a backend that should exist here (the compiled
 CPU kernel, Triton) fails instead of skipping.
 
+Order: `FASTDIFF_TEST_ORDER=reverse` runs the test files, and the tests inside each file, in
+reverse; `FASTDIFF_TEST_ORDER=shuffle:<seed>` in a seeded random order (files shuffled, then the
+tests inside each file, so module-scoped fixtures are built once). CI runs one shuffled pass:
+the suite must pass in any order (no test may depend on what an earlier one left behind).
+
 A test module that uses the `backend` fixture names its op in a module-level `OP = "<op>"`
 (the compiled kernels `fastdiff_C::<op>` the "cpu" and "cuda" backends need). Helpers for the
 module itself: `from conftest import need, HAS_TRITON, ...`.
+
+GPU tests carry the marker `gpu` (`pytest -m gpu` runs only them: the GPU check's test phase):
+the "cuda" and "triton-cuda" cases of the backend matrix and a `device="cuda"` parameter are
+marked here at collection, other GPU-only tests by the `gpu_test(...)` decorator.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import subprocess
 import sys
 
@@ -22,9 +32,51 @@ import torch
 
 from fastdiff import _ext
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
+
+
+# parameters (name, value) whose test cases run on a GPU
+GPU_PARAMS = (("backend", "cuda"), ("backend", "triton-cuda"), ("device", "cuda"))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        params = getattr(item, "callspec", None)
+        if params is not None and any(params.params.get(k) == v for k, v in GPU_PARAMS):
+            item.add_marker(pytest.mark.gpu)
+    _arrange(items)
+
+
+def _arrange(items) -> None:
+    """Apply FASTDIFF_TEST_ORDER (see the module doc)."""
+    order = os.environ.get("FASTDIFF_TEST_ORDER", "")
+    if not order:
+        return
+    if order == "reverse":
+        arrange = list.reverse
+    elif order.startswith("shuffle:") and order[len("shuffle:"):].isdigit():
+        arrange = random.Random(int(order[len("shuffle:"):])).shuffle
+    else:
+        raise pytest.UsageError(f"FASTDIFF_TEST_ORDER={order!r}: expected 'reverse' or 'shuffle:<integer seed>'")
+    by_file: dict = {}
+    for item in items:
+        by_file.setdefault(item.path, []).append(item)
+    files = list(by_file.values())
+    arrange(files)
+    for group in files:
+        arrange(group)
+    items[:] = [item for group in files for item in group]
+
+
+def load_build_flags():
+    """csrc/build_flags.py: the one description of the C++/CUDA compile flags (as setup.py loads it)."""
+    spec = importlib.util.spec_from_file_location("_fastdiff_build_flags", os.path.join(ROOT, "csrc", "build_flags.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def need(ok: bool, reason: str) -> None:
@@ -33,6 +85,15 @@ def need(ok: bool, reason: str) -> None:
         if IN_CI and "GPU" not in reason:
             pytest.fail(f"{reason} (CI=true: this backend must run in CI)")
         pytest.skip(reason)
+
+
+def gpu_test(ok: bool = HAS_CUDA, reason: str = "needs a GPU"):
+    """Decorator for a test that runs only on a GPU: marked `gpu`, skipped where `ok` is false."""
+
+    def mark(fn):
+        return pytest.mark.gpu(pytest.mark.skipif(not ok, reason=reason)(fn))
+
+    return mark
 
 
 # (backend, device)

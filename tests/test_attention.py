@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from fastdiff.ops import _dispatch
 from fastdiff.ops import attention as attn_mod
-from conftest import BACKENDS, HAS_CUDA, HAS_TRITON, need, setup_backend
+from conftest import BACKENDS, HAS_CUDA, HAS_TRITON, gpu_test, need, setup_backend
 from fastdiff.ops.attention import (BackendUnavailableError, attention, attention_eager, attention_reference,
                                     kv_attention, qkv_attention)
 from tolerances import rel_err
@@ -124,6 +124,11 @@ def yardsticks(q, k, v, ref, scale=None, sdpa=True):
 def check(q, k, v, out, backend, interpreted, scale=None, what=""):
     """Run the op into the NaN-poisoned `out`; check every element written, inputs untouched,
     error <= 2x the eager yardsticks."""
+    if backend == "triton" and q.is_cuda and q.dtype == torch.float32:
+        # no spill-free GPU config for fp32 (test_triton_compiles_for_gpus_without_spills)
+        with pytest.raises(BackendUnavailableError, match="float32"):
+            attention(q, k, v, scale=scale, out=out, backend=backend)
+        return None
     ref = oracle(q, k, v, scale)
     before = [t.clone() for t in (q, k, v)]
     res = attention(q, k, v, scale=scale, out=out, backend=backend)
@@ -277,10 +282,10 @@ def test_triton_autotune_path_in_interpreter(monkeypatch):
         t = float(len(ran) % 3 + 1)  # configs get times 2, 3, 1, 2, ...: a middle one wins
         return [t, t, t]
 
-    tuner = kern.make_autotuned(do_bench=fake_bench)
+    tuner = kern.make_autotuned(do_bench=fake_bench, capability=(9, 0))
     q, k, v, out = make_inputs(1, 2, 67, 77, 80, torch.float16, "packed", "cpu", _seed("autotune"))
     kern.attention_triton(q, k, v, out, 1 / math.sqrt(80), autotuned=tuner)
-    assert len(ran) == 5  # D = 80: six configs, (128, 64, 4, 3) pruned
+    assert len(ran) == len(kern.gpu_configs(80, 77, 90)) == 5  # D = 80: six configs, (128, 64, 4, 3) pruned
     assert tuner.best_config.kwargs["BLOCK_M"] in (64, 128)
     ref = oracle(q, k, v)
     err = rel_err(out, ref)
@@ -312,40 +317,34 @@ def test_stride_alignment_and_pruning():
     assert kern.stride_alignment(torch.empty(2, 8, 64, 64)) == 16
     assert kern.stride_alignment(torch.empty(1, 1, 5, 33)) == 1
     assert kern.stride_alignment(torch.empty(1, 1, 1, 33)) == 16  # only size-1 dims: nothing to align
-    import triton
-
-    cfgs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bm, bn, w, st in kern.GPU_CONFIGS]
-
-    def kept(d, lk, prec="tf32"):
-        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-                for c in kern._prune(cfgs, {"Lk": lk}, HEAD_D=d, DOT_PRECISION=prec)]
-
-    assert len(kept(40, 4096)) == 6
-    assert all(bn != 128 for _, bn, _, _ in kept(160, 4096)) and (128, 64, 4, 3) not in kept(80, 4096)
-    assert all(bn != 128 for _, bn, _, _ in kept(64, 64))
-    assert kept(64, 4096, "ieee") == [(64, 32, 4, 4)]
+    assert len(kern.gpu_configs(40, 4096, 90)) == 6
+    assert all(bn != 128 for _, bn, _, _ in kern.gpu_configs(160, 4096, 90))
+    assert (128, 64, 4, 3) not in kern.gpu_configs(80, 4096, 90)
+    assert all(bn != 128 for _, bn, _, _ in kern.gpu_configs(64, 64, 90))
+    assert kern.gpu_configs(256, 4096, 80) == []
+    assert kern.gpu_unsupported(torch.float32, 64, (9, 0)) and kern.gpu_unsupported(torch.float16, 256, (8, 0))
+    assert kern.gpu_unsupported(torch.float16, 256, (9, 0)) is None
     for d in HEAD_DIMS:
-        assert kern.heuristic_config(d, 4096) in kern.GPU_CONFIGS
+        for cc in (80, 90):
+            assert kern.heuristic_config(d, 4096, cc) in kern.gpu_configs(d, 4096, cc)
 
 
-def _compile_for_gpu(kern, cc, d, config, dtype="fp16", align=8):
-    """triton.compile the kernel for an NVIDIA target without a GPU; -> (registers, stack bytes)
-    from cuobjdump, or None when cuobjdump is not bundled."""
-    import re
-    import shutil
-    import subprocess
-    import tempfile
-
+def gpu_compile_case(cc, d, config, dtype):
+    """Run by gpu_compile.compile_isolated in a fresh interpreter: compile the kernel for
+    sm_<cc>, head dim `d`, tile config (BLOCK_M, BLOCK_N, num_warps, num_stages) and input
+    dtype as the launcher would; -> resources and whether tl.dot became tensor-core MMA."""
     import triton
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
+    from fastdiff.ops import _dispatch
+    from gpu_compile import compile_for_gpu
+
+    kern = _dispatch.import_kernel("attention")
     fn = triton.jit(kern._attention_fwd_kernel)
     d0, d1 = kern.split_head_dim(d)
     consts = {"HEAD_D": d, "BLOCK_D0": d0, "BLOCK_D1": d1, "BLOCK_M": config[0], "BLOCK_N": config[1],
-              "DOT_PRECISION": "tf32", "DOT_TY": {"fp16": tl.float16, "bf16": tl.bfloat16}[dtype], "ALIGN": align,
+              "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
+              "DOT_TY": {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[dtype], "ALIGN": 8,
               "stride_qd": 1, "stride_kd": 1, "stride_vd": 1, "stride_od": 1}
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -355,60 +354,42 @@ def _compile_for_gpu(kern, cc, d, config, dtype="fp16", align=8):
             sig[name], attrs[(i,)] = f"*{dtype}", [["tt.divisibility", 16]]
         else:
             sig[name] = "fp32" if name == "qk_scale" else "i32"
-    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", cc, 32),
-                       options={"num_warps": config[2], "num_stages": config[3], "enable_fp_fusion": True})
-    assert ("wgmma" if cc >= 90 else "mma.sync") in k.asm["ptx"], "tl.dot did not lower to tensor-core MMA"
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    tool = str(tool) if tool.is_file() else shutil.which("cuobjdump")
-    if tool is None:
-        return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
-    return (int(m.group(1)), int(m.group(2))) if m else None
+    k = compile_for_gpu(fn, sig, consts, attrs, cc,
+                        {"num_warps": config[2], "num_stages": config[3], "enable_fp_fusion": True})
+    ptx = k.pop("ptx")
+    return dict(k, mma=("wgmma" if cc >= 90 else "mma.sync") in ptx)
 
 
-GPU_COMPILE_CASES = [(90, 40, (128, 64, 8, 3)), (90, 160, (128, 32, 8, 4)), (80, 80, (128, 64, 8, 3))]
+# Head dims whose tile widths (split_head_dim) cover every class `gpu_configs` distinguishes:
+# 48 (32 + 16), 64, 80 (64 + 16), 96 (64 + 32), 128, 160 (128 + 32), 192 (128 + 64), 256.
+GPU_COMPILE_HEAD_DIMS = (40, 64, 80, 96, 128, 160, 192, 256)
+
+
+def _selectable_configs():
+    """Every (cc, head dim, config, dtype) the launcher can pick on sm_90a and sm_80: the
+    configs `gpu_configs` allows for each head dim and sequence-length class."""
+    kern = _dispatch.import_kernel("attention")
+    return sorted({(cc, d, cfg, "fp16") for cc in (90, 80) for d in GPU_COMPILE_HEAD_DIMS for lk in (77, 4096)
+                   for cfg in kern.gpu_configs(d, lk, cc)})
 
 
 def test_triton_compiles_for_gpus_without_spills():
-    """No GPU needed: the kernel compiles for sm_90a (wgmma) and sm_80 (mma.sync), and the
-    configs chosen for the SD head dims use no local-memory stack (no register spills).
-
-    In a subprocess: once the interpreter has run a kernel in a process it has patched
-    triton.language in the kernel module's globals, and compiling the same module afterwards
-    fails (the other tests here run the interpreter)."""
+    """No GPU needed: every config the launcher can select compiles for sm_90a (wgmma) and
+    sm_80 (mma.sync), uses no local-memory stack (no register spills) and fits the shared
+    memory of one block. (In a fresh interpreter: see tests/gpu_compile.py.) fp32 has no GPU
+    config (`gpu_unsupported`), so only fp16 is compiled; bf16 tiles are the same size."""
     need(HAS_TRITON, "triton is not installed")
-    for mod, name in (("triton.compiler", "ASTSource"), ("triton.backends.compiler", "GPUTarget")):
-        if not hasattr(pytest.importorskip(mod), name):
-            pytest.skip(f"this Triton has no offline compiler entry point {mod}.{name}")
-    code = (
-        "import json, sys\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "from test_attention import GPU_COMPILE_CASES, _compile_for_gpu\n"
-        "from fastdiff.ops import _dispatch\n"
-        "kern = _dispatch.import_kernel('attention')\n"
-        "for cc, d, cfg in GPU_COMPILE_CASES:\n"
-        "    try:\n"
-        "        print(json.dumps([cc, d, list(cfg), _compile_for_gpu(kern, cc, d, cfg)]))\n"
-        "    except Exception as e:\n"
-        "        print(json.dumps([cc, d, list(cfg), 'error: %s: %s' % (type(e).__name__, e)]))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("[")]
-    assert len(rows) == len(GPU_COMPILE_CASES), r.stdout + r.stderr
-    for cc, d, cfg, res in rows:
-        if isinstance(res, str):
-            if "ptxas" in res or "backend" in res.lower():
-                pytest.skip(f"no NVIDIA compiler in this Triton install: {res}")
-            pytest.fail(f"sm_{cc} D={d} {cfg}: {res}")
-        if res is not None:
-            regs, stack = res
-            assert stack == 0, f"sm_{cc} D={d} {cfg}: {regs} registers and {stack} bytes of stack: spills"
+    from gpu_compile import SHARED_LIMIT, compile_isolated
+
+    cases = [list(c) for c in _selectable_configs()]
+    bad = []
+    for (cc, d, cfg, dtype), k in zip(cases, compile_isolated("test_attention", "gpu_compile_case", cases)):
+        if not k["mma"]:
+            bad.append(f"sm_{cc} D={d} {cfg} {dtype}: tl.dot did not lower to tensor-core MMA")
+        if k["stack"] or k["shared"] > SHARED_LIMIT[cc]:
+            bad.append(f"sm_{cc} D={d} {cfg} {dtype}: {k['regs']} registers, {k['stack']} B stack per thread, "
+                       f"{k['shared']} B shared (limit {SHARED_LIMIT[cc]})")
+    assert not bad, "\n".join(bad)
 
 
 # -------------------------------------------------------------------------------------------
@@ -567,7 +548,7 @@ def test_torch_compile_fullgraph(be):
 # GPU only
 # -------------------------------------------------------------------------------------------
 
-gpu_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+gpu_only = gpu_test()
 
 # SD-1.5 at 512x512 with CFG (batch 2, 8 heads) and the CIFAR model: (B, H, Lq, Lk, D)
 SD_SHAPES = [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 8, 1024, 1024, 80), (2, 8, 1024, 77, 80),

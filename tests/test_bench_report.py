@@ -477,6 +477,31 @@ def test_gpu_timing_path_simulated(tmp_path):
     assert "x" not in by_op
 
 
+BENCH_FILE = """
+import pytest
+
+@pytest.mark.parametrize("provider", ["eager", "compile", "fused"])
+def test_providers(provider):
+    assert provider == "fused", f"the body of {provider} ran"
+"""
+
+
+def test_bench_providers_are_ruled_out_before_the_test_body(tmp_path):
+    """benchmarks/conftest.py skips excluded providers at collection: a torch.compile provider's
+    set-up (in the test body, before run_benchmark) never runs."""
+    (tmp_path / "conftest.py").write_text((ROOT / "benchmarks" / "conftest.py").read_text())
+    (tmp_path / "bench_x.py").write_text(BENCH_FILE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTDIFF_BENCH_")}
+    env.update(FASTDIFF_BENCH_PROVIDERS="compile,fused", FASTDIFF_BENCH_SKIP_PROVIDERS="compile")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    r = subprocess.run([sys.executable, "-m", "pytest", "bench_x.py", "-q", "-rs", "-p", "no:cacheprovider",
+                        "--benchmark-disable"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "1 passed, 2 skipped" in r.stdout
+    assert "'eager' not in FASTDIFF_BENCH_PROVIDERS=compile,fused" in r.stdout
+    assert "'compile' in FASTDIFF_BENCH_SKIP_PROVIDERS" in r.stdout
+
+
 # --------------------------------------------------------------------------- ncu summary
 
 
@@ -531,24 +556,159 @@ def test_gpu_check_script_syntax():
     assert m and m.group(1) == ncu.NCU_METRICS
 
 
-def test_gpu_check_dry_run(tmp_path):
-    """Every heavy phase skipped: the script still names its results, keeps to <= 8 files in
-    $OUT with plain names, records why each phase did not run, and prints the report last."""
+# A stand-in for python (PYTHON=...) and for ncu (on PATH): each call is logged with the provider
+# environment; the GPU probe sees an H100; a call whose command line contains $FAKE_FAIL fails;
+# files the script expects (benchmark JSON, report, ncu reports) are written. The tests phase
+# snapshots $OUT at its first call, to show what the script had written there before it.
+FAKE_TOOL = r"""#!/usr/bin/env bash
+echo "$(basename "$0") $* | providers=${FASTDIFF_BENCH_PROVIDERS:-} skip=${FASTDIFF_BENCH_SKIP_PROVIDERS:-}" >>"$FAKE_DIR/calls.log"
+[ -n "${FAKE_FAIL:-}" ] && [[ "$*" == *"$FAKE_FAIL"* ]] && exit 1
+case "$*" in
+  *"torch.cuda.is_available()"*) echo "1 NVIDIA H100 80GB HBM3" ;;
+  *get_device_capability*) echo "9.0" ;;
+  *"-m gpu"*) if [ ! -f "$FAKE_DIR/summary_during_tests.txt" ]; then
+                cp "$OUT/summary.txt" "$FAKE_DIR/summary_during_tests.txt"; ls "$OUT" >"$FAKE_DIR/out_during_tests.txt"
+              fi
+              echo "3 passed" ;;
+esac
+for a in "$@"; do
+  case $a in
+    --benchmark-json=*) echo '{"benchmarks": []}' >"${a#--benchmark-json=}" ;;
+  esac
+done
+prev=""
+for a in "$@"; do
+  case $prev in
+    -o) if [[ "$*" == *"fastdiff.bench"* ]]; then echo "# fake report" >"$a"; else echo rep >"$a.ncu-rep"; fi ;;
+  esac
+  prev=$a
+done
+[[ "$*" == *"--csv"* ]] && echo '"ID","Kernel Name"'
+exit 0
+"""
+
+
+def run_gpu_check(tmp_path, *args, fail=None, timeout=120):
+    """gpu_check.sh against the fakes above; -> (CompletedProcess, $OUT, the logged calls)."""
+    fake = tmp_path / "fake"
+    fake.mkdir(exist_ok=True)
+    for tool in ("python", "ncu"):
+        (fake / tool).write_text(FAKE_TOOL)
+        (fake / tool).chmod(0o755)
     out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), FASTDIFF_CHECK_SKIP="build,tests,bench,ncu", FASTDIFF_COMMIT="abc123")
-    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    env = dict(os.environ, OUT=str(out), PYTHON=str(fake / "python"), FAKE_DIR=str(fake), FASTDIFF_COMMIT="abc123",
+               PATH=f"{fake}{os.pathsep}{os.environ['PATH']}")
+    if fail:
+        env["FAKE_FAIL"] = fail
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), *args], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    calls = (fake / "calls.log").read_text().splitlines() if (fake / "calls.log").exists() else []
+    return r, out, calls
+
+
+def plan(*args):
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--plan", *args],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    caps = dict(re.fullmatch(r"(\S+)\s+(\d+)\s+.*", line).groups() for line in lines[1:-1]
+                if not line.startswith("note:"))
+    total = re.fullmatch(r"total budget: (\d+) s", lines[-1])
+    assert total, lines[-1]
+    return {k: int(v) for k, v in caps.items()}, int(total.group(1)), r.stdout
+
+
+def test_gpu_check_plan_fits_one_call():
+    caps, total, text = plan()
+    assert total == sum(caps.values()) <= 540 and "note:" not in text
+    phases = list(caps)
+    assert phases[0] == "setup" and phases[-1] == "report"
+    # priority order: build, GPU correctness, kernel benchmarks, sampling, then compile and ncu
+    for a, b in [("build", "tests"), ("tests", "tests:triton"), ("tests:triton", "bench:copy"),
+                 ("bench:group_norm_silu", "bench:sampling"), ("bench:unet", "compile"), ("compile", "ncu")]:
+        assert phases.index(a) < phases.index(b)
+    assert "compile:sample" not in caps  # max-autotune sampling does not fit one call: --phases only
+    # every benchmark file has its phase
+    for f in (ROOT / "benchmarks").glob("bench_*.py"):
+        assert f"bench:{f.stem[len('bench_'):]}" in caps, f.name
+
+
+def test_gpu_check_plan_of_a_subset_and_bad_phase():
+    caps, total, text = plan("--phases", "bench,compile:sample")
+    assert [p for p in caps if not p.startswith("bench:")] == ["setup", "compile:sample", "report"]
+    assert total == sum(caps.values()) > 540 and "note: over" in text  # says the run cannot hold all
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--phases", "tests,nope"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "unknown phase 'nope'" in r.stderr
+
+
+def check_out_dir(out):
     files = sorted(p.name for p in out.iterdir())
-    assert len(files) <= 8
+    assert len(files) <= 8 and all(p.is_file() for p in out.iterdir())
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files)
     assert {"report.md", "summary.txt", "versions.txt", "ncu_summary.md"} <= set(files)
     tars = [f for f in files if f.endswith(".tar.gz")]
-    assert len(tars) == 1 and re.fullmatch(r"\d{4}-\d\d-\d\d_[a-z0-9-]+\.tar\.gz", tars[0])
+    assert tars == ["{}_h100-80gb-hbm3.tar.gz".format(tars[0][:10])] and re.fullmatch(r"\d{4}-\d\d-\d\d", tars[0][:10])
+    return files
+
+
+def status(summary, phase):
+    m = re.search(rf"^{re.escape(phase)}\s+(\S+)", summary, re.M)
+    return m and m.group(1)
+
+
+def test_gpu_check_full_run_against_fakes(tmp_path):
+    """Every phase of the default run, in order, each writing $OUT before the next starts; the
+    benchmark phases leave torch.compile out, the compile phase runs only it; report last."""
+    r, out, calls = run_gpu_check(tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    check_out_dir(out)
     summary = (out / "summary.txt").read_text()
-    for phase in ("build", "tests", "bench", "ncu"):
-        assert re.search(rf"^{phase}\s+SKIPPED .*FASTDIFF_CHECK_SKIP", summary, re.M), summary
+    caps = plan()[0]
+    for phase in caps:
+        if phase not in ("compile", "ncu"):  # those record their probe and steps
+            assert status(summary, phase) == "ok", (phase, summary)
+    assert status(summary, "compile-probe") == "ok" and status(summary, "ncu-probe") == "ok"
+    # results were in $OUT before the tests ran: the build's row and the tarball
+    during = (tmp_path / "fake" / "summary_during_tests.txt").read_text()
+    assert status(during, "build") == "ok" and status(during, "tests") is None
+    assert any(f.endswith(".tar.gz") for f in (tmp_path / "fake" / "out_during_tests.txt").read_text().split())
+    tests = [c for c in calls if "-m gpu" in c]
+    assert len(tests) == 2 and "-k not triton" in tests[0] and "-k triton" in tests[1]
+    assert all(f"tests/{f}" in tests[0] for f in ("test_solver_step.py", "test_graphs.py", "test_fused_unet.py"))
+    bench = [c for c in calls if "--benchmark-json" in c]
+    assert len(bench) == len([p for p in caps if p.startswith("bench:")]) + 1
+    assert all("skip=compile" in c and "providers= " in c for c in bench[:-1])
+    assert "providers=compile" in bench[-1] and "bench_sampling" not in bench[-1]
+    assert any(c.startswith("ncu ") and "bench_solver_step.py" in c for c in calls)
     assert "abc123" in (out / "versions.txt").read_text()
     report_md = (out / "report.md").read_text()
-    assert "## GPU check phases" in report_md
+    assert report_md.startswith("# fake report") and "## GPU check phases" in report_md
     assert r.stdout.rstrip().endswith(report_md.rstrip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("tool,phase", [("torch.compile", "compile"), ("--launch-count 1", "ncu")])
+def test_gpu_check_failed_probe_skips_its_phase(tmp_path, tool, phase):
+    r, out, calls = run_gpu_check(tmp_path, "--phases", f"{phase},bench:copy", fail=tool)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = (out / "summary.txt").read_text()
+    assert status(summary, f"{phase}-probe") == "FAILED"
+    assert re.search(rf"^{phase}\s+SKIPPED .*probe failed", summary, re.M), summary
+    if phase == "compile":  # no workload ran under the phase
+        assert not any("providers=compile" in c for c in calls)
+    else:
+        assert [c for c in calls if c.startswith("ncu ")] == [c for c in calls if "--launch-count 1 " in c]
+    assert status(summary, "bench:copy") == "ok"
+
+
+def test_gpu_check_phases_subset_runs_only_those(tmp_path):
+    r, out, calls = run_gpu_check(tmp_path, "--phases", "tests:triton,bench:solver_step")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    check_out_dir(out)
+    summary = (out / "summary.txt").read_text()
+    ran = [line.split()[0] for line in summary.splitlines()[1:]]
+    assert ran == ["setup", "tests:triton", "bench:solver_step", "report", "total"]
+    assert not any("pip install" in c for c in calls)
+    assert [c for c in calls if "-m gpu" in c][0].count("-k triton") == 1
+    assert [c for c in calls if "--benchmark-json" in c][0].count("bench_solver_step.py") == 1
+    assert "tests.log" in {p.name for p in out.iterdir()} and "build.log" not in {p.name for p in out.iterdir()}

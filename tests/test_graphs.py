@@ -3,14 +3,15 @@ replay equals the eager fused loop, SDE reproducibility, no re-capture for new g
 conditioning, the caller's result is never overwritten, eviction frees memory."""
 import pytest
 import torch
+from conftest import gpu_test
 
 import fastdiff
 from fastdiff.graphs import GraphCache, graph_key
 from fastdiff.guidance import ModelCaller
 from fastdiff.testing import GaussianMixture
+from fake_cuda_graph import FakeCUDAGraph, FreedBufferError
 
-HAS_CUDA = torch.cuda.is_available()
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+gpu = gpu_test()
 
 
 def _model(x, t, shift=None):
@@ -78,9 +79,8 @@ def test_graph_cache_is_a_bounded_lru():
     assert len(cache) == 0
 
 
+@gpu  # the check runs only where a graph would be captured (CUDA tensors)
 def test_graph_mode_rejects_host_callbacks():
-    if not HAS_CUDA:
-        pytest.skip("the check runs only where a graph would be captured (CUDA tensors)")
     with pytest.raises(ValueError, match="cuda_graph"):
         fastdiff.sample(_model, torch.randn(2, 3, 4, 4, device="cuda"), steps=3, cuda_graph=True, progress=True)
 
@@ -99,7 +99,8 @@ def test_replay_equals_the_eager_fused_loop_bitwise(mixture, solver):
     sched = fastdiff.get_schedule("flow" if flow else "linear")
     kw = dict(solver=solver, steps=6, schedule="flow" if flow else "linear", spacing="linspace" if flow else "trailing",
               prediction="flow" if flow else "epsilon", model_time="t" if flow else "timestep")
-    model = mixture.model(sched, kw["prediction"], model_time=kw["model_time"])
+    plan = fastdiff.Sampler(**kw)
+    model = mixture.model(sched, kw["prediction"], model_time=kw["model_time"], times=plan.grid.model_time)
     noise = torch.randn(3, 4, 8, 8, device="cuda")
     eager = fastdiff.sample(model, noise, **kw)
     graphed = fastdiff.sample(model, noise, cuda_graph=True, **kw)
@@ -109,8 +110,8 @@ def test_replay_equals_the_eager_fused_loop_bitwise(mixture, solver):
 @gpu
 def test_sde_reproduces_under_the_same_seed_and_new_noise_gives_new_results(mixture):
     fastdiff.clear_graphs()
-    model = mixture.model(fastdiff.get_schedule("linear"), "epsilon")
     s = fastdiff.Sampler(solver="dpmpp_2m_sde", steps=6)
+    model = mixture.model(fastdiff.get_schedule("linear"), "epsilon", times=s.grid.model_time)
     noise = torch.randn(2, 4, 8, 8, device="cuda")
     run = lambda seed: s.sample(model, noise, cuda_graph=True,  # noqa: E731
                                 generator=torch.Generator("cuda").manual_seed(seed))
@@ -157,9 +158,8 @@ def test_a_model_that_synchronises_cannot_be_captured():
 
 
 @gpu
-def test_eviction_and_clear_free_memory(mixture):
+def test_eviction_and_clear_free_memory():
     fastdiff.clear_graphs()
-    model = mixture.model(fastdiff.get_schedule("linear"), "epsilon")
     base = torch.cuda.memory_reserved()
     for steps in (3, 4, 5):
         fastdiff.sample(lambda x, t: 0.5 * x, torch.randn(64, 4, 64, 64, device="cuda"), steps=steps, cuda_graph=True)
@@ -167,28 +167,69 @@ def test_eviction_and_clear_free_memory(mixture):
     fastdiff.clear_graphs()
     assert fastdiff.graph_stats()["cached"] == 0
     assert torch.cuda.memory_reserved() <= base + (1 << 20)
-    del model
+
+
+@gpu
+def test_each_call_of_sample_builds_a_new_plan_and_replays_correctly(mixture):
+    """fastdiff.sample() makes a new Sampler per call; the cached graph (keyed by the plan's
+    value) must not read the first Sampler's freed buffers."""
+    fastdiff.clear_graphs()
+    kw = dict(solver="dpmpp_3m", steps=6)
+    model = mixture.model(fastdiff.get_schedule("linear"), "epsilon", times=fastdiff.Sampler(**kw).grid.model_time)
+    for _ in range(3):
+        noise = torch.randn(2, 4, 8, 8, device="cuda")
+        graphed = fastdiff.sample(model, noise, cuda_graph=True, **kw)
+        torch.cuda.empty_cache()  # freed blocks go back to the driver: a stale read would fault or differ
+        assert torch.equal(graphed, fastdiff.sample(model, noise, **kw))
+    assert fastdiff.graph_stats()["captures"] == 1
+
+
+@gpu
+def test_replays_from_threads_on_different_streams_do_not_overlap(mixture):
+    import threading
+
+    fastdiff.clear_graphs()
+    s = fastdiff.Sampler(solver="dpmpp_2m", steps=8)
+    model = mixture.model(fastdiff.get_schedule("linear"), "epsilon", times=s.grid.model_time)
+    noises = [torch.randn(8, 4, 8, 8, device="cuda") for _ in range(4)]
+    expected = [s.sample(model, n) for n in noises]
+    got = [None] * 4
+
+    def work(k):
+        with torch.cuda.stream(torch.cuda.Stream()):
+            for _ in range(5):
+                got[k] = s.sample(model, noises[k], cuda_graph=True)
+            torch.cuda.current_stream().synchronize()
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
+
+
+@gpu
+def test_inference_mode_capture_does_not_break_a_later_normal_call(mixture):
+    fastdiff.clear_graphs()
+    noise = torch.randn(2, 3, 4, 4, device="cuda")
+    with torch.inference_mode():
+        a = fastdiff.sample(_model, noise, steps=3, cuda_graph=True)
+    b = fastdiff.sample(_model, noise, steps=3, cuda_graph=True)
+    assert torch.equal(a, b) and not b.requires_grad
 
 
 # ------------------------------------------------- the graph logic on the CPU, with a fake graph
-class _FakeGraph:
-    """Stands in for a CUDA graph: 'replay' re-runs the recorded closure on the same static
-    buffers, which is what a real replay does to them. Checks the static-buffer logic (noise,
-    conditioning, guidance, results copied out) where no GPU is available."""
-
-    def __init__(self, run):
-        self.run = run
-
-    def replay(self):
-        self.run()
-
-
 @pytest.fixture
 def fake_graphs(monkeypatch):
+    """Capture records into a FakeCUDAGraph (tests/fake_cuda_graph.py), which, like a CUDA
+    graph, owns only what was allocated during capture and fails if a replay would touch freed
+    memory."""
     import fastdiff.graphs as G
 
     monkeypatch.setattr(G, "_warm_up", lambda run, device: run())
-    monkeypatch.setattr(G, "_capture", lambda run, device: _FakeGraph(run))
+    monkeypatch.setattr(G, "_capture", lambda run, device: FakeCUDAGraph().capture(run))
     G.CACHE.clear()
     yield G
     G.CACHE.clear()
@@ -248,3 +289,128 @@ def test_capture_failure_raises_or_falls_back_with_auto(fake_graphs, monkeypatch
         _graphed(fake_graphs, s, _model, torch.randn(1, 3, 4, 4))
     with pytest.warns(RuntimeWarning, match="eager fused loop"):
         assert _graphed(fake_graphs, s, _model, torch.randn(1, 3, 4, 4), mode="auto") is None
+
+
+# ------------------------------------------------------------ the fake graph is faithful
+def test_fake_graph_keeps_nothing_that_existed_before_capture_and_fails_on_freed_buffers():
+    import gc
+    import weakref
+
+    x, y = torch.randn(8), torch.empty(8)
+
+    def run():
+        torch.mul(x, 2.0, out=y)
+        y.add_(torch.ones_like(y))  # a temporary: allocated during capture, owned by the graph
+
+    closure = weakref.ref(run)
+    g = FakeCUDAGraph().capture(run)
+    del run
+    gc.collect()
+    assert closure() is None, "the fake graph keeps the recorded closure alive"
+    x.copy_(torch.arange(8.0))
+    g.replay()
+    assert torch.equal(y, 2 * torch.arange(8.0) + 1), "replay did not run on the captured buffers"
+    del x
+    gc.collect()
+    with pytest.raises(FreedBufferError):
+        g.replay()
+
+
+def test_fake_graph_refuses_host_synchronisation():
+    x = torch.randn(4)
+    with pytest.raises(RuntimeError, match="not permitted when stream is capturing"):
+        FakeCUDAGraph().capture(lambda: x.sum().item())
+
+
+def test_fake_replay_across_calls_of_sample_with_new_plans(fake_graphs):
+    """The graph key compares plans by value, so sample() with a new Sampler per call replays
+    the first call's graph: that graph must own its history and model times (it read freed
+    buffers before)."""
+    import gc
+
+    kw = dict(solver="dpmpp_3m", steps=5)
+    for _ in range(3):
+        noise = torch.randn(2, 3, 4, 4)
+        out = _graphed(fake_graphs, fastdiff.Sampler(**kw), _model, noise)
+        gc.collect()
+        assert torch.equal(out, fastdiff.sample(_model, noise, **kw))
+    assert fake_graphs.graph_stats()["captures"] == 1
+
+
+def test_fake_replay_under_inference_mode_then_normal_mode(fake_graphs):
+    s = fastdiff.Sampler(steps=4)
+    noise = torch.randn(2, 3, 4, 4)
+    with torch.inference_mode():
+        a = _graphed(fake_graphs, s, _model, noise)
+    b = _graphed(fake_graphs, s, _model, noise)  # its own graph: inference tensors cannot be refilled here
+    assert torch.equal(a, b) and fake_graphs.graph_stats()["captures"] == 2
+
+
+def test_capture_runs_on_a_stream_of_the_tensors_device(monkeypatch):
+    """No GPU here: the CUDA calls are recorded to check which device they name."""
+    import contextlib
+
+    import fastdiff.graphs as G
+
+    seen = []
+
+    class Stream:
+        def __init__(self, device=None):
+            seen.append(("stream", device))
+
+    @contextlib.contextmanager
+    def device(d):
+        seen.append(("device", d))
+        yield
+
+    @contextlib.contextmanager
+    def graph(g, pool=None, stream=None):
+        seen.append(("graph", type(stream).__name__))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(G.CACHE, "_pool", "pool")
+    ran = []
+    G._capture(lambda: ran.append(1), torch.device("cuda", 1))
+    assert ran == [1]
+    assert seen == [("device", torch.device("cuda", 1)), ("stream", torch.device("cuda", 1)), ("graph", "Stream")]
+
+
+def test_a_model_with_its_own_cuda_graphs_is_refused(fake_graphs):
+    compiled = torch.compile(torch.nn.Identity(), mode="reduce-overhead")  # compiles lazily: never run here
+    s = fastdiff.Sampler(steps=3)
+    with pytest.raises(fastdiff.GraphCaptureError, match="reduce-overhead"):
+        _graphed(fake_graphs, s, compiled, torch.randn(1, 3, 4, 4))
+    holder = torch.nn.Sequential(compiled)  # nested inside a user's module
+    with pytest.warns(RuntimeWarning, match="reduce-overhead"):
+        assert _graphed(fake_graphs, s, holder, torch.randn(1, 3, 4, 4), mode="auto") is None
+    assert fastdiff.graphs.nested_graph_reason(torch.compile(torch.nn.Identity())) is None
+
+
+def test_fake_replays_from_four_threads_equal_single_threaded_results(fake_graphs):
+    import threading
+
+    s = fastdiff.Sampler(solver="dpmpp_2m_sde", steps=4)
+    c, u = {"shift": torch.full((2,), 0.3)}, {"shift": torch.zeros(2)}
+    noises = [torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(k)) for k in range(4)]
+
+    def one(k):
+        return _graphed(fake_graphs, s, _model, noises[k], guidance_scale=4.0, cond=c, uncond=u,
+                        generator=torch.Generator().manual_seed(100 + k))
+
+    expected = [one(k) for k in range(4)]
+    got = [None] * 4
+
+    def work(k):
+        for _ in range(3):
+            got[k] = one(k)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from fastdiff import _ext
 from fastdiff.ops import group_norm_silu as gn
 from fastdiff.ops.group_norm_silu import BackendUnavailableError, group_norm_silu, group_norm_silu_reference
-from conftest import HAS_CUDA, HAS_TRITON, need, run_without_extension
+from conftest import HAS_CUDA, HAS_TRITON, gpu_test, need, run_without_extension
 from tolerances import REL_TOL, assert_close, rel_err
 
 OP = "group_norm_silu"  # the compiled kernels the `backend` fixture needs
@@ -467,61 +467,73 @@ def test_torch_compile_fullgraph(be):
 # interpreter does not see) and vectorises the contiguous case
 # -------------------------------------------------------------------------------------------
 
-def _compile_for_sm90(consts, dtype="fp16", divisible=True):
-    triton = pytest.importorskip("triton")
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError as e:  # pragma: no cover - other Triton versions
-        pytest.skip(f"this Triton has no offline compile API ({e})")
+GPU_COMPILE_CASES = [  # (mode, channels_last, single tile): fused one tile, fused loop, the two split passes
+    (0, False, True), (0, True, False), (1, False, False), (2, True, False)]
+
+
+def gpu_compile_case(mode, cl, single, cc):
+    """Run by gpu_compile.compile_isolated in a fresh interpreter: compile one launch variant
+    for sm_<cc>; -> a summary of the PTX and the resources."""
     import inspect
 
-    from fastdiff.kernels import group_norm_silu as kmod
+    import triton
 
-    fn = triton.jit(kmod._group_norm_silu_kernel)
-    names = list(inspect.signature(kmod._group_norm_silu_kernel).parameters)
+    from fastdiff.ops import _dispatch
+    from gpu_compile import compile_for_gpu
+
+    kmod = _dispatch.import_kernel("group_norm_silu")
+    consts = dict(MODE=mode, CL=cl, HAS_W=True, HAS_B=True, HAS_T=True, HAS_R=True, SILU=True,
+                  BLOCK_R=1 if not cl else 256, BLOCK_K=4096 if not cl else 16, SINGLE_TILE=single,
+                  NSPLIT_P2=1 if mode == 0 else 16)
     sig, attrs = {}, {}
-    for i, p in enumerate(names):
+    for i, p in enumerate(inspect.signature(kmod._group_norm_silu_kernel).parameters):
         if p in consts:
             sig[p] = "constexpr"
         elif p.endswith("_ptr"):
-            sig[p] = "*fp32" if p == "ws_ptr" else f"*{dtype}"
+            sig[p] = "*fp32" if p == "ws_ptr" else "*fp16"
         elif p in ("group_size", "eps"):
             sig[p] = "fp32"
         else:
             sig[p] = "i64" if p == "SAMPLE_STRIDE" else "i32"
-        if divisible and (p.endswith("_ptr") or p in ("K", "ROW_STRIDE", "SAMPLE_STRIDE", "GROUP_STRIDE")):
+        if p.endswith("_ptr") or p in ("K", "ROW_STRIDE", "SAMPLE_STRIDE", "GROUP_STRIDE"):
             attrs[(i,)] = [["tt.divisibility", 16]]
-    try:
-        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
-    except Exception as e:
-        if "ptxas" in str(e) or "backend" in str(e).lower() and "not found" in str(e).lower():
-            pytest.skip(f"no CUDA toolchain for Triton here ({e})")
-        raise
+    k = compile_for_gpu(triton.jit(kmod._group_norm_silu_kernel), sig, consts, attrs, cc, dict(num_warps=8))
+    ptx = k.pop("ptx")
+    return dict(k, named="_group_norm_silu_kernel" in ptx, vector_loads="ld.global.v4" in ptx)
 
 
-@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
-@pytest.mark.parametrize("mode,cl,single", [(0, False, True), (0, True, False), (1, False, False), (2, True, False)],
+@pytest.fixture(scope="module")
+def gpu_compiled():
+    """Every GPU_COMPILE_CASES variant for sm_90a and sm_80, compiled once per module run."""
+    from gpu_compile import compile_isolated
+
+    cases = [list(c) + [cc] for cc in (90, 80) for c in GPU_COMPILE_CASES]
+    return dict(zip((tuple(c) for c in cases), compile_isolated("test_group_norm_silu", "gpu_compile_case", cases)))
+
+
+@pytest.mark.parametrize("cc", [90, 80])
+@pytest.mark.parametrize("mode,cl,single", GPU_COMPILE_CASES,
                          ids=["fused-one-tile", "fused-loop-cl", "partial-stats", "merge-normalise-cl"])
-def test_triton_compiles_for_sm90(mode, cl, single, monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    consts = dict(MODE=mode, CL=cl, HAS_W=True, HAS_B=True, HAS_T=True, HAS_R=True, SILU=True,
-                  BLOCK_R=1 if not cl else 256, BLOCK_K=4096 if not cl else 16, SINGLE_TILE=single,
-                  NSPLIT_P2=1 if mode == 0 else 16)
-    k = _compile_for_sm90(consts)
-    ptx = k.asm["ptx"]
-    assert "_group_norm_silu_kernel" in ptx  # the name Nsight Compute's regex picks up
+def test_triton_compiles_for_gpus(mode, cl, single, cc, gpu_compiled):
+    """No GPU needed: each launch variant compiles for sm_90a and sm_80 (compiled mode catches
+    errors the interpreter does not see), keeps the name Nsight Compute's regex selects,
+    loads contiguous rows with 16-byte vectors, spills nothing and fits shared memory."""
+    from gpu_compile import SHARED_LIMIT
+
+    k = gpu_compiled[(mode, cl, single, cc)]
+    assert k["named"]
     if not cl:  # contiguous rows: 16-byte vector loads of x
-        assert "ld.global.v4" in ptx
+        assert k["vector_loads"]
+    assert k["stack"] == 0, f"sm_{cc}: {k['regs']} registers and {k['stack']} bytes of stack per thread: spills"
+    assert k["shared"] <= SHARED_LIMIT[cc], k
 
 
 # -------------------------------------------------------------------------------------------
 # GPU only
 # -------------------------------------------------------------------------------------------
 
-cuda_only = pytest.mark.skipif(not HAS_CUDA_KERNEL, reason="needs a GPU and fastdiff._C built with CUDA")
-gpu_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+cuda_only = gpu_test(HAS_CUDA_KERNEL, "needs a GPU and fastdiff._C built with CUDA")
+gpu_only = gpu_test()
 
 
 @gpu_only

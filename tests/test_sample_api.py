@@ -156,3 +156,55 @@ def test_non_finite_model_output_is_caught_when_checking():
 
     with pytest.raises(FloatingPointError, match="model.*step"):
         fastdiff.sample(broken, _noise(), steps=4, check_finite=True)
+
+
+def test_sample_needs_no_autograd_off_from_the_caller():
+    """Sampling is inference: a model with trainable parameters and out= ops (as the fused
+    U-Net blocks use) runs inside sample() without the caller wrapping it in no_grad."""
+
+    class OutOp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(0.5))
+
+        def forward(self, x, t):
+            return torch.mul(x, self.scale, out=torch.empty_like(x))  # fails under autograd
+
+    assert torch.is_grad_enabled()
+    for backend in ("auto", "reference"):
+        out = fastdiff.sample(OutOp(), torch.randn(2, 3, 4, 4), steps=3, backend=backend)
+        assert not out.requires_grad
+    assert torch.is_grad_enabled()
+
+
+def test_four_threads_sharing_a_sampler_equal_single_threaded_results():
+    """Shared Sampler, fused CPU kernel, batched CFG, SDE noise: threads change nothing, and
+    grad mode in the workers does not matter (sample() runs without autograd itself)."""
+    import threading
+
+    s = fastdiff.Sampler(solver="dpmpp_2m_sde", steps=5, backend="auto")
+    c, u = {"shift": torch.full((2,), 0.3)}, {"shift": torch.zeros(2)}
+
+    def model(x, t, shift):
+        return 0.2 * torch.tanh(x) + shift.view(-1, 1, 1, 1) + 1e-4 * t.view(-1, 1, 1, 1)
+
+    def one(k):
+        noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(k))
+        return s.sample(model, noise, guidance_scale=4.0, cond=c, uncond=u,
+                        generator=torch.Generator().manual_seed(100 + k))
+
+    expected = [one(k) for k in range(4)]
+    got = [[] for _ in range(4)]
+
+    def work(k):
+        with torch.enable_grad():
+            for _ in range(3):
+                got[k].append(one(k))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(4):
+        assert len(got[k]) == 3 and all(torch.equal(g, expected[k]) for g in got[k])

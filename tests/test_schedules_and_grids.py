@@ -84,8 +84,9 @@ def test_spacings_exact_definitions():
         pts = spacing_points(s, sp, 7)
         assert len(pts) == 8 and pts[-1] == pytest.approx(0.0, abs=1e-9)
         assert np.all(np.diff(pts[:-1]) < 0) and (sp == "leading" or pts[-2] > pts[-1])
-    with pytest.warns(UserWarning, match="coincide"):
-        assert make_grid(s, "leading", 7, final="min").steps == 6
+    with pytest.raises(ValueError, match=r"final='min'.*use final='zero' or steps_offset >= 1"):
+        make_grid(s, "leading", 7, final="min")
+    assert make_grid(s, "leading", 7, final="min", steps_offset=1).steps == 7
     # logsnr: uniform in lambda; karras: uniform in sigma^(1/7)
     g = make_grid(s, "logsnr", 6, final="min")
     np.testing.assert_allclose(np.diff(g.lam), np.diff(g.lam)[0], rtol=1e-6)
@@ -102,15 +103,22 @@ def test_final_zero_moves_only_the_end_point_to_the_clean_limit():
     assert gm.sigma[-1] == pytest.approx(0.01) and not gm.ends_clean
 
 
-def test_rounded_karras_grid_drops_duplicate_timesteps_with_a_warning():
+def test_coinciding_grid_points_are_an_error_naming_the_cause():
+    """Never fewer steps than asked: rounding, final='min' and out-of-range sigmas that would
+    put two points on one time each raise, saying what happened."""
     s = VPSchedule.linear()
-    with pytest.warns(UserWarning, match="coincide"):
-        g = make_grid(s, "karras", 200, round_timesteps=True)
-    assert np.all(np.diff(g.model_time) < 0) and np.all(np.diff(g.sigma) < 0)
-    assert g.steps < 200
+    with pytest.raises(ValueError, match="after rounding to integer timesteps.*round_timesteps=False"):
+        make_grid(s, "karras", 200, round_timesteps=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        make_grid(s, "karras", 200)  # unrounded: no duplicates
+        assert make_grid(s, "karras", 200).steps == 200  # unrounded: no duplicates
+        assert make_grid(s, "karras", 20, round_timesteps=True).steps == 20
+    with pytest.raises(ValueError, match="final='min'"):
+        make_grid(s, "trailing", 1000, final="min")
+    with pytest.raises(ValueError, match="sigma_max: 1e\\+09 is above this schedule's largest sigma/alpha"):
+        make_grid(VPSchedule.scaled_linear(), "karras", 4, sigma_max=1e9)
+    with pytest.raises(ValueError, match="sigma_min: .* is below"):
+        make_grid(s, "karras", 4, sigma_min=1e-6)
 
 
 def test_flow_spacings():

@@ -32,3 +32,17 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, facto
     err = rel_err(out, ref)
     tol = factor * REL_TOL[dtype]
     assert err <= tol, f"{what} relative error {err:.3e} > {tol:.1e} ({dtype})"
+
+
+def assert_close_each(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    """assert_close, and every element within REL_TOL[dtype] of max(|ref|, rms(ref)): one wrong
+    element among thousands moves the norm too little to fail assert_close on its own."""
+    assert_close(out, ref, dtype, what=what)
+    out = out.detach().to(torch.float64).cpu()
+    ref = ref.detach().to(torch.float64).cpu()
+    bound = REL_TOL[dtype] * torch.maximum(ref.abs(), ref.pow(2).mean().sqrt())
+    bad = ~((out - ref).abs() <= bound)  # NaN fails
+    if bad.any():
+        i = tuple(int(v) for v in bad.nonzero()[0])
+        raise AssertionError(f"{what} {int(bad.sum())} of {bad.numel()} elements off ({dtype}), first at {i}: "
+                             f"{float(out[i])!r} vs {float(ref[i])!r}")

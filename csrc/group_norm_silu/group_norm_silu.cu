@@ -326,10 +326,12 @@ __device__ __forceinline__ Smem smem_layout(float* dyn, int64_t cpg) {
 
 // Reads happen before writes everywhere (x0 before the block's first store, each element loaded
 // before it is stored by the same thread): out may alias x or residual. No __restrict__.
+// Min. 2 blocks per SM: without it ptxas (CUDA 13) caps the sm_80 VEC=2 streamed variant at 80
+// registers and spills; with it every variant fits in <= 128 registers without spilling
+// (tests/test_cuda_resources.py).
 template <DType T, int VEC, bool CACHED>
-__global__ void __launch_bounds__(kThreads) group_norm_silu_fused_kernel(const Params P) {
-  extern __shared__ float dyn[];
-  const Smem sm = smem_layout(dyn, P.cpg);
+__global__ void __launch_bounds__(kThreads, 2) group_norm_silu_fused_kernel(const Params P) {
+  const Smem sm = smem_layout(dynamic_shared<float>(), P.cpg);
   const int64_t ng = blockIdx.x;
   const int64_t base = group_base(P, ng);
   const float x0 = Elem<T>::to_float(static_cast<const typename Elem<T>::type*>(P.x)[base]);
@@ -372,8 +374,7 @@ __global__ void __launch_bounds__(kThreads) group_norm_silu_fused_kernel(const P
 
 template <DType T, int VEC>
 __global__ void __launch_bounds__(kThreads) group_norm_silu_stats_kernel(const Params P) {
-  extern __shared__ float dyn[];
-  const Smem sm = smem_layout(dyn, P.cpg);
+  const Smem sm = smem_layout(dynamic_shared<float>(), P.cpg);
   const int64_t ng = blockIdx.x, s = blockIdx.y;
   const int64_t base = group_base(P, ng);
   const float x0 = Elem<T>::to_float(static_cast<const typename Elem<T>::type*>(P.x)[base]);
@@ -394,8 +395,7 @@ __global__ void __launch_bounds__(kThreads) group_norm_silu_stats_kernel(const P
 
 template <DType T, int VEC>
 __global__ void __launch_bounds__(kThreads) group_norm_silu_apply_kernel(const Params P) {
-  extern __shared__ float dyn[];
-  const Smem sm = smem_layout(dyn, P.cpg);
+  const Smem sm = smem_layout(dynamic_shared<float>(), P.cpg);
   const int64_t ng = blockIdx.x, s = blockIdx.y;
   const int64_t base = group_base(P, ng);
   const float* part = P.part + ng * P.splits * 4;
@@ -462,19 +462,14 @@ cudaError_t launch(const Params& P, int64_t groups, cudaStream_t stream) {
   const size_t smem = sizeof(float) * static_cast<size_t>(3 * (kWarps + 1) + 3 * P.cpg);
   if (P.splits == 1) {
     const dim3 grid(static_cast<unsigned>(groups));
-    if (P.size <= int64_t(kThreads) * kCacheVecs * VEC) {
-      group_norm_silu_fused_kernel<T, VEC, true><<<grid, kThreads, smem, stream>>>(P);
-    } else {
-      group_norm_silu_fused_kernel<T, VEC, false><<<grid, kThreads, smem, stream>>>(P);
-    }
-  } else {
-    const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(P.splits));
-    group_norm_silu_stats_kernel<T, VEC><<<grid, kThreads, smem, stream>>>(P);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-    group_norm_silu_apply_kernel<T, VEC><<<grid, kThreads, smem, stream>>>(P);
+    return P.size <= int64_t(kThreads) * kCacheVecs * VEC
+               ? launch_kernel(group_norm_silu_fused_kernel<T, VEC, true>, grid, kThreads, smem, stream, P)
+               : launch_kernel(group_norm_silu_fused_kernel<T, VEC, false>, grid, kThreads, smem, stream, P);
   }
-  return cudaGetLastError();
+  const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(P.splits));
+  const cudaError_t err = launch_kernel(group_norm_silu_stats_kernel<T, VEC>, grid, kThreads, smem, stream, P);
+  if (err != cudaSuccess) return err;
+  return launch_kernel(group_norm_silu_apply_kernel<T, VEC>, grid, kThreads, smem, stream, P);
 }
 
 template <DType T>

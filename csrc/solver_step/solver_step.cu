@@ -208,12 +208,9 @@ cudaError_t launch(const Params& P, bool vectorized, cudaStream_t stream) {
   int64_t blocks = (work + kThreads - 1) / kThreads;
   if (blocks > max_blocks) blocks = max_blocks;
   if (blocks < 1) blocks = 1;
-  if (vectorized) {
-    solver_step_kernel<TM, TS, kVec><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(P);
-  } else {
-    solver_step_kernel<TM, TS, 1><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(P);
-  }
-  return cudaGetLastError();
+  const dim3 grid(static_cast<unsigned>(blocks));
+  return vectorized ? launch_kernel(solver_step_kernel<TM, TS, kVec>, grid, kThreads, 0, stream, P)
+                    : launch_kernel(solver_step_kernel<TM, TS, 1>, grid, kThreads, 0, stream, P);
 }
 
 }  // namespace

@@ -12,7 +12,7 @@ namespace solver_step {
 // Enqueues the kernel on `stream` (graph-capturable: no allocation, no synchronisation).
 // Uses 16-byte vector loads/stores when every pointer is 16-byte aligned, else the scalar
 // path. Returns cudaErrorInvalidValue for an invalid `a` (see check_args), else the launch
-// status (cudaGetLastError()).
+// status.
 cudaError_t solver_step_cuda(const Args& a, cudaStream_t stream);
 
 // Whether solver_step_cuda would take the vectorised path for these pointers.

@@ -58,6 +58,8 @@ Environment:
   FASTDIFF_BENCH_SIZES=largest  `bench_sizes` returns only the largest full size (profilers)
   FASTDIFF_BENCH_ROUNDS=N       rounds per benchmark
   FASTDIFF_BENCH_PROVIDERS=a,b  run only these providers; others are skipped
+  FASTDIFF_BENCH_SKIP_PROVIDERS=a,b  skip these providers (e.g. `compile`: its compile time
+                                dwarfs a short GPU run; gpu_check.sh runs it in a phase of its own)
   FASTDIFF_BENCH_PROFILE=1      no timing: 1 warm-up call, then 2 calls inside the NVTX range
                                 `fastdiff_profile` (for `ncu --nvtx --nvtx-include fastdiff_profile/`)
   FASTDIFF_BENCH_DEVICE=cpu     force the device fixture
@@ -80,6 +82,7 @@ QUICK_ENV = "FASTDIFF_BENCH_QUICK"
 SIZES_ENV = "FASTDIFF_BENCH_SIZES"
 ROUNDS_ENV = "FASTDIFF_BENCH_ROUNDS"
 PROVIDERS_ENV = "FASTDIFF_BENCH_PROVIDERS"
+SKIP_PROVIDERS_ENV = "FASTDIFF_BENCH_SKIP_PROVIDERS"
 PROFILE_ENV = "FASTDIFF_BENCH_PROFILE"
 DEVICE_ENV = "FASTDIFF_BENCH_DEVICE"
 COMMIT_ENV = "FASTDIFF_COMMIT"
@@ -117,6 +120,7 @@ __all__ = [
     "is_quick",
     "cuda_event_timer",
     "size_label",
+    "provider_skip_reason",
 ]
 
 
@@ -546,9 +550,20 @@ def _rounds_from_env(default: int) -> Optional[int]:
     return n
 
 
-def _selected_providers() -> Optional[List[str]]:
-    v = os.environ.get(PROVIDERS_ENV, "").strip()
-    return [p.strip() for p in v.split(",") if p.strip()] if v else None
+def _env_list(name: str) -> List[str]:
+    return [p.strip() for p in os.environ.get(name, "").split(",") if p.strip()]
+
+
+def provider_skip_reason(provider: str) -> Optional[str]:
+    """Why `FASTDIFF_BENCH_PROVIDERS` / `FASTDIFF_BENCH_SKIP_PROVIDERS` rule `provider` out, or
+    None. benchmarks/conftest.py applies it at collection (before a provider's setup, e.g. a
+    torch.compile, runs); `run_benchmark` applies it again for callers outside that conftest."""
+    selected = _env_list(PROVIDERS_ENV)
+    if selected and provider not in selected:
+        return f"provider {provider!r} not in {PROVIDERS_ENV}={','.join(selected)}"
+    if provider in _env_list(SKIP_PROVIDERS_ENV):
+        return f"provider {provider!r} in {SKIP_PROVIDERS_ENV}"
+    return None
 
 
 def run_benchmark(
@@ -590,11 +605,11 @@ def run_benchmark(
         if value is not None:
             info[key] = value
 
-    selected = _selected_providers()
-    if selected is not None and provider not in selected:
+    skip = provider_skip_reason(provider)
+    if skip is not None:
         import pytest  # noqa: PLC0415
 
-        pytest.skip(f"provider {provider!r} not in {PROVIDERS_ENV}={','.join(selected)}")
+        pytest.skip(skip)
 
     if _env_flag(PROFILE_ENV):
         return _run_profile(benchmark, fn, on_cuda, f"{op}:{provider}:{label}")

@@ -173,9 +173,9 @@ def summarize(launches: Sequence[Dict[str, object]]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import argparse  # noqa: PLC0415
+    from fastdiff._cli import Parser  # noqa: PLC0415
 
-    ap = argparse.ArgumentParser(prog="python -m fastdiff.bench ncu-summary", description=__doc__.split("\n")[0])
+    ap = Parser(prog="python -m fastdiff.bench ncu-summary", description=__doc__.split("\n")[0])
     ap.add_argument("csv", nargs="+", help="ncu --csv --page raw exports")
     ap.add_argument("-o", "--output", help="write here (default: stdout)")
     args = ap.parse_args(argv)
@@ -185,9 +185,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             with open(path, errors="replace") as f:
                 text = f.read()
-        except OSError as exc:
-            notes.append(f"- {path}: cannot read ({exc})")
-            continue
+        except OSError as exc:  # a wrong path is an error; a CSV without kernels is a note below
+            ap.error(f"{path}: cannot read ({exc.strerror or exc})")
         got = parse_csv(text, source=re.sub(r"\.csv$", "", os.path.basename(path)))
         if not got:
             notes.append(f"- {os.path.basename(path)}: no profiled kernels in it")

@@ -9,8 +9,9 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
+
+from fastdiff._cli import UsageError, at_least_one, make_out_dir, pick_device
 
 QUICK_IMAGES = 50
 
@@ -23,11 +24,11 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help=f"a short run (< 1 minute on a 2-core CPU): {QUICK_IMAGES} images, 5 rows, and DPM-Solver++ 2M "
                         "at 100 steps as the RMS reference (closer to DDIM 1000 than DDIM 250 is)")
     p.add_argument("--solver", default="dpmpp_2m", help="solver of the sample grid (default: dpmpp_2m)")
-    p.add_argument("--steps", type=int, default=8, help="steps of the sample grid (default: 8)")
+    p.add_argument("--steps", type=at_least_one, default=8, help="steps of the sample grid (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (and of DDPM's noise)")
     p.add_argument("--out", default="fastdiff-demo", help="output directory (default: ./fastdiff-demo)")
-    p.add_argument("--device", default="auto", help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--num-images", type=int, default=None,
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto: cuda if available)")
+    p.add_argument("--num-images", type=at_least_one, default=None,
                    help=f"images per row (default: 250 on a GPU, 100 on a CPU, where the two 1000-step rows "
                         f"take minutes; {QUICK_IMAGES} with --quick)")
     p.add_argument("--guidance-scale", type=float, default=1.0,
@@ -35,11 +36,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-table", action="store_true", help="only write the sample grid")
     p.set_defaults(func=run)
     return p
-
-
-def _err(msg: str) -> int:
-    print(f"fastdiff demo: {msg}", file=sys.stderr)
-    return 2
 
 
 def run(args) -> int:
@@ -51,27 +47,23 @@ def run(args) -> int:
         from fastdiff.demo.data import load_split
         from fastdiff.demo.png import save_png_grid
     except ImportError as e:  # pragma: no cover - environment dependent
-        return _err(f"{e}. Install the demo extra: pip install 'fastdiff[demo]'")
+        raise UsageError(f"{e}. Install the demo extra: pip install 'fastdiff[demo]'") from None
     if not args.no_table:
         try:
             import torchmetrics  # noqa: F401
         except ImportError:
-            return _err("the comparison table needs torchmetrics: pip install 'fastdiff[demo]' (or pass --no-table)")
-    if args.steps < 1:
-        return _err(f"--steps: expected >= 1, got {args.steps}")
+            raise UsageError("the comparison table needs torchmetrics: pip install 'fastdiff[demo]' "
+                             "(or pass --no-table)") from None
     if args.solver not in fastdiff.SOLVERS:
-        return _err(f"--solver: expected one of {sorted(fastdiff.SOLVERS)}, got {args.solver!r}")
-    try:
-        device = E.pick_device(args.device)
-        torch.empty(1, device=device)
-    except (RuntimeError, AssertionError) as e:
-        return _err(f"--device {args.device}: {e}")
-    n = args.num_images or (QUICK_IMAGES if args.quick else (250 if device.type == "cuda" else 100))
-    if n < 2:
-        return _err(f"--num-images: expected >= 2, got {n}")
+        raise UsageError(f"--solver: expected one of {sorted(fastdiff.SOLVERS)}, got {args.solver!r}")
+    device = pick_device(args.device)
+    n = args.num_images if args.num_images is not None else (
+        QUICK_IMAGES if args.quick else (250 if device.type == "cuda" else 100))
+    if n < 2 and not args.no_table:  # FD and KID compare feature covariances
+        raise UsageError(f"--num-images {n}: the comparison table needs >= 2 images (or pass --no-table)")
+    make_out_dir(args.out)
     if device.type == "cpu":
         torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
-    os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
 
     model = load_digits_model(device=device).set_backend("auto")  # fused GroupNorm+SiLU / attention blocks
@@ -86,7 +78,7 @@ def run(args) -> int:
         x, sec = E.generate(model, noise, labels, args.solver, args.steps, guidance_scale=args.guidance_scale,
                             seed=args.seed)
     except ValueError as e:  # a solver/steps combination this (VP, epsilon) model cannot use
-        return _err(f"--solver {args.solver} --steps {args.steps}: {e}")
+        raise UsageError(f"--solver {args.solver} --steps {args.steps}: {e}") from None
     grid_path = os.path.join(args.out, "samples.png")
     save_png_grid(grid_path, x[:100])
     print(f"wrote {grid_path}: {min(n, 100)} samples, {E.row_label(args.solver, args.steps)} {args.steps} steps "

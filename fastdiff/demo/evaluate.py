@@ -67,12 +67,6 @@ SOLVER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp_1m": "DPM-Solver++ 1M", "
                 "euler_ancestral": "Euler ancestral"}
 
 
-def pick_device(device: Optional[str] = None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def make_noise(n: int, seed: int, shape=(1, 16, 16), device="cpu") -> torch.Tensor:
     """Seeded standard normal noise, drawn on the CPU (identical on every device)."""
     g = torch.Generator().manual_seed(seed)

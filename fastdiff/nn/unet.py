@@ -25,6 +25,11 @@ import torch.nn as nn
 from fastdiff.nn.layers import AttentionBlock, Downsample, GroupNormSiLU, ResBlock, TimestepEmbedding, Upsample
 
 
+def _check_positive_int(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     sample_size: int = 32
@@ -50,6 +55,16 @@ class UNetConfig:
     def __post_init__(self):
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
         object.__setattr__(self, "attention_levels", tuple(self.attention_levels))
+        for name in ("sample_size", "in_channels", "base_channels", "groups", "temb_mult"):
+            _check_positive_int(name, getattr(self, name))
+        if self.out_channels is not None:
+            _check_positive_int("out_channels", self.out_channels)
+        if isinstance(self.num_res_blocks, bool) or not isinstance(self.num_res_blocks, int) or self.num_res_blocks < 0:
+            raise ValueError(f"num_res_blocks: expected an integer >= 0, got {self.num_res_blocks!r}")
+        if not self.channel_mults:
+            raise ValueError("channel_mults: expected at least one level")
+        for m in self.channel_mults:
+            _check_positive_int("channel_mults", m)
         n = len(self.channel_mults)
         if any(not 0 <= lvl < n for lvl in self.attention_levels):
             raise ValueError(f"attention_levels: expected level indices in [0, {n}), got {self.attention_levels}")

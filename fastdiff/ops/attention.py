@@ -221,6 +221,9 @@ def _triton_supports(a) -> Optional[str]:
         why = "bfloat16 tl.dot needs compute capability >= 8.0 (Ampere)"
     if why is None and a.head_dim > TRITON_MAX_HEAD_DIM:
         why = f"head_dim {a.head_dim} > {TRITON_MAX_HEAD_DIM} (the kernel keeps a whole head row in registers)"
+    if why is None and a.device_type == "cuda":
+        why = _dispatch.import_kernel("attention").gpu_unsupported(
+            a.dtype, a.head_dim, torch.cuda.get_device_capability(a.device))
     return why
 
 

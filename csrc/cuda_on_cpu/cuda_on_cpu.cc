@@ -1,0 +1,289 @@
+// cuda_on_cpu -- the block scheduler (see cuda_on_cpu.h). Threads are fibers: a fiber runs until
+// it reaches a barrier or returns, then the scheduler resumes the next one. A fiber starts once
+// with makecontext and then runs the kernel body for one block after another. Switches are
+// GCC's __builtin_setjmp/__builtin_longjmp: swapcontext costs a system call and ASan's longjmp
+// handling clears shadow memory each time, which made the tests several times slower.
+// (*.cc, not *.cpp: setup.py builds every csrc/*/*.cpp into the torch extension.)
+#include "cuda_on_cpu.h"
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <memory>
+#include <random>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define CUDA_ON_CPU_ASAN 1
+#endif
+
+// Bounds of the static __shared__ variables' section (set by the linker; null without any).
+extern "C" char __start_cuda_on_cpu_shared[] __attribute__((weak));
+extern "C" char __stop_cuda_on_cpu_shared[] __attribute__((weak));
+
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (attr != cudaDevAttrMultiProcessorCount || device != 0) return cudaErrorInvalidValue;
+  *value = cuda_on_cpu::kMultiProcessors;
+  return cudaSuccess;
+}
+
+namespace cuda_on_cpu {
+namespace {
+
+// Generous: the kernels need a few KiB, AddressSanitizer's redzones several times that.
+constexpr size_t kStackBytes = 256 * 1024;
+
+enum class State { kRunnable, kAtBarrier, kAtShuffle, kDone };
+
+struct Fiber {
+  ucontext_t ctx;  // first entry only
+  void* jmp[5];  // __builtin_setjmp buffer
+  bool started = false;
+  std::unique_ptr<char[]> stack;
+  uint3 idx;
+  State state;
+  unsigned mask, src;    // shuffle request
+  uint64_t value, got;   // shuffle value sent / received
+};
+
+struct Scheduler {
+  std::mt19937_64 rng{0};
+  std::vector<Fiber> fibers;
+  void* main_jmp[5];
+  int current = -1;
+  const std::function<void()>* body = nullptr;
+  std::unique_ptr<unsigned char[]> smem;
+  std::vector<LaunchRecord> launches;
+  std::string error;
+  cudaError_t last = cudaSuccess;
+#ifdef CUDA_ON_CPU_ASAN
+  const void* main_stack = nullptr;
+  size_t main_stack_size = 0;
+#endif
+};
+
+Scheduler g_sched;
+Scheduler& sched() { return g_sched; }
+
+// Context switches, announced to AddressSanitizer so that it tracks the right stack. Neither
+// instrumented nor inlined into code that is: ASan would "unpoison" the stack left behind before
+// the no-return jump (it is suspended, not unwound), at the cost of a system call and a memset
+// per switch.
+#define CUDA_ON_CPU_SWITCH [[gnu::noinline, gnu::no_sanitize_address]]
+
+// Not in a function that calls __builtin_setjmp (GCC's rule).
+CUDA_ON_CPU_SWITCH void jump(void** buf) { __builtin_longjmp(buf, 1); }
+
+CUDA_ON_CPU_SWITCH void enter_fiber(Fiber& f) {
+  Scheduler& s = sched();
+#ifdef CUDA_ON_CPU_ASAN
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(&fake, f.stack.get(), kStackBytes);
+#endif
+  if (__builtin_setjmp(s.main_jmp) == 0) {
+    if (f.started) jump(f.jmp);
+    f.started = true;
+    setcontext(&f.ctx);
+  }
+#ifdef CUDA_ON_CPU_ASAN
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+}
+
+CUDA_ON_CPU_SWITCH void leave_fiber(Fiber& f) {
+  Scheduler& s = sched();
+#ifdef CUDA_ON_CPU_ASAN
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(&fake, s.main_stack, s.main_stack_size);
+#endif
+  if (__builtin_setjmp(f.jmp) == 0) jump(s.main_jmp);
+#ifdef CUDA_ON_CPU_ASAN
+  __sanitizer_finish_switch_fiber(fake, &s.main_stack, &s.main_stack_size);
+#endif
+}
+
+void fiber_main() {
+  Scheduler& s = sched();
+#ifdef CUDA_ON_CPU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &s.main_stack, &s.main_stack_size);
+#endif
+  for (;;) {
+    (*s.body)();
+    Fiber& f = s.fibers[s.current];
+    f.state = State::kDone;
+    leave_fiber(f);
+  }
+}
+
+Fiber& self() { return sched().fibers[sched().current]; }
+
+void wait(State st) {
+  Fiber& f = self();
+  f.state = st;
+  leave_fiber(f);
+}
+
+const char* state_name(State st) {
+  switch (st) {
+    case State::kRunnable: return "running";
+    case State::kAtBarrier: return "__syncthreads";
+    case State::kAtShuffle: return "a warp shuffle";
+    case State::kDone: return "exited";
+  }
+  return "?";
+}
+
+// Releases every warp whose lanes all wait in a shuffle; false if none could be.
+bool release_shuffles(std::string& error) {
+  std::vector<Fiber>& fs = sched().fibers;
+  bool any = false;
+  for (size_t w = 0; w < fs.size(); w += 32) {
+    const size_t n = std::min<size_t>(32, fs.size() - w);
+    const unsigned full = n == 32 ? 0xffffffffu : (1u << n) - 1;
+    bool all = true;
+    for (size_t l = 0; l < n; ++l) all = all && fs[w + l].state == State::kAtShuffle;
+    if (!all) continue;
+    for (size_t l = 0; l < n; ++l) {
+      const Fiber& f = fs[w + l];
+      if (f.mask != full || f.src >= n) {
+        error = "warp " + std::to_string(w / 32) + ": shuffle with mask " + std::to_string(f.mask) + " or source lane " +
+                std::to_string(f.src) + " outside the warp's " + std::to_string(n) + " lanes";
+        return false;
+      }
+    }
+    for (size_t l = 0; l < n; ++l) fs[w + l].got = fs[w + fs[w + l].src].value;
+    for (size_t l = 0; l < n; ++l) fs[w + l].state = State::kRunnable;
+    any = true;
+  }
+  return any;
+}
+
+// (Its own function: getcontext returns twice, which clobbers locals around it.)
+void make_fiber(Fiber& f) {
+  f.stack.reset(new char[kStackBytes]);
+  getcontext(&f.ctx);
+  f.ctx.uc_stack.ss_sp = f.stack.get();
+  f.ctx.uc_stack.ss_size = kStackBytes;
+  f.ctx.uc_link = nullptr;
+  makecontext(&f.ctx, fiber_main, 0);
+}
+
+// Runs one block to completion; "" or why it cannot complete.
+std::string run_block(Scheduler& s) {
+  std::vector<int> order(s.fibers.size());
+  for (size_t i = 0; i < s.fibers.size(); ++i) {
+    s.fibers[i].state = State::kRunnable;
+    order[i] = static_cast<int>(i);
+  }
+  for (;;) {
+    std::shuffle(order.begin(), order.end(), s.rng);
+    bool ran = false;
+    for (int i : order) {
+      if (s.fibers[i].state != State::kRunnable) continue;
+      s.current = i;
+      threadIdx = s.fibers[i].idx;
+      enter_fiber(s.fibers[i]);
+      ran = true;
+    }
+    s.current = -1;
+    if (ran) continue;
+    std::string error;
+    if (release_shuffles(error)) continue;
+    if (!error.empty()) return error;
+    size_t at_barrier = 0, done = 0;
+    for (const Fiber& f : s.fibers) {
+      at_barrier += f.state == State::kAtBarrier;
+      done += f.state == State::kDone;
+    }
+    if (done == s.fibers.size()) return "";
+    if (at_barrier == s.fibers.size()) {
+      for (Fiber& f : s.fibers) f.state = State::kRunnable;
+      continue;
+    }
+    error = "deadlock:";
+    for (size_t i = 0; i < s.fibers.size(); ++i) {
+      if (i == 0 || s.fibers[i].state != s.fibers[i - 1].state)
+        error += " thread " + std::to_string(i) + "+ in " + state_name(s.fibers[i].state) + ";";
+    }
+    return error;
+  }
+}
+
+}  // namespace
+
+void set_seed(uint64_t seed) { sched().rng.seed(seed); }
+
+std::vector<LaunchRecord> take_launches() { return std::exchange(sched().launches, {}); }
+
+const std::string& last_error() { return sched().error; }
+
+void* dynamic_shared() { return sched().smem.get(); }
+
+void block_barrier() { wait(State::kAtBarrier); }
+
+unsigned lane_id() { return static_cast<unsigned>(sched().current) % 32; }
+
+uint64_t warp_exchange(unsigned mask, uint64_t value, unsigned src_lane) {
+  Fiber& f = self();
+  f.mask = mask;
+  f.src = src_lane;
+  f.value = value;
+  wait(State::kAtShuffle);
+  return self().got;
+}
+
+cudaError_t run_grid(const void* kernel, const cudaLaunchConfig_t& cfg, const std::function<void()>& body) {
+  Scheduler& s = sched();
+  s.launches.push_back({kernel, cfg.gridDim, cfg.blockDim, cfg.dynamicSmemBytes});
+  const dim3 g = cfg.gridDim, b = cfg.blockDim;
+  const uint64_t threads = uint64_t(b.x) * b.y * b.z;
+  s.error.clear();
+  if (threads == 0 || threads > 1024 || b.z > 64 || g.x == 0 || g.y == 0 || g.z == 0 || g.x > 0x7fffffffu ||
+      g.y > 65535 || g.z > 65535) {
+    s.error = "invalid launch configuration";
+    return s.last = cudaErrorInvalidConfiguration;
+  }
+  if (cfg.dynamicSmemBytes > kMaxDynamicSmemBytes) {
+    s.error = "dynamic shared memory over the 48 KiB a launch gets without opt-in";
+    return s.last = cudaErrorInvalidValue;
+  }
+  gridDim = g;
+  blockDim = b;
+  s.body = &body;
+  s.fibers.reserve(1024);  // never reallocated: a parked fiber's context points into its Fiber
+  s.fibers.resize(threads);
+  for (uint64_t i = 0; i < threads; ++i) {
+    Fiber& f = s.fibers[i];
+    if (!f.stack) make_fiber(f);
+    f.idx = uint3{unsigned(i % b.x), unsigned(i / b.x % b.y), unsigned(i / (uint64_t(b.x) * b.y))};
+  }
+  s.smem.reset(new unsigned char[cfg.dynamicSmemBytes]);
+  std::vector<uint3> blocks;
+  for (unsigned z = 0; z < g.z; ++z)
+    for (unsigned y = 0; y < g.y; ++y)
+      for (unsigned x = 0; x < g.x; ++x) blocks.push_back(uint3{x, y, z});
+  std::shuffle(blocks.begin(), blocks.end(), s.rng);
+  for (const uint3& blk : blocks) {
+    blockIdx = blk;
+    std::memset(s.smem.get(), 0xff, cfg.dynamicSmemBytes);
+    if (__start_cuda_on_cpu_shared != nullptr)
+      std::memset(__start_cuda_on_cpu_shared, 0xff, __stop_cuda_on_cpu_shared - __start_cuda_on_cpu_shared);
+    const std::string err = run_block(s);
+    if (!err.empty()) {
+      s.error = "block (" + std::to_string(blk.x) + "," + std::to_string(blk.y) + "," + std::to_string(blk.z) +
+                "): " + err;
+      s.fibers.clear();  // abandoned mid-kernel: new fibers next launch
+      return s.last = cudaErrorLaunchFailure;
+    }
+  }
+  return cudaSuccess;
+}
+
+}  // namespace cuda_on_cpu
+
+cudaError_t cudaGetLastError() { return std::exchange(cuda_on_cpu::sched().last, cudaSuccess); }
