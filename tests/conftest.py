@@ -9,7 +9,8 @@ CPU kernel, Triton) fails instead of skipping.
 Order: `FASTDIFF_TEST_ORDER=reverse` runs the test files, and the tests inside each file, in
 reverse; `FASTDIFF_TEST_ORDER=shuffle:<seed>` in a seeded random order (files shuffled, then the
 tests inside each file, so module-scoped fixtures are built once). CI runs one shuffled pass:
-the suite must pass in any order (no test may depend on what an earlier one left behind).
+the suite must pass in any order (no test may depend on what an earlier one left behind); the
+one exception, a test marked `last_in_file` (a check over what its whole file ran), stays last.
 
 A test module that uses the `backend` fixture names its op in a module-level `OP = "<op>"`
 (the compiled kernels `fastdiff_C::<op>` the "cpu" and "cuda" backends need). Helpers for the
@@ -36,6 +37,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
+
+
+def _import_triton_for_this_machine() -> None:
+    """Triton builds its standard library (tl.sum, tl.zeros, ...) for one mode, from
+    TRITON_INTERPRET when it is first imported, and a kernel run in the other mode fails. Without
+    a GPU every in-process Triton run is interpreted (GPU compiles run in subprocesses,
+    tests/gpu_compile.py), so import it in that mode now, whatever test imports it first; with a
+    GPU, in compile mode (the "triton-interp" cases then skip, saying why). A TRITON_INTERPRET
+    already set wins (the offline-compile subprocesses set it to 0)."""
+    before = os.environ.get("TRITON_INTERPRET")
+    if not HAS_TRITON or "triton" in sys.modules or before is not None:
+        return
+    os.environ["TRITON_INTERPRET"] = "0" if HAS_CUDA else "1"
+    try:
+        import triton.language  # noqa: F401
+    finally:
+        del os.environ["TRITON_INTERPRET"]
+
+
+_import_triton_for_this_machine()
 
 
 # parameters (name, value) whose test cases run on a GPU
@@ -68,6 +89,7 @@ def _arrange(items) -> None:
     arrange(files)
     for group in files:
         arrange(group)
+        group.sort(key=lambda item: item.get_closest_marker("last_in_file") is not None)  # stable
     items[:] = [item for group in files for item in group]
 
 
@@ -123,6 +145,12 @@ def setup_backend(name: str, op, monkeypatch) -> tuple:
             monkeypatch.setenv("TRITON_INTERPRET", "1")
         else:
             monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        from fastdiff.ops import _dispatch
+
+        mismatch = _dispatch.triton_mode_mismatch(device == "cpu")
+        if mismatch and HAS_CUDA:
+            pytest.skip(f"{mismatch} (on a GPU machine the tests import Triton for the GPU)")
+        need(mismatch is None, str(mismatch))
     return be, device
 
 

@@ -1,8 +1,10 @@
 """Offline compiles of the Triton kernels for NVIDIA targets, with no GPU, in a fresh interpreter.
 
-Why a fresh interpreter: once TRITON_INTERPRET has run a kernel in a process, the interpreter
-has patched `triton.language` inside the kernel module's globals, and a real compile in the
-same process fails ("'value' object has no attribute 'dtype'"), or passes only because a warm
+Why a fresh interpreter: Triton builds its standard library for one mode (interpreted or
+compiled) when it is first imported, and the tests' own process imports it interpreted on a
+machine without a GPU (tests/conftest.py); once the interpreter has run a kernel it has also
+patched `triton.language` inside the kernel module's globals. A real compile in that process
+fails ("'value' object has no attribute 'dtype'"), or passes only because a warm
 `~/.triton/cache` skips the compile. So a test never compiles in its own process: it names a
 function of its module that builds one case, and `compile_isolated` runs all cases in one
 subprocess with the interpreter off (one torch/triton import for all of them, the compiles
@@ -82,7 +84,7 @@ def compile_isolated(module: str, case_fn: str, cases: list, timeout: int = 600)
         "    for row in pool.map(run, cases, chunksize=1):\n"
         "        print('@@' + json.dumps(row), flush=True)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = dict(os.environ, TRITON_INTERPRET="0")  # conftest then imports Triton to compile
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
     rows = [json.loads(line[2:]) for line in r.stdout.splitlines() if line.startswith("@@")]
     assert r.returncode == 0 and len(rows) == len(cases), f"offline compile subprocess failed:\n{r.stdout}\n{r.stderr}"

@@ -482,6 +482,36 @@ def test_forced_triton_needs_interpreter_on_cpu(monkeypatch):
         attention(q, q, q, backend="triton")
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_interpreter_set_after_triton_import_is_named():
+    """Triton fixes its standard library's mode at import: TRITON_INTERPRET=1 set afterwards
+    gets a clear error before any kernel runs, for every op's Triton backend."""
+    code = """
+import os, torch, triton.language
+os.environ["TRITON_INTERPRET"] = "1"
+from fastdiff.ops.attention import attention
+from fastdiff.ops.group_norm_silu import group_norm_silu
+from fastdiff.ops.solver_step import solver_step
+from fastdiff.ops._dispatch import BackendUnavailableError
+x = torch.randn(1, 8, 4, 4)
+q = torch.randn(1, 1, 4, 16)
+calls = [lambda: attention(q, q, q, backend="triton"),
+         lambda: group_norm_silu(x, 2, backend="triton"),
+         lambda: solver_step(x, x, coef=[1, 1, 1, 1, 0, 0, 0, 0], slots=[-1] * 4, backend="triton")]
+for call in calls:
+    try:
+        call()
+    except BackendUnavailableError as e:
+        assert "TRITON_INTERPRET=1 was set after `import triton`" in str(e), e
+    else:
+        raise AssertionError("ran")
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
 def test_forced_triton_head_dim_limit(monkeypatch):
     _setup_backend("triton-interp", monkeypatch)
     q = torch.randn(1, 1, 4, 320)

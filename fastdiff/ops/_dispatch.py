@@ -183,4 +183,21 @@ def triton_unsupported(device_type: str) -> Optional[str]:
             return "Triton runs CPU tensors only under its interpreter: set TRITON_INTERPRET=1"
     else:
         return f"Triton does not run {device_type} tensors"
-    return triton_missing()
+    return triton_missing() or triton_mode_mismatch(device_type == "cpu")
+
+
+def triton_mode_mismatch(interpret: bool) -> Optional[str]:
+    """Why Triton cannot run in `interpret` mode in this process, or None. Triton builds its
+    standard library (tl.sum, tl.zeros, ...) for one mode when `triton` is first imported, from
+    TRITON_INTERPRET at that moment; kernels run in the other mode fail inside the kernel."""
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    compiled = isinstance(tl.standard.sum, JITFunction)
+    if interpret and compiled:
+        return ("TRITON_INTERPRET=1 was set after `import triton`: set it before triton (or fastdiff's "
+                "Triton backend) is first imported")
+    if not interpret and not compiled:
+        return ("triton was imported under TRITON_INTERPRET=1, so it cannot compile GPU kernels in this "
+                "process: unset TRITON_INTERPRET before the first `import triton`")
+    return None
