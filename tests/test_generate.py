@@ -61,27 +61,6 @@ def test_per_image_generators_give_each_image_the_same_noise_in_any_batch(solver
         assert not torch.equal(shared, whole)
 
 
-def test_graph_replay_fills_each_images_step_noise_from_its_own_generator():
-    """The CUDA-graph path's noise refill (the replay itself needs a GPU; a stand-in graph here):
-    image b's noise for every noisy step comes from generator b alone, whatever the batch."""
-    from types import SimpleNamespace
-
-    from fastdiff.graphs import _Recorded
-
-    def refill(indices, steps=3):
-        n = len(indices)
-        rec = _Recorded(model=None, graph=SimpleNamespace(replay=lambda: None), x=torch.empty((n,) + SHAPE),
-                        caller=SimpleNamespace(cond={}, uncond={}), guidance=None,
-                        noise=torch.empty((steps, n) + SHAPE))
-        rec.replay(torch.zeros((n,) + SHAPE), None, None, 1.0, image_generators(0, indices, "cpu"))
-        return rec.noise
-
-    whole = refill([0, 1, 2])
-    assert torch.equal(refill([2])[:, 0], whole[:, 2]) and not torch.equal(whole[:, 0], whole[:, 1])
-    own = torch.randn((3,) + SHAPE, generator=image_generators(0, [1], "cpu")[0])
-    assert torch.equal(whole[:, 1], own)
-
-
 def test_a_generator_list_must_have_one_generator_per_image():
     with pytest.raises(ValueError, match="generator: .*one generator per image"):
         fastdiff.sample(Elementwise(), shape=(3,) + SHAPE, generator=image_generators(0, [0, 1], "cpu"), steps=2)

@@ -273,6 +273,19 @@ def test_fake_replay_sde_noise_follows_the_generator(fake_graphs):
     assert fake_graphs.graph_stats()["captures"] == 1
 
 
+def test_fake_replay_per_image_generators_give_an_image_its_noise_in_any_batch(fake_graphs):
+    """A list of generators (fastdiff.generate's per-image seeds): the replay refills image b's
+    noise for every step from generator b alone, so an image is the same in any batch."""
+    s = fastdiff.Sampler(solver="dpmpp_2m_sde", steps=4)
+    noise = torch.randn(3, 3, 4, 4)
+    gens = lambda seeds: [torch.Generator().manual_seed(sd) for sd in seeds]  # noqa: E731
+    whole = _graphed(fake_graphs, s, _model, noise, generator=gens([10, 11, 12]))
+    alone = _graphed(fake_graphs, s, _model, noise[2:], generator=gens([12]))
+    assert torch.equal(whole[2], alone[0])
+    other = _graphed(fake_graphs, s, _model, noise, generator=gens([10, 11, 99]))
+    assert torch.equal(other[:2], whole[:2]) and not torch.equal(other[2], whole[2])
+
+
 def test_static_noise_over_budget_is_an_error(fake_graphs):
     s = fastdiff.Sampler(solver="ddpm", steps=50)
     with pytest.raises(fastdiff.GraphCaptureError, match="max_noise_bytes"):
