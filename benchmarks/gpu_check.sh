@@ -70,10 +70,10 @@ PY=${PYTHON:-python3}
 # ---------------------------------------------------------------- the plan
 # Phases in priority order; DEFAULT=0: only when named in --phases.
 PHASES=(versions build tests tests:triton bench:copy bench:solver_step bench:group_norm_silu
-        bench:sampling bench:attention bench:unet compile compile:unet compile:sample ncu)
+        bench:sampling bench:attention bench:unet bench:generate compile compile:unet compile:sample ncu)
 declare -A CAP=([setup]=25 [versions]=10 [build]=100 [tests]=50 [tests:triton]=60 [bench:copy]=20
   [bench:solver_step]=30 [bench:group_norm_silu]=30 [bench:sampling]=50 [bench:attention]=40
-  [bench:unet]=20 [compile]=40 [compile:unet]=150 [compile:sample]=390 [ncu]=45 [report]=15)
+  [bench:unet]=20 [bench:generate]=20 [compile]=25 [compile:unet]=150 [compile:sample]=390 [ncu]=45 [report]=15)
 declare -A DEFAULT=([compile:unet]=0 [compile:sample]=0)
 declare -A WHAT=([setup]="GPU probe and result naming (always runs)"
   [versions]="driver, toolkit and library versions; commit"
@@ -83,6 +83,7 @@ declare -A WHAT=([setup]="GPU probe and result naming (always runs)"
   [bench:copy]="copy/add bandwidth baselines" [bench:solver_step]="fused solver step"
   [bench:group_norm_silu]="fused GroupNorm+SiLU" [bench:sampling]="sampling: eager vs fused vs graph"
   [bench:attention]="attention and linear_residual" [bench:unet]="U-Net forward: eager vs fused"
+  [bench:generate]="fastdiff.generate vs a plain sample() loop (digits model)"
   [compile]="torch.compile providers of the kernel benchmarks, largest size (after a probe)"
   [compile:unet]="torch.compile U-Net forward, largest workload (after a probe)"
   [compile:sample]="max-autotune sampling, largest workload (after a probe)"
