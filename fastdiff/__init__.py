@@ -8,7 +8,7 @@ See `fastdiff.Sampler` for every option and `fastdiff.info()` for what was built
 from fastdiff._info import info
 from fastdiff.generation import Workload, generate
 from fastdiff.graphs import GraphCaptureError, clear_graphs, graph_stats
-from fastdiff.grid import SPACINGS, make_grid
+from fastdiff.grid import SPACINGS, TwoStage, make_grid
 from fastdiff.optimize import OptimizeReport, optimize, optimize_report
 from fastdiff.reference.solvers import PREDICTIONS, SOLVERS
 from fastdiff.sampler import Sampler, sample
@@ -18,6 +18,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FlowSchedule", "GraphCaptureError", "OptimizeReport", "PREDICTIONS", "SOLVERS", "SPACINGS", "Sampler",
-    "VPSchedule", "Workload", "clear_graphs", "generate", "get_schedule", "graph_stats", "info", "make_grid",
+    "TwoStage", "VPSchedule", "Workload", "clear_graphs", "generate", "get_schedule", "graph_stats", "info", "make_grid",
     "optimize", "optimize_report", "sample",
 ]

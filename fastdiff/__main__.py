@@ -10,11 +10,12 @@ from __future__ import annotations
 import sys
 
 from fastdiff._cli import Parser, UsageError
+from fastdiff.accuracy_cli import register as _register_accuracy
 from fastdiff.demo.cli import register as _register_demo
 from fastdiff.generate_cli import register as _register_generate
 from fastdiff.profile_cli import register as _register_profile
 
-COMMANDS = [_register_demo, _register_generate, _register_profile]
+COMMANDS = [_register_demo, _register_generate, _register_profile, _register_accuracy]
 # commands re-executed with a passive OpenMP wait policy (see fastdiff.demo._env)
 CPU_HEAVY = {"demo", "generate", "evaluate", "compare"}
 

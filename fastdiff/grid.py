@@ -20,6 +20,14 @@ Spacings (T training timesteps, N steps, exact definitions):
   sigma_k = sigma / alpha, from the schedule's (or the given) sigma_max to sigma_min.
 * `logsnr`: N + 1 points evenly spaced in lambda = log(alpha / sigma).
 
+Two stages (coarse-to-fine, "progressive latent stepping"): `TwoStage(coarse, split_sigma,
+coarse_spacing, fine_spacing)` in place of a spacing name. With N steps, `coarse` steps go from
+the start to the split noise level sigma/alpha = split_sigma with `coarse_spacing`, then
+N - coarse steps from there to tau_min with `fine_spacing`; each stage's spacing is one of
+linspace (even in tau), karras (even in sigma^(1/rho)) or logsnr (even in lambda) over its
+own range, and the split point is a grid point of both. The solver runs across the split as
+across any other point (multistep history carries over).
+
 `round_timesteps=True` rounds model times to integer training timesteps (what a discrete
 model was trained on) and recomputes alpha/sigma there. Points that coincide (after
 rounding, or `leading` with offset 0 and `final="min"`, whose last model time is tau_min)
@@ -36,7 +44,35 @@ from fastdiff.schedules import Schedule
 from fastdiff._names import did_you_mean
 
 SPACINGS = ("leading", "trailing", "linspace", "karras", "logsnr")
+STAGE_SPACINGS = ("linspace", "karras", "logsnr")
 FINALS = ("zero", "min")
+
+
+@dataclass(frozen=True)
+class TwoStage:
+    """A coarse-to-fine spacing (see the module doc): `coarse` steps down to sigma/alpha =
+    `split_sigma`, the rest of the steps below it."""
+
+    coarse: int
+    split_sigma: float
+    coarse_spacing: str = "logsnr"
+    fine_spacing: str = "karras"
+
+    def __post_init__(self):
+        if isinstance(self.coarse, bool) or not isinstance(self.coarse, (int, np.integer)) or self.coarse < 1:
+            raise ValueError(f"TwoStage.coarse: expected an integer >= 1, got {self.coarse!r}")
+        v = self.split_sigma
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
+            raise ValueError(f"TwoStage.split_sigma: expected a finite sigma/alpha > 0, got {v!r}")
+        for name in ("coarse_spacing", "fine_spacing"):
+            value = getattr(self, name)
+            if value not in STAGE_SPACINGS:
+                raise ValueError(f"TwoStage.{name}: expected one of {list(STAGE_SPACINGS)}, got {value!r}"
+                                 f"{did_you_mean(value, STAGE_SPACINGS)}")
+
+    def as_dict(self) -> dict:
+        return dict(kind="two_stage", coarse=int(self.coarse), split_sigma=float(self.split_sigma),
+                    coarse_spacing=self.coarse_spacing, fine_spacing=self.fine_spacing)
 
 
 @dataclass(frozen=True)
@@ -73,14 +109,14 @@ def _karras(lo: float, hi: float, n: int, rho: float) -> np.ndarray:
     return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
 
 
-def _sigma_range(schedule: Schedule, sigma_min, sigma_max, spacing: str):
+def _sigma_range(schedule: Schedule, sigma_min, sigma_max, spacing: str, infinite_top: bool = False):
     ks = schedule.model_time(np.array([schedule.tau_min, schedule.tau_max]), "karras_sigma")
     for name, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v)):
             raise ValueError(f"{name}: expected a finite number or None, got {v!r}")
     lo = ks[0] if sigma_min is None else float(sigma_min)
     hi = ks[1] if sigma_max is None else float(sigma_max)
-    if not np.isfinite(hi):
+    if not np.isfinite(hi) and not infinite_top:
         raise ValueError(
             f"spacing: {spacing!r} needs a finite sigma_max, but this schedule reaches zero SNR at "
             "tau_max; pass sigma_max= or use linspace/trailing"
@@ -96,9 +132,49 @@ def _sigma_range(schedule: Schedule, sigma_min, sigma_max, spacing: str):
     return lo, hi
 
 
-def spacing_points(schedule: Schedule, spacing: str, steps: int, *, steps_offset: int = 0, rho: float = 7.0,
+def _stage(schedule: Schedule, spacing: str, n: int, ks_hi: float, ks_lo: float, rho: float) -> np.ndarray:
+    """n + 1 points (tau, decreasing) from sigma/alpha = ks_hi down to ks_lo."""
+    tau_hi = schedule.tau_max if np.isinf(ks_hi) else float(schedule.tau_from_karras_sigma(ks_hi))
+    tau_lo = float(schedule.tau_from_karras_sigma(ks_lo))
+    if spacing == "linspace":
+        return np.linspace(tau_hi, tau_lo, n + 1)
+    if np.isinf(ks_hi):
+        raise ValueError(f"spacing: a {spacing!r} stage needs a finite sigma_max, but this schedule reaches zero "
+                         "SNR at tau_max; pass sigma_max= or make that stage 'linspace'")
+    if spacing == "karras":
+        ks = _karras(ks_lo, ks_hi, n + 1, rho)
+    else:  # logsnr
+        if ks_lo == 0:
+            raise ValueError("spacing: a 'logsnr' stage needs sigma_min > 0 (lambda is infinite at sigma = 0)")
+        ks = np.exp(np.linspace(np.log(ks_hi), np.log(ks_lo), n + 1))
+    tau = schedule.tau_from_karras_sigma(ks)
+    tau[0], tau[-1] = tau_hi, tau_lo  # the stage ends exactly where the neighbouring stage starts
+    return tau
+
+
+def _two_stage_points(schedule: Schedule, plan: TwoStage, steps: int, rho: float, sigma_min, sigma_max) -> np.ndarray:
+    if plan.coarse >= steps:
+        raise ValueError(f"TwoStage.coarse: {plan.coarse} coarse steps leave none of the {steps} steps for the "
+                         "fine stage; expected coarse < steps")
+    # an infinite top (zero terminal SNR) is for a linspace coarse stage only (checked in _stage)
+    lo, hi = _sigma_range(schedule, sigma_min, sigma_max, "two-stage", infinite_top=True)
+    if not lo < plan.split_sigma < hi:
+        raise ValueError(f"TwoStage.split_sigma: {plan.split_sigma:g} is not inside this grid's sigma/alpha range "
+                         f"({lo:g}, {hi:g})")
+    coarse = _stage(schedule, plan.coarse_spacing, plan.coarse, hi, plan.split_sigma, rho)
+    fine = _stage(schedule, plan.fine_spacing, steps - plan.coarse, plan.split_sigma, lo, rho)
+    return np.concatenate([coarse, fine[1:]])
+
+
+def spacing_points(schedule: Schedule, spacing, steps: int, *, steps_offset: int = 0, rho: float = 7.0,
                    sigma_min=None, sigma_max=None) -> np.ndarray:
-    """The N + 1 grid points (tau, decreasing) of a spacing, ending at tau_min."""
+    """The N + 1 grid points (tau, decreasing) of a spacing (a name or a `TwoStage`), ending at tau_min."""
+    if isinstance(spacing, TwoStage):
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2:
+            raise ValueError(f"steps: a two-stage spacing needs an integer >= 2, got {steps!r}")
+        if steps_offset:
+            raise ValueError("steps_offset: only the 'leading' spacing takes an offset")
+        return _two_stage_points(schedule, spacing, int(steps), rho, sigma_min, sigma_max)
     if spacing not in SPACINGS:
         raise ValueError(f"spacing: expected one of {list(SPACINGS)}, got {spacing!r}{did_you_mean(spacing, SPACINGS)}")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:

@@ -23,7 +23,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
-from fastdiff.grid import Grid, make_grid
+from fastdiff.grid import Grid, TwoStage, make_grid
 from fastdiff.graphs import CUDA_GRAPH_MODES, sample_graphed
 from fastdiff._names import did_you_mean
 from fastdiff.guidance import ModelCaller, check_guidance_scale, state_layout
@@ -47,7 +47,8 @@ class Sampler:
             "dpmpp_2m_sde", "euler", "euler_ancestral", "flow_euler", "flow_sde", "consistency").
         steps: number of model evaluations (>= 1; at most the schedule's training timesteps).
         schedule: "linear", "scaled_linear", "cosine", "flow", or a VPSchedule/FlowSchedule.
-        spacing: "leading", "trailing", "linspace", "karras" or "logsnr" (see `fastdiff.grid`).
+        spacing: "leading", "trailing", "linspace", "karras" or "logsnr", or a coarse-to-fine
+            `fastdiff.TwoStage(coarse, split_sigma, ...)` (see `fastdiff.grid`).
         prediction: what the model outputs: "epsilon", "v", "sample" (x0) or "flow" (velocity
             noise - x0 of rectified flow; needs a flow schedule).
         model_time: how the model takes time: "timestep" (diffusers: 0..T-1, or 1000*t for
@@ -111,7 +112,8 @@ class Sampler:
             raise ValueError(f"solver: {solver!r} works in sigma/alpha, which is infinite at zero SNR; "
                              "use dpmpp_*, ddim or flow_euler")
         self.solver, self.prediction, self.backend = solver, prediction, backend
-        self.options = dict(solver=solver, steps=steps, spacing=spacing, prediction=prediction, model_time=model_time,
+        self.options = dict(solver=solver, steps=steps,
+                            spacing=spacing.as_dict() if isinstance(spacing, TwoStage) else spacing, prediction=prediction, model_time=model_time,
                             final=final, eta=eta, lower_order_final=lower_order_final, variance=variance, clamp=clamp,
                             round_timesteps=round_timesteps, backend=backend, zero_terminal_snr=zero_terminal_snr,
                             shift=shift, steps_offset=steps_offset, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max,

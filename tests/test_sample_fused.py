@@ -68,7 +68,9 @@ def test_flow_solvers_match_the_textbook_reference(mixture, backend, solver, pre
                                 dict(zero_terminal_snr=True, prediction="v"), dict(clamp=1.0), dict(eta=0.5),
                                 # one step from tau = T-1: v, since eps -> x0 there amplifies the fp32
                                 # model output's rounding by sigma/alpha = 157 (the model's conditioning)
-                                dict(steps=1, prediction="v"), dict(steps=2, solver="dpmpp_3m")])
+                                dict(steps=1, prediction="v"), dict(steps=2, solver="dpmpp_3m"),
+                                # coarse-to-fine: the 3M history carries across the split point
+                                dict(steps=7, spacing=fastdiff.TwoStage(3, 1.0, "linspace", "karras"))])
 def test_plan_options_match_the_reference(mixture, backend, kw):
     be, device = backend
     kw = dict(kw)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import fastdiff
-from fastdiff.grid import make_grid, spacing_points
+from fastdiff.grid import TwoStage, make_grid, spacing_points
 from fastdiff.schedules import FlowSchedule, VPSchedule
 
 
@@ -143,3 +143,62 @@ def test_grid_bad_input(bad, match):
     spacing, steps = kw.pop("spacing"), kw.pop("steps")
     with pytest.raises(ValueError, match=match):
         make_grid(VPSchedule.linear(), spacing, steps, **kw)
+
+
+@pytest.mark.parametrize("coarse_spacing,fine_spacing", [("logsnr", "karras"), ("karras", "logsnr"),
+                                                         ("linspace", "karras")])
+def test_two_stage_is_each_stage_spacing_over_its_own_range(coarse_spacing, fine_spacing):
+    sch = VPSchedule.scaled_linear()
+    steps, coarse, split = 9, 3, 0.8
+    pts = spacing_points(sch, TwoStage(coarse, split, coarse_spacing, fine_spacing), steps)
+    assert len(pts) == steps + 1 and np.all(np.diff(pts) < 0) and pts[-1] == sch.tau_min
+    tau_split = sch.tau_from_karras_sigma(split)
+    assert pts[coarse] == pytest.approx(tau_split, rel=1e-12)
+
+    def stage(spacing, n, **rng):  # the single-stage spacing restricted to a sigma range
+        if spacing == "linspace":
+            hi = sch.tau_max if "sigma_min" in rng else tau_split
+            lo = tau_split if "sigma_min" in rng else sch.tau_min
+            return np.linspace(hi, lo, n + 1)
+        return spacing_points(sch, spacing, n, **rng)
+
+    np.testing.assert_allclose(pts[:coarse + 1], stage(coarse_spacing, coarse, sigma_min=split), rtol=1e-9)
+    np.testing.assert_allclose(pts[coarse:], stage(fine_spacing, steps - coarse, sigma_max=split), rtol=1e-9,
+                               atol=1e-9)
+
+
+def test_two_stage_plan_is_described_and_runs_every_solver_across_the_split():
+    plan = TwoStage(2, 1.5)
+    for solver in ("dpmpp_3m", "dpmpp_2m_sde", "euler_ancestral", "ddim"):
+        s = fastdiff.Sampler(solver=solver, steps=6, schedule="scaled_linear", spacing=plan)
+        assert s.steps == 6 and s.describe()["spacing"] == plan.as_dict()
+        ks = s.grid.karras_sigma
+        assert ks[2] == pytest.approx(1.5, rel=1e-9)
+        if solver == "dpmpp_3m":  # the row after the split still reads the two earlier predictions
+            assert (s.table.slots[3, 1:3] >= 0).all() and s.table.coef[3, 5] != 0.0
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(spacing=TwoStage(6, 1.0)), "TwoStage.coarse: 6 coarse steps leave none"),
+    (dict(spacing=TwoStage(2, 50.0)), "TwoStage.split_sigma: 50 is not inside"),
+    (dict(spacing=TwoStage(2, 1.0), sigma_max=0.5), r"TwoStage.split_sigma: 1 is not inside .*0.5\)"),
+    (dict(spacing=TwoStage(2, 1.0), steps_offset=1), "steps_offset"),
+    (dict(spacing=TwoStage(2, 1.0, "karras"), zero_terminal_snr=True, prediction="v"), "finite sigma_max"),
+])
+def test_two_stage_bad_input(bad, match):
+    kw = dict(steps=6, schedule="scaled_linear")
+    kw.update(bad)
+    with pytest.raises(ValueError, match=match):
+        fastdiff.Sampler(**kw)
+
+
+@pytest.mark.parametrize("args,match", [
+    ((0, 1.0), "TwoStage.coarse: expected an integer >= 1"),
+    ((2, float("nan")), "TwoStage.split_sigma"),
+    ((2, -1.0), "TwoStage.split_sigma"),
+    ((2, 1.0, "trailing"), "TwoStage.coarse_spacing: expected one of"),
+    ((2, 1.0, "karras", "karas"), "did you mean 'karras'"),
+])
+def test_two_stage_rejects_bad_fields(args, match):
+    with pytest.raises(ValueError, match=match):
+        TwoStage(*args)

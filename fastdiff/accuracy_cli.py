@@ -1,0 +1,82 @@
+"""`python -m fastdiff accuracy`: every deterministic solver x spacing x model-call budget,
+RMS error against the exact ODE solution of the analytic model (see `fastdiff.accuracy`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from fastdiff._cli import UsageError
+
+
+def _names(text: str) -> list:
+    return [s for s in text.replace(",", " ").split() if s]
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    from fastdiff.accuracy import CALLS, ODE_SOLVERS, SPACINGS
+
+    p = subparsers.add_parser("accuracy", help="solver x spacing error table against the exact ODE solution",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--schedule", default="scaled_linear", choices=("linear", "scaled_linear", "cosine"),
+                   help="noise schedule (default: %(default)s)")
+    p.add_argument("--calls", default=",".join(map(str, CALLS)),
+                   help="model-call budgets, comma separated (default: %(default)s)")
+    p.add_argument("--solvers", default=None, help="deterministic solvers, comma separated (default: all of "
+                                                   f"{', '.join(ODE_SOLVERS)} this version has)")
+    p.add_argument("--spacings", default=",".join(SPACINGS), help="spacings (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=32, help="noise samples (default: %(default)s)")
+    p.add_argument("--ode-step", type=float, default=1e-2,
+                   help="RK4 step in logSNR of the exact solution (default: %(default)s, converged to ~1e-8)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the entries as JSON")
+    p.set_defaults(func=run)
+    return p
+
+
+def _check(args):
+    from fastdiff import SOLVERS
+    from fastdiff.accuracy import ODE_SOLVERS, SPACINGS
+
+    try:
+        calls = [int(c) for c in _names(args.calls)]
+    except ValueError:
+        raise UsageError(f"--calls {args.calls}: expected integers >= 1, comma separated") from None
+    if not calls or min(calls) < 1:
+        raise UsageError(f"--calls {args.calls}: expected integers >= 1, comma separated")
+    solvers = [s for s in ODE_SOLVERS if s in SOLVERS] if args.solvers is None else _names(args.solvers)
+    spacings = _names(args.spacings)
+    for s in solvers:
+        if s not in ODE_SOLVERS:
+            raise UsageError(f"--solvers: {s!r} is not a deterministic solver (expected some of {list(ODE_SOLVERS)})")
+    missing = [s for s in solvers if s not in SOLVERS]
+    if missing:
+        raise UsageError(f"--solvers: {missing} are not in this fastdiff version (it has {sorted(SOLVERS)})")
+    for s in spacings:
+        if s not in SPACINGS:
+            raise UsageError(f"--spacings: {s!r}: expected some of {list(SPACINGS)}")
+    if args.batch < 1:
+        raise UsageError(f"--batch {args.batch}: expected an integer >= 1")
+    if not 0 < args.ode_step <= 0.1:
+        raise UsageError(f"--ode-step {args.ode_step}: expected a step in (0, 0.1]")
+    return calls, solvers, spacings
+
+
+def run(args) -> int:
+    from fastdiff.accuracy import accuracy_table, format_table
+
+    calls, solvers, spacings = _check(args)
+
+    def progress(done, total):
+        sys.stderr.write(f"\r{done}/{total} plans")
+        if done == total:
+            sys.stderr.write("\n")
+
+    entries = accuracy_table(solvers, spacings, calls, schedule=args.schedule, batch=args.batch,
+                             ode_step=args.ode_step, progress=progress)
+    print(f"RMS error against the exact ODE solution (analytic Gaussian mixture, {args.schedule}, "
+          f"batch {args.batch}, float64 reference solvers), by model calls:")
+    print(format_table(entries, calls))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([e.__dict__ for e in entries], f, indent=1)
+    return 0
