@@ -132,6 +132,15 @@ def _sigma_range(schedule: Schedule, sigma_min, sigma_max, spacing: str, infinit
     return lo, hi
 
 
+def _sigma_spaced(spacing: str, n: int, lo: float, hi: float, rho: float) -> np.ndarray:
+    """n + 1 values of sigma/alpha from hi down to lo: "karras" or "logsnr"."""
+    if spacing == "karras":
+        return _karras(lo, hi, n + 1, rho)
+    if lo == 0:
+        raise ValueError("spacing: 'logsnr' needs sigma_min > 0 (lambda is infinite at sigma = 0)")
+    return np.exp(np.linspace(np.log(hi), np.log(lo), n + 1))
+
+
 def _stage(schedule: Schedule, spacing: str, n: int, ks_hi: float, ks_lo: float, rho: float) -> np.ndarray:
     """n + 1 points (tau, decreasing) from sigma/alpha = ks_hi down to ks_lo."""
     tau_hi = schedule.tau_max if np.isinf(ks_hi) else float(schedule.tau_from_karras_sigma(ks_hi))
@@ -141,13 +150,7 @@ def _stage(schedule: Schedule, spacing: str, n: int, ks_hi: float, ks_lo: float,
     if np.isinf(ks_hi):
         raise ValueError(f"spacing: a {spacing!r} stage needs a finite sigma_max, but this schedule reaches zero "
                          "SNR at tau_max; pass sigma_max= or make that stage 'linspace'")
-    if spacing == "karras":
-        ks = _karras(ks_lo, ks_hi, n + 1, rho)
-    else:  # logsnr
-        if ks_lo == 0:
-            raise ValueError("spacing: a 'logsnr' stage needs sigma_min > 0 (lambda is infinite at sigma = 0)")
-        ks = np.exp(np.linspace(np.log(ks_hi), np.log(ks_lo), n + 1))
-    tau = schedule.tau_from_karras_sigma(ks)
+    tau = schedule.tau_from_karras_sigma(_sigma_spaced(spacing, n, ks_lo, ks_hi, rho))
     tau[0], tau[-1] = tau_hi, tau_lo  # the stage ends exactly where the neighbouring stage starts
     return tau
 
@@ -211,13 +214,7 @@ def spacing_points(schedule: Schedule, spacing, steps: int, *, steps_offset: int
         if spacing == "linspace":
             return np.linspace(t_max, t_min, n + 1)
     lo, hi = _sigma_range(schedule, sigma_min, sigma_max, spacing)
-    if spacing == "karras":
-        ks = _karras(lo, hi, n + 1, rho)
-    else:  # logsnr
-        if lo == 0:
-            raise ValueError("spacing: 'logsnr' needs sigma_min > 0 (lambda is infinite at sigma = 0)")
-        ks = np.exp(np.linspace(np.log(hi), np.log(lo), n + 1))
-    return schedule.tau_from_karras_sigma(ks)
+    return schedule.tau_from_karras_sigma(_sigma_spaced(spacing, n, lo, hi, rho))
 
 
 def make_grid(schedule: Schedule, spacing: str, steps: int, *, final: str = "zero", model_time: str = "timestep",
