@@ -7,12 +7,13 @@ steps (CFG included) into one CUDA graph, then replays it with a single launch:
   conditioning inputs, and the guidance scale as a 0-d device tensor (the fused step reads
   it at replay time). New noise, new conditioning or a new guidance scale are copied into
   them before each replay: none of them needs a new capture.
-* SDE / ancestral noise: one static buffer holds the noise of every noisy step; before each
+* SDE / ancestral noise: one static buffer holds every noise draw of the loop (one per noisy
+  table row, plus Heun's initial churn: `SolverTable.noise_draws`); before each
   replay it is refilled with `normal_(generator=...)` from the caller's generator (or the
   default one), one launch. Same generator state, same samples; a new state, new noise. With a
   list of per-image generators, image b's noise for all steps is drawn from generator b alone.
   (So noise is drawn differently from the eager loop, which draws step by step.) The buffer
-  costs noisy-steps x latent size; over `max_noise_bytes` it is an error.
+  costs noise draws x latent size; over `max_noise_bytes` it is an error.
 * The result is copied out of the state buffer: a later replay never overwrites a tensor a
   caller holds.
 * Cache: graphs are keyed by everything that changes what is recorded (the model object, the
@@ -233,21 +234,20 @@ def _record(sampler, model, noise: torch.Tensor, caller: ModelCaller, max_noise_
     caller.uncond = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in caller.uncond.items()}
     caller.state_ptr = x.untyped_storage().data_ptr()
     guidance = torch.full((), caller.w, dtype=torch.float32, device=x.device) if caller.guided else None
-    noisy = [i for i in range(sampler.steps) if sampler.table.noisy(i)]
+    draws = sampler.table.noise_draws  # one per noisy row (+ Heun's initial churn)
     buf = None
-    if noisy:
-        nbytes = len(noisy) * x.numel() * x.element_size()
+    if draws:
+        nbytes = draws * x.numel() * x.element_size()
         if nbytes > max_noise_bytes:
-            raise GraphCaptureError(f"noise: {len(noisy)} noisy steps x {tuple(x.shape)} need {nbytes / 2**20:.0f} MiB "
+            raise GraphCaptureError(f"noise: {draws} noise draws x {tuple(x.shape)} need {nbytes / 2**20:.0f} MiB "
                                     f"of static noise, over max_noise_bytes={max_noise_bytes}; use fewer steps, "
                                     "a deterministic solver, or cuda_graph=False")
-        buf = torch.randn((len(noisy),) + tuple(x.shape), device=x.device, dtype=torch.float32)
-    slot = {i: k for k, i in enumerate(noisy)}
+        buf = torch.randn((draws,) + tuple(x.shape), device=x.device, dtype=torch.float32)
     hist = sampler.new_history(x)
     times = sampler.model_times(x.device)  # made before recording: no host copies inside the graph
 
     def run():
-        sampler.run_fused(caller, x, hist, lambda i: buf[slot[i]], 1.0 if guidance is None else guidance,
+        sampler.run_fused(caller, x, hist, lambda k: buf[k], 1.0 if guidance is None else guidance,
                           times=times)
 
     _warm_up(run, x.device)

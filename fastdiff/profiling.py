@@ -1,6 +1,7 @@
 """NVTX ranges for Nsight Systems / Nsight Compute, off by default and free when off.
 
-Ranges: `fastdiff/sample` (a whole sampling call), `fastdiff/step` (one step),
+Ranges: `fastdiff/sample` (a whole sampling call), `fastdiff/step` (one model call and its
+solver step: a grid step for every solver but Heun, which takes two),
 `fastdiff/model` (the denoiser call), `fastdiff/solver_step` (the fused update), and the block
 ops' own. Turn them on with `fastdiff.profiling.enable()` or `FASTDIFF_NVTX=1` in the
 environment. They go through the `nvtx` package when it is installed, else

@@ -18,6 +18,7 @@ Example (the analytic Gaussian-mixture model shipped for tests and benchmarks)::
 """
 from __future__ import annotations
 
+import math
 import sys
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -32,11 +33,12 @@ from fastdiff.ops.solver_step import solver_step
 from fastdiff.profiling import nvtx_range
 from fastdiff.reference.solvers import PREDICTIONS, SOLVERS
 from fastdiff.schedules import MODEL_TIMES, Schedule, get_schedule
-from fastdiff.solvers import SolverTable, build_table
+from fastdiff.solvers import Churn, SolverTable, build_table, heun_table
 
 BACKENDS = ("auto", "reference", "cuda", "triton", "cpu")
 _ETA_SOLVERS = ("ddim", "euler_ancestral", "flow_sde")
 _FLOW_SOLVERS = ("flow_euler", "flow_sde")
+_VE_SOLVERS = ("euler", "euler_ancestral", "heun")  # they work in sigma/alpha
 
 
 class Sampler:
@@ -44,8 +46,10 @@ class Sampler:
 
     Args:
         solver: one of `fastdiff.SOLVERS` ("ddpm", "ddim", "dpmpp_1m", "dpmpp_2m", "dpmpp_3m",
-            "dpmpp_2m_sde", "euler", "euler_ancestral", "flow_euler", "flow_sde", "consistency").
-        steps: number of model evaluations (>= 1; at most the schedule's training timesteps).
+            "dpmpp_2m_sde", "euler", "euler_ancestral", "heun", "flow_euler", "flow_sde", "consistency").
+        steps: number of grid steps (>= 1; at most the schedule's training timesteps). Every solver
+            calls the model once per step but "heun", which takes 2N - 1 calls (2N with
+            final="min"): `model_calls` says how many.
         schedule: "linear", "scaled_linear", "cosine", "flow", or a VPSchedule/FlowSchedule.
         spacing: "leading", "trailing", "linspace", "karras" or "logsnr", or a coarse-to-fine
             `fastdiff.TwoStage(coarse, split_sigma, ...)` (see `fastdiff.grid`).
@@ -72,6 +76,12 @@ class Sampler:
             says which).
         zero_terminal_snr, shift, steps_offset, rho, sigma_min, sigma_max: schedule and
             spacing options (see `fastdiff.schedules` and `fastdiff.grid`).
+        s_churn, s_tmin, s_tmax, s_noise: "heun" only: EDM's stochastic churn (Karras et al.
+            2022, Algorithm 2; see `fastdiff.solvers`). Steps starting at s_tmin <= sigma/alpha
+            <= s_tmax raise their noise level by gamma = min(s_churn / steps, sqrt(2) - 1) with
+            fresh noise (scaled by s_noise) before the model call. A raised level above the
+            schedule's largest is an error (lower s_tmax, or start the grid lower). s_churn = 0
+            (the default) is the deterministic Heun sampler.
     """
 
     def __init__(self, solver: str = "dpmpp_2m", steps: int = 20, schedule="linear", spacing: str = "trailing",
@@ -79,7 +89,8 @@ class Sampler:
                  eta: Optional[float] = None, lower_order_final: bool = True, variance: Optional[str] = None,
                  clamp: Optional[float] = None, round_timesteps: bool = False, backend: str = "auto",
                  zero_terminal_snr: bool = False, shift: float = 1.0, steps_offset: int = 0, rho: float = 7.0,
-                 sigma_min: Optional[float] = None, sigma_max: Optional[float] = None):
+                 sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
+                 s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0):
         for name, value, choices in (("solver", solver, sorted(SOLVERS)), ("prediction", prediction, list(PREDICTIONS)),
                                      ("model_time", model_time, sorted(MODEL_TIMES)), ("backend", backend, BACKENDS)):
             if value not in choices:
@@ -108,7 +119,7 @@ class Sampler:
             raise ValueError("prediction: an 'epsilon' model carries no information about x0 at zero SNR "
                              "(alpha = 0 at the first step); use a v- or sample-predicting model, or a spacing "
                              "that starts below the last timestep")
-        if solver in ("euler", "euler_ancestral") and (model_alpha == 0).any():
+        if solver in _VE_SOLVERS and (model_alpha == 0).any():
             raise ValueError(f"solver: {solver!r} works in sigma/alpha, which is infinite at zero SNR; "
                              "use dpmpp_*, ddim or flow_euler")
         self.solver, self.prediction, self.backend = solver, prediction, backend
@@ -124,25 +135,39 @@ class Sampler:
         self._solver_cls = cls
         self.clamp = clamp
         self._times = {}
-        self.table: SolverTable = build_table(solver, self.grid, prediction, eta=eta,
-                                              lower_order_final=lower_order_final, variance=variance)
+        # Heun: its churn options (checked here), its own rows and reference arguments
+        churn = _check_churn(solver, s_churn, s_tmin, s_tmax, s_noise, round_timesteps)
+        if solver == "heun":
+            self.options.update(vars(churn))
+            self._solver_args.update(vars(churn), schedule=self.schedule, model_time=model_time)
+            self.table: SolverTable = heun_table(self.grid, self.schedule, model_time, prediction, churn)
+        else:
+            self.table = build_table(solver, self.grid, prediction, eta=eta, lower_order_final=lower_order_final,
+                                     variance=variance)
 
     @property
     def steps(self) -> int:
+        """Grid steps (callback and progress fire once per step)."""
         return self.grid.steps
 
+    @property
+    def model_calls(self) -> int:
+        """Model evaluations per sample (NFE; times 2 for CFG's unconditional half)."""
+        return self.table.rows
+
     def describe(self) -> dict:
-        """The whole plan as JSON-ready data: the constructor's options, the model times and the
-        coefficient table every step runs (for provenance in saved samples)."""
-        return dict(self.options, model_time_values=self.grid.model_time.tolist(), coef=self.table.coef.tolist(),
-                    slots=self.table.slots.tolist())
+        """The whole plan as JSON-ready data: the constructor's options, and per model call its
+        model time and coefficient row (for provenance in saved samples)."""
+        t = self.table
+        return dict(self.options, model_time_values=t.model_time.tolist(), coef=t.coef.tolist(),
+                    slots=t.slots.tolist(), ends_step=t.ends_step.tolist(), initial=[t.initial_scale, t.initial_noise])
 
     @property
     def signature(self) -> tuple:
         """What the fused loop records, for the CUDA-graph cache key."""
         t = self.table
-        return (self.solver, self.backend, self.clamp, t.coef.tobytes(), t.slots.tobytes(),
-                self.grid.model_time.tobytes())
+        return (self.solver, self.backend, self.clamp, t.coef.tobytes(), t.slots.tobytes(), t.model_time.tobytes(),
+                t.initial_scale, t.initial_noise)
 
     def new_solver(self):
         return self._solver_cls(self.grid, self.prediction, **self._solver_args)
@@ -170,7 +195,7 @@ class Sampler:
             model_dtype: cast the state to this dtype for the model call (the solver state stays fp32).
             check_finite: raise if the model returns NaN/inf (synchronises with the host each step).
             progress: print a progress bar to stderr.
-            callback: `callback(i, x)` after each step, with the new state.
+            callback: `callback(i, x)` after each grid step i, with the new state (a copy).
             dtype: the solver state's dtype: float32 (default; keep it even for fp16/bf16 models,
                 a half-precision state loses about an order of magnitude of accuracy) or float64.
             cuda_graph: True records the whole loop (every model call and solver step) into one
@@ -206,7 +231,7 @@ class Sampler:
             if fused:
                 layout = state_layout(x)
 
-                def draw(i):
+                def draw(k):
                     z = randn(x.shape, generator, x.device)
                     return z.contiguous(memory_format=layout)  # the fused step wants x's layout
                 self.run_fused(caller, x, self.new_history(x), draw, float(guidance_scale), check_finite=check_finite,
@@ -215,11 +240,11 @@ class Sampler:
             return self._run_reference(caller, x, generator, check_finite, progress, callback)
 
     def model_times(self, device) -> torch.Tensor:
-        """The model times as a float32 tensor on `device`, made once per device (a CUDA graph
-        must not copy from the host while it records)."""
+        """The model time of every call, as a float32 tensor on `device`, made once per device (a
+        CUDA graph must not copy from the host while it records)."""
         device = torch.device(device)
         if device not in self._times:
-            self._times[device] = torch.tensor(self.grid.model_time, dtype=torch.float32).to(device)
+            self._times[device] = torch.tensor(self.table.model_time, dtype=torch.float32).to(device)
         return self._times[device]
 
     def new_history(self, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -235,46 +260,77 @@ class Sampler:
     def run_fused(self, caller: ModelCaller, x: torch.Tensor, hist, draw_noise: Callable, guidance,
                   check_finite: bool = False, progress: bool = False, callback=None,
                   times: Optional[torch.Tensor] = None) -> None:
-        """The fused loop, updating x in place: per step one model call and one solver_step.
+        """The fused loop, updating x in place: per table row one model call and one solver_step.
         Host-sync free unless check_finite/callback ask otherwise, so a CUDA graph can record it;
-        `guidance` is a float or a 0-d device tensor (read at replay time); `draw_noise(i)` gives
-        step i's standard-normal noise when the table says the step is noisy; `times` the model
-        times tensor to read (default: `model_times(x.device)`)."""
+        `guidance` is a float or a 0-d device tensor (read at replay time); `draw_noise(k)` gives
+        the k-th standard-normal noise tensor of the run (`table.noise_draws` in all: the
+        initial one, if any, then one per noisy row); `times` the model times tensor to read
+        (default: `model_times(x.device)`)."""
         table, n = self.table, self.steps
         call, t_all = caller.bind(), self.model_times(x.device) if times is None else times
         op_backend = "auto" if self.backend == "auto" else self.backend
         clamp = 0.0 if self.clamp is None else float(self.clamp)
-        for i in range(n):
+        draws = iter(range(table.noise_draws))
+        if table.initial_noise:  # Heun's churn of step 0 (fastdiff.solvers): no row comes before it
+            x.mul_(table.initial_scale).add_(draw_noise(next(draws)), alpha=table.initial_noise)
+        i = 0  # the grid step
+        for r in range(table.rows):
             with nvtx_range("fastdiff/step"):
                 with nvtx_range("fastdiff/model"):
-                    m_c, m_u = call(x, t_all[i].expand(x.shape[0]))
+                    m_c, m_u = call(x, t_all[r].expand(x.shape[0]))
                 if check_finite:
-                    _check_finite(i, self.grid.model_time[i], m_c, m_u)
-                z = draw_noise(i) if table.noisy(i) else None
+                    _check_finite(i, table.model_time[r], m_c, m_u)
+                z = draw_noise(next(draws)) if table.noisy(r) else None
                 with nvtx_range("fastdiff/solver_step"):
-                    solver_step(x, m_c, m_u, hist, z, coef=table.coef[i].tolist(), slots=table.slots[i].tolist(),
+                    solver_step(x, m_c, m_u, hist, z, coef=table.coef[r].tolist(), slots=table.slots[r].tolist(),
                                 guidance=guidance, clamp=clamp, out=x, backend=op_backend)
+            if not table.ends_step[r]:
+                continue
             if callback is not None:
-                callback(i, x.clone())  # x is updated in place: hand out a copy
+                callback(i, table.completed_state(r, x, z))  # x is updated in place: hand out a copy
             if progress:
                 _progress(i + 1, n)
+            i += 1
 
     def _run_reference(self, caller, x, generator, check_finite, progress, callback) -> torch.Tensor:
-        solver, call, n, t_all = self.new_solver(), caller.bind(), self.steps, self.model_times(x.device)
+        solver, call, n = self.new_solver(), caller.bind(), self.steps
+        i = 0
+
+        def call_model(state, time):
+            m, _ = call(state, torch.full((state.shape[0],), time, dtype=torch.float32, device=state.device))
+            if check_finite:
+                _check_finite(i, time, m, None)
+            return m
+
+        def draw_noise():
+            return randn(x.shape, generator, x.device).to(x.dtype)
+
         for i in range(n):
             with nvtx_range("fastdiff/step"):
-                m, _ = call(x, t_all[i].expand(x.shape[0]))
-                if check_finite:
-                    _check_finite(i, self.grid.model_time[i], m, None)
-                z = None
-                if solver.noise_scale(i) != 0:
-                    z = randn(x.shape, generator, x.device).to(x.dtype)
-                x = solver.step(i, x, m, z)
+                x = solver.sample_step(i, x, call_model, draw_noise)
             if callback is not None:
                 callback(i, x.clone())  # the same contract as the fused loop: a copy to keep or change
             if progress:
                 _progress(i + 1, n)
         return x
+
+
+def _check_churn(solver, s_churn, s_tmin, s_tmax, s_noise, round_timesteps) -> Churn:
+    default = Churn()
+    given = dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
+    for name, value in given.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+            raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
+        if name != "s_tmax" and math.isinf(value):
+            raise ValueError(f"{name}: expected a finite number, got {value!r}")
+        if solver != "heun" and value != getattr(default, name):
+            raise ValueError(f"{name}: only 'heun' takes the churn options, not {solver!r}")
+    if s_tmin > s_tmax:
+        raise ValueError(f"s_tmin/s_tmax: expected s_tmin <= s_tmax, got {s_tmin!r} > {s_tmax!r}")
+    if s_churn and round_timesteps:
+        raise ValueError("s_churn: churned noise levels fall between the integer timesteps that "
+                         "round_timesteps=True asks for; use one or the other")
+    return Churn(**{k: float(v) for k, v in given.items()})
 
 
 def _check_finite(i, time, *outputs) -> None:

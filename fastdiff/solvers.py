@@ -1,14 +1,37 @@
 """Every solver as a table of `solver_step` coefficient rows (DESIGN.md section 4).
 
-For step i (grid point i -> i + 1) a row holds, in float64:
+One row per MODEL CALL. Row r holds, in float64, the model time of its call and
 
     D   = p x + q m                                   data prediction from the model output
-    x'  = a x + b0 D + b1 D_{i-1} + b2 D_{i-2} + c z  the update
+    x'  = a x + b0 D + b1 D_{r-1} + b2 D_{r-2} + c z  the update
 
-plus the ring-buffer slots (write D_i, read D_{i-1}, read D_{i-2}, read D_{i-3}). The rows
-are derived here from each solver's formula rewritten in terms of D and x only (eps = (x -
-alpha D) / sigma), independently of `fastdiff.reference`, which keeps the papers' own
-variables: the parity tests between the two are what prove the tables right.
+plus the ring-buffer slots (write D, read D_{r-1}, read D_{r-2}, read D_{r-3}). For every
+solver but Heun a row is a grid step (point i -> i + 1). The rows are derived here from each
+solver's formula rewritten in terms of D and x only (eps = (x - alpha D) / sigma),
+independently of `fastdiff.reference`, which keeps the papers' own variables: the parity
+tests between the two are what prove the tables right.
+
+Heun (Karras et al. 2022, Algorithm 2) takes two rows per step, in the VE coordinates
+y = x / alpha, s = sigma / alpha. Step j goes from s_j to s_{j+1}; with churn the model sees
+s^_j = s_j (1 + gamma_j), gamma_j = min(s_churn / N, sqrt 2 - 1) where s_tmin <= s_j <= s_tmax
+(else 0, and s^_j = s_j), and y^_j = y_j + sqrt(s^_j^2 - s_j^2) s_noise z. With h = s_{j+1} - s^_j:
+
+  row A (model at s^_j, state x^ = alpha^ y^): the Euler step y' = y^ + h (y^ - D^) / s^_j;
+        in x: x' = (sigma_{j+1} / sigma^) x^ + (alpha_{j+1} - alpha^ sigma_{j+1} / sigma^) D^.
+        Writes D^ to the history.
+  row B (model at s_{j+1}, state x' = alpha_{j+1} y'): the trapezoid
+        y_{j+1} = y^ + h/2 (d^ + d'), d^ = (y^ - D^)/s^_j, d' = (y' - D')/s_{j+1}. y^ is not
+        stored, but h d^ = y' - y^ and y^ = (s^_j y' + h D^) / s_{j+1}, so
+        y_{j+1} = y' + h / (2 s_{j+1}) (D^ - D'): x_{j+1} = x' + k (D^ - D') with
+        k = alpha_{j+1} h / (2 s_{j+1}), i.e. a = 1, b0 = -k, b1 = k (D^ read from the history).
+  The next step's churn is folded into row B: it outputs x^_{j+1} = (alpha^_{j+1} / alpha_{j+1})
+  x_{j+1} + alpha^_{j+1} sqrt(s^_{j+1}^2 - s_{j+1}^2) s_noise z (its own noise z). Step 0 has no
+  row before it: `initial_scale` and `initial_noise` say how the loop turns the starting state
+  into x^_0 (x^_0 = initial_scale x + initial_noise z, the first noise drawn) before the first
+  call. Callbacks want the completed step's state x_{j+1}, not x^_{j+1}: `step_state` undoes
+  the churn, x_{j+1} = k x^_{j+1} + e z.
+  A step to s = 0 (final="zero") is the plain Euler row (the trapezoid would divide by
+  s_{j+1} = 0): EDM's 2N - 1 model calls for N steps; final="min" takes 2N.
 """
 from __future__ import annotations
 
@@ -22,17 +45,54 @@ from fastdiff.grid import Grid
 
 @dataclass(frozen=True)
 class SolverTable:
-    coef: np.ndarray   # (N, 8) float64: p, q, a, b0, b1, b2, b3, c
-    slots: np.ndarray  # (N, 4) int64: write, read D_{i-1}, read D_{i-2}, read D_{i-3}; -1 unused
-    history: int       # ring-buffer slots S
+    """R rows, one per model call (R = N grid steps for every solver but Heun)."""
+
+    coef: np.ndarray        # (R, 8) float64: p, q, a, b0, b1, b2, b3, c
+    slots: np.ndarray       # (R, 4) int64: write, read D_{r-1}, read D_{r-2}, read D_{r-3}; -1 unused
+    history: int            # ring-buffer slots S
+    model_time: np.ndarray  # (R,) float64: what the model is called with for the row
+    ends_step: np.ndarray   # (R,) bool: the row completes a grid step (callback, progress)
+    step_state: np.ndarray  # (R, 2) float64 (k, e): that step's state is k * out + e * z
+    initial_scale: float = 1.0  # before the first call: x <- initial_scale x + initial_noise z
+    initial_noise: float = 0.0
 
     @property
-    def steps(self) -> int:
+    def rows(self) -> int:
         return len(self.coef)
 
-    def noisy(self, i: int) -> bool:
-        """Does step i draw fresh noise?"""
-        return self.coef[i, 7] != 0.0
+    def noisy(self, r: int) -> bool:
+        """Does row r draw fresh noise?"""
+        return self.coef[r, 7] != 0.0
+
+    @property
+    def noise_draws(self) -> int:
+        """How many standard-normal tensors one run draws (the initial one first, then one per noisy row)."""
+        return int(self.initial_noise != 0.0) + int(np.count_nonzero(self.coef[:, 7]))
+
+    def completed_state(self, r: int, out, z):
+        """The grid step's state after row r (an ends_step row) as a new tensor, from its output `out`."""
+        k, e = self.step_state[r]
+        return out.clone() if e == 0.0 and k == 1.0 else k * out + e * z
+
+
+def _one_row_per_step(coef, slots, history, grid: Grid) -> SolverTable:
+    n = len(coef)
+    return SolverTable(coef=coef, slots=slots, history=history, model_time=grid.model_time.copy(),
+                       ends_step=np.ones(n, dtype=bool), step_state=np.tile([1.0, 0.0], (n, 1)))
+
+
+@dataclass(frozen=True)
+class Churn:
+    """Heun's stochastic churn (Karras et al. 2022): s_churn = 0 is the deterministic sampler."""
+
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = math.inf
+    s_noise: float = 1.0
+
+    def gamma(self, s: float, steps: int) -> float:
+        """The churn of a step starting at noise level s (sigma / alpha)."""
+        return min(self.s_churn / steps, math.sqrt(2.0) - 1.0) if self.s_tmin <= s <= self.s_tmax else 0.0
 
 
 def _data_prediction(alpha: float, sigma: float, prediction: str):
@@ -122,7 +182,60 @@ def build_table(solver: str, grid: Grid, prediction: str, *, eta: float | None =
         else:
             raise ValueError(f"solver: no coefficient table for {solver!r}")
         coef[i] = (p, q, a, b0, b1, b2, 0.0, c)
-    return SolverTable(coef=coef, slots=slots, history=history)
+    return _one_row_per_step(coef, slots, history, grid)
+
+
+def churned_points(grid: Grid, schedule, churn: Churn):
+    """Where step j's model call is, for each step: (tau^, alpha^, sigma^, s^). Without churn
+    (gamma_j = 0) the grid point itself, else the schedule's point at s^ = s_j (1 + gamma_j),
+    which must not lie above the schedule's largest noise level."""
+    n, ks = grid.steps, grid.karras_sigma
+    top = float(schedule.model_time(schedule.tau_max, "karras_sigma"))
+    points = []
+    for j in range(n):
+        gamma = churn.gamma(ks[j], n)
+        if gamma == 0.0:
+            points.append((grid.tau[j], grid.alpha[j], grid.sigma[j], ks[j]))
+            continue
+        s_hat = ks[j] * (1.0 + gamma)
+        if s_hat > top:
+            raise ValueError(f"s_churn: step {j} would raise sigma/alpha from {ks[j]:g} to {s_hat:g}, above this "
+                             f"schedule's largest ({top:g}); lower s_churn, set s_tmax below {ks[j]:g}, or start "
+                             "the grid lower (spacing='karras' with a smaller sigma_max)")
+        tau = float(schedule.tau_from_karras_sigma(s_hat))
+        alpha, sigma = (float(v) for v in schedule.alpha_sigma(tau))
+        points.append((tau, alpha, sigma, s_hat))
+    return points
+
+
+def heun_table(grid: Grid, schedule, model_time: str, prediction: str, churn: Churn = Churn()) -> SolverTable:
+    """Heun's rows (see the module doc): two per step, one (Euler) for a step to s = 0."""
+    n, al, sg, ks = grid.steps, grid.alpha, grid.sigma, grid.karras_sigma
+    hat = churned_points(grid, schedule, churn)
+    rows, taus = [], []  # rows: (coef, slots, ends_step, step_state)
+    for j in range(n):
+        tau_h, a_h, s_h, ks_h = hat[j]
+        a_n, s_n = al[j + 1], sg[j + 1]
+        euler = (*_data_prediction(a_h, s_h, prediction), s_n / s_h, a_n - a_h * s_n / s_h, 0.0, 0.0, 0.0, 0.0)
+        taus.append(tau_h)
+        if s_n == 0.0:
+            rows.append((euler, (-1, -1, -1, -1), True, (1.0, 0.0)))
+            continue
+        rows.append((euler, (0, -1, -1, -1), False, (1.0, 0.0)))
+        k = a_n * (ks[j + 1] - ks_h) / (2.0 * ks[j + 1])
+        scale, c = 1.0, 0.0
+        if j + 1 < n:  # fold in step j+1's churn
+            scale = hat[j + 1][1] / a_n
+            c = hat[j + 1][1] * math.sqrt(hat[j + 1][3] ** 2 - ks[j + 1] ** 2) * churn.s_noise
+        trapezoid = (*_data_prediction(a_n, s_n, prediction), scale, -scale * k, scale * k, 0.0, 0.0, c)
+        rows.append((trapezoid, (-1, 0, -1, -1), True, (1.0 / scale, -c / scale)))
+        taus.append(grid.tau[j + 1])
+    a0, ks0 = hat[0][1], hat[0][3]
+    return SolverTable(coef=np.array([r[0] for r in rows], dtype=np.float64),
+                       slots=np.array([r[1] for r in rows], dtype=np.int64), history=1,
+                       model_time=np.asarray(schedule.model_time(np.array(taus), model_time), dtype=np.float64),
+                       ends_step=np.array([r[2] for r in rows]), step_state=np.array([r[3] for r in rows]),
+                       initial_scale=a0 / al[0], initial_noise=a0 * math.sqrt(ks0**2 - ks[0] ** 2) * churn.s_noise)
 
 
 def _third_order_weights(a_s, phi, h, r0, r1):

@@ -286,6 +286,25 @@ def test_fake_replay_per_image_generators_give_an_image_its_noise_in_any_batch(f
     assert torch.equal(other[:2], whole[:2]) and not torch.equal(other[2], whole[2])
 
 
+@pytest.mark.parametrize("churn", [{}, dict(s_churn=2.0), dict(s_churn=30.0, s_tmin=0.5, s_tmax=4.0)])
+def test_fake_replay_of_heun_equals_the_eager_fused_loop_with_the_same_noise(fake_graphs, churn):
+    """Two calls per Heun step and, with churn, one noise draw per churned step (the first
+    through the loop's initial noise): the replay equals the eager fused loop given the noise
+    the replay draws (its static buffer filled by one normal_ from the same generator)."""
+    s = fastdiff.Sampler(solver="heun", steps=5, spacing="karras", sigma_max=10.0, **churn)
+    noise = torch.randn(2, 3, 4, 4)
+    out = _graphed(fake_graphs, s, _model, noise, generator=torch.Generator().manual_seed(3))
+    draws = s.table.noise_draws
+    assert (draws > 0) == bool(churn)  # the count per churned step: tests/test_heun.py
+    buf = torch.empty((draws,) + tuple(noise.shape)).normal_(generator=torch.Generator().manual_seed(3))
+    eager, used = noise.clone(), []
+    s.run_fused(ModelCaller(_model, eager, 1.0, None, None, "batched", None, combine=False), eager,
+                s.new_history(eager), lambda k: used.append(k) or buf[k], 1.0)
+    assert torch.equal(out, eager) and used == list(range(draws))
+    if not churn:
+        assert torch.equal(out, s.sample(_model, noise))
+
+
 def test_static_noise_over_budget_is_an_error(fake_graphs):
     s = fastdiff.Sampler(solver="ddpm", steps=50)
     with pytest.raises(fastdiff.GraphCaptureError, match="max_noise_bytes"):

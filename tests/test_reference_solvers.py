@@ -36,6 +36,7 @@ def _rel(a, b):
     # Slope of log(error) vs log(N) over N = 40..160. Bounds: +-0.15 around the order for the
     # one-step methods, wider for 3M whose pre-asymptotic terms are larger (measured 3.1-3.2).
     ("ddim", 1, 0.9, 1.15), ("euler", 1, 0.9, 1.15), ("dpmpp_2m", 2, 1.8, 2.2), ("dpmpp_3m", 3, 2.7, 3.5),
+    ("heun", 2, 1.7, 2.3),  # Karras et al. 2022 Algorithm 2 (s_churn = 0): second order in its steps
 ])
 def test_convergence_order_against_the_exact_ode(mixture, ode_case, prediction, solver, order, lo, hi):
     noise, exact = ode_case

@@ -118,7 +118,7 @@ def test_progress_bar_and_callback(capsys):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(solver="heun"), "solver"), (dict(schedule="quadratic"), "schedule"), (dict(spacing="uniform"), "spacing"),
+    (dict(solver="heunn"), "solver"), (dict(schedule="quadratic"), "schedule"), (dict(spacing="uniform"), "spacing"),
     (dict(steps=0), "steps"), (dict(steps=1001), "steps"), (dict(prediction="score"), "prediction"),
     (dict(model_time="sigma"), "model_time"), (dict(backend="opencl"), "backend"),
     (dict(solver="dpmpp_2m", eta=0.5), "eta"), (dict(solver="ddim", eta=2.0), "eta"),

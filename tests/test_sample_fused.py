@@ -79,8 +79,57 @@ def test_plan_options_match_the_reference(mixture, backend, kw):
     assert rel_err(out, ref) < LOOP_TOL
 
 
+# Heun on a karras grid below the schedule's top (a churned step 0 must stay under it): "all"
+# churns every step (step 0 through the loop's initial noise), "window" only s in [0.5, 4]
+HEUN_PLAN = dict(solver="heun", spacing="karras", sigma_max=10.0)
+HEUN_CHURN = {"none": {}, "all": dict(s_churn=3.0, s_noise=1.007), "window": dict(s_churn=30.0, s_tmin=0.5, s_tmax=4.0)}
+
+
+@pytest.mark.parametrize("final", ["zero", "min"])
+@pytest.mark.parametrize("churn", list(HEUN_CHURN))
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_heun_matches_the_textbook_reference(mixture, backend, prediction, churn, final):
+    be, device = backend
+    if device == "cuda" and churn != "none":
+        pytest.skip("stochastic: checked on CPU backends")
+    out, ref = _pair(mixture, be, device, prediction=prediction, final=final, **HEUN_PLAN, **HEUN_CHURN[churn])
+    assert rel_err(out, ref) < LOOP_TOL
+
+
+@pytest.mark.parametrize("churn", ["none", "all"])
+def test_heun_on_a_flow_schedule_matches_the_textbook_reference(mixture, backend, churn):
+    """sigma_min > 0: flow's own karras grid ends at sigma/alpha = 0, where the step before the
+    end is ~1e-5 and Heun's correction divides by it (fp32 error ~3e-6 even for the textbook loop)."""
+    be, device = backend
+    if device == "cuda" and churn != "none":
+        pytest.skip("stochastic: checked on CPU backends")
+    out, ref = _pair(mixture, be, device, schedule="flow", prediction="flow", sigma_min=0.01, **HEUN_PLAN,
+                     **HEUN_CHURN[churn])
+    assert rel_err(out, ref) < LOOP_TOL
+
+
+@pytest.mark.parametrize("churn", ["all", "window"])
+def test_heun_callbacks_see_each_completed_step_as_the_reference_does(mixture, backend, churn):
+    """With churn the fused loop holds the next step's churned state after a step; the callback
+    gets the completed step's state (SolverTable.step_state), as the textbook loop gives it."""
+    be, device = backend
+    if device == "cuda":
+        pytest.skip("stochastic: checked on CPU backends")
+    model = mixture.model(fastdiff.get_schedule("linear"), "epsilon")
+    noise = torch.randn(2, 2, 3, 5, generator=torch.Generator().manual_seed(5))
+    seen = {}
+    for name, kw in (("ref", dict(backend="reference", dtype=F64)), ("fused", dict(backend=be))):
+        states = seen.setdefault(name, [])
+        fastdiff.sample(model, noise.to(device), steps=6, generator=torch.Generator(device=device).manual_seed(6),
+                        callback=lambda i, x: states.append((i, x.cpu())), **HEUN_PLAN, **HEUN_CHURN[churn], **kw)
+    assert [i for i, _ in seen["fused"]] == [i for i, _ in seen["ref"]] == list(range(6))
+    for (_, a), (_, b) in zip(seen["fused"], seen["ref"]):
+        assert rel_err(a, b) < LOOP_TOL
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "heun"])
 @pytest.mark.parametrize("cfg", ["batched", "separate"])
-def test_guided_sampling_matches_the_reference(mixture, backend, cfg):
+def test_guided_sampling_matches_the_reference(mixture, backend, cfg, solver):
     be, device = backend
     sched = fastdiff.get_schedule("linear")
     base = mixture.model(sched, "epsilon", dtype=F64)
@@ -90,7 +139,7 @@ def test_guided_sampling_matches_the_reference(mixture, backend, cfg):
 
     noise = torch.randn(3, 2, 3, 5, generator=torch.Generator().manual_seed(2))
     c, u = {"shift": torch.tensor([0.1, -0.2, 0.3])}, {"shift": torch.zeros(3)}
-    kw = dict(solver="dpmpp_2m", steps=6, guidance_scale=4.0, cfg=cfg)
+    kw = dict(solver=solver, steps=6, guidance_scale=4.0, cfg=cfg)
     ref = fastdiff.sample(model, noise.double(), backend="reference", dtype=F64, cond=c, uncond=u, **kw)
     to = {k: v.to(device) for k, v in c.items()}, {k: v.to(device) for k, v in u.items()}
     out = fastdiff.sample(model, noise.to(device), backend=be, cond=to[0], uncond=to[1], **kw)

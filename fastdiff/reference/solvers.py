@@ -4,10 +4,13 @@ They are the oracle for the fused coefficient tables, so they deliberately do NO
 the table's algebra: every solver converts the model output to the quantities its paper
 uses (x0, eps, velocity, the EDM derivative) and applies its own update formula.
 
-A solver object is built once per grid and stepped with `step(i, x, m, z)`: `x` the state
-at grid point i, `m` the (guided) model output there, `z` the step's standard-normal noise
-(None when `noise_scale(i) == 0`). Grid quantities are float64 numpy scalars; tensors are
-whatever dtype the caller keeps the state in (fp32 by default, float64 in tests).
+A solver object is built once per grid and runs step i with `sample_step(i, x, call_model,
+draw_noise)`: `call_model(x, time)` returns the (guided) model output at model time `time`,
+`draw_noise()` the next standard-normal tensor. By default that is one model call at grid
+point i, then `step(i, x, m, z)` with `z` drawn after the call (None when `noise_scale(i) ==
+0`); a solver that calls the model more than once per step (Heun) overrides `sample_step`.
+Grid quantities are float64 numpy scalars; tensors are whatever dtype the caller keeps the
+state in (fp32 by default, float64 in tests).
 """
 from __future__ import annotations
 
@@ -67,6 +70,11 @@ class ReferenceSolver:
     def noise_scale(self, i: int) -> float:
         """Standard deviation of the fresh noise that step i adds (0: no noise drawn)."""
         return 0.0
+
+    def sample_step(self, i, x, call_model, draw_noise):
+        """Step i from state x: one model call at grid point i, then `step`."""
+        m = call_model(x, self.grid.model_time[i])
+        return self.step(i, x, m, draw_noise() if self.noise_scale(i) != 0 else None)
 
     def x0(self, i, x, m):
         x0 = to_x0(x, m, self.a[i], self.s[i], self.prediction)
@@ -273,6 +281,50 @@ class Consistency(ReferenceSolver):
         return out if z is None else out + self.s[i + 1] * z
 
 
+class Heun(ReferenceSolver):
+    """Karras et al. 2022, Algorithm 2 (EDM's stochastic Heun sampler), in the VE coordinates
+    y = x / alpha, t = sigma / alpha, with D(y; t) the data prediction. Per step i:
+    gamma = min(s_churn / N, sqrt(2) - 1) if s_tmin <= t_i <= s_tmax else 0; t^ = t_i (1 + gamma);
+    y^ = y_i + sqrt(t^^2 - t_i^2) s_noise z; d = (y^ - D(y^; t^)) / t^; y_{i+1} = y^ + (t_{i+1} - t^) d,
+    and if t_{i+1} != 0 the second-order correction
+    y_{i+1} = y^ + (t_{i+1} - t^) (d + d') / 2 with d' = (y_{i+1} - D(y_{i+1}; t_{i+1})) / t_{i+1}.
+    (The paper draws z every step; this draws it only when gamma > 0, where it is used.) The
+    model sees the VP state alpha(t) y at the schedule's time of t (`schedule`, `model_time`)."""
+
+    stochastic = True
+
+    def __init__(self, grid, prediction, *, schedule, model_time, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf,
+                 s_noise=1.0, **kw):
+        super().__init__(grid, prediction, **kw)
+        self.schedule, self.time_convention = schedule, model_time
+        self.s_churn, self.s_tmin, self.s_tmax, self.s_noise = s_churn, s_tmin, s_tmax, s_noise
+        self.t = grid.karras_sigma
+
+    def _denoise(self, y, tau, alpha, sigma, call_model):
+        x = alpha * y
+        m = call_model(x, float(self.schedule.model_time(tau, self.time_convention)))
+        x0 = to_x0(x, m, alpha, sigma, self.prediction)
+        return x0 if self.clamp is None else x0.clamp(-self.clamp, self.clamp)
+
+    def sample_step(self, i, x, call_model, draw_noise):
+        n, t, t_next = self.grid.steps, self.t[i], self.t[i + 1]
+        y = x / self.a[i]
+        gamma = min(self.s_churn / n, math.sqrt(2.0) - 1.0) if self.s_tmin <= t <= self.s_tmax else 0.0
+        t_hat, tau_hat, a_hat, s_hat = t, self.grid.tau[i], self.a[i], self.s[i]
+        if gamma > 0:
+            t_hat = t * (1.0 + gamma)
+            tau_hat = float(self.schedule.tau_from_karras_sigma(t_hat))
+            a_hat, s_hat = (float(v) for v in self.schedule.alpha_sigma(tau_hat))
+            y = y + math.sqrt(t_hat**2 - t**2) * self.s_noise * draw_noise()
+        d = (y - self._denoise(y, tau_hat, a_hat, s_hat, call_model)) / t_hat
+        y_next = y + (t_next - t_hat) * d
+        if t_next != 0:
+            j = i + 1
+            d2 = (y_next - self._denoise(y_next, self.grid.tau[j], self.a[j], self.s[j], call_model)) / t_next
+            y_next = y + (t_next - t_hat) * (0.5 * d + 0.5 * d2)
+        return self.a[i + 1] * y_next
+
+
 SOLVERS = {
     "ddpm": (DDPM, {}),
     "ddim": (DDIM, {}),
@@ -285,4 +337,5 @@ SOLVERS = {
     "flow_euler": (FlowEuler, {}),
     "flow_sde": (FlowSDE, {}),
     "consistency": (Consistency, {}),
+    "heun": (Heun, {}),
 }
