@@ -25,8 +25,13 @@ from fastdiff.testing import GaussianMixture
 
 CALLS = (4, 6, 8, 10, 15, 20)
 SPACINGS = ("trailing", "karras", "logsnr", "linspace", "two_stage")
-# the deterministic solvers (an ODE error means nothing for SDE/ancestral samplers)
-ODE_SOLVERS = ("ddim", "euler", "dpmpp_2m", "dpmpp_3m", "unipc", "heun")
+# the deterministic solvers (an ODE error means nothing for SDE/ancestral samplers), by label
+ODE_SOLVERS = {
+    "ddim": dict(solver="ddim"), "euler": dict(solver="euler"), "dpmpp_2m": dict(solver="dpmpp_2m"),
+    "dpmpp_3m": dict(solver="dpmpp_3m"), "heun": dict(solver="heun"),
+    "unipc": dict(solver="unipc"),  # bh2, order 2 (the defaults)
+    "unipc_bh1": dict(solver="unipc", variant="bh1"), "unipc3": dict(solver="unipc", order=3),
+}
 TWO_STAGE_SPLIT = 1.0  # sigma/alpha of the split: the coarse stage covers the high-noise third
 
 
@@ -48,14 +53,15 @@ def spacing_for(name: str, steps: int):
 
 
 def plan_for(solver: str, spacing: str, calls: int, schedule: str) -> Optional[Sampler]:
-    """The reference (float64) plan of `solver` whose model calls equal `calls`, or None."""
+    """The reference plan of the `ODE_SOLVERS` label `solver` whose model calls equal `calls`,
+    or None."""
     for steps in range(1, calls + 1):
         try:
-            s = Sampler(solver=solver, steps=steps, schedule=schedule, spacing=spacing_for(spacing, steps),
-                        backend="reference")
+            s = Sampler(steps=steps, schedule=schedule, spacing=spacing_for(spacing, steps), backend="reference",
+                        **ODE_SOLVERS[solver])
         except ValueError:  # e.g. too few steps for a two-stage grid
             continue
-        made = getattr(s, "model_calls", s.steps)
+        made = s.model_calls
         if made == calls:
             return s
         if made > calls:
@@ -63,7 +69,7 @@ def plan_for(solver: str, spacing: str, calls: int, schedule: str) -> Optional[S
     return None
 
 
-def accuracy_table(solvers: Sequence[str] = ODE_SOLVERS, spacings: Sequence[str] = SPACINGS,
+def accuracy_table(solvers: Sequence[str] = tuple(ODE_SOLVERS), spacings: Sequence[str] = SPACINGS,
                    calls: Sequence[int] = CALLS, schedule: str = "scaled_linear", batch: int = 32,
                    seed: int = 0, ode_step: float = 1e-2, progress=None) -> List[Entry]:
     """RMS error against the exact ODE solution for every solver x spacing x model-call budget.
@@ -96,7 +102,7 @@ def format_table(entries: Sequence[Entry], calls: Sequence[int] = CALLS) -> str:
     rows: Dict[Tuple[str, str], Dict[int, float]] = {}
     for e in entries:
         rows.setdefault((e.solver, e.spacing), {})[e.calls] = e.rms
-    head = f"{'solver':<10} {'spacing':<10}" + "".join(f"{n:>10}" for n in calls)
+    head = f"{'solver':<10} {'spacing':<10}" + "".join(f"{n:>10}" for n in calls)  # solver: its label
     lines = [head, "-" * len(head)]
     for (solver, spacing), errs in rows.items():
         cells = "".join(f"{errs[n]:>10.2e}" if n in errs else f"{'-':>10}" for n in calls)

@@ -46,7 +46,8 @@ class Sampler:
 
     Args:
         solver: one of `fastdiff.SOLVERS` ("ddpm", "ddim", "dpmpp_1m", "dpmpp_2m", "dpmpp_3m",
-            "dpmpp_2m_sde", "euler", "euler_ancestral", "heun", "flow_euler", "flow_sde", "consistency").
+            "dpmpp_2m_sde", "euler", "euler_ancestral", "heun", "flow_euler", "flow_sde", "consistency",
+            "unipc").
         steps: number of grid steps (>= 1; at most the schedule's training timesteps). Every solver
             calls the model once per step but "heun", which takes 2N - 1 calls (2N with
             final="min"): `model_calls` says how many.
@@ -60,8 +61,13 @@ class Sampler:
         final: "zero" (last step jumps to the clean sample) or "min" (stop at the smallest
             training noise level; no first-order jump).
         eta: noise fraction for "ddim" (default 0), "euler_ancestral" and "flow_sde" (default 1).
-        lower_order_final: DPM-Solver++: cap the order at N - i near the end (steadier at few
-            steps). A step to sigma = 0 is always first order.
+        lower_order_final: DPM-Solver++ and UniPC: cap the order at N - i near the end (steadier
+            at few steps). A step to sigma = 0 is always first order.
+        order, variant, corrector: "unipc" only (UniPC, Zhao et al. 2023, data prediction):
+            order 1-3 (default 2), variant "bh1" (B(h) = h) or "bh2" (B(h) = e^h - 1, the
+            default), corrector (default True; False runs the predictor UniP alone). UniP-p
+            converges with order p, UniPC-p with p + 1 (order 3: its lower-order warm-up step
+            caps it at 3 as h -> 0; tests/test_reference_solvers.py).
         variance: "ddpm" posterior variance, "small" (beta tilde, the default) or "large" (beta);
             only for "ddpm".
         clamp: if set, the data prediction x0 is clamped to [-clamp, clamp] (and eps recomputed
@@ -89,7 +95,8 @@ class Sampler:
                  eta: Optional[float] = None, lower_order_final: bool = True, variance: Optional[str] = None,
                  clamp: Optional[float] = None, round_timesteps: bool = False, backend: str = "auto",
                  zero_terminal_snr: bool = False, shift: float = 1.0, steps_offset: int = 0, rho: float = 7.0,
-                 sigma_min: Optional[float] = None, sigma_max: Optional[float] = None,
+                 sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, order: Optional[int] = None,
+                 variant: Optional[str] = None, corrector: Optional[bool] = None,
                  s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0):
         for name, value, choices in (("solver", solver, sorted(SOLVERS)), ("prediction", prediction, list(PREDICTIONS)),
                                      ("model_time", model_time, sorted(MODEL_TIMES)), ("backend", backend, BACKENDS)):
@@ -104,6 +111,7 @@ class Sampler:
         variance = "small" if variance is None else variance
         if variance not in ("small", "large"):
             raise ValueError(f"variance: expected 'small' or 'large', got {variance!r}")
+        unipc = _unipc_options(solver, order, variant, corrector)
         if clamp is not None and (isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not clamp > 0):
             raise ValueError(f"clamp: expected a positive bound or None, got {clamp!r}")
         self.schedule: Schedule = get_schedule(schedule, zero_terminal_snr=zero_terminal_snr, shift=shift)
@@ -128,10 +136,11 @@ class Sampler:
                             final=final, eta=eta, lower_order_final=lower_order_final, variance=variance, clamp=clamp,
                             round_timesteps=round_timesteps, backend=backend, zero_terminal_snr=zero_terminal_snr,
                             shift=shift, steps_offset=steps_offset, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max,
-                            schedule=schedule if isinstance(schedule, str) else repr(schedule))
+                            schedule=schedule if isinstance(schedule, str) else repr(schedule),
+                            order=unipc.get("order"), variant=unipc.get("variant"), corrector=unipc.get("corrector"))
         cls, fixed = SOLVERS[solver]
         self._solver_args = dict(fixed, eta=eta, lower_order_final=lower_order_final, variance=variance,
-                                 clamp=clamp)
+                                 clamp=clamp, **unipc)
         self._solver_cls = cls
         self.clamp = clamp
         self._times = {}
@@ -143,7 +152,7 @@ class Sampler:
             self.table: SolverTable = heun_table(self.grid, self.schedule, model_time, prediction, churn)
         else:
             self.table = build_table(solver, self.grid, prediction, eta=eta, lower_order_final=lower_order_final,
-                                     variance=variance)
+                                     variance=variance, **unipc)
 
     @property
     def steps(self) -> int:
@@ -331,6 +340,25 @@ def _check_churn(solver, s_churn, s_tmin, s_tmax, s_noise, round_timesteps) -> C
         raise ValueError("s_churn: churned noise levels fall between the integer timesteps that "
                          "round_timesteps=True asks for; use one or the other")
     return Churn(**{k: float(v) for k, v in given.items()})
+
+
+def _unipc_options(solver, order, variant, corrector) -> dict:
+    """UniPC's options with their defaults ({} for other solvers, which must not be given them)."""
+    if solver != "unipc":
+        for name, value in (("order", order), ("variant", variant), ("corrector", corrector)):
+            if value is not None:
+                raise ValueError(f"{name}: only 'unipc' takes {name}, not {solver!r}")
+        return {}
+    order = 2 if order is None else order
+    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 3:
+        raise ValueError(f"order: expected 1, 2 or 3 for 'unipc', got {order!r}")
+    variant = "bh2" if variant is None else variant
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"variant: expected 'bh1' or 'bh2', got {variant!r}{did_you_mean(variant, ('bh1', 'bh2'))}")
+    corrector = True if corrector is None else corrector
+    if not isinstance(corrector, bool):
+        raise ValueError(f"corrector: expected True or False, got {corrector!r}")
+    return dict(order=order, variant=variant, corrector=corrector)
 
 
 def _check_finite(i, time, *outputs) -> None:

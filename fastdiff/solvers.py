@@ -2,14 +2,15 @@
 
 One row per MODEL CALL. Row r holds, in float64, the model time of its call and
 
-    D   = p x + q m                                   data prediction from the model output
-    x'  = a x + b0 D + b1 D_{r-1} + b2 D_{r-2} + c z  the update
+    D   = p x + q m                                              data prediction from the model output
+    x'  = a x + b0 D + b1 D_{r-1} + b2 D_{r-2} + b3 D_{r-3} + c z  the update
 
 plus the ring-buffer slots (write D, read D_{r-1}, read D_{r-2}, read D_{r-3}). For every
 solver but Heun a row is a grid step (point i -> i + 1). The rows are derived here from each
 solver's formula rewritten in terms of D and x only (eps = (x - alpha D) / sigma),
 independently of `fastdiff.reference`, which keeps the papers' own variables: the parity
-tests between the two are what prove the tables right.
+tests between the two are what prove the tables right. UniPC's corrector needs no extra
+kernel pass: it folds into the next step's row (`_unipc_table`).
 
 Heun (Karras et al. 2022, Algorithm 2) takes two rows per step, in the VE coordinates
 y = x / alpha, s = sigma / alpha. Step j goes from s_j to s_{j+1}; with churn the model sees
@@ -115,8 +116,11 @@ def _dpmpp_order(i: int, n: int, order: int, lower_order_final: bool, to_zero: b
 
 
 def build_table(solver: str, grid: Grid, prediction: str, *, eta: float | None = None, lower_order_final: bool = True,
-                variance: str = "small") -> SolverTable:
-    """The coefficient table of `solver` on `grid` (arguments as in `fastdiff.Sampler`)."""
+                variance: str = "small", order: int = 2, variant: str = "bh2", corrector: bool = True) -> SolverTable:
+    """The coefficient table of `solver` on `grid` (arguments as in `fastdiff.Sampler`;
+    order, variant and corrector are UniPC's)."""
+    if solver == "unipc":
+        return _unipc_table(grid, prediction, order, variant, corrector, lower_order_final)
     n = grid.steps
     al, sg, lam = grid.alpha, grid.sigma, grid.lam
     coef = np.zeros((n, 8))
@@ -247,3 +251,76 @@ def _third_order_weights(a_s, phi, h, r0, r1):
     c2 = 2.0 * a_s * (0.5 - (phi + h) / (h * h))
     e = c1 * r0 / (r0 + r1) + c2 / (r0 + r1)  # weight on D1_0 - D1_1
     return [-a_s * phi + (c1 + e) / r0, -(c1 + e) / r0 - e / r1, e / r1]
+
+
+def _unipc_table(grid: Grid, prediction: str, order: int, variant: str, corrector: bool,
+                 lower_order_final: bool) -> SolverTable:
+    """UniPC (Zhao et al. 2023), data prediction, as rows of the same table: no kernel change.
+
+    The unified step from x_j (h = lambda_{j+1} - lambda_j, r_m = (lambda_{t_m} - lambda_j) / h):
+        x_{j+1} = (s_{j+1}/s_j) x_j - a_{j+1} (e^{-h} - 1) D_j - a_{j+1} sum_m W_m (D_{t_m} - D_j) / r_m.
+    UniP-p sums over t_m = j-1 .. j-p+1. UniC-p, once the model has answered at the predicted
+    x_{j+1}, redoes the step from the same x_j with t_m = j+1 (r = 1) added. The two share the x_j
+    and D_j terms, so x^c_{j+1} = x_{j+1} + C_{j+1}, C = (UniC sum) - (UniP sum): a combination of
+    D_{j+1} .. D_{j+1-p}. The next predictor is linear in x^c, so row i is
+        x_{i+1} = (s_{i+1}/s_i) x_i + (s_{i+1}/s_i) C_i + UniP(i) terms,
+    applied to the uncorrected x_i; it reads D_i .. D_{i-p} (b0..b3 at order 3). The loop carries
+    the uncorrected predictor output, D_i is that state's data prediction (as in the paper: the
+    model is called at the predicted point), and the corrected state is never stored. The final
+    state is the last predictor output: no model call follows it to correct it.
+
+    W = B(h) rho: where the paper solves R rho = b, W solves sum_m W_m r_m^(k-1) = k! hh
+    phi_{k+1}(hh), k = 1..len(W), hh = -h (B(h) cancels); a single point (UniP-2, UniC-1) takes
+    the published rho = 1/2, W = B(h)/2 with B(h) = hh ("bh1") or e^hh - 1 ("bh2") -- the only
+    place the variant matters. Orders as dpmpp (`_dpmpp_order`), counted from the first point
+    with finite lambda: a zero-SNR point is never a multistep point, nor is its step corrected.
+    """
+    n, lam = grid.steps, grid.lam
+    first = 1 if np.isneginf(lam[0]) else 0
+    orders = [1 if i < first else _dpmpp_order(i - first, n - first, order, lower_order_final, grid.sigma[i + 1] == 0)
+              for i in range(n)]
+    history = order if corrector else order - 1
+    coef = np.zeros((n, 8))
+    slots = np.full((n, 4), -1, dtype=np.int64)
+    for i in range(n):
+        s_t, s_s, a_s = grid.sigma[i], grid.sigma[i + 1], grid.alpha[i + 1]
+        a = s_s / s_t
+        w = {i: -a_s * float(np.expm1(-(lam[i + 1] - lam[i])))}  # weights on D_k, by grid index k
+        _add(w, _unipc_sum(grid, i, list(range(i - 1, i - orders[i], -1)), variant))
+        if corrector and i > first and s_s > 0:  # a step to sigma = 0 (a = 0) needs no corrected state
+            earlier = list(range(i - 2, i - 1 - orders[i - 1], -1))
+            _add(w, _unipc_sum(grid, i - 1, earlier + [i], variant), a)
+            _add(w, _unipc_sum(grid, i - 1, earlier, variant), -a)
+        coef[i, :3] = (*_data_prediction(grid.alpha[i], s_t, prediction), a)
+        back = i - min(w)
+        coef[i, 3:4 + back] = [w.get(i - k, 0.0) for k in range(back + 1)]
+        if history:
+            slots[i, 0] = i % history if i < n - 1 else -1  # the last D is never read
+            slots[i, 1:back + 1] = [(i - k) % history for k in range(1, back + 1)]
+    return _one_row_per_step(coef, slots, history, grid)
+
+
+def _add(w: dict, terms: dict, scale: float = 1.0) -> None:
+    for k, v in terms.items():
+        w[k] = w.get(k, 0.0) + scale * v
+
+
+def _unipc_sum(grid: Grid, j: int, points: list, variant: str) -> dict:
+    """Weights on D_k of -a_{j+1} sum_m W_m (D_{t_m} - D_j) / r_m (see `_unipc_table`)."""
+    if not points:
+        return {}
+    lam, a_next = grid.lam, grid.alpha[j + 1]
+    hh = -(lam[j + 1] - lam[j])
+    r = np.array([(lam[t] - lam[j]) / -hh for t in points])
+    if len(points) == 1:
+        W = np.array([0.5 * (hh if variant == "bh1" else np.expm1(hh))])
+    else:
+        k = np.arange(1, len(points) + 1)
+        # k! hh phi_{k+1}(hh) = k! (e^hh - sum_{l<=k} hh^l / l!) / hh^k
+        taylor = np.array([sum(hh**l / math.factorial(l) for l in range(1, kk + 1)) for kk in k])
+        rhs = np.array([math.factorial(kk) for kk in k]) * (np.expm1(hh) - taylor) / hh**k
+        W = np.linalg.solve(r[None, :] ** (k[:, None] - 1), rhs)
+    out = {j: float(a_next * np.sum(W / r))}
+    for t, wt, rt in zip(points, W, r):
+        out[t] = out.get(t, 0.0) - float(a_next * wt / rt)
+    return out

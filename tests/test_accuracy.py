@@ -23,6 +23,10 @@ def test_plan_budget_is_in_model_calls():
     s = plan_for("dpmpp_3m", "two_stage", 6, "linear")
     assert s.steps == 6 and s.backend == "reference" and s.grid.steps == 6
     assert plan_for("ddim", "two_stage", 1, "linear") is None  # two stages need two steps
+    heun = plan_for("heun", "karras", 9, "linear")  # 2N - 1 calls for N steps
+    assert heun.steps == 5 and heun.model_calls == 9 and plan_for("heun", "karras", 8, "linear") is None
+    u3 = plan_for("unipc3", "karras", 6, "linear")
+    assert u3.solver == "unipc" and u3.options["order"] == 3
 
 
 def test_format_table_marks_missing_budgets_and_names_the_best():
@@ -36,7 +40,7 @@ def test_format_table_marks_missing_budgets_and_names_the_best():
 @pytest.mark.parametrize("argv,match", [
     (["--calls", "4,x"], "--calls 4,x: expected integers"),
     (["--calls", "0"], "--calls 0: expected integers"),
-    (["--solvers", "ddpm"], "--solvers: 'ddpm' is not a deterministic solver"),
+    (["--solvers", "ddpm"], "--solvers: 'ddpm' is not a deterministic solver label"),
     (["--spacings", "leading"], "--spacings: 'leading'"),
     (["--ode-step", "0"], "--ode-step 0.0: expected a step in"),
 ])

@@ -92,7 +92,7 @@ def mixture():
 
 
 @gpu
-@pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "dpmpp_3m", "flow_euler"])
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "dpmpp_3m", "flow_euler", "unipc"])
 def test_replay_equals_the_eager_fused_loop_bitwise(mixture, solver):
     fastdiff.clear_graphs()
     flow = solver == "flow_euler"
@@ -242,8 +242,9 @@ def _graphed(G, sampler, model, noise, **kw):
                             model_dtype=None, mode=kw.pop("mode", True), **kw)
 
 
-def test_fake_replay_equals_the_eager_fused_loop_and_needs_one_capture(fake_graphs):
-    s = fastdiff.Sampler(solver="dpmpp_3m", steps=5)
+@pytest.mark.parametrize("plan", [dict(solver="dpmpp_3m"), dict(solver="unipc", order=3)])  # unipc: 3 slots read
+def test_fake_replay_equals_the_eager_fused_loop_and_needs_one_capture(fake_graphs, plan):
+    s = fastdiff.Sampler(steps=5, **plan)
     results = []
     for w, shift in ((3.0, 0.1), (7.5, 0.1), (7.5, -0.4)):
         noise = torch.randn(2, 3, 4, 4)

@@ -16,8 +16,8 @@ OP = "solver_step"  # the conftest `backend` fixture: cpu, triton-interp, refere
 
 F64 = torch.float64
 VP_SOLVERS = ["ddpm", "ddim", "dpmpp_1m", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "euler", "euler_ancestral",
-              "consistency"]
-FLOW_SOLVERS = ["flow_euler", "flow_sde", "dpmpp_2m", "dpmpp_3m"]
+              "consistency", "unipc"]
+FLOW_SOLVERS = ["flow_euler", "flow_sde", "dpmpp_2m", "dpmpp_3m", "unipc"]
 LOOP_TOL = 2e-6
 
 
@@ -70,7 +70,12 @@ def test_flow_solvers_match_the_textbook_reference(mixture, backend, solver, pre
                                 # model output's rounding by sigma/alpha = 157 (the model's conditioning)
                                 dict(steps=1, prediction="v"), dict(steps=2, solver="dpmpp_3m"),
                                 # coarse-to-fine: the 3M history carries across the split point
-                                dict(steps=7, spacing=fastdiff.TwoStage(3, 1.0, "linspace", "karras"))])
+                                dict(steps=7, spacing=fastdiff.TwoStage(3, 1.0, "linspace", "karras")),
+                                # UniPC-3's corrector reads D_{i-3} (b3); zero SNR: the first point is
+                                # no multistep point; clamp: the corrector uses the clamped D
+                                dict(solver="unipc", order=3, spacing="karras", lower_order_final=False),
+                                dict(solver="unipc", order=3, zero_terminal_snr=True, prediction="v"),
+                                dict(solver="unipc", clamp=1.0, final="min"), dict(steps=2, solver="unipc", order=3)])
 def test_plan_options_match_the_reference(mixture, backend, kw):
     be, device = backend
     kw = dict(kw)
@@ -127,7 +132,20 @@ def test_heun_callbacks_see_each_completed_step_as_the_reference_does(mixture, b
         assert rel_err(a, b) < LOOP_TOL
 
 
-@pytest.mark.parametrize("solver", ["dpmpp_2m", "heun"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+@pytest.mark.parametrize("corrector", [True, False])
+@pytest.mark.parametrize("variant", ["bh1", "bh2"])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_unipc_matches_the_textbook_reference(mixture, backend, order, variant, corrector, prediction):
+    """The table folds UniC into the next row (fastdiff/solvers.py); the reference applies it
+    to the stored previous state, as the paper does."""
+    be, device = backend
+    out, ref = _pair(mixture, be, device, solver="unipc", order=order, variant=variant, corrector=corrector,
+                     prediction=prediction)
+    assert rel_err(out, ref) < LOOP_TOL
+
+
+@pytest.mark.parametrize("solver", [dict(solver="dpmpp_2m"), dict(solver="heun"), dict(solver="unipc", order=3)])
 @pytest.mark.parametrize("cfg", ["batched", "separate"])
 def test_guided_sampling_matches_the_reference(mixture, backend, cfg, solver):
     be, device = backend
@@ -139,7 +157,7 @@ def test_guided_sampling_matches_the_reference(mixture, backend, cfg, solver):
 
     noise = torch.randn(3, 2, 3, 5, generator=torch.Generator().manual_seed(2))
     c, u = {"shift": torch.tensor([0.1, -0.2, 0.3])}, {"shift": torch.zeros(3)}
-    kw = dict(solver=solver, steps=6, guidance_scale=4.0, cfg=cfg)
+    kw = dict(solver, steps=6, guidance_scale=4.0, cfg=cfg)
     ref = fastdiff.sample(model, noise.double(), backend="reference", dtype=F64, cond=c, uncond=u, **kw)
     to = {k: v.to(device) for k, v in c.items()}, {k: v.to(device) for k, v in u.items()}
     out = fastdiff.sample(model, noise.to(device), backend=be, cond=to[0], uncond=to[1], **kw)

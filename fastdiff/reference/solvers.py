@@ -323,6 +323,77 @@ class Heun(ReferenceSolver):
             d2 = (y_next - self._denoise(y_next, self.grid.tau[j], self.a[j], self.s[j], call_model)) / t_next
             y_next = y + (t_next - t_hat) * (0.5 * d + 0.5 * d2)
         return self.a[i + 1] * y_next
+class UniPC(ReferenceSolver):
+    """UniPC (Zhao et al. 2023), data prediction, orders 1-3: the predictor UniP-p and the
+    corrector UniC-p, written as the paper's unified update from the state x at point j
+    (lambda = log(alpha/sigma), h = lambda_{j+1} - lambda_j, hh = -h for data prediction):
+
+        x_{j+1} = (s_{j+1}/s_j) x - a_{j+1} (e^{-h} - 1) D_j - a_{j+1} B(h) sum_m rho_m D1_m,
+        D1_m = (D_{t_m} - D_j) / r_m,   r_m = (lambda_{t_m} - lambda_j) / h,
+
+    with B(h) = hh ("bh1") or e^{hh} - 1 ("bh2"), and rho solving R rho = b where
+    R[k-1][m] = r_m^(k-1) and b_k = k! hh phi_{k+1}(hh) / B(h), k = 1..len(rho). UniP-p takes
+    the p - 1 earlier points t_m = j-1 .. j-p+1 (p - 1 equations); UniC-p corrects the
+    predicted x_{j+1} once D_{j+1} (of the uncorrected x_{j+1}) is known, by redoing the same
+    step from the same x with the new point t_m = j + 1 (r = 1) added (p equations). Where
+    the system is 1x1 (UniP-2, UniC-1) the published algorithm takes its h -> 0 limit
+    rho = 1/2. The corrected state feeds the next predictor; the final state is the last
+    predictor output (no model call follows it, so nothing corrects it).
+
+    Orders follow DPMSolverPP.step_order; a point at zero SNR (lambda = -inf) is never a
+    multistep point and the step from it is not corrected (its h is infinite)."""
+
+    def __init__(self, grid, prediction, variant: str = "bh2", corrector: bool = True, **kw):
+        super().__init__(grid, prediction, **kw)
+        self.variant, self.corrector = variant, corrector
+        self.first = 1 if np.isneginf(self.lam[0]) else 0  # the first point usable as a multistep point
+        self.d = {}  # data predictions D_j by grid index
+        self.x_last = None  # (the state that started the previous step, its index, its order)
+
+    def step_order(self, i):
+        order = max(1, min(self.order, i + 1 - self.first))
+        if self.lower_order_final:
+            order = min(order, self.grid.steps - i)
+        if self.s[i + 1] == 0:
+            order = 1
+        return order
+
+    def _rhos(self, h, rks):
+        """rho (solving R rho = b) and B(h) for the multistep points at ratios rks."""
+        hh = -h
+        bh = hh if self.variant == "bh1" else np.expm1(hh)
+        if len(rks) == 1:
+            return [0.5], bh
+        phi, fact, b = np.expm1(hh) / hh, 1, []  # phi_1
+        for k in range(1, len(rks) + 1):
+            fact *= k
+            phi = (phi - 1.0 / fact) / hh  # phi_{k+1}
+            b.append(fact * hh * phi / bh)
+        R = np.array([[r ** (k - 1) for r in rks] for k in range(1, len(rks) + 1)])
+        return np.linalg.solve(R, np.array(b)), bh
+
+    def _update(self, j, x, points):
+        """The state at j + 1 from x at j, using D at the grid indices `points`."""
+        lam, a_next = self.lam, self.a[j + 1]
+        h = lam[j + 1] - lam[j]
+        out = (self.s[j + 1] / self.s[j]) * x - (a_next * np.expm1(-h)) * self.d[j]
+        if points:
+            rks = [(lam[t] - lam[j]) / h for t in points]
+            rhos, bh = self._rhos(h, rks)
+            for rho, r, t in zip(rhos, rks, points):
+                out = out - (a_next * bh * rho / r) * (self.d[t] - self.d[j])
+        return out
+
+    def step(self, i, x, m, z):
+        self.d[i] = self.x0(i, x, m)
+        if self.x_last is not None and self.corrector:
+            x_prev, j, p = self.x_last
+            x = self._update(j, x_prev, [j - k for k in range(1, p)] + [i])  # UniC-p
+        p = self.step_order(i)
+        self.x_last = (x, i, p) if i >= self.first else None
+        for t in [t for t in self.d if t <= i - self.order]:
+            del self.d[t]
+        return self._update(i, x, [i - k for k in range(1, p)])  # UniP-p
 
 
 SOLVERS = {
@@ -338,4 +409,5 @@ SOLVERS = {
     "flow_sde": (FlowSDE, {}),
     "consistency": (Consistency, {}),
     "heun": (Heun, {}),
+    "unipc": (UniPC, {}),
 }
