@@ -34,13 +34,14 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, facto
     assert err <= tol, f"{what} relative error {err:.3e} > {tol:.1e} ({dtype})"
 
 
-def assert_close_each(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
-    """assert_close, and every element within REL_TOL[dtype] of max(|ref|, rms(ref)): one wrong
-    element among thousands moves the norm too little to fail assert_close on its own."""
-    assert_close(out, ref, dtype, what=what)
+def assert_close_each(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "",
+                      factor: float = 1.0) -> None:
+    """assert_close, and every element within factor * REL_TOL[dtype] of max(|ref|, rms(ref)): one
+    wrong element among thousands moves the norm too little to fail assert_close on its own."""
+    assert_close(out, ref, dtype, factor=factor, what=what)
     out = out.detach().to(torch.float64).cpu()
     ref = ref.detach().to(torch.float64).cpu()
-    bound = REL_TOL[dtype] * torch.maximum(ref.abs(), ref.pow(2).mean().sqrt())
+    bound = factor * REL_TOL[dtype] * torch.maximum(ref.abs(), ref.pow(2).mean().sqrt())
     bad = ~((out - ref).abs() <= bound)  # NaN fails
     if bad.any():
         i = tuple(int(v) for v in bad.nonzero()[0])
