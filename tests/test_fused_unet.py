@@ -115,7 +115,8 @@ def test_optimize_keeps_a_plain_torch_models_output_and_reports(backend):
     assert rel_err(out.cpu(), ref.cpu()) < TOL
     rep = fastdiff.optimize_report(model)
     assert len(rep.replaced) == 4  # two GN+SiLU pairs, the affine-free GN, the GN in `out`
-    assert sum("GroupNorm -> SiLU" in r for r in rep.replaced) == 2
+    assert sum("GroupNorm -> SiLU" in what for _, what in rep.replaced) == 2
+    assert len(rep.modules()) == len(set(rep.modules()))  # each module reported once
     assert any(name == "attn" and "MultiheadAttention" in why for name, why in rep.not_replaced)
     assert len(model.block) == 3 and isinstance(model.block[0], fastdiff.nn.GroupNormSiLU)
     # the weights are the same Parameters, not copies
