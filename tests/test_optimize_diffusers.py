@@ -143,11 +143,12 @@ def test_what_is_fused_and_the_report():
 
 
 @pytest.mark.parametrize("model_name", list(MODELS))
-def test_optimize_twice_is_optimize_once(model_name):
+def test_optimize_twice_is_optimize_once(model_name, monkeypatch):
+    be, _ = setup_backend("cpu", OP, monkeypatch)
     model = MODELS[model_name]()
     args = _inputs(model)
-    once = fastdiff.optimize(copy.deepcopy(model), backend="cpu")
-    twice = fastdiff.optimize(fastdiff.optimize(copy.deepcopy(model), backend="cpu"), backend="cpu")
+    once = fastdiff.optimize(copy.deepcopy(model), backend=be)
+    twice = fastdiff.optimize(fastdiff.optimize(copy.deepcopy(model), backend=be), backend=be)
     assert fastdiff.optimize_report(once) == fastdiff.optimize_report(twice)
     assert [type(m) for m in once.modules()] == [type(m) for m in twice.modules()]
     with torch.no_grad():
@@ -248,8 +249,9 @@ def _expected_calls(model):
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
 @pytest.mark.parametrize("model_name", list(MODELS))
-def test_inference_runs_the_fused_ops(model_name, mode, fused_calls):
-    model = fastdiff.optimize(MODELS[model_name](), backend="cpu")
+def test_inference_runs_the_fused_ops(model_name, mode, fused_calls, monkeypatch):
+    be, _ = setup_backend("cpu", OP, monkeypatch)
+    model = fastdiff.optimize(MODELS[model_name](), backend=be)
     args = _inputs(model)
     with getattr(torch, mode)():
         out = _run(model, args)
@@ -258,11 +260,12 @@ def test_inference_runs_the_fused_ops(model_name, mode, fused_calls):
 
 
 @pytest.mark.parametrize("model_name", list(MODELS))
-def test_gradients_equal_the_originals(model_name, fused_calls):
+def test_gradients_equal_the_originals(model_name, fused_calls, monkeypatch):
     """With grad enabled the forward stays fused and backward goes through the eager twins:
     every parameter and the input get the original model's gradients, none is dropped."""
+    be, _ = setup_backend("cpu", OP, monkeypatch)
     original = MODELS[model_name]()
-    model = fastdiff.optimize(copy.deepcopy(original), backend="cpu")
+    model = fastdiff.optimize(copy.deepcopy(original), backend=be)
     args = _inputs(original)
     weight = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(9))
 
