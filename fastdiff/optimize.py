@@ -7,19 +7,26 @@ What it recognises (everything else is left alone, and reported when it looks fu
 * `nn.GroupNorm` followed directly by `nn.SiLU` inside an `nn.Sequential`: both replaced by
   one fused `GroupNormSiLU` (the SiLU entry is removed from the Sequential).
 * any other `nn.GroupNorm`: replaced by a fused `GroupNormSiLU(silu=False)`. A SiLU its
-  parent applies in `forward` code cannot be seen, so it stays a separate op (reported).
+  parent applies in `forward` code cannot be seen, so it stays a separate op (the report says so).
+* diffusers models (`UNet2DModel`, `UNet2DConditionModel`, ...): their ResNet blocks, output
+  GroupNorm + SiLU and attention processors, by `fastdiff.optimize_diffusers` (imported only
+  when the model contains diffusers modules; see there).
 * attention of other types (`nn.MultiheadAttention`, third-party blocks): not replaced, reported.
 
-The new modules share the original Parameter objects (weights are kept, not copied).
+The new modules share the original Parameter objects (weights are kept, not copied), so
+parameters and state_dict keys are unchanged. Fused modules stay differentiable: with autograd
+recording, backward runs through their eager twin (`fastdiff.nn.functional`).
 `inplace=True` (default) modifies and returns `model`; `inplace=False` works on a deep copy.
-The report (`OptimizeReport`) is returned by `optimize_report(model)` and printed with
-`verbose=True`.
+
+The report (`OptimizeReport`) describes the optimized model as it is (each module once), so
+optimizing twice reports, and does, the same as once. It is returned by `optimize_report(model)`
+and printed with `verbose=True`.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch.nn as nn
 
@@ -31,14 +38,20 @@ _REPORT_ATTR = "_fastdiff_optimize_report"
 
 @dataclass
 class OptimizeReport:
-    fused: List[str] = field(default_factory=list)        # fastdiff.nn modules switched to fused ops
-    replaced: List[str] = field(default_factory=list)     # torch modules replaced by fused ones
-    not_replaced: List[Tuple[str, str]] = field(default_factory=list)  # (module, why)
+    """(module name, what) entries; every module appears in at most one list, at most once."""
+
+    fused: List[Tuple[str, str]] = field(default_factory=list)         # fastdiff.nn modules on fused ops
+    replaced: List[Tuple[str, str]] = field(default_factory=list)      # torch/diffusers modules now fused
+    not_replaced: List[Tuple[str, str]] = field(default_factory=list)  # left as they were, and why
+
+    def modules(self) -> List[str]:
+        return [name for name, _ in self.fused + self.replaced + self.not_replaced]
 
     def __str__(self) -> str:
         lines = [f"fastdiff.optimize: {len(self.fused)} fastdiff.nn module(s) fused, "
-                 f"{len(self.replaced)} torch module(s) replaced, {len(self.not_replaced)} not replaced"]
-        lines += [f"  replaced     {r}" for r in self.replaced]
+                 f"{len(self.replaced)} module(s) replaced, {len(self.not_replaced)} not replaced"]
+        lines += [f"  fused        {name}: {what}" for name, what in self.fused]
+        lines += [f"  replaced     {name}: {what}" for name, what in self.replaced]
         lines += [f"  not replaced {name}: {why}" for name, why in self.not_replaced]
         return "\n".join(lines)
 
@@ -53,12 +66,15 @@ def set_backend(model: nn.Module, backend) -> int:
     return n
 
 
-def _fused_norm(gn: nn.GroupNorm, silu: bool, backend) -> GroupNormSiLU:
+def fused_norm(gn: nn.GroupNorm, silu: bool, backend, replaced: Optional[str] = None) -> GroupNormSiLU:
+    """A GroupNormSiLU sharing `gn`'s Parameters; `replaced` (what it stands for, when it is
+    reported on its own) goes into the report."""
     p = gn.weight if gn.weight is not None else gn.bias
     new = GroupNormSiLU(gn.num_channels, gn.num_groups, gn.eps, silu=silu,
                         device=p.device if p is not None else None, dtype=p.dtype if p is not None else None)
     new.weight, new.bias = gn.weight, gn.bias  # the same Parameters (or None when affine=False)
     new.backend = backend
+    new.replaced = replaced
     new.train(gn.training)
     return new
 
@@ -67,42 +83,71 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _swap(module: nn.Module, prefix: str, backend, report: OptimizeReport) -> None:
+def _fuse_sequential_pairs(seq: nn.Sequential, prefix: str, backend) -> None:
+    """GroupNorm directly followed by SiLU in `seq` -> one GroupNormSiLU (the SiLU entry removed)."""
+    items = list(seq.named_children())
+    kept, i = [], 0
+    while i < len(items):
+        name, child = items[i]
+        nxt = items[i + 1] if i + 1 < len(items) else None
+        if isinstance(child, nn.GroupNorm) and nxt is not None and isinstance(nxt[1], nn.SiLU):
+            what = f"GroupNorm -> SiLU (the SiLU was {_join(prefix, nxt[0])}): one fused GroupNormSiLU"
+            kept.append((name, fused_norm(child, True, backend, what)))
+            i += 2
+            continue
+        kept.append((name, child))
+        i += 1
+    if len(kept) != len(items):
+        for name, _ in items:
+            delattr(seq, name)
+        for name, child in kept:
+            seq.add_module(name, child)
+
+
+def _swap(module: nn.Module, prefix: str, backend, adapter) -> None:
     if isinstance(module, FUSABLE):
         return
     if isinstance(module, nn.Sequential):
-        items = list(module.named_children())
-        kept, i = [], 0
-        while i < len(items):
-            name, child = items[i]
-            nxt = items[i + 1][1] if i + 1 < len(items) else None
-            if isinstance(child, nn.GroupNorm) and isinstance(nxt, nn.SiLU):
-                kept.append((name, _fused_norm(child, True, backend)))
-                report.replaced.append(f"{_join(prefix, name)} + {_join(prefix, items[i + 1][0])} "
-                                       "(GroupNorm -> SiLU): one fused GroupNormSiLU")
-                i += 2
-                continue
-            kept.append((name, child))
-            i += 1
-        if len(kept) != len(items):
-            for name, _ in items:
-                delattr(module, name)
-            for name, child in kept:
-                module.add_module(name, child)
+        _fuse_sequential_pairs(module, prefix, backend)
     for name, child in list(module.named_children()):
-        full = _join(prefix, name)
+        if adapter is not None and adapter.transform(module, name, child, backend):
+            continue
         if isinstance(child, nn.GroupNorm):
-            setattr(module, name, _fused_norm(child, False, backend))
-            report.replaced.append(f"{full} (GroupNorm): fused GroupNormSiLU(silu=False)")
-            report.not_replaced.append((full, "a SiLU applied by the parent's forward code (if any) stays a "
-                                              "separate op; only GroupNorm -> SiLU inside an nn.Sequential fuses"))
-        elif isinstance(child, nn.MultiheadAttention) or (
-                "attention" in type(child).__name__.lower() and not isinstance(child, FUSABLE)):
-            report.not_replaced.append((full, f"{type(child).__name__}: only fastdiff.nn.AttentionBlock "
-                                              "attention is fused"))
-            _swap(child, full, backend, report)
+            setattr(module, name, fused_norm(child, False, backend, (
+                "GroupNorm: fused GroupNormSiLU(silu=False); a SiLU applied by the parent's forward code (if "
+                "any) stays a separate op")))
         else:
-            _swap(child, full, backend, report)
+            _swap(child, _join(prefix, name), backend, adapter)
+
+
+def _describe(name: str, module: nn.Module, adapter, report: OptimizeReport) -> None:
+    """Report `module` and its subtree as they are now, each module at most once."""
+    shown = name or "(root)"
+    entry = adapter.describe(module) if adapter is not None else None
+    if entry is not None:
+        kind, what, descend = entry
+        getattr(report, kind).append((shown, what))
+        if not descend:
+            return
+    elif isinstance(module, GroupNormSiLU) and getattr(module, "replaced", None):
+        report.replaced.append((shown, module.replaced))
+    elif isinstance(module, FUSABLE):
+        report.fused.append((shown, f"{type(module).__name__} on backend {module.backend!r}"))
+    elif isinstance(module, nn.MultiheadAttention) or "attention" in type(module).__name__.lower():
+        report.not_replaced.append((shown, f"{type(module).__name__}: only fastdiff.nn.AttentionBlock and "
+                                           "diffusers Attention are fused"))
+    for child_name, child in module.named_children():
+        _describe(_join(name, child_name), child, adapter, report)
+
+
+def _adapter_for(model: nn.Module):
+    """The diffusers adapter when `model` contains diffusers modules, else None (diffusers is
+    imported only then)."""
+    if any(type(m).__module__.startswith("diffusers.") for m in model.modules()):
+        from fastdiff import optimize_diffusers
+
+        return optimize_diffusers
+    return None
 
 
 def optimize(model: nn.Module, backend: str = "auto", *, inplace: bool = True, verbose: bool = False) -> nn.Module:
@@ -114,12 +159,12 @@ def optimize(model: nn.Module, backend: str = "auto", *, inplace: bool = True, v
         raise TypeError(f"backend: expected a backend name (auto, cuda, triton, cpu, reference), got {backend!r}")
     if not inplace:
         model = copy.deepcopy(model)
+    adapter = _adapter_for(model)
+    if adapter is None or not adapter.transform(None, "", model, backend):
+        _swap(model, "", backend, adapter)
+    set_backend(model, backend)
     report = OptimizeReport()
-    _swap(model, "", backend, report)
-    for name, m in model.named_modules():
-        if isinstance(m, FUSABLE) and m.backend != backend:
-            m.backend = backend
-            report.fused.append(f"{name or '(root)'} ({type(m).__name__})")
+    _describe("", model, adapter, report)
     setattr(model, _REPORT_ATTR, report)
     if verbose:
         print(report)
