@@ -21,9 +21,10 @@ from __future__ import annotations
 import sys
 from typing import Callable, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 
-from fastdiff.grid import Grid, make_grid
+from fastdiff.grid import Grid, explicit_grid, make_grid
 from fastdiff.graphs import CUDA_GRAPH_MODES, sample_graphed
 from fastdiff._names import did_you_mean
 from fastdiff.guidance import ModelCaller, check_guidance_scale, state_layout
@@ -45,9 +46,15 @@ class Sampler:
     Args:
         solver: one of `fastdiff.SOLVERS` ("ddpm", "ddim", "dpmpp_1m", "dpmpp_2m", "dpmpp_3m",
             "dpmpp_2m_sde", "euler", "euler_ancestral", "flow_euler", "flow_sde", "consistency").
-        steps: number of model evaluations (>= 1; at most the schedule's training timesteps).
+        steps: number of model evaluations (>= 1; at most the schedule's training timesteps);
+            default 20, or the length of an explicit grid.
         schedule: "linear", "scaled_linear", "cosine", "flow", or a VPSchedule/FlowSchedule.
-        spacing: "leading", "trailing", "linspace", "karras" or "logsnr" (see `fastdiff.grid`).
+        spacing: "leading", "trailing" (default), "linspace", "karras" or "logsnr" (see
+            `fastdiff.grid`).
+        sigmas, timesteps: an explicit grid instead of a spacing (`fastdiff.grid.explicit_grid`):
+            `sigmas` the N + 1 noise levels (sigma/alpha for VP schedules, t for flow; diffusers'
+            convention), `timesteps` the N model times (alone: the grid ends at tau_min, with
+            `final`). `Sampler.from_scheduler` builds these from a diffusers scheduler.
         prediction: what the model outputs: "epsilon", "v", "sample" (x0) or "flow" (velocity
             noise - x0 of rectified flow; needs a flow schedule).
         model_time: how the model takes time: "timestep" (diffusers: 0..T-1, or 1000*t for
@@ -55,8 +62,9 @@ class Sampler:
         final: "zero" (last step jumps to the clean sample) or "min" (stop at the smallest
             training noise level; no first-order jump).
         eta: noise fraction for "ddim" (default 0), "euler_ancestral" and "flow_sde" (default 1).
-        lower_order_final: DPM-Solver++: cap the order at N - i near the end (steadier at few
-            steps). A step to sigma = 0 is always first order.
+        lower_order_final: DPM-Solver++: True caps the order at N - i near the end (steadier at
+            few steps), "last" makes only the last step first order, False neither. A step to
+            sigma = 0 (or of size zero) is always first order.
         variance: "ddpm" posterior variance, "small" (beta tilde, the default) or "large" (beta);
             only for "ddpm".
         clamp: if set, the data prediction x0 is clamped to [-clamp, clamp] (and eps recomputed
@@ -69,16 +77,20 @@ class Sampler:
             error if it cannot run), "auto" takes the first of cuda -> triton -> cpu that can
             run the inputs, else the op's plain-PyTorch implementation (`fastdiff.info()`
             says which).
+        boundary_scaling: "consistency" only: the latent-consistency boundary condition
+            c_skip(t) x + c_out(t) x0 with this timestep scaling (LCM: 10); None: plain x0.
         zero_terminal_snr, shift, steps_offset, rho, sigma_min, sigma_max: schedule and
             spacing options (see `fastdiff.schedules` and `fastdiff.grid`).
     """
 
-    def __init__(self, solver: str = "dpmpp_2m", steps: int = 20, schedule="linear", spacing: str = "trailing",
+    def __init__(self, solver: str = "dpmpp_2m", steps: Optional[int] = None, schedule="linear",
+                 spacing: Optional[str] = None,
                  prediction: str = "epsilon", model_time: str = "timestep", final: str = "zero",
                  eta: Optional[float] = None, lower_order_final: bool = True, variance: Optional[str] = None,
                  clamp: Optional[float] = None, round_timesteps: bool = False, backend: str = "auto",
                  zero_terminal_snr: bool = False, shift: float = 1.0, steps_offset: int = 0, rho: float = 7.0,
-                 sigma_min: Optional[float] = None, sigma_max: Optional[float] = None):
+                 sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, sigmas=None, timesteps=None,
+                 boundary_scaling: Optional[float] = None):
         for name, value, choices in (("solver", solver, sorted(SOLVERS)), ("prediction", prediction, list(PREDICTIONS)),
                                      ("model_time", model_time, sorted(MODEL_TIMES)), ("backend", backend, BACKENDS)):
             if value not in choices:
@@ -94,14 +106,39 @@ class Sampler:
             raise ValueError(f"variance: expected 'small' or 'large', got {variance!r}")
         if clamp is not None and (isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not clamp > 0):
             raise ValueError(f"clamp: expected a positive bound or None, got {clamp!r}")
+        if not (isinstance(lower_order_final, bool) or lower_order_final == "last"):
+            raise ValueError(f"lower_order_final: expected True, False or 'last', got {lower_order_final!r}")
+        if boundary_scaling is not None:
+            if solver != "consistency":
+                raise ValueError(f"boundary_scaling: only 'consistency' takes it, not {solver!r}")
+            if isinstance(boundary_scaling, bool) or not isinstance(boundary_scaling, (int, float)) or not (
+                    boundary_scaling > 0 and np.isfinite(boundary_scaling)):
+                raise ValueError(f"boundary_scaling: expected a finite number > 0, got {boundary_scaling!r}")
+            if clamp is not None:
+                raise ValueError("clamp: the fused step clamps the data prediction after the consistency boundary "
+                                 "mix, where LCM clamps before it; boundary_scaling and clamp cannot be combined")
         self.schedule: Schedule = get_schedule(schedule, zero_terminal_snr=zero_terminal_snr, shift=shift)
         if (solver in _FLOW_SOLVERS or prediction == "flow") and self.schedule.kind != "flow":
             what = "solver" if solver in _FLOW_SOLVERS else "prediction"
             raise ValueError(f"{what}: {solver if what == 'solver' else prediction!r} needs a flow schedule "
                              f"(schedule='flow'), got {self.schedule!r}")
-        self.grid: Grid = make_grid(self.schedule, spacing, steps, final=final, model_time=model_time,
-                                    round_timesteps=round_timesteps, steps_offset=steps_offset, rho=rho,
-                                    sigma_min=sigma_min, sigma_max=sigma_max)
+        if sigmas is None and timesteps is None:
+            steps, spacing = 20 if steps is None else steps, "trailing" if spacing is None else spacing
+            self.grid: Grid = make_grid(self.schedule, spacing, steps, final=final, model_time=model_time,
+                                        round_timesteps=round_timesteps, steps_offset=steps_offset, rho=rho,
+                                        sigma_min=sigma_min, sigma_max=sigma_max)
+        else:
+            for name, value, default in (("spacing", spacing, None), ("round_timesteps", round_timesteps, False),
+                                         ("steps_offset", steps_offset, 0), ("rho", rho, 7.0),
+                                         ("sigma_min", sigma_min, None), ("sigma_max", sigma_max, None)):
+                if value != default:
+                    raise ValueError(f"{name}: belongs to a spacing; an explicit grid (sigmas=/timesteps=) takes "
+                                     "none")
+            self.grid = explicit_grid(self.schedule, sigmas=sigmas, timesteps=timesteps, final=final,
+                                      model_time=model_time)
+            if steps is not None and steps != self.grid.steps:
+                raise ValueError(f"steps: {steps} differs from the explicit grid's {self.grid.steps} steps")
+            steps = self.grid.steps
         model_alpha = self.grid.alpha[:-1]
         if prediction == "epsilon" and (model_alpha == 0).any():
             raise ValueError("prediction: an 'epsilon' model carries no information about x0 at zero SNR "
@@ -115,15 +152,29 @@ class Sampler:
                             final=final, eta=eta, lower_order_final=lower_order_final, variance=variance, clamp=clamp,
                             round_timesteps=round_timesteps, backend=backend, zero_terminal_snr=zero_terminal_snr,
                             shift=shift, steps_offset=steps_offset, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max,
+                            boundary_scaling=boundary_scaling,
                             schedule=schedule if isinstance(schedule, str) else repr(schedule))
         cls, fixed = SOLVERS[solver]
         self._solver_args = dict(fixed, eta=eta, lower_order_final=lower_order_final, variance=variance,
                                  clamp=clamp)
+        if boundary_scaling is not None:
+            self._solver_args["boundary_scaling"] = boundary_scaling
         self._solver_cls = cls
         self.clamp = clamp
         self._times = {}
         self.table: SolverTable = build_table(solver, self.grid, prediction, eta=eta,
-                                              lower_order_final=lower_order_final, variance=variance)
+                                              lower_order_final=lower_order_final, variance=variance,
+                                              boundary_scaling=boundary_scaling)
+
+    @classmethod
+    def from_scheduler(cls, scheduler, steps: Optional[int] = None, **overrides) -> "Sampler":
+        """The plan a diffusers scheduler describes: the same model times and noise levels as its
+        `set_timesteps(steps)`, the same update (see `fastdiff.diffusers_compat` for the mapping
+        and where fastdiff differs on purpose). `scheduler`: a scheduler instance or its config
+        dict (with "_class_name"; no diffusers import needed). `overrides`: Sampler options
+        replacing the mapped ones (backend=, eta= for DDIM, ...)."""
+        from fastdiff.diffusers_compat import sampler_options
+        return cls(**{**sampler_options(scheduler, steps), **overrides})
 
     @property
     def steps(self) -> int:
