@@ -246,3 +246,72 @@ def make_grid(schedule: Schedule, spacing: str, steps: int, *, final: str = "zer
         alpha, sigma = alpha.copy(), sigma.copy()
         alpha[-1], sigma[-1] = 1.0, 0.0
     return Grid(tau=tau, alpha=alpha, sigma=sigma, model_time=schedule.model_time(tau[:-1], model_time))
+
+
+def explicit_grid(schedule: Schedule, *, sigmas=None, timesteps=None, final: str = "zero",
+                  model_time: str = "timestep") -> Grid:
+    """A grid given point by point (diffusers' `sigmas=` / `timesteps=`, `Sampler.from_scheduler`).
+
+    * `sigmas`: the N + 1 decreasing noise levels in diffusers' convention -- sigma/alpha for VP
+      schedules, t for flow schedules; the last may be 0 (the clean end). alpha and sigma are
+      computed from them exactly; `timesteps` (N values) are then what the model is called
+      with, which may differ from the model time of the level (diffusers rounds Karras
+      timesteps), default: the schedule's model time at each level.
+    * `timesteps` alone: the N model times; the grid ends at tau_min, moved to the clean limit
+      with `final="zero"`.
+
+    Only the last step may have size zero (diffusers' Karras sigmas with final sigma_min evaluate
+    the model at sigma_min and then step to sigma_min): every solver takes it as the identity.
+    """
+    if final not in FINALS:
+        raise ValueError(f"final: expected one of {list(FINALS)}, got {final!r}")
+    if sigmas is None and timesteps is None:
+        raise ValueError("sigmas/timesteps: an explicit grid needs sigmas= or timesteps=")
+    times = None if timesteps is None else _explicit_values("timesteps", timesteps, 1)
+    if sigmas is None:
+        tau = np.append(schedule.time_to_tau(times, model_time), schedule.tau_min)
+        _check_decreasing("timesteps", tau)
+        alpha, sigma = schedule.alpha_sigma(tau)
+        if final == "zero":
+            alpha, sigma = alpha.copy(), sigma.copy()
+            alpha[-1], sigma[-1] = 1.0, 0.0
+        return Grid(tau=tau, alpha=alpha, sigma=sigma, model_time=times)
+    if final != "zero":
+        raise ValueError("final: with sigmas= the last sigma is the end point itself (0 for the clean end)")
+    levels = _explicit_values("sigmas", sigmas, 2)
+    if np.any(levels < 0) or not np.all(np.isfinite(levels[1:])):
+        raise ValueError("sigmas: expected finite values >= 0 (only the first may be inf: zero SNR)")
+    if times is not None and len(times) != len(levels) - 1:
+        raise ValueError(f"timesteps: expected {len(levels) - 1} model times (one per sigma but the last), "
+                         f"got {len(times)}")
+    if schedule.kind == "flow":
+        if levels[0] > 1:
+            raise ValueError(f"sigmas: flow sigmas are times t in [0, 1], got {levels[0]:g}")
+        tau, alpha, sigma = levels, 1.0 - levels, levels.copy()
+    else:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            alpha = np.where(np.isinf(levels), 0.0, 1.0 / np.sqrt(1.0 + levels * levels))
+            sigma = np.where(np.isinf(levels), 1.0, levels * alpha)
+        tau = schedule.tau_from_karras_sigma(levels)
+    _check_decreasing("sigmas", sigma)
+    if times is None:
+        times = schedule.model_time(tau[:-1], model_time)
+    return Grid(tau=tau, alpha=alpha, sigma=sigma, model_time=times)
+
+
+def _explicit_values(name: str, values, least: int) -> np.ndarray:
+    try:
+        arr = np.asarray(values.cpu() if hasattr(values, "cpu") else values, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}: expected a 1-D sequence of numbers, got {type(values).__name__}") from e
+    if arr.ndim != 1 or arr.size < least or np.isnan(arr).any():
+        raise ValueError(f"{name}: expected a 1-D sequence of at least {least} numbers, got shape {arr.shape}")
+    return arr
+
+
+def _check_decreasing(name: str, values: np.ndarray) -> None:
+    steps = np.diff(values)
+    if np.any(steps[:-1] >= 0) or steps[-1] > 0:
+        i = int(np.flatnonzero(np.append(steps[:-1] >= 0, steps[-1] > 0))[0]) + 1
+        raise ValueError(f"{name}: expected decreasing noise levels (only the last step may have size zero); "
+                         f"point {i} does not decrease")

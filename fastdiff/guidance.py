@@ -41,6 +41,22 @@ def check_guidance_scale(w) -> float:
     return float(w)
 
 
+def model_output_tensor(out) -> torch.Tensor:
+    """The tensor of a model's output: the tensor itself, the `.sample` of an output object
+    (diffusers' UNet2DOutput, Transformer2DModelOutput, ...) or the first element of a tuple/list
+    (diffusers' return_dict=False)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    sample = getattr(out, "sample", None)
+    if isinstance(sample, torch.Tensor):
+        return sample
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"model: returned {type(out).__module__}.{type(out).__qualname__}; expected a tensor, an "
+                    "object with a .sample tensor (diffusers' model outputs) or a tuple/list whose first element "
+                    "is the tensor")
+
+
 class ModelCaller:
     def __init__(self, model: Callable, x: torch.Tensor, guidance_scale: float, cond: Optional[Mapping],
                  uncond: Optional[Mapping], cfg: str, model_dtype: Optional[torch.dtype], combine: bool):
@@ -101,7 +117,7 @@ class ModelCaller:
         version = x._version if guard and not x.is_inference() else None
         if guard and version is None:
             arg = x.clone()  # inference tensors have no version counter: pay the copy instead
-        out = self.model(arg, t, **kwargs)
+        out = model_output_tensor(self.model(arg, t, **kwargs))
         if version is not None and x._version != version:
             raise RuntimeError("model: modified its input x in place; fastdiff passes the solver state itself "
                                "(no copy), so the model must not write into it (use out-of-place ops, or "

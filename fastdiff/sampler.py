@@ -22,9 +22,10 @@ import math
 import sys
 from typing import Callable, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 
-from fastdiff.grid import Grid, TwoStage, make_grid
+from fastdiff.grid import Grid, TwoStage, explicit_grid, make_grid
 from fastdiff.graphs import CUDA_GRAPH_MODES, sample_graphed
 from fastdiff._names import did_you_mean
 from fastdiff.guidance import ModelCaller, check_guidance_scale, state_layout
@@ -48,12 +49,16 @@ class Sampler:
         solver: one of `fastdiff.SOLVERS` ("ddpm", "ddim", "dpmpp_1m", "dpmpp_2m", "dpmpp_3m",
             "dpmpp_2m_sde", "euler", "euler_ancestral", "heun", "flow_euler", "flow_sde", "consistency",
             "unipc").
-        steps: number of grid steps (>= 1; at most the schedule's training timesteps). Every solver
-            calls the model once per step but "heun", which takes 2N - 1 calls (2N with
-            final="min"): `model_calls` says how many.
+        steps: number of grid steps (>= 1; at most the schedule's training timesteps); default 20,
+            or the length of an explicit grid. Every solver calls the model once per step but
+            "heun", which takes 2N - 1 calls (2N with final="min"): `model_calls` says how many.
         schedule: "linear", "scaled_linear", "cosine", "flow", or a VPSchedule/FlowSchedule.
-        spacing: "leading", "trailing", "linspace", "karras" or "logsnr", or a coarse-to-fine
-            `fastdiff.TwoStage(coarse, split_sigma, ...)` (see `fastdiff.grid`).
+        spacing: "leading", "trailing" (default), "linspace", "karras" or "logsnr", or a
+            coarse-to-fine `fastdiff.TwoStage(coarse, split_sigma, ...)` (see `fastdiff.grid`).
+        sigmas, timesteps: an explicit grid instead of a spacing (`fastdiff.grid.explicit_grid`):
+            `sigmas` the N + 1 noise levels (sigma/alpha for VP schedules, t for flow; diffusers'
+            convention), `timesteps` the N model times (alone: the grid ends at tau_min, with
+            `final`). `Sampler.from_scheduler` builds these from a diffusers scheduler.
         prediction: what the model outputs: "epsilon", "v", "sample" (x0) or "flow" (velocity
             noise - x0 of rectified flow; needs a flow schedule).
         model_time: how the model takes time: "timestep" (diffusers: 0..T-1, or 1000*t for
@@ -61,8 +66,9 @@ class Sampler:
         final: "zero" (last step jumps to the clean sample) or "min" (stop at the smallest
             training noise level; no first-order jump).
         eta: noise fraction for "ddim" (default 0), "euler_ancestral" and "flow_sde" (default 1).
-        lower_order_final: DPM-Solver++ and UniPC: cap the order at N - i near the end (steadier
-            at few steps). A step to sigma = 0 is always first order.
+        lower_order_final: DPM-Solver++ and UniPC: True caps the order at N - i near the end
+            (steadier at few steps), False does not; "last" (DPM-Solver++ only) makes only the last
+            step first order. A step to sigma = 0 (or of size zero) is always first order.
         order, variant, corrector: "unipc" only (UniPC, Zhao et al. 2023, data prediction):
             order 1-3 (default 2), variant "bh1" (B(h) = h) or "bh2" (B(h) = e^h - 1, the
             default), corrector (default True; False runs the predictor UniP alone). UniP-p
@@ -80,6 +86,8 @@ class Sampler:
             error if it cannot run), "auto" takes the first of cuda -> triton -> cpu that can
             run the inputs, else the op's plain-PyTorch implementation (`fastdiff.info()`
             says which).
+        boundary_scaling: "consistency" only: the latent-consistency boundary condition
+            c_skip(t) x + c_out(t) x0 with this timestep scaling (LCM: 10); None: plain x0.
         zero_terminal_snr, shift, steps_offset, rho, sigma_min, sigma_max: schedule and
             spacing options (see `fastdiff.schedules` and `fastdiff.grid`).
         s_churn, s_tmin, s_tmax, s_noise: "heun" only: EDM's stochastic churn (Karras et al.
@@ -90,12 +98,14 @@ class Sampler:
             (the default) is the deterministic Heun sampler.
     """
 
-    def __init__(self, solver: str = "dpmpp_2m", steps: int = 20, schedule="linear", spacing: str = "trailing",
+    def __init__(self, solver: str = "dpmpp_2m", steps: Optional[int] = None, schedule="linear",
+                 spacing: Optional[str] = None,
                  prediction: str = "epsilon", model_time: str = "timestep", final: str = "zero",
                  eta: Optional[float] = None, lower_order_final: bool = True, variance: Optional[str] = None,
                  clamp: Optional[float] = None, round_timesteps: bool = False, backend: str = "auto",
                  zero_terminal_snr: bool = False, shift: float = 1.0, steps_offset: int = 0, rho: float = 7.0,
-                 sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, order: Optional[int] = None,
+                 sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, sigmas=None, timesteps=None,
+                 boundary_scaling: Optional[float] = None, order: Optional[int] = None,
                  variant: Optional[str] = None, corrector: Optional[bool] = None,
                  s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0):
         for name, value, choices in (("solver", solver, sorted(SOLVERS)), ("prediction", prediction, list(PREDICTIONS)),
@@ -114,14 +124,41 @@ class Sampler:
         unipc = _unipc_options(solver, order, variant, corrector)
         if clamp is not None and (isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not clamp > 0):
             raise ValueError(f"clamp: expected a positive bound or None, got {clamp!r}")
+        if not (isinstance(lower_order_final, bool) or lower_order_final == "last"):
+            raise ValueError(f"lower_order_final: expected True, False or 'last', got {lower_order_final!r}")
+        if lower_order_final == "last" and not solver.startswith("dpmpp_"):
+            raise ValueError(f"lower_order_final: 'last' is for the dpmpp_* solvers, not {solver!r}")
+        if boundary_scaling is not None:
+            if solver != "consistency":
+                raise ValueError(f"boundary_scaling: only 'consistency' takes it, not {solver!r}")
+            if isinstance(boundary_scaling, bool) or not isinstance(boundary_scaling, (int, float)) or not (
+                    boundary_scaling > 0 and np.isfinite(boundary_scaling)):
+                raise ValueError(f"boundary_scaling: expected a finite number > 0, got {boundary_scaling!r}")
+            if clamp is not None:
+                raise ValueError("clamp: the fused step clamps the data prediction after the consistency boundary "
+                                 "mix, where LCM clamps before it; boundary_scaling and clamp cannot be combined")
         self.schedule: Schedule = get_schedule(schedule, zero_terminal_snr=zero_terminal_snr, shift=shift)
         if (solver in _FLOW_SOLVERS or prediction == "flow") and self.schedule.kind != "flow":
             what = "solver" if solver in _FLOW_SOLVERS else "prediction"
             raise ValueError(f"{what}: {solver if what == 'solver' else prediction!r} needs a flow schedule "
                              f"(schedule='flow'), got {self.schedule!r}")
-        self.grid: Grid = make_grid(self.schedule, spacing, steps, final=final, model_time=model_time,
-                                    round_timesteps=round_timesteps, steps_offset=steps_offset, rho=rho,
-                                    sigma_min=sigma_min, sigma_max=sigma_max)
+        if sigmas is None and timesteps is None:
+            steps, spacing = 20 if steps is None else steps, "trailing" if spacing is None else spacing
+            self.grid: Grid = make_grid(self.schedule, spacing, steps, final=final, model_time=model_time,
+                                        round_timesteps=round_timesteps, steps_offset=steps_offset, rho=rho,
+                                        sigma_min=sigma_min, sigma_max=sigma_max)
+        else:
+            for name, value, default in (("spacing", spacing, None), ("round_timesteps", round_timesteps, False),
+                                         ("steps_offset", steps_offset, 0), ("rho", rho, 7.0),
+                                         ("sigma_min", sigma_min, None), ("sigma_max", sigma_max, None)):
+                if value != default:
+                    raise ValueError(f"{name}: belongs to a spacing; an explicit grid (sigmas=/timesteps=) takes "
+                                     "none")
+            self.grid = explicit_grid(self.schedule, sigmas=sigmas, timesteps=timesteps, final=final,
+                                      model_time=model_time)
+            if steps is not None and steps != self.grid.steps:
+                raise ValueError(f"steps: {steps} differs from the explicit grid's {self.grid.steps} steps")
+            steps = self.grid.steps
         model_alpha = self.grid.alpha[:-1]
         if prediction == "epsilon" and (model_alpha == 0).any():
             raise ValueError("prediction: an 'epsilon' model carries no information about x0 at zero SNR "
@@ -132,15 +169,19 @@ class Sampler:
                              "use dpmpp_*, ddim or flow_euler")
         self.solver, self.prediction, self.backend = solver, prediction, backend
         self.options = dict(solver=solver, steps=steps,
-                            spacing=spacing.as_dict() if isinstance(spacing, TwoStage) else spacing, prediction=prediction, model_time=model_time,
+                            spacing=spacing.as_dict() if isinstance(spacing, TwoStage) else spacing,
+                            prediction=prediction, model_time=model_time,
                             final=final, eta=eta, lower_order_final=lower_order_final, variance=variance, clamp=clamp,
                             round_timesteps=round_timesteps, backend=backend, zero_terminal_snr=zero_terminal_snr,
                             shift=shift, steps_offset=steps_offset, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max,
+                            boundary_scaling=boundary_scaling,
                             schedule=schedule if isinstance(schedule, str) else repr(schedule),
                             order=unipc.get("order"), variant=unipc.get("variant"), corrector=unipc.get("corrector"))
         cls, fixed = SOLVERS[solver]
         self._solver_args = dict(fixed, eta=eta, lower_order_final=lower_order_final, variance=variance,
                                  clamp=clamp, **unipc)
+        if boundary_scaling is not None:
+            self._solver_args["boundary_scaling"] = boundary_scaling
         self._solver_cls = cls
         self.clamp = clamp
         self._times = {}
@@ -152,7 +193,17 @@ class Sampler:
             self.table: SolverTable = heun_table(self.grid, self.schedule, model_time, prediction, churn)
         else:
             self.table = build_table(solver, self.grid, prediction, eta=eta, lower_order_final=lower_order_final,
-                                     variance=variance, **unipc)
+                                     variance=variance, boundary_scaling=boundary_scaling, **unipc)
+
+    @classmethod
+    def from_scheduler(cls, scheduler, steps: Optional[int] = None, **overrides) -> "Sampler":
+        """The plan a diffusers scheduler describes: the same model times and noise levels as its
+        `set_timesteps(steps)`, the same update (see `fastdiff.diffusers_compat` for the mapping
+        and where fastdiff differs on purpose). `scheduler`: a scheduler instance or its config
+        dict (with "_class_name"; no diffusers import needed). `overrides`: Sampler options
+        replacing the mapped ones (backend=, eta= for DDIM, ...)."""
+        from fastdiff.diffusers_compat import sampler_options
+        return cls(**{**sampler_options(scheduler, steps), **overrides})
 
     @property
     def steps(self) -> int:

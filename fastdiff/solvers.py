@@ -108,15 +108,28 @@ def _data_prediction(alpha: float, sigma: float, prediction: str):
     return 1.0, -sigma  # flow velocity: x0 = x - t v
 
 
-def _dpmpp_order(i: int, n: int, order: int, lower_order_final: bool, to_zero: bool) -> int:
+def _dpmpp_order(i: int, n: int, order: int, lower_order_final, first_order: bool) -> int:
+    """The multistep order of step i: warm-up min(order, i + 1); `lower_order_final` True caps it
+    at N - i (last step 1, the one before 2), "last" makes only the last step first order; a step
+    to sigma = 0 or of size zero (`first_order`) is first order (the corrections divide by h)."""
     k = min(order, i + 1)
-    if lower_order_final:
+    if lower_order_final is True:
         k = min(k, n - i)
-    return 1 if to_zero else k
+    elif lower_order_final == "last" and i == n - 1:
+        k = 1
+    return 1 if first_order else k
 
 
-def build_table(solver: str, grid: Grid, prediction: str, *, eta: float | None = None, lower_order_final: bool = True,
-                variance: str = "small", order: int = 2, variant: str = "bh2", corrector: bool = True) -> SolverTable:
+def lcm_boundary(time: float, scaling: float):
+    """(c_skip, c_out) of the latent-consistency boundary condition at model time t (Luo et al.
+    2023, sigma_data = 0.5): the consistency function is c_skip x + c_out x0."""
+    u, s2 = time * scaling, 0.25
+    return s2 / (u * u + s2), u / math.sqrt(u * u + s2)
+
+
+def build_table(solver: str, grid: Grid, prediction: str, *, eta: float | None = None, lower_order_final=True,
+                variance: str = "small", boundary_scaling: float | None = None, order: int = 2, variant: str = "bh2",
+                corrector: bool = True) -> SolverTable:
     """The coefficient table of `solver` on `grid` (arguments as in `fastdiff.Sampler`;
     order, variant and corrector are UniPC's)."""
     if solver == "unipc":
@@ -146,7 +159,7 @@ def build_table(solver: str, grid: Grid, prediction: str, *, eta: float | None =
             c = 0.0 if i == n - 1 else math.sqrt(var)
         elif solver in ("dpmpp_1m", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde"):
             h = lam[i + 1] - lam[i]
-            k = _dpmpp_order(i, n, order, lower_order_final, s_s == 0)
+            k = _dpmpp_order(i, n, order, lower_order_final, s_s == 0 or h == 0)
             if solver == "dpmpp_2m_sde":
                 em2h = -np.expm1(-2.0 * h)  # 1 - e^{-2h}
                 a = s_s / s_t * math.exp(-h)
@@ -183,6 +196,9 @@ def build_table(solver: str, grid: Grid, prediction: str, *, eta: float | None =
             a, b0, c = keep / s_t, a_s - keep * a_t / s_t, e * s_s
         elif solver == "consistency":
             b0, c = a_s, s_s
+            if boundary_scaling is not None:  # D = c_skip x + c_out (p x + q m)
+                c_skip, c_out = lcm_boundary(float(grid.model_time[i]), boundary_scaling)
+                p, q = c_out * p + c_skip, c_out * q
         else:
             raise ValueError(f"solver: no coefficient table for {solver!r}")
         coef[i] = (p, q, a, b0, b1, b2, 0.0, c)

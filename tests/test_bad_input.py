@@ -140,7 +140,10 @@ MODEL_ROWS = [
     ("output-float64", lambda x, t: x.double(), TypeError, "model: returned torch.float64"),
     ("output-int", lambda x, t: x.long(), TypeError, "model: returned torch.int64"),
     ("output-shape", lambda x, t: x[:1], ValueError, "model: expected an output of shape"),
-    ("output-object", lambda x, t: {"sample": x}, ValueError, "model: expected an output"),
+    ("output-dict", lambda x, t: {"sample": x}, TypeError, "model: returned builtins.dict; expected a tensor"),
+    ("output-empty-tuple", lambda x, t: (), TypeError, "model: returned builtins.tuple; expected a tensor"),
+    ("output-tuple-of-list", lambda x, t: ([x],), TypeError, "model: returned builtins.tuple; expected a tensor"),
+    ("output-sample-shape", lambda x, t: (x[:1],), ValueError, "model: expected an output of shape"),
     ("mutates-input", lambda x, t: x.mul_(0), RuntimeError, "model: modified its input x in place"),
 ]
 

@@ -202,3 +202,50 @@ def test_two_stage_bad_input(bad, match):
 def test_two_stage_rejects_bad_fields(args, match):
     with pytest.raises(ValueError, match=match):
         TwoStage(*args)
+def test_explicit_grids_from_sigmas_or_timesteps():
+    s = VPSchedule.linear()
+    ks = np.array([10.0, 2.0, 0.5, 0.1, 0.0])
+    g = fastdiff.Sampler(solver="dpmpp_2m", sigmas=ks, timesteps=[900, 500, 200, 30]).grid
+    np.testing.assert_allclose(g.karras_sigma[:-1], ks[:-1], rtol=1e-14)
+    np.testing.assert_allclose(g.alpha**2 + g.sigma**2, 1.0, rtol=1e-14)
+    np.testing.assert_array_equal(g.model_time, [900, 500, 200, 30])
+    assert g.ends_clean and g.steps == 4
+    # without timesteps: the schedule's model time at each level
+    g = fastdiff.Sampler(sigmas=ks).grid
+    np.testing.assert_allclose(s.model_time(g.tau[:-1], "karras_sigma"), ks[:-1], rtol=1e-9)
+    # timesteps alone end at tau_min, clean with final="zero", at tau_min with "min"
+    g = fastdiff.Sampler(solver="ddim", timesteps=[999, 500, 10], final="min").grid
+    np.testing.assert_array_equal(g.tau, [999, 500, 10, 0])
+    # flow: sigmas are times t
+    g = fastdiff.Sampler(solver="flow_euler", schedule="flow", prediction="flow", sigmas=[1.0, 0.6, 0.2, 0.0]).grid
+    np.testing.assert_allclose(g.sigma, [1.0, 0.6, 0.2, 0.0])
+    np.testing.assert_allclose(g.model_time, [1000.0, 600.0, 200.0])
+
+
+@pytest.mark.parametrize("kw, pattern", [
+    (dict(sigmas=[5.0, 6.0, 0.0]), "sigmas: expected decreasing"),
+    (dict(sigmas=[5.0, 1.0, 1.0, 0.0]), "sigmas: expected decreasing"),
+    (dict(sigmas=[5.0, -1.0]), "sigmas: expected finite values >= 0"),
+    (dict(sigmas=[5.0]), "sigmas: expected a 1-D sequence of at least 2"),
+    (dict(sigmas=[5.0, 1.0, 0.0], timesteps=[900]), "timesteps: expected 2 model times"),
+    (dict(sigmas=[5.0, 1.0, 0.0], spacing="karras"), "spacing: belongs to a spacing"),
+    (dict(sigmas=[5.0, 1.0, 0.0], steps=4), "steps: 4 differs from the explicit grid's 2"),
+    (dict(sigmas=[5.0, 1.0, 0.0], final="min"), "final: with sigmas="),
+    (dict(timesteps=[10, 500]), "timesteps: expected decreasing"),
+    (dict(lower_order_final=1), "lower_order_final: expected True, False or 'last'"),
+    (dict(boundary_scaling=10.0), "boundary_scaling: only 'consistency'"),
+    (dict(solver="consistency", boundary_scaling=10.0, clamp=1.0), "clamp: "),
+])
+def test_explicit_grid_and_option_errors(kw, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        fastdiff.Sampler(**kw)
+
+
+def test_a_zero_size_last_step_is_the_identity_for_every_multistep_order():
+    """diffusers' Karras + final sigma_min grids end with a step of size zero: first order there."""
+    ks = [8.0, 3.0, 1.0, 0.3, 0.1, 0.1]
+    for solver in ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde"):
+        for lof in (True, False, "last"):
+            t = fastdiff.Sampler(solver=solver, sigmas=ks, lower_order_final=lof).table
+            p, q, a, b0, b1, b2, b3, c = t.coef[-1]
+            assert (a, b0, b1, b2, c) == (1.0, 0.0, 0.0, 0.0, 0.0), (solver, lof)

@@ -131,14 +131,18 @@ class DDIM(ReferenceSolver):
 
 class DPMSolverPP(ReferenceSolver):
     """DPM-Solver++ multistep (Lu et al. 2022), data prediction, orders 1-3. The order at step
-    i is min(order, i + 1), and with `lower_order_final` also <= N - i; a step to sigma = 0 is
-    always first order (the higher-order corrections divide by r = h_prev / h = 0 there)."""
+    i is min(order, i + 1), and with `lower_order_final` True also <= N - i ("last": only the
+    last step first order); a step to sigma = 0 or of size zero is always first order (the
+    higher-order corrections divide by r = h_prev / h, 0 or infinite there)."""
 
     def step_order(self, i):
         order = min(self.order, i + 1)
-        if self.lower_order_final:
+        last = i == self.grid.steps - 1
+        if self.lower_order_final is True:
             order = min(order, self.grid.steps - i)
-        if self.s[i + 1] == 0:
+        elif self.lower_order_final == "last" and last:
+            order = 1
+        if self.s[i + 1] == 0 or self.lam[i + 1] == self.lam[i]:  # to sigma = 0, or a step of size zero
             order = 1
         return order
 
@@ -269,9 +273,23 @@ class FlowSDE(ReferenceSolver):
 
 class Consistency(ReferenceSolver):
     """Consistency-model multistep sampling (Song et al. 2023, Alg. 1): jump to the data
-    estimate, then re-noise to the next grid point: x_s = alpha_s x0 + sigma_s z."""
+    estimate, then re-noise to the next grid point: x_s = alpha_s x0 + sigma_s z. With
+    `boundary_scaling` s the estimate is the latent-consistency parametrisation
+    c_skip(t) x + c_out(t) x0, c_skip = 1/4 / ((s t)^2 + 1/4), c_out = s t / sqrt((s t)^2 + 1/4),
+    t the model time (Luo et al. 2023)."""
 
     stochastic = True
+
+    def __init__(self, grid, prediction, boundary_scaling=None, **kw):
+        super().__init__(grid, prediction, **kw)
+        self.boundary_scaling = boundary_scaling
+
+    def x0(self, i, x, m):
+        x0 = super().x0(i, x, m)
+        if self.boundary_scaling is None:
+            return x0
+        u = float(self.grid.model_time[i]) * self.boundary_scaling
+        return (u / math.sqrt(u * u + 0.25)) * x0 + (0.25 / (u * u + 0.25)) * x
 
     def noise_scale(self, i):
         return float(self.s[i + 1])

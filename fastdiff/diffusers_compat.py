@@ -1,0 +1,288 @@
+"""diffusers scheduler configs as fastdiff plans (`fastdiff.Sampler.from_scheduler`).
+
+Reads a scheduler instance's `.config` or the config dict itself (`_class_name` names the
+scheduler; missing keys take diffusers' defaults, tabulated here, so a dict needs no diffusers
+import). The plan is an explicit grid (`fastdiff.grid.explicit_grid`) holding exactly the model
+times and noise levels of the scheduler's `set_timesteps(steps)`, computed here in float64.
+
+Where fastdiff differs from diffusers on purpose:
+
+* DPMSolverMultistep solver_order=3 runs fastdiff's dpmpp_3m, which is third order; diffusers'
+  third-order update weights the second difference by half (measured order ~2.2, README).
+* A zero-size last step (use_karras_sigmas with final_sigmas_type="sigma_min": the model runs
+  at sigma_min, then steps to sigma_min) is the identity here; diffusers' third-order update
+  divides by that zero step and returns NaN at >= 15 steps.
+* DDIM steps to the next model time; diffusers steps to t - T // N, which is another time when
+  T is not a multiple of N with "trailing" / "linspace" spacing (then its next step starts
+  from a noise level other than the one the model is told). The last step ends at the final
+  alpha (set_alpha_to_one).
+* DDIM clip_sample: the noise estimate follows the clipped x0 (diffusers'
+  use_clipped_model_output=True); diffusers' default keeps the unclipped one.
+* DDPM adds no noise on its last step; diffusers adds beta-variance noise there when the last
+  timestep is > 0 (variance_type="fixed_large" with "trailing" spacing).
+* The Euler schedulers start from noise at the first model time's level; a pipeline scaling
+  the noise by diffusers' init_noise_sigma starts from sigma_max (linspace/trailing), ~0.2 % off.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+
+from fastdiff.schedules import FlowSchedule, VPSchedule
+
+def _merge(*parts, **kw) -> dict:
+    """Later keys win: a scheduler's own default replaces the shared one."""
+    return {k: v for part in (*parts, kw) for k, v in part.items()}
+
+
+_BETAS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+              trained_betas=None, prediction_type="epsilon", rescale_betas_zero_snr=False)
+_SPACED = _merge(_BETAS, timestep_spacing="linspace", steps_offset=0)
+_THRESHOLD = dict(thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0)
+_SIGMA_KINDS = dict(use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False)
+
+# diffusers 0.42 defaults of every key fastdiff reads (tests/test_diffusers_compat.py checks them)
+DEFAULTS = {
+    "DDIMScheduler": _merge(_SPACED, _THRESHOLD, clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=True,
+                          timestep_spacing="leading"),
+    "DDPMScheduler": _merge(_SPACED, _THRESHOLD, clip_sample=True, clip_sample_range=1.0, variance_type="fixed_small",
+                          timestep_spacing="leading"),
+    "DPMSolverMultistepScheduler": _merge(
+        _SPACED, _THRESHOLD, _SIGMA_KINDS, solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint",
+        lower_order_final=True, euler_at_final=False, use_lu_lambdas=False, use_flow_sigmas=False, flow_shift=1.0,
+        final_sigmas_type="zero", lambda_min_clipped=-math.inf, variance_type=None, use_dynamic_shifting=False,
+        time_shift_type="exponential"),
+    "EulerDiscreteScheduler": _merge(_SPACED, _SIGMA_KINDS, interpolation_type="linear", sigma_min=None,
+                                   sigma_max=None, timestep_type="discrete", final_sigmas_type="zero"),
+    "EulerAncestralDiscreteScheduler": dict(_SPACED),
+    "LCMScheduler": _merge(_SPACED, _THRESHOLD, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         original_inference_steps=50, clip_sample=False, clip_sample_range=1.0,
+                         set_alpha_to_one=True, timestep_spacing="leading", timestep_scaling=10.0),
+    "FlowMatchEulerDiscreteScheduler": _merge(
+        _SIGMA_KINDS, num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5,
+        max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096, invert_sigmas=False, shift_terminal=None,
+        time_shift_type="exponential", stochastic_sampling=False),
+}
+NOT_YET = {"UniPCMultistepScheduler": "unipc"}
+_PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v", "sample": "sample"}
+_IGNORED = ("_class_name", "_diffusers_version", "_use_default_values")
+
+
+def sampler_options(scheduler, steps) -> dict:
+    """`fastdiff.Sampler` keyword arguments for a diffusers scheduler (instance or config dict)."""
+    name, cfg = _read(scheduler)
+    if steps is None:
+        steps = getattr(scheduler, "num_inference_steps", None)
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps: expected an integer >= 1 (the scheduler's num_inference_steps), got {steps!r}")
+    return _MAPPERS[name](cfg, int(steps))
+
+
+def _read(scheduler):
+    if isinstance(scheduler, Mapping):
+        cfg = dict(scheduler)
+        name = cfg.get("_class_name")
+        if name is None:
+            raise ValueError("scheduler: a config dict needs its '_class_name' (as in scheduler_config.json)")
+    else:
+        cfg, name = getattr(scheduler, "config", None), type(scheduler).__name__
+        if not isinstance(cfg, Mapping):
+            raise TypeError(f"scheduler: expected a diffusers scheduler or its config dict, got {name}")
+        cfg = dict(cfg)
+    if name in NOT_YET:
+        raise ValueError(f"scheduler: {NOT_YET[name]}: not yet supported ({name})")
+    if name not in DEFAULTS:
+        raise ValueError(f"scheduler: {name} is not supported; expected one of {sorted(DEFAULTS)}")
+    unknown = sorted(set(cfg) - set(DEFAULTS[name]) - set(_IGNORED))
+    if unknown:
+        raise ValueError(f"{unknown[0]}: a {name} option fastdiff does not know (got {cfg[unknown[0]]!r})")
+    return name, {**DEFAULTS[name], **{k: v for k, v in cfg.items() if k not in _IGNORED}}
+
+
+def _require(cfg, name, *allowed):
+    if cfg[name] not in allowed:
+        raise ValueError(f"{name}: {cfg[name]!r} is not supported by fastdiff (supported: {list(allowed)})")
+
+
+def _schedule(cfg) -> VPSchedule:
+    """The VP schedule of the config's betas, in float64."""
+    if "thresholding" in cfg:
+        _require(cfg, "thresholding", False)
+    T = cfg["num_train_timesteps"]
+    if cfg["trained_betas"] is not None:
+        sched = VPSchedule.from_betas(np.asarray(cfg["trained_betas"], dtype=np.float64), name="trained")
+    else:
+        _require(cfg, "beta_schedule", "linear", "scaled_linear", "squaredcos_cap_v2")
+        kind = {"squaredcos_cap_v2": "cosine"}.get(cfg["beta_schedule"], cfg["beta_schedule"])
+        kw = {} if kind == "cosine" else dict(beta_start=cfg["beta_start"], beta_end=cfg["beta_end"])
+        sched = getattr(VPSchedule, kind)(num_train_timesteps=T, **kw)
+    return sched.rescale_zero_terminal_snr() if cfg["rescale_betas_zero_snr"] else sched
+
+
+def _prediction(cfg) -> str:
+    _require(cfg, "prediction_type", *_PREDICTIONS)
+    return _PREDICTIONS[cfg["prediction_type"]]
+
+
+def _spaced_timesteps(cfg, n: int, dpm: bool = False, rounded: bool = True) -> np.ndarray:
+    """set_timesteps' spacing (DPM-Solver spaces N + 1 points for linspace/leading; the Euler
+    schedulers keep linspace's fractional times)."""
+    T, spacing = cfg["num_train_timesteps"], cfg["timestep_spacing"]
+    _require(cfg, "timestep_spacing", "linspace", "leading", "trailing")
+    if n > T:
+        raise ValueError(f"steps: expected at most {T} (num_train_timesteps), got {n}")
+    if spacing == "trailing":
+        return np.round(np.arange(T, 0, -T / n)) - 1
+    m = n + 1 if dpm else n
+    if spacing == "linspace":
+        times = np.linspace(0, T - 1, m)[::-1][:n]
+        return np.round(times) if rounded else times
+    return np.round(np.arange(m) * (T // m))[::-1][:n] + cfg["steps_offset"]
+
+
+def _ve_sigmas(sched: VPSchedule) -> np.ndarray:
+    """sigma/alpha of every training timestep. As diffusers' Euler and DPM-Solver schedulers do,
+    a zero-SNR schedule's last alphas_cumprod counts as 2^-24 (a finite sigma of 4096)."""
+    ac = sched.alphas_cumprod.copy()
+    if ac[-1] == 0:
+        ac[-1] = 2.0**-24
+    return np.sqrt((1.0 - ac) / ac)
+
+
+def _sigma_to_t(sigma, table) -> np.ndarray:
+    """Model time of a noise level: linear in log sigma between training timesteps."""
+    return np.interp(np.log(np.maximum(sigma, 1e-10)), np.log(table), np.arange(len(table), dtype=np.float64))
+
+
+def _sigma_kind(cfg):
+    kinds = [k for k in _SIGMA_KINDS if cfg.get(k)]
+    if len(kinds) > 1:
+        raise ValueError(f"{kinds[1]}: only one of {list(_SIGMA_KINDS)} can be set")
+    return kinds[0] if kinds else None
+
+
+def _converted_sigmas(kind: str, lo: float, hi: float, n: int) -> np.ndarray:
+    """N noise levels from hi to lo: Karras (rho = 7), exponential, or beta(0.6, 0.6) quantiles."""
+    ramp = np.linspace(0.0, 1.0, n)
+    if kind == "use_karras_sigmas":
+        return (hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
+    if kind == "use_exponential_sigmas":
+        return np.exp(np.linspace(math.log(hi), math.log(lo), n))
+    try:
+        from scipy.stats import beta
+    except ImportError as e:
+        raise ValueError("use_beta_sigmas: needs scipy (beta distribution quantiles)") from e
+    return lo + beta.ppf(1.0 - ramp, 0.6, 0.6) * (hi - lo)
+
+
+def _final_sigma(cfg, table, sigmas) -> float:
+    """final_sigmas_type: 0, or the smallest training sigma; a Karras grid already ends there (up
+    to rounding): then the last step has size zero exactly."""
+    return min(table[0], sigmas[-1]) if cfg["final_sigmas_type"] == "sigma_min" else 0.0
+
+
+def _ddim(cfg, n):
+    sched = _schedule(cfg)
+    times = _spaced_timesteps(cfg, n)
+    clamp = float(cfg["clip_sample_range"]) if cfg["clip_sample"] else None
+    return dict(solver="ddim", schedule=sched, prediction=_prediction(cfg), timesteps=times, clamp=clamp,
+                final="zero" if cfg["set_alpha_to_one"] else "min")
+
+
+def _ddpm(cfg, n):
+    _require(cfg, "variance_type", "fixed_small", "fixed_small_log", "fixed_large")
+    sched = _schedule(cfg)
+    clamp = float(cfg["clip_sample_range"]) if cfg["clip_sample"] else None
+    return dict(solver="ddpm", schedule=sched, prediction=_prediction(cfg), timesteps=_spaced_timesteps(cfg, n),
+                clamp=clamp, variance="large" if cfg["variance_type"] == "fixed_large" else "small")
+
+
+def _dpm(cfg, n):
+    _require(cfg, "algorithm_type", "dpmsolver++", "sde-dpmsolver++")
+    _require(cfg, "solver_type", "midpoint")
+    for name in ("use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting"):
+        _require(cfg, name, False)
+    _require(cfg, "variance_type", None)
+    _require(cfg, "lambda_min_clipped", -math.inf)
+    _require(cfg, "final_sigmas_type", "zero", "sigma_min")
+    _require(cfg, "solver_order", 1, 2, 3)
+    sde = cfg["algorithm_type"] == "sde-dpmsolver++"
+    if sde and cfg["solver_order"] != 2:
+        raise ValueError(f"solver_order: sde-dpmsolver++ is supported with solver_order 2, got {cfg['solver_order']}")
+    sched = _schedule(cfg)
+    table = _ve_sigmas(sched)
+    kind = _sigma_kind(cfg)
+    if kind is None:
+        times = _spaced_timesteps(cfg, n, dpm=True)
+        sigmas = np.interp(times, np.arange(len(table), dtype=np.float64), table)
+    else:
+        sigmas = _converted_sigmas(kind, table[0], table[-1], n)
+        times = _sigma_to_t(sigmas, table)
+        if kind == "use_karras_sigmas" and cfg["beta_schedule"] != "squaredcos_cap_v2":
+            times = np.round(times)
+    times = np.trunc(times)  # diffusers' int64 timesteps
+    final = _final_sigma(cfg, table, sigmas)
+    # diffusers' lower_order_final acts below 15 steps only (last step first order, the one
+    # before at most second); euler_at_final makes the last step first order at any count
+    if cfg["lower_order_final"] and n < 15:
+        lof = True
+    else:
+        lof = "last" if cfg["euler_at_final"] else False
+    solver = "dpmpp_2m_sde" if sde else f"dpmpp_{cfg['solver_order']}m"
+    return dict(solver=solver, schedule=sched, prediction=_prediction(cfg), sigmas=np.append(sigmas, final),
+                timesteps=times, lower_order_final=lof)
+
+
+def _euler(cfg, n, ancestral=False):
+    if not ancestral:
+        _require(cfg, "interpolation_type", "linear")
+        _require(cfg, "timestep_type", "discrete")
+        _require(cfg, "final_sigmas_type", "zero", "sigma_min")
+    sched = _schedule(cfg)
+    table = _ve_sigmas(sched)
+    times = _spaced_timesteps(cfg, n, rounded=False)
+    sigmas = np.interp(times, np.arange(len(table), dtype=np.float64), table)
+    kind = None if ancestral else _sigma_kind(cfg)
+    if kind is not None:
+        lo = sigmas[-1] if cfg["sigma_min"] is None else float(cfg["sigma_min"])
+        hi = sigmas[0] if cfg["sigma_max"] is None else float(cfg["sigma_max"])
+        sigmas = _converted_sigmas(kind, lo, hi, n)
+        times = _sigma_to_t(sigmas, table)
+    final = 0.0 if ancestral else _final_sigma(cfg, table, sigmas)
+    return dict(solver="euler_ancestral" if ancestral else "euler", schedule=sched, prediction=_prediction(cfg),
+                sigmas=np.append(sigmas, final), timesteps=times.astype(np.float32))
+
+
+def _lcm(cfg, n):
+    if cfg["clip_sample"]:
+        raise ValueError("clip_sample: LCM clips x0 before its boundary mix; fastdiff's clamp acts after it "
+                         "(not supported with LCM)")
+    sched = _schedule(cfg)
+    T, orig = cfg["num_train_timesteps"], cfg["original_inference_steps"]
+    if not 1 <= n <= orig <= T:
+        raise ValueError(f"steps: LCM takes 1 <= steps <= original_inference_steps ({orig}) <= {T}, got {n}")
+    origin = (np.arange(1, orig + 1) * (T // orig) - 1)[::-1]
+    times = origin[np.floor(np.linspace(0, orig, n, endpoint=False)).astype(np.int64)].astype(np.float64)
+    return dict(solver="consistency", schedule=sched, prediction=_prediction(cfg), timesteps=times,
+                boundary_scaling=float(cfg["timestep_scaling"]))
+
+
+def _flow(cfg, n):
+    for name in ("use_dynamic_shifting", "invert_sigmas", *_SIGMA_KINDS):
+        _require(cfg, name, False)
+    _require(cfg, "shift_terminal", None)
+    T, shift = cfg["num_train_timesteps"], float(cfg["shift"])
+    sched = FlowSchedule(shift=shift, num_train_timesteps=T)
+    lo = sched.apply_shift(1.0 / T)  # diffusers' sigma_min: the shifted smallest training time ...
+    t = sched.apply_shift(np.linspace(1.0, float(lo), n))  # ... shifted once more with the grid
+    return dict(solver="flow_sde" if cfg["stochastic_sampling"] else "flow_euler", schedule=sched,
+                prediction="flow", sigmas=np.append(t, 0.0), timesteps=(t * T).astype(np.float32))
+
+
+_MAPPERS = {
+    "DDIMScheduler": _ddim, "DDPMScheduler": _ddpm, "DPMSolverMultistepScheduler": _dpm,
+    "EulerDiscreteScheduler": _euler, "EulerAncestralDiscreteScheduler": lambda c, n: _euler(c, n, ancestral=True),
+    "LCMScheduler": _lcm, "FlowMatchEulerDiscreteScheduler": _flow,
+}

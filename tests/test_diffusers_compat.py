@@ -1,0 +1,227 @@
+"""Sampler.from_scheduler: diffusers scheduler configs as fastdiff plans (fastdiff/diffusers_compat.py).
+
+Grids: the model times and noise levels equal those of diffusers' set_timesteps (diffusers computes
+its tables in float32, fastdiff in float64: levels agree to 5e-5 in alpha and sigma, integer model
+times exactly). Sampling: on the analytic Gaussian-mixture model, fastdiff's reference and fused
+(cpu) loops equal diffusers' own scheduler.step loop to float32 tolerance."""
+import inspect
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.diffusers_compat import DEFAULTS
+from fastdiff.testing import GaussianMixture
+
+diffusers = pytest.importorskip("diffusers")
+
+SL = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+# (scheduler, config, steps)
+CASES = [
+    ("DDIMScheduler", dict(clip_sample=False), 10),
+    ("DDIMScheduler", dict(clip_sample=False, steps_offset=1, set_alpha_to_one=False, **SL), 5),
+    ("DDIMScheduler", dict(clip_sample=False, timestep_spacing="trailing", prediction_type="v_prediction",
+                           rescale_betas_zero_snr=True), 4),
+    ("DDPMScheduler", dict(clip_sample=False), 5),
+    ("DDPMScheduler", dict(timestep_spacing="trailing", variance_type="fixed_small_log"), 4),
+    ("DDPMScheduler", dict(variance_type="fixed_large", clip_sample_range=1.5, beta_schedule="squaredcos_cap_v2"), 4),
+    ("DPMSolverMultistepScheduler", dict(), 7),
+    ("DPMSolverMultistepScheduler", dict(solver_order=1, timestep_spacing="leading", steps_offset=1, **SL), 6),
+    ("DPMSolverMultistepScheduler", dict(timestep_spacing="trailing", prediction_type="v_prediction",
+                                         rescale_betas_zero_snr=True), 6),
+    ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True, **SL), 8),
+    ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True, final_sigmas_type="sigma_min"), 6),
+    ("DPMSolverMultistepScheduler", dict(use_exponential_sigmas=True, prediction_type="sample"), 6),
+    ("DPMSolverMultistepScheduler", dict(use_beta_sigmas=True), 5),
+    ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True), 6),
+    ("DPMSolverMultistepScheduler", dict(final_sigmas_type="sigma_min", euler_at_final=True,
+                                         timestep_spacing="trailing"), 16),
+    ("DPMSolverMultistepScheduler", dict(lower_order_final=False, timestep_spacing="trailing"), 5),
+    ("EulerDiscreteScheduler", dict(**SL), 6),
+    ("EulerDiscreteScheduler", dict(timestep_spacing="trailing", prediction_type="v_prediction"), 5),
+    ("EulerDiscreteScheduler", dict(use_karras_sigmas=True, sigma_max=10.0), 6),
+    ("EulerAncestralDiscreteScheduler", dict(timestep_spacing="leading", steps_offset=1, **SL), 5),
+    ("EulerAncestralDiscreteScheduler", dict(timestep_spacing="trailing"), 4),
+    ("LCMScheduler", dict(), 4),
+    ("LCMScheduler", dict(original_inference_steps=20), 3),
+    ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0), 5),
+    ("FlowMatchEulerDiscreteScheduler", dict(stochastic_sampling=True), 4),
+]
+IDS = [f"{n.replace('Scheduler', '')}-{i}" for i, (n, _, _) in enumerate(CASES)]
+# diffusers casts these continuous model times to integers by truncation: a time its float32
+# arithmetic puts just below an integer lands one lower than fastdiff's float64 value
+TRUNCATED = ("use_exponential_sigmas", "use_beta_sigmas")
+
+
+def _scheduler(name, cfg):
+    return getattr(diffusers, name)(**cfg)
+
+
+def test_tabulated_defaults_are_diffusers_defaults():
+    for name, defaults in DEFAULTS.items():
+        params = inspect.signature(getattr(diffusers, name).__init__).parameters
+        assert {k: p.default for k, p in params.items() if k != "self"} == defaults, name
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_grid_equals_set_timesteps(case):
+    name, cfg, n = case
+    sch = _scheduler(name, cfg)
+    sch.set_timesteps(n)
+    for source in (sch, dict(sch.config, _class_name=name)):  # instance and plain config dict
+        g = fastdiff.Sampler.from_scheduler(source, n).grid
+        times = sch.timesteps.double().numpy()
+        if name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "FlowMatchEulerDiscreteScheduler"):
+            np.testing.assert_allclose(g.model_time, times, atol=1e-2)  # continuous times from float32 tables
+        elif any(cfg.get(k) for k in TRUNCATED):
+            assert np.abs(g.model_time - times).max() <= 1
+        else:
+            np.testing.assert_array_equal(g.model_time, times)
+        if hasattr(sch, "sigmas") and name not in ("DDIMScheduler", "DDPMScheduler"):
+            ref = sch.sigmas.double().numpy()
+            if name.startswith("FlowMatch"):
+                alpha, sigma = 1 - ref, ref
+            else:
+                alpha = 1 / np.sqrt(1 + ref**2)
+                sigma = ref * alpha
+        else:  # DDIM, DDPM, LCM: alphas_cumprod at the timesteps, then the end point
+            ac = sch.alphas_cumprod.double().numpy()
+            end = sch.final_alpha_cumprod.item() if hasattr(sch, "final_alpha_cumprod") else 1.0
+            if name == "LCMScheduler":
+                end = 1.0  # its last step returns the clean estimate
+            alpha = np.sqrt(np.append(ac[sch.timesteps.numpy()], end))
+            sigma = np.sqrt(1 - alpha**2)
+        np.testing.assert_allclose(g.alpha, alpha, atol=5e-5)
+        np.testing.assert_allclose(g.sigma, sigma, atol=5e-5)
+
+
+def _diffusers_loop(sch, model, noise, n, step_kw, seed):
+    sch.set_timesteps(n)
+    gen = torch.Generator().manual_seed(seed)
+    x = noise.clone()
+    if hasattr(sch, "sigmas") and not type(sch).__name__.startswith(("DPM", "FlowMatch")):
+        x = x * math.sqrt(sch.sigmas[0].item() ** 2 + 1)  # VE coordinates at the first level
+    for t in sch.timesteps:
+        xin = sch.scale_model_input(x, t) if hasattr(type(sch), "scale_model_input") else x
+        m = model(xin, t.float().expand(x.shape[0]))
+        x = sch.step(m, t, x, generator=gen, **step_kw).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_sampling_equals_the_diffusers_loop(case, backend):
+    name, cfg, n = case
+    sch = _scheduler(name, cfg)
+    sampler = fastdiff.Sampler.from_scheduler(sch, n, backend=backend)
+    gm = GaussianMixture.random(shape=(2, 3, 3), seed=1)
+    model = gm.model(sampler.schedule, prediction=sampler.prediction)
+    noise = torch.randn(3, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    step_kw = dict(use_clipped_model_output=True) if name == "DDIMScheduler" else {}
+    ours = sampler.sample(model, noise, generator=torch.Generator().manual_seed(5))
+    theirs = _diffusers_loop(sch, model, noise, n, step_kw, seed=5)
+    torch.testing.assert_close(ours, theirs, rtol=2e-4, atol=2e-4)
+
+
+def _gm_case(cfg, n, name="DPMSolverMultistepScheduler"):
+    sch = _scheduler(name, cfg)
+    sampler = fastdiff.Sampler.from_scheduler(sch, n, backend="reference")
+    gm = GaussianMixture.random(shape=(2, 3, 3), seed=1)
+    noise = torch.randn(3, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    return sch, sampler, gm, gm.model(sampler.schedule, prediction=sampler.prediction), noise
+
+
+def test_third_order_is_fastdiffs_and_closer_to_the_exact_solution_than_diffusers():
+    """solver_order=3 maps to dpmpp_3m, whose D2 weight makes it third order (README); diffusers'
+    update differs from it and is further from the exact probability-flow ODE solution."""
+    sch, sampler, gm, model, noise = _gm_case(dict(solver_order=3, timestep_spacing="trailing"), 12)
+    assert sampler.solver == "dpmpp_3m" and sampler.options["lower_order_final"] is True
+    ours = sampler.sample(model, noise.double(), dtype=torch.float64)
+    theirs = _diffusers_loop(sch, model, noise, 12, {}, seed=0).double()
+    g = sampler.grid
+    exact = gm.ode_solution(noise.double(), g.alpha[0], g.sigma[0], 1.0, 0.0, step=2e-2)
+    assert not torch.allclose(ours, theirs, atol=1e-5)
+    assert (ours - exact).norm() < (theirs - exact).norm()
+
+
+def test_karras_sigma_min_third_order_zero_last_step_is_the_identity_not_nan():
+    """use_karras_sigmas + final_sigmas_type='sigma_min': the model runs at sigma_min, then the last
+    step goes to sigma_min. At >= 15 steps diffusers' third-order update divides by that zero step
+    (NaN); fastdiff takes it as the identity: the result is the state before it."""
+    cfg = dict(solver_order=3, use_karras_sigmas=True, final_sigmas_type="sigma_min")
+    sch, sampler, gm, model, noise = _gm_case(cfg, 15)
+    g = sampler.grid
+    assert g.sigma[-1] == g.sigma[-2]
+    theirs = _diffusers_loop(sch, model, noise, 15, {}, seed=0)
+    assert torch.isnan(theirs).all()
+    seen = []
+    ours = sampler.sample(model, noise, callback=lambda i, x: seen.append(x))
+    assert torch.isfinite(ours).all() and torch.equal(ours, seen[-2])
+    fused = fastdiff.Sampler.from_scheduler(sch, 15, backend="cpu").sample(model, noise)
+    torch.testing.assert_close(fused, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_ddim_steps_to_the_next_model_time_where_diffusers_does_not():
+    """trailing with T % N != 0: diffusers' DDIM steps to t - T // N, not to the next timestep;
+    fastdiff's grid goes through every model time."""
+    sch = _scheduler("DDIMScheduler", dict(timestep_spacing="trailing", clip_sample=False))
+    sch.set_timesteps(3)
+    ratio = 1000 // 3
+    times = sch.timesteps.numpy()
+    assert times[1] - ratio != times[2]  # diffusers' own inconsistency
+    g = fastdiff.Sampler.from_scheduler(sch, 3).grid
+    np.testing.assert_array_equal(g.tau[:-1], times)
+    assert g.ends_clean
+
+
+BAD = [
+    ("DDIMScheduler", dict(thresholding=True), "thresholding"),
+    ("DDPMScheduler", dict(variance_type="learned_range"), "variance_type"),
+    ("DDIMScheduler", dict(beta_schedule="sigmoid"), "beta_schedule"),
+    ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"), "algorithm_type"),
+    ("DPMSolverMultistepScheduler", dict(solver_type="heun"), "solver_type"),
+    ("DPMSolverMultistepScheduler", dict(use_lu_lambdas=True), "use_lu_lambdas"),
+    ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++", solver_order=3), "solver_order"),
+    ("DPMSolverMultistepScheduler", dict(lambda_min_clipped=-5.1), "lambda_min_clipped"),
+    ("EulerDiscreteScheduler", dict(interpolation_type="log_linear"), "interpolation_type"),
+    ("EulerDiscreteScheduler", dict(timestep_type="continuous"), "timestep_type"),
+    ("LCMScheduler", dict(clip_sample=True), "clip_sample"),
+    ("FlowMatchEulerDiscreteScheduler", dict(invert_sigmas=True), "invert_sigmas"),
+    ("FlowMatchEulerDiscreteScheduler", dict(shift_terminal=0.1), "shift_terminal"),
+    ("FlowMatchEulerDiscreteScheduler", dict(use_karras_sigmas=True), "use_karras_sigmas"),
+]
+
+
+@pytest.mark.parametrize("row", BAD, ids=[r[2] for r in BAD])
+def test_unsupported_options_raise_naming_the_option(row):
+    name, cfg, option = row
+    with pytest.raises(ValueError, match=f"^{option}: "):
+        fastdiff.Sampler.from_scheduler(dict(cfg, _class_name=name), 4)
+
+
+def test_config_dicts_without_diffusers_and_their_errors():
+    """A plain dict is enough (missing keys: diffusers' defaults); unknown schedulers and keys,
+    UniPC (not yet) and a missing step count are errors naming the cause."""
+    s = fastdiff.Sampler.from_scheduler({"_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.30.0"}, 4)
+    assert s.solver == "euler" and s.steps == 4
+    with pytest.raises(ValueError, match="unipc: not yet supported"):
+        fastdiff.Sampler.from_scheduler({"_class_name": "UniPCMultistepScheduler"}, 4)
+    with pytest.raises(ValueError, match="scheduler: HeunDiscreteScheduler is not supported"):
+        fastdiff.Sampler.from_scheduler({"_class_name": "HeunDiscreteScheduler"}, 4)
+    with pytest.raises(ValueError, match="^scheduler: a config dict needs its '_class_name'"):
+        fastdiff.Sampler.from_scheduler({"beta_schedule": "linear"}, 4)
+    with pytest.raises(ValueError, match="^new_knob: a DDIMScheduler option fastdiff does not know"):
+        fastdiff.Sampler.from_scheduler({"_class_name": "DDIMScheduler", "new_knob": 1}, 4)
+    with pytest.raises(ValueError, match="^steps: "):
+        fastdiff.Sampler.from_scheduler({"_class_name": "DDIMScheduler"})
+    with pytest.raises(TypeError, match="^scheduler: expected a diffusers scheduler"):
+        fastdiff.Sampler.from_scheduler(object(), 4)
+
+
+def test_overrides_and_steps_from_the_instance():
+    sch = _scheduler("DDIMScheduler", dict(clip_sample=False))
+    sch.set_timesteps(6)
+    s = fastdiff.Sampler.from_scheduler(sch, eta=0.5, backend="cpu")
+    assert s.steps == 6 and s.options["eta"] == 0.5 and s.backend == "cpu"
