@@ -22,6 +22,7 @@ marked here at collection, other GPU-only tests by the `gpu_test(...)` decorator
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import random
@@ -107,6 +108,18 @@ def need(ok: bool, reason: str) -> None:
         if IN_CI and "GPU" not in reason:
             pytest.fail(f"{reason} (CI=true: this backend must run in CI)")
         pytest.skip(reason)
+
+
+def require(module: str, extra: str):
+    """Import an optional test dependency: skip without it, but under CI=true (which installs
+    every extra) fail. -> the module."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        reason = f"needs {module} (pip install 'fastdiff[{extra}]'): {e}"
+        if IN_CI:
+            pytest.fail(f"{reason} (CI=true: every extra must be installed)", pytrace=False)
+        pytest.skip(reason, allow_module_level=True)
 
 
 def gpu_test(ok: bool = HAS_CUDA, reason: str = "needs a GPU"):

@@ -13,8 +13,10 @@ import zlib
 import pytest
 import torch
 
-pytest.importorskip("sklearn", reason="the demo data ships with scikit-learn (pip install 'fastdiff[demo]')")
-pytest.importorskip("safetensors", reason="the demo weights are safetensors (pip install 'fastdiff[demo]')")
+from conftest import require
+
+require("sklearn", "demo")
+require("safetensors", "demo")
 
 from fastdiff.demo import evaluate as E  # noqa: E402
 from fastdiff.demo import load_classifier, load_digits_model, model_facts  # noqa: E402
@@ -101,7 +103,7 @@ def _check_png(path):
 
 
 def test_demo_quick_cli(tmp_path):
-    pytest.importorskip("torchmetrics")
+    require("torchmetrics", "demo")
     out = tmp_path / "demo"
     t0 = time.time()
     p = subprocess.run([sys.executable, "-m", "fastdiff", "demo", "--quick", "--out", str(out)], cwd=ROOT,
@@ -144,7 +146,7 @@ def test_fd_improves_with_more_steps(model):
     """Frechet distance (classifier features, vs the held-out digits) after 20 DPM-Solver++ 2M
     steps beats that after 4 steps. 250 images per row: at 4 steps the samples are visibly
     blurred, a gap well outside the sampling noise of the FD at this count (checked over seeds)."""
-    pytest.importorskip("torchmetrics")
+    require("torchmetrics", "demo")
     n = 250
     noise = E.make_noise(n, seed=2)
     labels = E.balanced_labels(n)

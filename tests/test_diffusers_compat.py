@@ -15,7 +15,9 @@ import fastdiff
 from fastdiff.diffusers_compat import DEFAULTS
 from fastdiff.testing import GaussianMixture
 
-diffusers = pytest.importorskip("diffusers")
+from conftest import require
+
+diffusers = require("diffusers", "diffusers")
 
 SL = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 # (scheduler, config, steps)

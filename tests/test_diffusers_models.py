@@ -6,7 +6,9 @@ import torch
 
 import fastdiff
 
-diffusers = pytest.importorskip("diffusers")
+from conftest import require
+
+diffusers = require("diffusers", "diffusers")
 
 
 def _tiny_unet():

@@ -13,7 +13,9 @@ import fastdiff
 from fastdiff.__main__ import main
 from fastdiff.generation import BadArgument, generate, image_generators
 
-pytest.importorskip("safetensors", reason="the digits model's weights are safetensors (pip install 'fastdiff[demo]')")
+from conftest import require
+
+require("safetensors", "demo")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (2, 3, 3)

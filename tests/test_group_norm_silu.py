@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from fastdiff import _ext
 from fastdiff.ops import group_norm_silu as gn
 from fastdiff.ops.group_norm_silu import BackendUnavailableError, group_norm_silu, group_norm_silu_reference
-from conftest import HAS_CUDA, HAS_TRITON, gpu_test, need, run_without_extension
+from conftest import HAS_CUDA, HAS_TRITON, gpu_test, need, run_without_extension, require
 from tolerances import REL_TOL, assert_close, rel_err
 
 OP = "group_norm_silu"  # the compiled kernels the `backend` fixture needs
@@ -633,7 +633,7 @@ def test_cuda_many_channels_per_group_goes_to_triton(monkeypatch):
 
 def test_split_plan_arithmetic():
     """Triton's split planning for the SD-1.5 shapes on an H100-sized GPU (132 SMs)."""
-    pytest.importorskip("triton")
+    require("triton", "triton")
     from fastdiff.kernels import group_norm_silu as kmod
 
     for (c, s), want in (((320, 4096), 10), ((640, 1024), 10), ((1280, 256), 10)):

@@ -10,11 +10,11 @@ import torch
 import torch.nn as nn
 
 import fastdiff
-from conftest import run_without_extension, setup_backend
+from conftest import run_without_extension, setup_backend, require
 from fastdiff.nn import functional as FD
 from tolerances import REL_TOL, assert_close, rel_err
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = require("diffusers", "diffusers")
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
 from diffusers.models.resnet import ResnetBlock2D  # noqa: E402
 

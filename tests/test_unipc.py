@@ -9,6 +9,8 @@ import fastdiff
 from fastdiff.solvers import build_table
 from fastdiff.testing import GaussianMixture
 
+from conftest import require
+
 F64 = torch.float64
 
 
@@ -51,7 +53,7 @@ def test_unipc_agrees_with_the_diffusers_scheduler(mixture, order, variant, corr
     none (disable_corrector), data prediction. bh1 runs to sigma_min: diffusers' jump to
     sigma = 0 multiplies B(h) = -inf by a zero sum there and returns NaN (fastdiff's first-order
     last step has no B(h) term). Both sides in float64: agreement to reassociation level."""
-    pytest.importorskip("diffusers")
+    require("diffusers", "diffusers")
     final = "min" if variant == "bh1" else "zero"
     s = fastdiff.Sampler(solver="unipc", order=order, variant=variant, corrector=corrector, steps=8, spacing=spacing,
                          prediction=prediction, final=final, backend="reference")
