@@ -10,6 +10,7 @@ from fastdiff.generation import Workload, generate
 from fastdiff.graphs import GraphCaptureError, clear_graphs, graph_stats
 from fastdiff.grid import SPACINGS, TwoStage, make_grid
 from fastdiff.optimize import OptimizeReport, optimize, optimize_report
+from fastdiff.pipelines import pipeline_sample
 from fastdiff.reference.solvers import PREDICTIONS, SOLVERS
 from fastdiff.sampler import Sampler, sample
 from fastdiff.schedules import FlowSchedule, VPSchedule, get_schedule
@@ -19,5 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "FlowSchedule", "GraphCaptureError", "OptimizeReport", "PREDICTIONS", "SOLVERS", "SPACINGS", "Sampler",
     "TwoStage", "VPSchedule", "Workload", "clear_graphs", "generate", "get_schedule", "graph_stats", "info", "make_grid",
-    "optimize", "optimize_report", "sample",
+    "optimize", "optimize_report", "pipeline_sample", "sample",
 ]
