@@ -70,10 +70,10 @@ PY=${PYTHON:-python3}
 # ---------------------------------------------------------------- the plan
 # Phases in priority order; DEFAULT=0: only when named in --phases.
 PHASES=(versions build tests tests:triton bench:copy bench:solver_step bench:group_norm_silu
-        bench:sampling bench:attention bench:unet bench:generate compile compile:unet compile:sample ncu)
-declare -A CAP=([setup]=25 [versions]=10 [build]=100 [tests]=50 [tests:triton]=60 [bench:copy]=20
-  [bench:solver_step]=30 [bench:group_norm_silu]=30 [bench:sampling]=50 [bench:attention]=40
-  [bench:unet]=20 [bench:generate]=20 [compile]=25 [compile:unet]=150 [compile:sample]=390 [ncu]=45 [report]=15)
+        bench:sampling bench:diffusers bench:attention bench:unet bench:generate compile compile:unet compile:sample ncu)
+declare -A CAP=([setup]=25 [versions]=10 [build]=100 [tests]=50 [tests:triton]=50 [bench:copy]=15
+  [bench:solver_step]=25 [bench:group_norm_silu]=25 [bench:sampling]=45 [bench:diffusers]=40 [bench:attention]=35
+  [bench:unet]=20 [bench:generate]=20 [compile]=20 [compile:unet]=150 [compile:sample]=390 [ncu]=45 [report]=15)
 declare -A DEFAULT=([compile:unet]=0 [compile:sample]=0)
 declare -A WHAT=([setup]="GPU probe and result naming (always runs)"
   [versions]="driver, toolkit and library versions; commit"
@@ -82,6 +82,7 @@ declare -A WHAT=([setup]="GPU probe and result naming (always runs)"
   [tests:triton]="GPU tests: Triton kernels on the GPU"
   [bench:copy]="copy/add bandwidth baselines" [bench:solver_step]="fused solver step"
   [bench:group_norm_silu]="fused GroupNorm+SiLU" [bench:sampling]="sampling: eager vs fused vs graph"
+  [bench:diffusers]="SD-1.5-config diffusers U-Net: diffusers' loop vs fastdiff (optimize + fused + graph)"
   [bench:attention]="attention and linear_residual" [bench:unet]="U-Net forward: eager vs fused"
   [bench:generate]="fastdiff.generate vs a plain sample() loop (digits model)"
   [compile]="torch.compile providers of the kernel benchmarks, largest size (after a probe)"
