@@ -12,6 +12,9 @@ Where fastdiff differs from diffusers on purpose:
 * A zero-size last step (use_karras_sigmas with final_sigmas_type="sigma_min": the model runs
   at sigma_min, then steps to sigma_min) is the identity here; diffusers' third-order update
   divides by that zero step and returns NaN at >= 15 steps.
+* UniPCMultistep with lower_order_final=False: its higher-order step to sigma = 0 divides by
+  the zero log-SNR ratio of that step and returns inf/NaN; fastdiff's step to sigma = 0 is first
+  order (as for DPM-Solver++), which is the limit of the formula.
 * DDIM steps to the next model time; diffusers steps to t - T // N, which is another time when
   T is not a multiple of N with "trailing" / "linspace" spacing (then its next step starts
   from a noise level other than the one the model is told). The last step ends at the final
@@ -60,12 +63,17 @@ DEFAULTS = {
     "LCMScheduler": _merge(_SPACED, _THRESHOLD, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                          original_inference_steps=50, clip_sample=False, clip_sample_range=1.0,
                          set_alpha_to_one=True, timestep_spacing="leading", timestep_scaling=10.0),
+    "UniPCMultistepScheduler": _merge(
+        _BETAS, _THRESHOLD, _SIGMA_KINDS, timestep_spacing="linspace", steps_offset=0, solver_order=2,
+        predict_x0=True, solver_type="bh2", lower_order_final=True, disable_corrector=[], solver_p=None,
+        use_flow_sigmas=False, flow_shift=1.0, final_sigmas_type="zero", use_dynamic_shifting=False,
+        time_shift_type="exponential", sigma_min=None, sigma_max=None, shift_terminal=None),
     "FlowMatchEulerDiscreteScheduler": _merge(
         _SIGMA_KINDS, num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5,
         max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096, invert_sigmas=False, shift_terminal=None,
         time_shift_type="exponential", stochastic_sampling=False),
 }
-NOT_YET = {"UniPCMultistepScheduler": "unipc"}
+NOT_YET: dict = {}  # scheduler class -> the fastdiff solver it waits for (none at present)
 _PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v", "sample": "sample"}
 _IGNORED = ("_class_name", "_diffusers_version", "_use_default_values")
 
@@ -199,18 +207,11 @@ def _ddpm(cfg, n):
                 clamp=clamp, variance="large" if cfg["variance_type"] == "fixed_large" else "small")
 
 
-def _dpm(cfg, n):
-    _require(cfg, "algorithm_type", "dpmsolver++", "sde-dpmsolver++")
-    _require(cfg, "solver_type", "midpoint")
-    for name in ("use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting"):
-        _require(cfg, name, False)
-    _require(cfg, "variance_type", None)
-    _require(cfg, "lambda_min_clipped", -math.inf)
+def _multistep_grid(cfg, n, round_all_karras: bool = False):
+    """The schedule, model times and N + 1 VE sigmas of DPMSolverMultistep's and UniPC's
+    set_timesteps (the same construction in both, but for Karras times with cosine betas:
+    UniPC rounds them too, `round_all_karras`)."""
     _require(cfg, "final_sigmas_type", "zero", "sigma_min")
-    _require(cfg, "solver_order", 1, 2, 3)
-    sde = cfg["algorithm_type"] == "sde-dpmsolver++"
-    if sde and cfg["solver_order"] != 2:
-        raise ValueError(f"solver_order: sde-dpmsolver++ is supported with solver_order 2, got {cfg['solver_order']}")
     sched = _schedule(cfg)
     table = _ve_sigmas(sched)
     kind = _sigma_kind(cfg)
@@ -220,10 +221,24 @@ def _dpm(cfg, n):
     else:
         sigmas = _converted_sigmas(kind, table[0], table[-1], n)
         times = _sigma_to_t(sigmas, table)
-        if kind == "use_karras_sigmas" and cfg["beta_schedule"] != "squaredcos_cap_v2":
+        if kind == "use_karras_sigmas" and (round_all_karras or cfg["beta_schedule"] != "squaredcos_cap_v2"):
             times = np.round(times)
     times = np.trunc(times)  # diffusers' int64 timesteps
-    final = _final_sigma(cfg, table, sigmas)
+    return sched, times, np.append(sigmas, _final_sigma(cfg, table, sigmas))
+
+
+def _dpm(cfg, n):
+    _require(cfg, "algorithm_type", "dpmsolver++", "sde-dpmsolver++")
+    _require(cfg, "solver_type", "midpoint")
+    for name in ("use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting"):
+        _require(cfg, name, False)
+    _require(cfg, "variance_type", None)
+    _require(cfg, "lambda_min_clipped", -math.inf)
+    _require(cfg, "solver_order", 1, 2, 3)
+    sde = cfg["algorithm_type"] == "sde-dpmsolver++"
+    if sde and cfg["solver_order"] != 2:
+        raise ValueError(f"solver_order: sde-dpmsolver++ is supported with solver_order 2, got {cfg['solver_order']}")
+    sched, times, sigmas = _multistep_grid(cfg, n)
     # diffusers' lower_order_final acts below 15 steps only (last step first order, the one
     # before at most second); euler_at_final makes the last step first order at any count
     if cfg["lower_order_final"] and n < 15:
@@ -231,8 +246,26 @@ def _dpm(cfg, n):
     else:
         lof = "last" if cfg["euler_at_final"] else False
     solver = "dpmpp_2m_sde" if sde else f"dpmpp_{cfg['solver_order']}m"
-    return dict(solver=solver, schedule=sched, prediction=_prediction(cfg), sigmas=np.append(sigmas, final),
-                timesteps=times, lower_order_final=lof)
+    return dict(solver=solver, schedule=sched, prediction=_prediction(cfg), sigmas=sigmas, timesteps=times,
+                lower_order_final=lof)
+
+
+def _unipc(cfg, n):
+    _require(cfg, "predict_x0", True)
+    _require(cfg, "solver_order", 1, 2, 3)
+    _require(cfg, "solver_p", None)
+    for name in ("use_flow_sigmas", "use_dynamic_shifting"):
+        _require(cfg, name, False)
+    for name in ("sigma_min", "sigma_max", "shift_terminal"):
+        _require(cfg, name, None)
+    if list(cfg["disable_corrector"]):
+        raise ValueError(f"disable_corrector: per-step corrector switches are not supported by fastdiff (got "
+                         f"{list(cfg['disable_corrector'])}); corrector=False turns it off everywhere")
+    sched, times, sigmas = _multistep_grid(cfg, n, round_all_karras=True)
+    # UniPC's lower_order_final acts at every step count (unlike DPMSolverMultistep's)
+    return dict(solver="unipc", schedule=sched, prediction=_prediction(cfg), sigmas=sigmas, timesteps=times,
+                order=int(cfg["solver_order"]), variant=cfg["solver_type"],
+                lower_order_final=bool(cfg["lower_order_final"]))
 
 
 def _euler(cfg, n, ancestral=False):
@@ -284,5 +317,5 @@ def _flow(cfg, n):
 _MAPPERS = {
     "DDIMScheduler": _ddim, "DDPMScheduler": _ddpm, "DPMSolverMultistepScheduler": _dpm,
     "EulerDiscreteScheduler": _euler, "EulerAncestralDiscreteScheduler": lambda c, n: _euler(c, n, ancestral=True),
-    "LCMScheduler": _lcm, "FlowMatchEulerDiscreteScheduler": _flow,
+    "LCMScheduler": _lcm, "FlowMatchEulerDiscreteScheduler": _flow, "UniPCMultistepScheduler": _unipc,
 }

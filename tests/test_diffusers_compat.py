@@ -48,6 +48,11 @@ CASES = [
     ("EulerAncestralDiscreteScheduler", dict(timestep_spacing="trailing"), 4),
     ("LCMScheduler", dict(), 4),
     ("LCMScheduler", dict(original_inference_steps=20), 3),
+    ("UniPCMultistepScheduler", dict(), 7),
+    ("UniPCMultistepScheduler", dict(solver_order=3, use_karras_sigmas=True, **SL), 8),
+    ("UniPCMultistepScheduler", dict(solver_type="bh1", timestep_spacing="trailing", prediction_type="v_prediction",
+                                     final_sigmas_type="sigma_min"), 6),
+    ("UniPCMultistepScheduler", dict(solver_order=1, timestep_spacing="leading", steps_offset=1), 5),
     ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0), 5),
     ("FlowMatchEulerDiscreteScheduler", dict(stochastic_sampling=True), 4),
 ]
@@ -103,12 +108,14 @@ def _diffusers_loop(sch, model, noise, n, step_kw, seed):
     sch.set_timesteps(n)
     gen = torch.Generator().manual_seed(seed)
     x = noise.clone()
-    if hasattr(sch, "sigmas") and not type(sch).__name__.startswith(("DPM", "FlowMatch")):
+    if hasattr(sch, "sigmas") and not type(sch).__name__.startswith(("DPM", "FlowMatch", "UniPC")):
         x = x * math.sqrt(sch.sigmas[0].item() ** 2 + 1)  # VE coordinates at the first level
     for t in sch.timesteps:
         xin = sch.scale_model_input(x, t) if hasattr(type(sch), "scale_model_input") else x
         m = model(xin, t.float().expand(x.shape[0]))
-        x = sch.step(m, t, x, generator=gen, **step_kw).prev_sample
+        if "generator" in inspect.signature(sch.step).parameters:  # (UniPC's step is deterministic and takes none)
+            step_kw = dict(step_kw, generator=gen)
+        x = sch.step(m, t, x, **step_kw).prev_sample
     return x
 
 
@@ -190,6 +197,9 @@ BAD = [
     ("EulerDiscreteScheduler", dict(interpolation_type="log_linear"), "interpolation_type"),
     ("EulerDiscreteScheduler", dict(timestep_type="continuous"), "timestep_type"),
     ("LCMScheduler", dict(clip_sample=True), "clip_sample"),
+    ("UniPCMultistepScheduler", dict(predict_x0=False), "predict_x0"),
+    ("UniPCMultistepScheduler", dict(disable_corrector=[0]), "disable_corrector"),
+    ("UniPCMultistepScheduler", dict(solver_order=4), "solver_order"),
     ("FlowMatchEulerDiscreteScheduler", dict(invert_sigmas=True), "invert_sigmas"),
     ("FlowMatchEulerDiscreteScheduler", dict(shift_terminal=0.1), "shift_terminal"),
     ("FlowMatchEulerDiscreteScheduler", dict(use_karras_sigmas=True), "use_karras_sigmas"),
@@ -204,12 +214,12 @@ def test_unsupported_options_raise_naming_the_option(row):
 
 
 def test_config_dicts_without_diffusers_and_their_errors():
-    """A plain dict is enough (missing keys: diffusers' defaults); unknown schedulers and keys,
-    UniPC (not yet) and a missing step count are errors naming the cause."""
+    """A plain dict is enough (missing keys: diffusers' defaults); unknown schedulers and keys
+    and a missing step count are errors naming the cause."""
     s = fastdiff.Sampler.from_scheduler({"_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.30.0"}, 4)
     assert s.solver == "euler" and s.steps == 4
-    with pytest.raises(ValueError, match="unipc: not yet supported"):
-        fastdiff.Sampler.from_scheduler({"_class_name": "UniPCMultistepScheduler"}, 4)
+    s = fastdiff.Sampler.from_scheduler({"_class_name": "UniPCMultistepScheduler"}, 4)
+    assert s.solver == "unipc" and s.options["order"] == 2 and s.options["variant"] == "bh2"
     with pytest.raises(ValueError, match="scheduler: HeunDiscreteScheduler is not supported"):
         fastdiff.Sampler.from_scheduler({"_class_name": "HeunDiscreteScheduler"}, 4)
     with pytest.raises(ValueError, match="^scheduler: a config dict needs its '_class_name'"):
@@ -227,3 +237,13 @@ def test_overrides_and_steps_from_the_instance():
     sch.set_timesteps(6)
     s = fastdiff.Sampler.from_scheduler(sch, eta=0.5, backend="cpu")
     assert s.steps == 6 and s.options["eta"] == 0.5 and s.backend == "cpu"
+
+
+def test_unipc_without_lower_order_final_is_finite_where_diffusers_is_not():
+    """diffusers' UniPC takes its higher-order step to sigma = 0 too (lower_order_final=False) and
+    divides by that step's zero log-SNR ratio; fastdiff's last step is first order there."""
+    sch, sampler, gm, model, noise = _gm_case(dict(lower_order_final=False), 6, "UniPCMultistepScheduler")
+    ours = sampler.sample(model, noise)
+    theirs = _diffusers_loop(sch, model, noise, 6, {}, seed=0)
+    assert torch.isfinite(ours).all() and not torch.isfinite(theirs).all()
+    assert sampler.options["lower_order_final"] is False
