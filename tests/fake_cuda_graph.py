@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import weakref
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
@@ -94,3 +95,25 @@ class FakeCUDAGraph:
             for got, ref in zip(_tensors(out), _tensors(tree_map(materialise, refs_out))):
                 if got.data_ptr() != ref.data_ptr() or got.stride() != ref.stride():
                     ref.copy_(got)
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    """Capture records into a FakeCUDAGraph, which, like a CUDA graph, owns only what was
+    allocated during capture and fails if a replay would touch freed memory. -> fastdiff.graphs
+    (import this fixture into a test module to use it)."""
+    import fastdiff.graphs as G
+
+    monkeypatch.setattr(G, "_warm_up", lambda run, device: run())
+    monkeypatch.setattr(G, "_capture", lambda run, device: FakeCUDAGraph().capture(run))
+    G.CACHE.clear()
+    yield G
+    G.CACHE.clear()
+
+
+def graphed(G, sampler, model, noise, **kw):
+    """`fastdiff.graphs.sample_graphed` with sample()'s defaults, for the fake graph on CPU tensors."""
+    kw.setdefault("generator", None)
+    return G.sample_graphed(sampler, model, noise, guidance_scale=kw.pop("guidance_scale", 1.0),
+                            cond=kw.pop("cond", None), uncond=kw.pop("uncond", None), cfg=kw.pop("cfg", "batched"),
+                            model_dtype=None, mode=kw.pop("mode", True), **kw)

@@ -7,6 +7,7 @@ import torch
 import fastdiff
 
 from conftest import require
+from fake_cuda_graph import fake_graphs, graphed  # noqa: F401
 
 diffusers = require("diffusers", "diffusers")
 
@@ -64,6 +65,20 @@ def test_unet2d_condition_with_cfg_through_cond_dicts(backend, cfg):
     # the conditioning reaches the model: another prompt gives another sample
     kw["cond"] = {"encoder_hidden_states": _noise((2, 5, 12), 2)}
     assert not torch.allclose(bare, fastdiff.sample(unet, noise, **kw))
+
+
+def test_the_graph_path_records_a_diffusers_unet_and_replays_it(fake_graphs):
+    """The CUDA-graph loop (a faithful fake graph on the CPU) with a diffusers U-Net and CFG:
+    its .sample output is unwrapped inside the recording; replays with new embeddings equal
+    the eager fused loop and need one capture."""
+    unet = _tiny_cond_unet()
+    sampler = fastdiff.Sampler(solver="dpmpp_2m", steps=3, schedule="scaled_linear", backend="cpu")
+    noise, empty = _noise((2, 4, 8, 8)), torch.zeros(2, 5, 12)
+    for seed in (1, 2):
+        kw = dict(guidance_scale=4.0, cond={"encoder_hidden_states": _noise((2, 5, 12), seed)},
+                  uncond={"encoder_hidden_states": empty})
+        assert torch.equal(graphed(fake_graphs, sampler, unet, noise, **kw), sampler.sample(unet, noise, **kw))
+    assert fake_graphs.graph_stats()["captures"] == 1 and fake_graphs.graph_stats()["replays"] == 2
 
 
 def test_dit_transformer_class_conditional_unwrapped():

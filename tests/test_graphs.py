@@ -9,7 +9,7 @@ import fastdiff
 from fastdiff.graphs import GraphCache, graph_key
 from fastdiff.guidance import ModelCaller
 from fastdiff.testing import GaussianMixture
-from fake_cuda_graph import FakeCUDAGraph, FreedBufferError
+from fake_cuda_graph import FakeCUDAGraph, FreedBufferError, fake_graphs, graphed as _graphed  # noqa: F401
 
 gpu = gpu_test()
 
@@ -221,27 +221,6 @@ def test_inference_mode_capture_does_not_break_a_later_normal_call(mixture):
 
 
 # ------------------------------------------------- the graph logic on the CPU, with a fake graph
-@pytest.fixture
-def fake_graphs(monkeypatch):
-    """Capture records into a FakeCUDAGraph (tests/fake_cuda_graph.py), which, like a CUDA
-    graph, owns only what was allocated during capture and fails if a replay would touch freed
-    memory."""
-    import fastdiff.graphs as G
-
-    monkeypatch.setattr(G, "_warm_up", lambda run, device: run())
-    monkeypatch.setattr(G, "_capture", lambda run, device: FakeCUDAGraph().capture(run))
-    G.CACHE.clear()
-    yield G
-    G.CACHE.clear()
-
-
-def _graphed(G, sampler, model, noise, **kw):
-    kw.setdefault("generator", None)
-    return G.sample_graphed(sampler, model, noise, guidance_scale=kw.pop("guidance_scale", 1.0),
-                            cond=kw.pop("cond", None), uncond=kw.pop("uncond", None), cfg=kw.pop("cfg", "batched"),
-                            model_dtype=None, mode=kw.pop("mode", True), **kw)
-
-
 @pytest.mark.parametrize("plan", [dict(solver="dpmpp_3m"), dict(solver="unipc", order=3)])  # unipc: 3 slots read
 def test_fake_replay_equals_the_eager_fused_loop_and_needs_one_capture(fake_graphs, plan):
     s = fastdiff.Sampler(steps=5, **plan)
