@@ -17,16 +17,29 @@ Spacings (T training timesteps, N steps, exact definitions):
   linspace, which evaluates the model at tau_min too.) For flow schedules: evenly spaced
   in t, then the resolution shift.
 * `karras`: N + 1 points evenly spaced in sigma_k^(1/rho) (EDM, Karras et al. 2022),
-  sigma_k = sigma / alpha, from the schedule's (or the given) sigma_max to sigma_min.
-* `logsnr`: N + 1 points evenly spaced in lambda = log(alpha / sigma).
+  sigma_k = sigma / alpha, from the schedule's (or the given) sigma_max = hi to sigma_min = lo:
+  sigma_k,i = (hi^(1/rho) + (i / N) (lo^(1/rho) - hi^(1/rho)))^rho, i = 0..N.
+* `logsnr`: N + 1 points evenly spaced in lambda = log(alpha / sigma), same range:
+  sigma_k,i = hi (lo / hi)^(i / N).
+
+Like every spacing, these evaluate the model at i = 0..N-1 only: with `final="zero"` the last
+model level is one step above sigma_min (karras, scaled_linear, 10 steps: 0.0744) and sigma_min
+itself becomes the clean limit. diffusers' (and k-diffusion's) Karras grid differs: the model
+runs at N levels down to sigma_min inclusive (fastdiff's `karras` levels of N - 1 steps with
+`final="min"`), then jumps to 0. Measured on the analytic model (benchmarks/NOTES.md, "karras
+and logsnr: where the last model call goes"), that placement is less accurate at up to 11 model
+calls (every solver, both schedules) and for Heun at every budget; it wins only from 15-20 calls
+on scaled_linear (up to ~2x for the multistep solvers), and on linear it is worse or within 10%
+up to 50 calls. So fastdiff keeps its own; `Sampler.from_scheduler` or `sigmas=` give diffusers'.
 
 Two stages (coarse-to-fine, "progressive latent stepping"): `TwoStage(coarse, split_sigma,
 coarse_spacing, fine_spacing)` in place of a spacing name. With N steps, `coarse` steps go from
 the start to the split noise level sigma/alpha = split_sigma with `coarse_spacing`, then
 N - coarse steps from there to tau_min with `fine_spacing`; each stage's spacing is one of
 linspace (even in tau), karras (even in sigma^(1/rho)) or logsnr (even in lambda) over its
-own range, and the split point is a grid point of both. The solver runs across the split as
-across any other point (multistep history carries over).
+own range (the definitions above with that range and step count: the fine stage, too, never
+evaluates the model at sigma_min), and the split point is a grid point of both. The solver runs
+across the split as across any other point (multistep history carries over).
 
 `round_timesteps=True` rounds model times to integer training timesteps (what a discrete
 model was trained on) and recomputes alpha/sigma there. Points that coincide (after

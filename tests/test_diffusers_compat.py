@@ -155,6 +155,21 @@ def test_third_order_is_fastdiffs_and_closer_to_the_exact_solution_than_diffuser
     assert (ours - exact).norm() < (theirs - exact).norm()
 
 
+@pytest.mark.parametrize("final_sigmas_type", ["zero", "sigma_min"])
+def test_diffusers_karras_grid_is_fastdiffs_karras_levels_of_one_step_fewer_then_the_end(final_sigmas_type):
+    """diffusers' N-step Karras grid calls the model at N levels down to sigma_min inclusive: exactly
+    the levels of fastdiff's `karras` spacing with N - 1 steps and final='min' (the documented
+    difference from fastdiff's own N-step grid, whose last model level is above sigma_min)."""
+    n = 8
+    sch = diffusers.DPMSolverMultistepScheduler(use_karras_sigmas=True, final_sigmas_type=final_sigmas_type, **SL)
+    theirs = fastdiff.Sampler.from_scheduler(sch, n).grid.karras_sigma
+    levels = fastdiff.Sampler(steps=n - 1, schedule="scaled_linear", spacing="karras", final="min").grid.karras_sigma
+    np.testing.assert_allclose(theirs[:n], levels, rtol=1e-9)
+    assert theirs[n] == (0.0 if final_sigmas_type == "zero" else pytest.approx(levels[-1], rel=1e-9))
+    own = fastdiff.Sampler(steps=n, schedule="scaled_linear", spacing="karras").grid.karras_sigma
+    assert own[n - 1] > theirs[n - 1] and own[n] == 0.0
+
+
 def test_karras_sigma_min_third_order_zero_last_step_is_the_identity_not_nan():
     """use_karras_sigmas + final_sigmas_type='sigma_min': the model runs at sigma_min, then the last
     step goes to sigma_min. At >= 15 steps diffusers' third-order update divides by that zero step

@@ -249,3 +249,24 @@ def test_a_zero_size_last_step_is_the_identity_for_every_multistep_order():
             t = fastdiff.Sampler(solver=solver, sigmas=ks, lower_order_final=lof).table
             p, q, a, b0, b1, b2, b3, c = t.coef[-1]
             assert (a, b0, b1, b2, c) == (1.0, 0.0, 0.0, 0.0, 0.0), (solver, lof)
+
+
+@pytest.mark.parametrize("final", ["zero", "min"])
+def test_karras_and_logsnr_levels_exactly_and_no_model_call_at_sigma_min(final):
+    """The N + 1 levels from closed forms over the schedule's own sigma/alpha range; the model
+    runs at the first N of them, so its last call is one level above sigma_min (not diffusers'
+    Karras grid, which calls the model at sigma_min: see the grid module doc)."""
+    s = VPSchedule.scaled_linear()
+    ac = s.alphas_cumprod
+    lo, hi = math.sqrt((1 - ac[0]) / ac[0]), math.sqrt((1 - ac[-1]) / ac[-1])
+    n, i = 10, np.arange(11)
+    expect = {"karras": (hi ** (1 / 7) + i / n * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7,
+              "logsnr": hi * (lo / hi) ** (i / n)}
+    for spacing, levels in expect.items():
+        g = make_grid(s, spacing, n, final=final)
+        np.testing.assert_allclose(g.karras_sigma[:n], levels[:n], rtol=1e-9)
+        assert g.karras_sigma[n - 1] > 1.5 * lo  # one level (a factor >= 1.86 here) above sigma_min
+        if final == "zero":
+            assert g.ends_clean
+        else:
+            assert g.karras_sigma[n] == pytest.approx(lo, rel=1e-9)
