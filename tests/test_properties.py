@@ -11,7 +11,9 @@ test files):
    within tests/tolerances.py's bound for its dtype (`assert_close_each`);
 2. the inputs are not modified (bit for bit);
 3. `out` aliasing an input, where the op allows it (solver_step out=x, group_norm_silu out=x or
-   out=residual, linear_residual out=residual), gives bit for bit the result of a separate out.
+   out=residual, linear_residual out=residual), gives bit for bit the result of a separate out;
+4. a valid case broken in one drawn way (wrong dtype, shape, coefficient count, slot, groups,
+   eps) raises an error naming the op, with the NaN-poisoned `out` and every input untouched.
 
 Budget: the whole file takes about 15 s on one CPU core (it must stay under a minute); the
 Triton interpreter runs each program in Python, so it gets fewer examples (EXAMPLES). The
@@ -271,6 +273,62 @@ def group_norm_property(backend, spec):
 def test_group_norm_silu(backend, monkeypatch):
     be, _ = setup_backend(backend, "group_norm_silu", monkeypatch)
     run_examples(be, group_norm_cases(), group_norm_property)
+
+
+# -------------------------------------------------------------------------------------------
+# inputs the ops must reject: a clear error, before anything is written
+# -------------------------------------------------------------------------------------------
+
+def _last_plus_one(t):
+    return torch.cat([t, t[..., :1]], dim=-1)
+
+
+# (name, how a valid case is broken); every one must raise naming the op and write nothing
+SOLVER_STEP_BREAKS = {
+    "model_out int": lambda c: c.update(model_out=c["model_out"].to(torch.int32)),
+    "model_out shape": lambda c: c.update(model_out=_last_plus_one(c["model_out"])),
+    "noise shape": lambda c: c.update(noise=_last_plus_one(c["x"]).float()),
+    "coef length": lambda c: c.update(coef=c["coef"][:7]),
+    "slot out of range": lambda c: c.update(slots=[c["slots"][0], c["history"].shape[0] if c["history"] is not None
+                                                   else 0] + c["slots"][2:], coef=c["coef"][:4] + [0.5] + c["coef"][5:]),
+    "x float64": lambda c: c.update(x=c["x"].double()),
+}
+GROUP_NORM_BREAKS = {
+    "groups not dividing C": lambda c: c.update(num_groups=c["x"].shape[1] + 1),
+    "weight length": lambda c: c.update(weight=torch.ones(c["x"].shape[1] + 1)),
+    "residual shape": lambda c: c.update(residual=_last_plus_one(c["x"])),
+    "temb batch": lambda c: c.update(temb=torch.ones(c["x"].shape[0] + 1, c["x"].shape[1])),
+    "x int": lambda c: c.update(x=c["x"].to(torch.int32)),
+    "eps": lambda c: c.update(eps=-1.0),
+}
+
+
+def rejection_property(make, run, breaks, op_name):
+    def prop(backend, drawn):
+        spec, broken = drawn
+        case = make(spec)
+        out = poisoned(case["x"] if case["x"].is_floating_point() else case["x"].float())
+        breaks[broken](case)
+        before = snapshot(case)
+        with pytest.raises((TypeError, ValueError, RuntimeError), match=op_name):
+            run(case, backend, out)
+        assert torch.isnan(out).all(), f"{broken}: out was written before the error"
+        assert_unchanged(before, case)
+    return prop
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_solver_step_rejects_bad_inputs_before_writing(backend, monkeypatch):
+    be, _ = setup_backend(backend, "solver_step", monkeypatch)
+    run_examples(be, st.tuples(solver_step_cases(), st.sampled_from(sorted(SOLVER_STEP_BREAKS))),
+                 rejection_property(make_solver_step, run_solver_step, SOLVER_STEP_BREAKS, "solver_step"))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_group_norm_silu_rejects_bad_inputs_before_writing(backend, monkeypatch):
+    be, _ = setup_backend(backend, "group_norm_silu", monkeypatch)
+    run_examples(be, st.tuples(group_norm_cases(), st.sampled_from(sorted(GROUP_NORM_BREAKS))),
+                 rejection_property(make_group_norm, run_group_norm, GROUP_NORM_BREAKS, "group_norm_silu"))
 
 
 # -------------------------------------------------------------------------------------------
