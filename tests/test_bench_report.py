@@ -16,6 +16,7 @@ import pytest
 
 from fastdiff.bench import ncu, report
 from fastdiff.bench.report import fmt_num, fmt_pct, fmt_speedup
+from conftest import require
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -712,3 +713,20 @@ def test_gpu_check_phases_subset_runs_only_those(tmp_path):
     assert [c for c in calls if "-m gpu" in c][0].count("-k triton") == 1
     assert [c for c in calls if "--benchmark-json" in c][0].count("bench_solver_step.py") == 1
     assert "tests.log" in {p.name for p in out.iterdir()} and "build.log" not in {p.name for p in out.iterdir()}
+
+
+def test_diffusers_benchmark_quick_cpu_run(tmp_path):
+    """benchmarks/bench_diffusers.py's CPU quick variant (tiny diffusers U-Net: diffusers' own
+    loop vs fastdiff) runs and reports both providers in the report's schema."""
+    require("diffusers", "diffusers")
+    out = tmp_path / "diffusers.json"
+    env = dict(os.environ, FASTDIFF_BENCH_QUICK="1", FASTDIFF_BENCH_ROUNDS="1")
+    for k in ("FASTDIFF_BENCH_SIZES", "FASTDIFF_BENCH_PROVIDERS", "FASTDIFF_BENCH_PROFILE", "TRITON_INTERPRET"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/bench_diffusers.py", "-q", "-p", "no:cacheprovider",
+                        f"--benchmark-json={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = {b["extra_info"]["provider"]: b["extra_info"] for b in json.loads(out.read_text())["benchmarks"]}
+    assert set(rows) == {"eager", "fused"}
+    for info in rows.values():
+        assert info["op"] == "sample_diffusers" and info["ms_per_image"] > 0 and info["steps"] == 4
