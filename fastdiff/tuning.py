@@ -1,10 +1,13 @@
 """Grids tuned to the model: `tune_grid` searches the N-step grid that brings a solver closest
 to its own many-step answer on a calibration batch.
 
-The grid's end points are the plan's (its first and last noise levels, and between them the
-first and last finite logSNR lambda = log(alpha / sigma)); the N' intervals in lambda between
-those finite ends are softmax(z) of N' free numbers z, so every candidate is a strictly
-decreasing grid with the same ends. The search starts from the better of the logsnr (z = 0)
+The grid's end points are the plan's: its first noise level (if that is zero SNR, also its second,
+the first finite lambda = log(alpha / sigma)) and its last. With a clean end (sigma = 0) the
+finite range runs to the smallest training noise level, the point a spacing puts last before
+`final="zero"` moves it to the clean limit, so the last model level moves with the others. The
+N' intervals in lambda across the finite range are softmax(z) of N' free numbers z (times the
+range): every candidate is a strictly decreasing grid with the same ends, and z = 0 is the
+logsnr spacing. The search starts from the better of the logsnr (z = 0)
 and karras spacings and runs a coordinate search: each z_j, in a seeded random order, moves by
 +-step while that brings the solver closer to the reference; a sweep without progress halves
 the step. Objective: the RMS distance between the N-step run and a `reference_steps` run of
@@ -13,7 +16,7 @@ the same solver (logsnr spacing between the same ends) from the same noise.
 from __future__ import annotations
 
 import sys
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 import numpy as np
 import torch
@@ -120,15 +123,20 @@ class _Search:
         self.flow = plan.schedule.kind == "flow"
         levels = grid.sigma.copy() if self.flow else grid.karras_sigma
         self.infinite_start, self.clean_end = bool(grid.alpha[0] == 0), bool(grid.sigma[-1] == 0)
-        self.top, self.first, self.last = levels[0], levels[int(self.infinite_start)], levels[-1]
         lam = grid.lam
-        self.lam_lo = float(lam[int(self.infinite_start)])
-        # a clean end replaces the last point of the spacing (the smallest training noise level):
-        # the intervals run up to it, and the last model level moves with the others
+        start, end = int(self.infinite_start), len(lam) - 1 - int(self.clean_end)  # first and last finite
+        self.top, self.first, self.bottom = levels[0], levels[start], levels[-1]
+        # a clean end replaces the last point of a spacing (the smallest training noise level): the
+        # intervals run up to that level, and the last model level moves with the others -- unless
+        # that level is itself clean (flow schedules): then the last model level stays the plan's
         alpha_min, sigma_min = plan.schedule.alpha_sigma(np.array([plan.schedule.tau_min]))
-        lam_min = float(np.log(alpha_min[0]) - np.log(sigma_min[0]))
-        self.lam_hi = max(lam_min, float(lam[-2])) if self.clean_end else float(lam[-1])
-        least = int(self.infinite_start) + 2
+        with np.errstate(divide="ignore"):
+            lam_min = float(np.log(alpha_min[0]) - np.log(sigma_min[0]))
+        self.virtual_end = self.clean_end and np.isfinite(lam_min) and lam_min > lam[end]
+        self.last = 0.0 if self.virtual_end else levels[end]
+        self.lam_lo, self.lam_hi = float(lam[start]), lam_min if self.virtual_end else float(lam[end])
+        fixed = int(self.infinite_start) + int(self.clean_end and not self.virtual_end)
+        least = fixed + 2
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < least:
             raise ValueError(f"steps: expected an integer >= {least} (this plan's grid leaves a point to move only "
                              f"from {least} steps), got {steps!r}")
@@ -137,8 +145,8 @@ class _Search:
             raise ValueError(f"reference_steps: expected an integer > steps ({steps}), got {reference_steps!r}")
         if isinstance(min_step, bool) or not isinstance(min_step, (int, float)) or not 0 < min_step <= 0.5:
             raise ValueError(f"min_step: expected a number in (0, 0.5], got {min_step!r}")
-        self.free = steps - int(self.infinite_start)  # intervals between the finite ends, one free number each
-        self.reference_lam = self.lam(np.zeros(reference_steps - int(self.infinite_start)))
+        self.free = steps - fixed  # intervals across the finite range, one free number each
+        self.reference_lam = self.lam(np.zeros(reference_steps - fixed))
         # "variance" is ddpm's, a solver that draws noise: the others refuse to be given it
         self.options = {k: v for k, v in plan.options.items() if k not in _GRID_OPTIONS + ("variance",)}
         self.schedule = plan.schedule
@@ -163,8 +171,9 @@ class _Search:
         exact ends."""
         ks = np.exp(-lam)
         inner = ks / (1.0 + ks) if self.flow else ks
-        inner[0], inner[-1] = self.first, self.last  # exactly the plan's (0 for a clean end)
-        return [float(v) for v in np.concatenate([[self.top]] * self.infinite_start + [inner])]
+        inner[0], inner[-1] = self.first, self.last  # exactly the plan's
+        fixed_end = [[self.bottom]] * (self.clean_end and not self.virtual_end)
+        return [float(v) for v in np.concatenate([[self.top]] * self.infinite_start + [inner] + fixed_end)]
 
     def sampler(self, lam: np.ndarray) -> Sampler:
         return Sampler(schedule=self.schedule, sigmas=self.levels(lam), **self.options)

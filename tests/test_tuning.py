@@ -118,3 +118,22 @@ def test_bad_input_is_named_before_any_model_call(kwargs, error, match):
     with pytest.raises(error, match=match):
         fastdiff.tune_grid(args.pop("model"), args.pop("plan"), args.pop("steps"), args.pop("noise"), **args)
     assert counting.calls == 0
+
+
+@pytest.mark.parametrize("plan_kw", [
+    dict(schedule="flow", solver="flow_euler", prediction="flow", spacing="linspace"),
+    dict(schedule="linear", zero_terminal_snr=True, prediction="v", spacing="trailing"),
+    dict(schedule="linear", final="min", spacing="karras"),
+])
+def test_flow_zero_snr_and_final_min_plans_keep_their_ends(plan_kw):
+    plan = fastdiff.Sampler(steps=4, backend="reference", **plan_kw)
+    gm = GaussianMixture.random(shape=(2, 4, 4), components=2, seed=1)
+    model = gm.model(plan.schedule, plan.prediction, dtype=torch.float64)
+    levels = fastdiff.tune_grid(model, plan, 5, _noise(2, 6), reference_steps=15, max_model_calls=60,
+                                progress=False, dtype=torch.float64)
+    mine = fastdiff.Sampler(sigmas=levels, **{k: v for k, v in plan_kw.items() if k not in ("spacing", "final")})
+    ends = (plan.grid.sigma, mine.grid.sigma) if plan.schedule.kind == "flow" else \
+        (plan.grid.karras_sigma, mine.grid.karras_sigma)
+    assert len(levels) == 6 and ends[0][0] == ends[1][0] and ends[0][-1] == ends[1][-1]
+    if plan.grid.alpha[0] == 0:  # zero SNR: the first finite level is kept too
+        assert ends[0][1] == ends[1][1]
