@@ -14,11 +14,12 @@ from fastdiff.pipelines import pipeline_sample
 from fastdiff.reference.solvers import PREDICTIONS, SOLVERS
 from fastdiff.sampler import Sampler, sample
 from fastdiff.schedules import FlowSchedule, VPSchedule, get_schedule
+from fastdiff.tuning import tune_grid
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FlowSchedule", "GraphCaptureError", "OptimizeReport", "PREDICTIONS", "SOLVERS", "SPACINGS", "Sampler",
     "TwoStage", "VPSchedule", "Workload", "clear_graphs", "generate", "get_schedule", "graph_stats", "info", "make_grid",
-    "optimize", "optimize_report", "pipeline_sample", "sample",
+    "optimize", "optimize_report", "pipeline_sample", "sample", "tune_grid",
 ]

@@ -14,7 +14,7 @@ def _names(text: str) -> list:
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    from fastdiff.accuracy import CALLS, ODE_SOLVERS, SPACINGS
+    from fastdiff.accuracy import CALLS, ODE_SOLVERS, SPACINGS, TUNED
 
     p = subparsers.add_parser("accuracy", help="solver x spacing error table against the exact ODE solution",
                               description=__doc__.split("\n\n")[0])
@@ -25,7 +25,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--solvers", default=None, help="deterministic solvers, comma separated (default: all of "
                                                    f"{', '.join(ODE_SOLVERS)}; unipc is bh2 order 2, unipc_bh1 "
                                                    "bh1 order 2, unipc3 bh2 order 3)")
-    p.add_argument("--spacings", default=",".join(SPACINGS), help="spacings (default: %(default)s)")
+    p.add_argument("--spacings", default=",".join(SPACINGS),
+                   help=f"spacings (default: %(default)s), or {TUNED!r}: the logsnr grid tuned by fastdiff.tune_grid "
+                        "on separate calibration noise")
+    p.add_argument("--calibration", type=int, default=64, help="calibration samples for 'tuned' (default: %(default)s)")
     p.add_argument("--batch", type=int, default=32, help="noise samples (default: %(default)s)")
     p.add_argument("--ode-step", type=float, default=1e-2,
                    help="RK4 step in logSNR of the exact solution (default: %(default)s, converged to ~1e-8)")
@@ -35,7 +38,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def _check(args):
-    from fastdiff.accuracy import ODE_SOLVERS, SPACINGS
+    from fastdiff.accuracy import ODE_SOLVERS, SPACINGS, TUNED
 
     try:
         calls = [int(c) for c in _names(args.calls)]
@@ -50,10 +53,11 @@ def _check(args):
             raise UsageError(f"--solvers: {s!r} is not a deterministic solver label (expected some of "
                              f"{list(ODE_SOLVERS)})")
     for s in spacings:
-        if s not in SPACINGS:
-            raise UsageError(f"--spacings: {s!r}: expected some of {list(SPACINGS)}")
-    if args.batch < 1:
-        raise UsageError(f"--batch {args.batch}: expected an integer >= 1")
+        if s not in SPACINGS + (TUNED,):
+            raise UsageError(f"--spacings: {s!r}: expected some of {list(SPACINGS + (TUNED,))}")
+    for name in ("batch", "calibration"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} {getattr(args, name)}: expected an integer >= 1")
     if not 0 < args.ode_step <= 0.1:
         raise UsageError(f"--ode-step {args.ode_step}: expected a step in (0, 0.1]")
     return calls, solvers, spacings
@@ -70,7 +74,7 @@ def run(args) -> int:
             sys.stderr.write("\n")
 
     entries = accuracy_table(solvers, spacings, calls, schedule=args.schedule, batch=args.batch,
-                             ode_step=args.ode_step, progress=progress)
+                             ode_step=args.ode_step, progress=progress, calibration=args.calibration)
     print(f"RMS error against the exact ODE solution (analytic Gaussian mixture, {args.schedule}, "
           f"batch {args.batch}, float64 reference solvers), by model calls:")
     print(format_table(entries, calls))

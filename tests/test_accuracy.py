@@ -19,6 +19,13 @@ def test_errors_follow_the_solvers_orders():
     assert 0 < e["dpmpp_2m", "two_stage", 10].rms < 1.0
 
 
+def test_tuned_entries_run_the_tuned_grid_of_the_logsnr_plan():
+    e = {x.spacing: x for x in accuracy_table(("dpmpp_2m",), ("logsnr", "tuned"), (4,), batch=4, ode_step=4e-2,
+                                              calibration=4, tune_calls=120)}
+    assert e["tuned"].steps == e["tuned"].calls == 4
+    assert 0 < e["tuned"].rms < 1.0 and 0 < e["logsnr"].rms < 1.0
+
+
 def test_plan_budget_is_in_model_calls():
     s = plan_for("dpmpp_3m", "two_stage", 6, "linear")
     assert s.steps == 6 and s.backend == "reference" and s.grid.steps == 6
@@ -43,6 +50,7 @@ def test_format_table_marks_missing_budgets_and_names_the_best():
     (["--solvers", "ddpm"], "--solvers: 'ddpm' is not a deterministic solver label"),
     (["--spacings", "leading"], "--spacings: 'leading'"),
     (["--ode-step", "0"], "--ode-step 0.0: expected a step in"),
+    (["--calibration", "0"], "--calibration 0: expected an integer >= 1"),
 ])
 def test_command_bad_input_is_one_line(argv, match, capsys):
     assert main(["accuracy", *argv]) == 2
