@@ -66,19 +66,6 @@ def set_backend(model: nn.Module, backend) -> int:
     return n
 
 
-def fused_norm(gn: nn.GroupNorm, silu: bool, backend, replaced: Optional[str] = None) -> GroupNormSiLU:
-    """A GroupNormSiLU sharing `gn`'s Parameters; `replaced` (what it stands for, when it is
-    reported on its own) goes into the report."""
-    p = gn.weight if gn.weight is not None else gn.bias
-    new = GroupNormSiLU(gn.num_channels, gn.num_groups, gn.eps, silu=silu,
-                        device=p.device if p is not None else None, dtype=p.dtype if p is not None else None)
-    new.weight, new.bias = gn.weight, gn.bias  # the same Parameters (or None when affine=False)
-    new.backend = backend
-    new.replaced = replaced
-    new.train(gn.training)
-    return new
-
-
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
@@ -92,7 +79,7 @@ def _fuse_sequential_pairs(seq: nn.Sequential, prefix: str, backend) -> None:
         nxt = items[i + 1] if i + 1 < len(items) else None
         if isinstance(child, nn.GroupNorm) and nxt is not None and isinstance(nxt[1], nn.SiLU):
             what = f"GroupNorm -> SiLU (the SiLU was {_join(prefix, nxt[0])}): one fused GroupNormSiLU"
-            kept.append((name, fused_norm(child, True, backend, what)))
+            kept.append((name, GroupNormSiLU.sharing(child, True, backend, what)))
             i += 2
             continue
         kept.append((name, child))
@@ -113,7 +100,7 @@ def _swap(module: nn.Module, prefix: str, backend, adapter) -> None:
         if adapter is not None and adapter.transform(module, name, child, backend):
             continue
         if isinstance(child, nn.GroupNorm):
-            setattr(module, name, fused_norm(child, False, backend, (
+            setattr(module, name, GroupNormSiLU.sharing(child, False, backend, (
                 "GroupNorm: fused GroupNormSiLU(silu=False); a SiLU applied by the parent's forward code (if "
                 "any) stays a separate op")))
         else:

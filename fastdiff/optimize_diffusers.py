@@ -32,7 +32,7 @@ from diffusers.models.unets.unet_2d import UNet2DModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 from fastdiff.nn import functional as FD
-from fastdiff.optimize import fused_norm
+from fastdiff.nn.layers import GroupNormSiLU
 
 
 # --- ResnetBlock2D ---------------------------------------------------------------------------
@@ -58,8 +58,8 @@ class FusedResnetBlock2D(nn.Module):
         super().__init__()
         for name, child in block.named_children():
             self.add_module(name, child)
-        self.norm1 = fused_norm(block.norm1, True, backend)
-        self.norm2 = fused_norm(block.norm2, True, backend)
+        self.norm1 = GroupNormSiLU.sharing(block.norm1, True, backend)
+        self.norm2 = GroupNormSiLU.sharing(block.norm2, True, backend)
         # optional parts: a module, a plain callable (FIR/avg-pool resampling) or None
         self.time_emb_proj, self.conv_shortcut = block.time_emb_proj, block.conv_shortcut
         self.upsample, self.downsample = block.upsample, block.downsample
@@ -198,7 +198,7 @@ def transform(parent: Optional[nn.Module], name: str, child: nn.Module, backend:
         return False  # its group_norm is fused by the generic rule
     if (isinstance(parent, _UNETS) and name == "conv_norm_out" and type(child) is nn.GroupNorm
             and type(parent.conv_act) is nn.SiLU):
-        parent.conv_norm_out = fused_norm(child, True, backend, _OUTPUT_NORM)
+        parent.conv_norm_out = GroupNormSiLU.sharing(child, True, backend, _OUTPUT_NORM)
         parent.conv_act = nn.Identity()
         return True
     return False

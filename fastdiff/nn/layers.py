@@ -71,6 +71,19 @@ class GroupNormSiLU(nn.Module):
 
     backend: Optional[str] = None  # None: the eager twin (plain PyTorch); else the fused op's backend
 
+    @classmethod
+    def sharing(cls, gn: nn.GroupNorm, silu: bool, backend, replaced: Optional[str] = None) -> "GroupNormSiLU":
+        """A GroupNormSiLU sharing `gn`'s Parameters (what `fastdiff.optimize` swaps in);
+        `replaced` (what it stands for, when it is reported on its own) goes into the report."""
+        p = gn.weight if gn.weight is not None else gn.bias
+        new = cls(gn.num_channels, gn.num_groups, gn.eps, silu=silu,
+                  device=p.device if p is not None else None, dtype=p.dtype if p is not None else None)
+        new.weight, new.bias = gn.weight, gn.bias  # the same Parameters (or None when affine=False)
+        new.backend = backend
+        new.replaced = replaced
+        new.train(gn.training)
+        return new
+
     def forward(self, x: torch.Tensor, add: Optional[torch.Tensor] = None,
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         return FD.group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps, self.silu, add, residual,
