@@ -72,8 +72,8 @@ class Sampler:
         order, variant, corrector: "unipc" only (UniPC, Zhao et al. 2023, data prediction):
             order 1-3 (default 2), variant "bh1" (B(h) = h) or "bh2" (B(h) = e^h - 1, the
             default), corrector (default True; False runs the predictor UniP alone). UniP-p
-            converges with order p, UniPC-p with p + 1 (order 3: its lower-order warm-up step
-            caps it at 3 as h -> 0; tests/test_reference_solvers.py).
+            converges with order p, UniPC-p with p + 1 (measured:
+            tests/test_reference_solvers.py).
         variance: "ddpm" posterior variance, "small" (beta tilde, the default) or "large" (beta);
             only for "ddpm".
         clamp: if set, the data prediction x0 is clamped to [-clamp, clamp] (and eps recomputed
