@@ -228,7 +228,7 @@ def _compare(args) -> int:
                 m = evaluate(load_samples(r.path), reference, features=args.features, bootstrap=args.bootstrap)
             except EvaluationError as e:
                 raise UsageError(str(e)) from e
-            rows.append(dict(m, solver=solver, steps=steps, images_per_second=r.images_per_second if r.generated
+            rows.append(dict(m, solver=solver, steps=steps, model_calls=w.sampler.model_calls, images_per_second=r.images_per_second if r.generated
                              else None, seconds=time.perf_counter() - t0, processes=world))
             print(f"{solver} {steps}: FD {m['fd']:.3f}, {rows[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
     finally:
@@ -244,14 +244,14 @@ def _compare(args) -> int:
 
 
 def format_table(rows, args) -> str:
-    head = "| solver | steps | images/s | FD [95% CI] | KID x1e3 [95% CI] | acc % |"
+    head = "| solver | steps | model calls | images/s | FD [95% CI] | KID x1e3 [95% CI] | acc % |"
     lines = [f"{args.num_images} images per row, seed {args.seed}, reference {args.reference}, "
              f"{rows[0]['processes'] if rows else 1} process(es); images/s: sampling only (shards included)", "",
-             head, "|---|---:|---:|---:|---:|---:|"]
+             head, "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ci = lambda k, s=1.0: f" [{s * r[k][0]:.2f}, {s * r[k][1]:.2f}]" if k in r else ""  # noqa: E731
         ips = f"{r['images_per_second']:.1f}" if r["images_per_second"] else "- (resumed)"
         acc = f"{100 * r['acc']:.1f}" if "acc" in r else "-"
-        lines.append(f"| {r['solver']} | {r['steps']} | {ips} | {r['fd']:.2f}{ci('fd_ci')} | "
+        lines.append(f"| {r['solver']} | {r['steps']} | {r['model_calls']} | {ips} | {r['fd']:.2f}{ci('fd_ci')} | "
                      f"{1e3 * r['kid']:.2f}{ci('kid_ci', 1e3)} | {acc} |")
     return "\n".join(lines)

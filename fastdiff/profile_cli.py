@@ -154,7 +154,8 @@ def run(args) -> int:
     trace = os.path.join(args.out, "trace.json")
     prof.export_chrome_trace(trace)
     ms = 1e3 * elapsed / args.iters
-    head = (f"workload: {args.model} batch {args.batch}, {args.solver} x {args.steps} steps, {dtype}, "
+    head = (f"workload: {args.model} batch {args.batch}, {args.solver} x {args.steps} steps "
+            f"({sampler.model_calls} model calls), {dtype}, "
             f"{noise.device}, graph={graph}, guidance={kw.get('guidance_scale', 1.0)}; "
             f"{ms:.2f} ms per sampling call (profiled, so slower than a benchmark)")
     table = _summary(prof, torch)
