@@ -12,14 +12,6 @@ and karras spacings and runs a coordinate search: each z_j, in a seeded random o
 +-step while that brings the solver closer to the reference; a sweep without progress halves
 the step. Objective: the RMS distance between the N-step run and a `reference_steps` run of
 the same solver (logsnr spacing between the same ends) from the same noise.
-
-Against overfitting the calibration batch, its last `validation` fraction is held out: the
-search fits the other samples only, and the searched grid is returned only if its RMS distance
-on the held-out samples is below both starting spacings' there; otherwise the better start on
-the held-out samples is. Every run covers the whole batch (a model call is one batched call), so
-the check costs no model calls. It catches grids fitted to the search samples; it cannot see a
-rare event that no held-out sample shows (on a multi-mode model, the one sample in hundreds that
-a grid sends to another mode), so a larger batch checks more.
 """
 from __future__ import annotations
 
@@ -41,7 +33,7 @@ _Z_BOUND = 8.0  # |z| <= 8: no interval shrinks below e^-16 of another (no coinc
 def tune_grid(model: Callable, plan: Sampler, steps: int, noise: torch.Tensor, *, reference_steps: int = 100,
               max_model_calls: int = 2000, seed: int = 0, progress: bool = True, cond=None, uncond=None,
               guidance_scale: float = 1.0, model_dtype=None, dtype: torch.dtype = torch.float32,
-              min_step: float = 1 / 64, validation: float = 0.5) -> List[float]:
+              min_step: float = 1 / 64) -> List[float]:
     """The N + 1 noise levels (`steps` = N) of the grid found for `plan`'s solver and `model`.
 
     Returns a plain list of floats in `Sampler(sigmas=...)`'s convention (sigma/alpha for VP
@@ -53,8 +45,7 @@ def tune_grid(model: Callable, plan: Sampler, steps: int, noise: torch.Tensor, *
         plan: a `Sampler` with a deterministic solver: its solver options, schedule and the end
             points of its grid are kept (its steps and spacing are not).
         steps: N, the steps of the tuned grid.
-        noise: the calibration batch of initial noise: the search fits its first samples, the
-            last `validation` fraction decides whether the searched grid beats the starts.
+        noise: the calibration batch of initial noise.
         reference_steps: steps of the reference run (more than `steps`).
         max_model_calls: the budget: every model call counts, the reference run's included; the
             search stops before a run that would exceed it and returns the best grid so far.
@@ -62,10 +53,6 @@ def tune_grid(model: Callable, plan: Sampler, steps: int, noise: torch.Tensor, *
         progress: a progress bar (model calls used of the budget) on stderr.
         cond, uncond, guidance_scale, model_dtype, dtype: passed to `Sampler.sample`.
         min_step: the search stops when its step in the free parameters falls below this.
-        validation: the fraction of `noise` held out from the search (its last
-            round(validation * batch) samples; both parts need a sample): the searched grid is
-            returned only if it is closer to the reference there than the logsnr and karras
-            grids, else the closer of those two there.
     """
     search = _Search(plan, steps, reference_steps, min_step)
     if not callable(model):
@@ -78,12 +65,6 @@ def tune_grid(model: Callable, plan: Sampler, steps: int, noise: torch.Tensor, *
             raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
     if not isinstance(progress, bool):
         raise ValueError(f"progress: expected True or False, got {progress!r}")
-    if isinstance(validation, bool) or not isinstance(validation, (int, float)) or not 0 < validation < 1:
-        raise ValueError(f"validation: expected a fraction in (0, 1), got {validation!r}")
-    held = round(validation * len(noise))
-    if not 0 < held < len(noise):
-        raise ValueError(f"validation: {validation} of a batch of {len(noise)} leaves {held} held-out and "
-                         f"{len(noise) - held} search samples; both need at least one (a larger batch)")
     reference, start = search.sampler(search.reference_lam), search.sampler(search.lam(np.zeros(search.free)))
     least = reference.model_calls + 2 * start.model_calls
     if max_model_calls < least:
@@ -102,17 +83,14 @@ def tune_grid(model: Callable, plan: Sampler, steps: int, noise: torch.Tensor, *
         return x.to(torch.float64)
 
     target = run(reference)
-    fit = len(noise) - held
 
-    def distances(z: np.ndarray):
-        """The RMS distance to the reference on the search samples and on the held-out ones."""
-        square = (run(search.sampler(search.lam(z))) - target).pow(2).reshape(len(noise), -1).mean(1)
-        return float(square[:fit].mean().sqrt()), float(square[fit:].mean().sqrt())
+    def distance(z: np.ndarray) -> float:
+        return float((run(search.sampler(search.lam(z))) - target).pow(2).mean().sqrt())
 
     starts = [np.zeros(search.free), search.karras_z()]
-    errors = [distances(z) for z in starts]
-    best = min(range(2), key=lambda k: errors[k][0])
-    z, (err, checked) = starts[best], errors[best]
+    errors = [distance(z) for z in starts]
+    best = int(np.argmin(errors))
+    z, err = starts[best], errors[best]
     rng, step = np.random.default_rng(seed), 0.5
     while step >= min_step and used + start.model_calls <= max_model_calls:
         moved = False
@@ -122,17 +100,14 @@ def tune_grid(model: Callable, plan: Sampler, steps: int, noise: torch.Tensor, *
                 trial[j] = np.clip(trial[j] + sign * step, -_Z_BOUND, _Z_BOUND)
                 if trial[j] == z[j] or used + start.model_calls > max_model_calls:
                     continue
-                e, c = distances(trial)
+                e = distance(trial)
                 if e < err:
-                    z, err, checked, moved = trial, e, c, True
+                    z, err, moved = trial, e, True
                     break
         if not moved:
             step /= 2
     if progress and used != max_model_calls:
         sys.stderr.write("\n")
-    held_out_best = min(range(2), key=lambda k: errors[k][1])
-    if checked >= errors[held_out_best][1]:
-        z = starts[held_out_best]
     return search.levels(search.lam(z))
 
 

@@ -39,22 +39,16 @@ class CountingModel:
         return self.model(x, t, **kw)
 
 
-@pytest.mark.parametrize("components,seed,searched", [(3, 1, True), (4, 1, False), (3, 2, False)])
-def test_the_grid_beats_both_starts_on_the_held_out_samples_or_is_the_better_start_there(components, seed, searched):
-    # `searched`: whether this case returns the searched grid (both branches of the check are exercised)
-    _, model = _problem(components=components, seed=seed)
-    noise = _noise(8, seed)
+def test_tuned_grid_is_never_worse_than_its_start_on_the_calibration_batch():
+    _, model = _problem(components=3)
+    noise = _noise(8, 1)
     tuned = fastdiff.tune_grid(model, _plan(), 4, noise, reference_steps=30, max_model_calls=200,
-                               progress=False, dtype=torch.float64, validation=0.5)
-    held = slice(4, None)  # the last half of the batch
-    reference = _plan(30).sample(model, noise, dtype=torch.float64)[held]
-    starts = {sp: _plan(4, sp) for sp in ("logsnr", "karras")}
-    err = {sp: _rms(p.sample(model, noise, dtype=torch.float64)[held], reference) for sp, p in starts.items()}
+                               progress=False, dtype=torch.float64)
+    reference = _plan(30).sample(model, noise, dtype=torch.float64)
+    err = {sp: _rms(_plan(4, sp).sample(model, noise, dtype=torch.float64), reference) for sp in ("logsnr", "karras")}
     mine = _rms(fastdiff.Sampler(solver="dpmpp_2m", schedule="scaled_linear", sigmas=tuned, backend="reference")
-                .sample(model, noise, dtype=torch.float64)[held], reference)
-    same = [sp for sp, p in starts.items() if np.allclose(tuned, p.grid.karras_sigma, rtol=1e-12, atol=0)]
-    assert same == ([] if searched else [min(err, key=err.get)]), (tuned, err)
-    assert mine < min(err.values()) if searched else mine == pytest.approx(min(err.values()), rel=1e-12), (mine, err)
+                .sample(model, noise, dtype=torch.float64), reference)
+    assert mine <= min(err.values()), (mine, err)
 
 
 @pytest.mark.parametrize("steps", [4, 6])
@@ -116,10 +110,6 @@ def test_model_call_budget_is_respected_and_the_progress_bar_counts_it(budget, c
     (dict(model="unet"), TypeError, "model: expected a callable"),
     (dict(min_step=0), ValueError, r"min_step: expected a number in \(0, 0.5\]"),
     (dict(progress="yes"), ValueError, "progress: expected True or False"),
-    (dict(validation=1.0), ValueError, r"validation: expected a fraction in \(0, 1\), got 1.0"),
-    (dict(validation=True), ValueError, r"validation: expected a fraction in \(0, 1\)"),
-    (dict(validation=0.2), ValueError, "validation: 0.2 of a batch of 2 leaves 0 held-out and 2 search samples"),
-    (dict(validation=0.8), ValueError, "validation: 0.8 of a batch of 2 leaves 2 held-out and 0 search samples"),
 ])
 def test_bad_input_is_named_before_any_model_call(kwargs, error, match):
     counting = CountingModel(_problem(components=2)[1])
