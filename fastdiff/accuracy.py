@@ -36,7 +36,7 @@ ODE_SOLVERS = {
     "unipc_bh1": dict(solver="unipc", variant="bh1"), "unipc3": dict(solver="unipc", order=3),
 }
 TUNED = "tuned"  # a spacing label for tune_grid's grids (not in SPACINGS: it costs a search per entry)
-TWO_STAGE_SPLIT = 1.0  # sigma/alpha of the split: the coarse stage covers the high-noise third
+TWO_STAGE_SPLIT = 4.0  # sigma/alpha of the split (best of 0.25-4 over 4-20 calls, benchmarks/NOTES.md)
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,11 @@ class Entry:
 
 
 def spacing_for(name: str, steps: int):
-    """A spacing name, or "two_stage": a third of the steps (at least one) down to sigma/alpha =
-    1 in logSNR, the rest in Karras spacing."""
+    """A spacing name, or "two_stage": a third of the steps (rounded, at least two: one coarse
+    step is first order over the whole high-noise range) down to sigma/alpha = 4 in logSNR, the
+    rest in Karras spacing."""
     if name == "two_stage":
-        return TwoStage(max(1, steps // 3), TWO_STAGE_SPLIT, "logsnr", "karras")
+        return TwoStage(max(2, round(steps / 3)), TWO_STAGE_SPLIT, "logsnr", "karras")
     return name
 
 
