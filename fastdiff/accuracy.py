@@ -1,5 +1,7 @@
 """How far each solver x grid lands from the exact answer, at equal model calls.
 
+A `ModelCase` says what is sampled and what is the answer: `mixture_case` (the default of the
+command) or `digits_case` (the bundled digits model, against a converged many-step run).
 The analytic Gaussian-mixture model (`fastdiff.testing.GaussianMixture`) has a closed-form
 ideal denoiser, so sampling it solves the exact probability-flow ODE, which
 `GaussianMixture.ode_solution` integrates to ~1e-10. For every deterministic solver, spacing
@@ -11,12 +13,13 @@ the step count whose calls equal the budget, or no entry when none does. The pse
 (`calibration` samples; the table's noise stays held out).
 
     python -m fastdiff accuracy --schedule scaled_linear --calls 4,6,8,10,15,20
+    python -m fastdiff accuracy --model digits --calls 4,6,8,10 [--fd]
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -46,6 +49,7 @@ class Entry:
     calls: int
     steps: int
     rms: float
+    quality: Optional[Dict] = None  # FD, KID, ... of the samples (`fastdiff.evaluation.evaluate`), when measured
 
 
 def spacing_for(name: str, steps: int):
@@ -57,13 +61,95 @@ def spacing_for(name: str, steps: int):
     return name
 
 
-def plan_for(solver: str, spacing: str, calls: int, schedule: str) -> Optional[Sampler]:
+@dataclass
+class ModelCase:
+    """What the table samples and measures against: `model` with the Sampler `options` it needs
+    (schedule, prediction, model_time), the held-out `noise` (+ `cond`), and `answer(alpha, sigma)`,
+    the reference result for `noise` started at a grid's first point. "tuned" entries tune on
+    `calibration` (+ `calibration_cond`); `quality(x)`, when given, scores an entry's samples."""
+
+    title: str  # the table's header: model, reference, metric
+    model: Callable
+    options: Dict
+    noise: torch.Tensor
+    answer: Callable[[float, float], torch.Tensor]
+    calibration: torch.Tensor
+    cond: Optional[Dict] = None
+    calibration_cond: Optional[Dict] = None
+    quality: Optional[Callable[[torch.Tensor], Dict]] = None
+    model_dtype: Optional[torch.dtype] = None  # the model's own dtype when it is not float64
+
+    def sample(self, plan: Sampler) -> torch.Tensor:
+        """`plan` run on `noise` with a float64 solver state."""
+        return plan.sample(self.model, self.noise, cond=self.cond, model_dtype=self.model_dtype, dtype=torch.float64)
+
+
+def _noise(seed: int, n: int, shape) -> torch.Tensor:
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def mixture_case(schedule: str = "scaled_linear", batch: int = 32, seed: int = 0, ode_step: float = 1e-2,
+                 calibration: int = 64) -> ModelCase:
+    """The analytic Gaussian mixture, against the exact ODE solution. `ode_step`: the RK4 step in
+    logSNR of the exact solution (1e-2 agrees with 5e-3 to ~1e-8 relative, far below any solver
+    error here)."""
+    mixture = GaussianMixture.random(shape=(4, 4, 4), components=4, seed=seed, std_range=(0.1, 0.5))
+    noise = _noise(seed + 1, batch, (4, 4, 4))
+    return ModelCase(
+        title=f"RMS error against the exact ODE solution (analytic Gaussian mixture, {schedule}, batch {batch}, "
+              f"float64 reference solvers), by model calls:",
+        model=mixture.model(get_schedule(schedule), "epsilon", dtype=torch.float64), options=dict(schedule=schedule),
+        noise=noise, answer=lambda alpha, sigma: mixture.ode_solution(noise, alpha, sigma, 1.0, 0.0, step=ode_step),
+        calibration=_noise(seed + 2, calibration, (4, 4, 4)))
+
+
+DIGITS_OPTIONS = dict(schedule="linear", prediction="epsilon", model_time="timestep")  # how the model was trained
+DIGITS_REFERENCE = ("unipc", 400)  # converged: see tests/test_accuracy.py and benchmarks/NOTES.md
+
+
+def digits_case(batch: int = 64, seed: int = 0, calibration: int = 16, reference=DIGITS_REFERENCE,
+                fd: bool = False, bootstrap: int = 100) -> ModelCase:
+    """The bundled digits model (class-conditional, labels balanced, no guidance; float32 model,
+    float64 solver state), against `reference` = (solver label, steps) on the logsnr grid from
+    the same noise and labels. `fd`: also FD and KID (95 % bootstrap intervals, `bootstrap`
+    replicates) in the metric classifier's feature space against the held-out real digits."""
+    from fastdiff.demo import load_digits_model
+    from fastdiff.demo.evaluate import balanced_labels
+
+    model = load_digits_model()
+    shape = tuple(model.config.sample_shape)
+    noise = _noise(seed + 1, batch, shape)
+    cond = {"class_labels": balanced_labels(batch)}
+    ref_solver, ref_steps = reference
+
+    def answer(alpha, sigma):  # `case`, below, by the time it is called
+        return case.sample(Sampler(steps=ref_steps, spacing="logsnr", sigma_max=sigma / alpha, backend="reference",
+                                   **DIGITS_OPTIONS, **ODE_SOLVERS[ref_solver]))
+
+    quality = None
+    if fd:
+        from fastdiff.demo.png import to_uint8
+        from fastdiff.evaluation import Samples, evaluate, load_reference
+
+        real = load_reference("digits")
+        quality = lambda x: evaluate(Samples(to_uint8(x), cond["class_labels"]), real, bootstrap=bootstrap, seed=seed)
+    metric = " and FD / KID vs the held-out digits" if fd else ""
+    case = ModelCase(
+        title=f"RMS distance to {ref_solver} with {ref_steps} logsnr steps from the same noise{metric} (digits model, "
+              f"linear, batch {batch}, balanced labels, no guidance, float64 reference solvers), by model calls:",
+        model=model, options=DIGITS_OPTIONS, noise=noise, answer=answer, cond=cond,
+        calibration=_noise(seed + 2, calibration, shape),
+        calibration_cond={"class_labels": balanced_labels(calibration)}, quality=quality, model_dtype=torch.float32)
+    return case
+
+
+def plan_for(solver: str, spacing: str, calls: int, schedule: str, **options) -> Optional[Sampler]:
     """The reference plan of the `ODE_SOLVERS` label `solver` whose model calls equal `calls`,
-    or None."""
+    or None. `options`: further Sampler options (prediction, model_time)."""
     for steps in range(1, calls + 1):
         try:
             s = Sampler(steps=steps, schedule=schedule, spacing=spacing_for(spacing, steps), backend="reference",
-                        **ODE_SOLVERS[solver])
+                        **options, **ODE_SOLVERS[solver])
         except ValueError:  # e.g. too few steps for a two-stage grid
             continue
         made = s.model_calls
@@ -74,35 +160,27 @@ def plan_for(solver: str, spacing: str, calls: int, schedule: str) -> Optional[S
     return None
 
 
-def accuracy_table(solvers: Sequence[str] = tuple(ODE_SOLVERS), spacings: Sequence[str] = SPACINGS,
-                   calls: Sequence[int] = CALLS, schedule: str = "scaled_linear", batch: int = 32,
-                   seed: int = 0, ode_step: float = 1e-2, progress=None, calibration: int = 64,
-                   tune_calls: int = 2000) -> List[Entry]:
-    """RMS error against the exact ODE solution for every solver x spacing x model-call budget.
-    `ode_step`: the RK4 step in logSNR of the exact solution (1e-2 agrees with 5e-3 to ~1e-8
-    relative, far below any solver error here). Spacing "tuned": `calibration` noise samples and
-    `tune_calls` model calls for each `tune_grid` search."""
-    mixture = GaussianMixture.random(shape=(4, 4, 4), components=4, seed=seed, std_range=(0.1, 0.5))
-    sched = get_schedule(schedule)
-    model = mixture.model(sched, "epsilon", dtype=torch.float64)
-    noise, calib = (torch.randn(n, 4, 4, 4, generator=torch.Generator().manual_seed(seed + k), dtype=torch.float64)
-                    for k, n in ((1, batch), (2, calibration)))
-    exact: Dict[Tuple[float, float], torch.Tensor] = {}  # by the grid's first (alpha, sigma)
+def accuracy_table(case: ModelCase, solvers: Sequence[str] = tuple(ODE_SOLVERS), spacings: Sequence[str] = SPACINGS,
+                   calls: Sequence[int] = CALLS, progress=None, tune_calls: int = 2000) -> List[Entry]:
+    """RMS distance to `case.answer` for every solver x spacing x model-call budget (and
+    `case.quality` of the samples, when the case has one). Spacing "tuned": `tune_calls` model
+    calls for each `tune_grid` search on `case.calibration`."""
+    answers: Dict[Tuple[float, float], torch.Tensor] = {}  # by the grid's first (alpha, sigma)
     todo = [(so, sp, n) for so in solvers for sp in spacings for n in calls]
     out = []
     for k, (solver, spacing, n) in enumerate(todo):
-        plan = plan_for(solver, "logsnr" if spacing == TUNED else spacing, n, schedule)
+        plan = plan_for(solver, "logsnr" if spacing == TUNED else spacing, n, **case.options)
         if plan is not None and spacing == TUNED:
-            levels = tune_grid(model, plan, plan.steps, calib, max_model_calls=tune_calls, progress=False,
-                               dtype=torch.float64)
-            plan = Sampler(schedule=schedule, sigmas=levels, backend="reference", **ODE_SOLVERS[solver])
+            levels = tune_grid(case.model, plan, plan.steps, case.calibration, cond=case.calibration_cond,
+                               model_dtype=case.model_dtype, max_model_calls=tune_calls, progress=False, dtype=torch.float64)
+            plan = Sampler(sigmas=levels, backend="reference", **case.options, **ODE_SOLVERS[solver])
         if plan is not None:
             start = (float(plan.grid.alpha[0]), float(plan.grid.sigma[0]))
-            if start not in exact:
-                exact[start] = mixture.ode_solution(noise, *start, 1.0, 0.0, step=ode_step)
-            x = plan.sample(model, noise, dtype=torch.float64)
-            rms = float((x - exact[start]).pow(2).mean().sqrt())
-            out.append(Entry(solver, spacing, n, plan.steps, rms))
+            if start not in answers:
+                answers[start] = case.answer(*start)
+            x = case.sample(plan)
+            rms = float((x - answers[start]).pow(2).mean().sqrt())
+            out.append(Entry(solver, spacing, n, plan.steps, rms, case.quality(x) if case.quality else None))
         if progress is not None:
             progress(k + 1, len(todo))
     return out
@@ -126,3 +204,11 @@ def format_table(entries: Sequence[Entry], calls: Sequence[int] = CALLS) -> str:
             best = min(at, key=lambda e: e.rms)
             lines.append(f"best at {n:>2} calls: {best.solver} + {best.spacing} ({best.rms:.2e})")
     return "\n".join(lines)
+
+
+def format_quality(entries: Sequence[Entry]) -> str:
+    """One line per entry with a quality measurement: FD [95 % CI], KID x1e3 [CI], acc."""
+    from fastdiff.evaluation import format_result
+
+    return "\n".join(format_result(f"{e.solver} + {e.spacing} at {e.calls} calls", e.quality)
+                     for e in entries if e.quality is not None)

@@ -1,14 +1,19 @@
 """The accuracy table (fastdiff.accuracy) and its command: budgets in model calls, errors
-against the exact ODE solution that behave as the solvers' orders say."""
+against the exact ODE solution that behave as the solvers' orders say; on the digits model,
+errors against a reference that is converged far below them."""
+import dataclasses
+
 import pytest
 
 from fastdiff.__main__ import main
-from fastdiff.accuracy import Entry, accuracy_table, format_table, plan_for
+from fastdiff.sampler import Sampler
+from fastdiff.accuracy import (DIGITS_OPTIONS, DIGITS_REFERENCE, Entry, accuracy_table, digits_case, format_table,
+                               mixture_case, plan_for)
 
 
 def test_errors_follow_the_solvers_orders():
     e = {(x.solver, x.spacing, x.calls): x for x in
-         accuracy_table(("ddim", "dpmpp_2m"), ("logsnr", "two_stage"), (5, 10), batch=4, ode_step=4e-2)}
+         accuracy_table(mixture_case(batch=4, ode_step=4e-2), ("ddim", "dpmpp_2m"), ("logsnr", "two_stage"), (5, 10))}
     assert all(x.steps == x.calls for x in e.values())  # one call per step
     for solver in ("ddim", "dpmpp_2m"):
         assert e[solver, "logsnr", 10].rms < e[solver, "logsnr", 5].rms
@@ -20,8 +25,8 @@ def test_errors_follow_the_solvers_orders():
 
 
 def test_tuned_entries_run_the_tuned_grid_of_the_logsnr_plan():
-    e = {x.spacing: x for x in accuracy_table(("dpmpp_2m",), ("logsnr", "tuned"), (4,), batch=4, ode_step=4e-2,
-                                              calibration=4, tune_calls=120)}
+    case = mixture_case(batch=4, ode_step=4e-2, calibration=4)
+    e = {x.spacing: x for x in accuracy_table(case, ("dpmpp_2m",), ("logsnr", "tuned"), (4,), tune_calls=120)}
     assert e["tuned"].steps == e["tuned"].calls == 4
     assert 0 < e["tuned"].rms < 1.0 and 0 < e["logsnr"].rms < 1.0
 
@@ -51,6 +56,13 @@ def test_format_table_marks_missing_budgets_and_names_the_best():
     (["--spacings", "leading"], "--spacings: 'leading'"),
     (["--ode-step", "0"], "--ode-step 0.0: expected a step in"),
     (["--calibration", "0"], "--calibration 0: expected an integer >= 1"),
+    (["--model", "cifar"], "--model cifar: expected one of mixture, digits"),
+    (["--fd"], "--fd: only for --model digits"),
+    (["--reference-steps", "100"], "--reference-steps: only for --model digits"),
+    (["--model", "digits", "--ode-step", "0.01"], "--ode-step: only for --model mixture"),
+    (["--model", "digits", "--schedule", "cosine"], "--schedule cosine: the digits model was trained on the linear"),
+    (["--schedule", "sqrt"], "--schedule sqrt: expected one of linear, scaled_linear, cosine"),
+    (["--model", "digits", "--reference-steps", "0"], "--reference-steps 0: expected an integer >= 1"),
 ])
 def test_command_bad_input_is_one_line(argv, match, capsys):
     assert main(["accuracy", *argv]) == 2
@@ -63,5 +75,43 @@ def test_command_prints_the_table(capsys, tmp_path):
     assert main(["accuracy", "--calls", "4", "--solvers", "dpmpp_2m", "--spacings", "karras", "--batch", "2",
                  "--ode-step", "0.05", "--json", str(out)]) == 0
     text = capsys.readouterr().out
+    assert text.startswith("RMS error against the exact ODE solution (analytic Gaussian mixture, scaled_linear, "
+                           "batch 2, float64 reference solvers)")
     assert "dpmpp_2m   karras" in text and "best at  4 calls: dpmpp_2m + karras" in text
     assert '"calls": 4' in out.read_text()
+
+
+def test_digits_table_counts_model_calls_against_a_converged_reference():
+    case = digits_case(batch=2, calibration=2)
+    calls = []
+
+    def counted(x, t, **cond):  # the table's own runs only: the reference runs call case.model
+        calls.append(x.shape[0])
+        return case.model(x, t, **cond)
+
+    runs = dataclasses.replace(case, model=counted)
+    e = {(x.solver, x.spacing, x.calls): x for x in accuracy_table(runs, ("dpmpp_2m", "heun"), ("logsnr",), (5, 20))}
+    assert len(calls) == 5 + 20 + 5  # heun: 3 steps for 5 calls, none for 20 (2N - 1 is odd)
+    assert e["heun", "logsnr", 5].steps == 3 and e["dpmpp_2m", "logsnr", 20].steps == 20
+    assert ("heun", "logsnr", 20) not in e
+    calls.clear()
+    tuned = accuracy_table(runs, ("unipc",), ("tuned",), (5,), tune_calls=120)[0]
+    assert tuned.steps == 5 and 100 + 2 * 5 + 5 <= len(calls) <= 120 + 5  # the search's budget, then the run
+    assert set(calls) == {2}
+    assert e["dpmpp_2m", "logsnr", 20].rms < 0.5 * e["dpmpp_2m", "logsnr", 5].rms
+    # converged: doubling the reference's steps moves it far less than the best entry's error
+    start = Sampler(steps=5, spacing="logsnr", **DIGITS_OPTIONS).grid
+    start = (float(start.alpha[0]), float(start.sigma[0]))
+    finer = digits_case(batch=2, reference=(DIGITS_REFERENCE[0], 2 * DIGITS_REFERENCE[1])).answer(*start)
+    moved = float((finer - case.answer(*start)).pow(2).mean().sqrt())
+    assert 0 < moved < 0.1 * min(x.rms for x in [*e.values(), tuned]), (moved, e, tuned)
+
+
+def test_digits_command_names_its_reference_and_metric(capsys):
+    assert main(["accuracy", "--model", "digits", "--calls", "4", "--solvers", "dpmpp_2m", "--spacings", "logsnr",
+                 "--batch", "4", "--reference-steps", "20", "--fd"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("RMS distance to unipc with 20 logsnr steps from the same noise and FD / KID vs the "
+                           "held-out digits (digits model, linear, batch 4")
+    assert "best at  4 calls: dpmpp_2m + logsnr" in text
+    assert "dpmpp_2m + logsnr at 4 calls: FD " in text and "(4 samples vs 359 reference images)" in text
