@@ -107,7 +107,7 @@ DIGITS_OPTIONS = dict(schedule="linear", prediction="epsilon", model_time="times
 DIGITS_REFERENCE = ("unipc", 400)  # converged: see tests/test_accuracy.py and benchmarks/NOTES.md
 
 
-def digits_case(batch: int = 64, seed: int = 0, calibration: int = 16, reference=DIGITS_REFERENCE,
+def digits_case(batch: int = 64, seed: int = 0, calibration: int = 64, reference=DIGITS_REFERENCE,
                 fd: bool = False, bootstrap: int = 100) -> ModelCase:
     """The bundled digits model (class-conditional, labels balanced, no guidance; float32 model,
     float64 solver state), against `reference` = (solver label, steps) on the logsnr grid from

@@ -37,8 +37,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--spacings", default=",".join(SPACINGS),
                    help=f"spacings (default: %(default)s), or {TUNED!r}: the logsnr grid tuned by fastdiff.tune_grid "
                         "on separate calibration noise")
-    p.add_argument("--calibration", type=int, default=None,
-                   help="calibration samples for 'tuned' (default: 64 for the mixture, 16 for digits)")
+    p.add_argument("--calibration", type=int, default=64,
+                   help="calibration samples for 'tuned' (default: %(default)s)")
     p.add_argument("--batch", type=int, default=None, help="noise samples (default: 32 for the mixture, 64 for digits)")
     p.add_argument("--ode-step", type=float, default=None,
                    help="mixture: RK4 step in logSNR of the exact solution (default: 0.01, converged to ~1e-8)")
