@@ -7,8 +7,8 @@ finite range runs to the smallest training noise level, the point a spacing puts
 `final="zero"` moves it to the clean limit, so the last model level moves with the others. The
 N' intervals in lambda across the finite range are softmax(z) of N' free numbers z (times the
 range): every candidate is a strictly decreasing grid with the same ends, and z = 0 is the
-logsnr spacing. The search starts from the better of the logsnr (z = 0)
-and karras spacings and runs a coordinate search: each z_j, in a seeded random order, moves by
+logsnr spacing. The search starts from the best of the fixed spacings in `STARTS`, each laid
+out between the plan's ends (its relative positions in lambda kept), and runs a coordinate search: each z_j, in a seeded random order, moves by
 +-step while that brings the solver closer to the reference; a sweep without progress halves
 the step. Objective: the RMS distance between the N-step run and a `reference_steps` run of
 the same solver (logsnr spacing between the same ends) from the same noise.
@@ -28,6 +28,9 @@ from fastdiff.sampler import Sampler, _progress
 _GRID_OPTIONS = ("steps", "spacing", "final", "round_timesteps", "zero_terminal_snr", "shift", "steps_offset", "rho",
                  "sigma_min", "sigma_max", "schedule")
 _Z_BOUND = 8.0  # |z| <= 8: no interval shrinks below e^-16 of another (no coinciding points)
+# The search starts from the best of these: at few steps on a real model the time-uniform ones can
+# lead (the digits model: trailing at 4-6 calls, benchmarks/NOTES.md), on smooth data logsnr/karras.
+STARTS = ("logsnr", "karras", "trailing", "linspace")
 
 
 def tune_grid(model: Callable, plan: Sampler, steps: int, noise: torch.Tensor, *, reference_steps: int = 100,
@@ -43,7 +46,8 @@ def tune_grid(model: Callable, plan: Sampler, steps: int, noise: torch.Tensor, *
     Args:
         model: `model(x, t, **cond)`, as for `Sampler.sample`.
         plan: a `Sampler` with a deterministic solver: its solver options, schedule and the end
-            points of its grid are kept (its steps and spacing are not).
+            points of its grid are kept (its steps and spacing are not). The search starts from
+            the best of the `STARTS` spacings laid out between those ends (one run each).
         steps: N, the steps of the tuned grid.
         noise: the calibration batch of initial noise.
         reference_steps: steps of the reference run (more than `steps`).
@@ -66,10 +70,12 @@ def tune_grid(model: Callable, plan: Sampler, steps: int, noise: torch.Tensor, *
     if not isinstance(progress, bool):
         raise ValueError(f"progress: expected True or False, got {progress!r}")
     reference, start = search.sampler(search.reference_lam), search.sampler(search.lam(np.zeros(search.free)))
-    least = reference.model_calls + 2 * start.model_calls
+    starts = search.starts(plan, steps)
+    least = reference.model_calls + len(starts) * start.model_calls
     if max_model_calls < least:
-        raise ValueError(f"max_model_calls: {max_model_calls} cannot pay for the reference run and the two starting "
-                         f"grids ({reference.model_calls} + 2 x {start.model_calls} = {least} calls)")
+        raise ValueError(f"max_model_calls: {max_model_calls} cannot pay for the reference run and the "
+                         f"{len(starts)} starting grids ({reference.model_calls} + {len(starts)} x "
+                         f"{start.model_calls} = {least} calls)")
 
     used = 0
 
@@ -87,7 +93,6 @@ def tune_grid(model: Callable, plan: Sampler, steps: int, noise: torch.Tensor, *
     def distance(z: np.ndarray) -> float:
         return float((run(search.sampler(search.lam(z))) - target).pow(2).mean().sqrt())
 
-    starts = [np.zeros(search.free), search.karras_z()]
     errors = [distance(z) for z in starts]
     best = int(np.argmin(errors))
     z, err = starts[best], errors[best]
@@ -162,9 +167,33 @@ class _Search:
         lam[-1] = self.lam_hi
         return lam
 
-    def karras_z(self) -> np.ndarray:
+    def starts(self, plan: Sampler, steps: int) -> List[np.ndarray]:
+        """z of each spacing in STARTS: logsnr (z = 0) and karras across the finite range;
+        trailing and linspace as the schedule lays them out in `steps` steps, their finite points'
+        relative positions in lambda mapped onto the plan's ends (left out where the schedule
+        cannot lay them out, e.g. trailing on a flow schedule)."""
         ks = _sigma_spaced("karras", self.free, np.exp(-self.lam_hi), np.exp(-self.lam_lo), self.rho)
-        return np.log(np.diff(-np.log(ks)))
+        out = [np.zeros(self.free), self._z(-np.log(ks))]
+        o = plan.options
+        for name in STARTS[2:]:
+            try:
+                grid = Sampler(schedule=self.schedule, steps=steps, spacing=name, final=o["final"],
+                               prediction=o["prediction"], shift=o["shift"], steps_offset=o["steps_offset"]).grid
+            except ValueError:
+                continue
+            lam = grid.lam
+            points = lam[int(grid.alpha[0] == 0):len(lam) - int(grid.sigma[-1] == 0)]
+            if self.virtual_end:  # the plan's range runs on to the smallest training noise level
+                points = np.append(points, self.lam_hi)
+            if len(points) == self.free + 1 and np.isfinite(points).all():
+                out.append(self._z(points))
+        return out
+
+    @staticmethod
+    def _z(points: np.ndarray) -> np.ndarray:
+        """The free numbers whose softmax is the intervals between increasing `points`."""
+        with np.errstate(divide="ignore"):
+            return np.clip(np.log(np.diff(points) / (points[-1] - points[0])), -_Z_BOUND, _Z_BOUND)
 
     def levels(self, lam: np.ndarray) -> List[float]:
         """The grid's noise levels (diffusers' sigmas) for the finite points' lambda, with the plan's

@@ -8,6 +8,7 @@ import torch
 
 import fastdiff
 from fastdiff.testing import GaussianMixture
+from fastdiff.tuning import STARTS, _Search
 
 SCHEDULE = fastdiff.get_schedule("scaled_linear")
 
@@ -39,16 +40,60 @@ class CountingModel:
         return self.model(x, t, **kw)
 
 
-def test_tuned_grid_is_never_worse_than_its_start_on_the_calibration_batch():
+def test_tuned_grid_is_never_worse_than_any_starting_spacing_on_the_calibration_batch():
     _, model = _problem(components=3)
     noise = _noise(8, 1)
     tuned = fastdiff.tune_grid(model, _plan(), 4, noise, reference_steps=30, max_model_calls=200,
                                progress=False, dtype=torch.float64)
     reference = _plan(30).sample(model, noise, dtype=torch.float64)
-    err = {sp: _rms(_plan(4, sp).sample(model, noise, dtype=torch.float64), reference) for sp in ("logsnr", "karras")}
+    err = {sp: _rms(_plan(4, sp).sample(model, noise, dtype=torch.float64), reference) for sp in STARTS}
     mine = _rms(fastdiff.Sampler(solver="dpmpp_2m", schedule="scaled_linear", sigmas=tuned, backend="reference")
                 .sample(model, noise, dtype=torch.float64), reference)
     assert mine <= min(err.values()), (mine, err)
+
+
+@pytest.mark.parametrize("plan_kw", [dict(), dict(final="min"), dict(solver="unipc", order=3)])
+def test_with_no_budget_left_for_the_search_the_best_starting_spacing_is_returned_exactly(plan_kw):
+    """The budget pays for the reference and one run per start: the answer is the start with the
+    least error, laid out exactly as that spacing's own grid (trailing, linspace: as the schedule
+    lays them out, not re-spaced)."""
+    _, model = _problem(components=3)
+    noise = _noise(4, 3)
+    plan = _plan(5, **plan_kw)
+    reference = _plan(25, **plan_kw).sample(model, noise, dtype=torch.float64)
+    grids = {sp: _plan(5, sp, **plan_kw).grid.karras_sigma for sp in STARTS}
+    err = {sp: _rms(_plan(5, sp, **plan_kw).sample(model, noise, dtype=torch.float64), reference) for sp in STARTS}
+    levels = fastdiff.tune_grid(model, plan, 5, noise, reference_steps=25, max_model_calls=25 + 4 * 5,
+                                progress=False, dtype=torch.float64)
+    best = min(err, key=err.get)
+    np.testing.assert_allclose(levels, grids[best], rtol=1e-9, err_msg=f"{best} expected, errors {err}")
+
+
+@pytest.mark.parametrize("plan_kw", [
+    dict(schedule="scaled_linear"), dict(schedule="linear", final="min"),
+    dict(schedule="flow", solver="flow_euler", prediction="flow", shift=3.0),
+    dict(schedule="linear", zero_terminal_snr=True, prediction="v"),
+])
+def test_every_starting_spacing_is_laid_out_as_its_own_grid(plan_kw):
+    """Each start whose spacing has the plan's ends is exactly that spacing's grid: the mapping of
+    trailing/linspace onto the free parameters loses nothing."""
+    kw = dict(dict(solver="dpmpp_2m", steps=6), **plan_kw)
+    plan = fastdiff.Sampler(spacing="linspace", **kw)
+    search = _Search(plan, 6, 20, 1 / 64)
+    got = [search.levels(search.lam(z)) for z in search.starts(plan, 6)]
+    flow = plan.schedule.kind == "flow"
+    expected = []
+    for sp in STARTS:
+        try:
+            g = fastdiff.Sampler(spacing=sp, **kw).grid
+        except ValueError:  # e.g. trailing on a flow schedule; logsnr/karras from zero SNR
+            continue
+        levels, ends = g.sigma if flow else g.karras_sigma, [0, int(g.alpha[0] == 0), -1]
+        if np.array_equal(levels[ends], (plan.grid.sigma if flow else plan.grid.karras_sigma)[ends]):
+            expected.append(levels)
+    assert len(got) >= len(expected) >= 1
+    for levels in expected:
+        assert any(np.allclose(levels, mine, rtol=1e-9) for mine in got), (levels, got)
 
 
 @pytest.mark.parametrize("steps", [4, 6])
@@ -84,7 +129,7 @@ def test_same_seed_same_grid_and_the_list_round_trips_through_json():
     assert s.sample(gm.model(SCHEDULE, "epsilon"), noise.float()).shape == noise.shape
 
 
-@pytest.mark.parametrize("budget", [2 * 4 + 20, 20 + 2 * 4 + 13])
+@pytest.mark.parametrize("budget", [20 + len(STARTS) * 4, 20 + len(STARTS) * 4 + 13])
 def test_model_call_budget_is_respected_and_the_progress_bar_counts_it(budget, capsys):
     _, model = _problem(components=2)
     counting = CountingModel(model)
