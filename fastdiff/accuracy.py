@@ -172,7 +172,8 @@ def accuracy_table(case: ModelCase, solvers: Sequence[str] = tuple(ODE_SOLVERS),
         plan = plan_for(solver, "logsnr" if spacing == TUNED else spacing, n, **case.options)
         if plan is not None and spacing == TUNED:
             levels = tune_grid(case.model, plan, plan.steps, case.calibration, cond=case.calibration_cond,
-                               model_dtype=case.model_dtype, max_model_calls=tune_calls, progress=False, dtype=torch.float64)
+                               model_dtype=case.model_dtype, max_model_calls=tune_calls, progress=False,
+                               dtype=torch.float64)
             plan = Sampler(sigmas=levels, backend="reference", **case.options, **ODE_SOLVERS[solver])
         if plan is not None:
             start = (float(plan.grid.alpha[0]), float(plan.grid.sigma[0]))

@@ -228,8 +228,9 @@ def _compare(args) -> int:
                 m = evaluate(load_samples(r.path), reference, features=args.features, bootstrap=args.bootstrap)
             except EvaluationError as e:
                 raise UsageError(str(e)) from e
-            rows.append(dict(m, solver=solver, steps=steps, model_calls=w.sampler.model_calls, images_per_second=r.images_per_second if r.generated
-                             else None, seconds=time.perf_counter() - t0, processes=world))
+            rows.append(dict(m, solver=solver, steps=steps, model_calls=w.sampler.model_calls,
+                             images_per_second=r.images_per_second if r.generated else None,
+                             seconds=time.perf_counter() - t0, processes=world))
             print(f"{solver} {steps}: FD {m['fd']:.3f}, {rows[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
     finally:
         _teardown(world)

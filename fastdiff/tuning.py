@@ -8,9 +8,9 @@ finite range runs to the smallest training noise level, the point a spacing puts
 N' intervals in lambda across the finite range are softmax(z) of N' free numbers z (times the
 range): every candidate is a strictly decreasing grid with the same ends, and z = 0 is the
 logsnr spacing. The search starts from the best of the fixed spacings in `STARTS`, each laid
-out between the plan's ends (its relative positions in lambda kept), and runs a coordinate search: each z_j, in a seeded random order, moves by
-+-step while that brings the solver closer to the reference; a sweep without progress halves
-the step. Objective: the RMS distance between the N-step run and a `reference_steps` run of
+out between the plan's ends (its relative positions in lambda kept), and runs a coordinate
+search: each z_j, in a seeded random order, moves by +-step while that brings the solver closer
+to the reference; a sweep without progress halves the step. Objective: the RMS distance between the N-step run and a `reference_steps` run of
 the same solver (logsnr spacing between the same ends) from the same noise.
 """
 from __future__ import annotations

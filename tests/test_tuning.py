@@ -61,12 +61,12 @@ def test_with_no_budget_left_for_the_search_the_best_starting_spacing_is_returne
     noise = _noise(4, 3)
     plan = _plan(5, **plan_kw)
     reference = _plan(25, **plan_kw).sample(model, noise, dtype=torch.float64)
-    grids = {sp: _plan(5, sp, **plan_kw).grid.karras_sigma for sp in STARTS}
-    err = {sp: _rms(_plan(5, sp, **plan_kw).sample(model, noise, dtype=torch.float64), reference) for sp in STARTS}
+    fixed = {sp: _plan(5, sp, **plan_kw) for sp in STARTS}
+    err = {sp: _rms(p.sample(model, noise, dtype=torch.float64), reference) for sp, p in fixed.items()}
     levels = fastdiff.tune_grid(model, plan, 5, noise, reference_steps=25, max_model_calls=25 + 4 * 5,
                                 progress=False, dtype=torch.float64)
     best = min(err, key=err.get)
-    np.testing.assert_allclose(levels, grids[best], rtol=1e-9, err_msg=f"{best} expected, errors {err}")
+    np.testing.assert_allclose(levels, fixed[best].grid.karras_sigma, rtol=1e-9, err_msg=f"{best} expected, errors {err}")
 
 
 @pytest.mark.parametrize("plan_kw", [
