@@ -10,7 +10,7 @@ from fastdiff.generation import Workload, generate
 from fastdiff.graphs import GraphCaptureError, clear_graphs, graph_stats
 from fastdiff.grid import SPACINGS, TwoStage, make_grid
 from fastdiff.optimize import OptimizeReport, optimize, optimize_report
-from fastdiff.pipelines import pipeline_sample
+from fastdiff.integrations.diffusers.pipelines import pipeline_sample
 from fastdiff.reference.solvers import PREDICTIONS, SOLVERS
 from fastdiff.sampler import Sampler, sample
 from fastdiff.schedules import FlowSchedule, VPSchedule, get_schedule

@@ -9,7 +9,7 @@ What it recognises (everything else is left alone, and reported when it looks fu
 * any other `nn.GroupNorm`: replaced by a fused `GroupNormSiLU(silu=False)`. A SiLU its
   parent applies in `forward` code cannot be seen, so it stays a separate op (the report says so).
 * diffusers models (`UNet2DModel`, `UNet2DConditionModel`, ...): their ResNet blocks, output
-  GroupNorm + SiLU and attention processors, by `fastdiff.optimize_diffusers` (imported only
+  GroupNorm + SiLU and attention processors, by `fastdiff.integrations.diffusers.models` (imported only
   when the model contains diffusers modules; see there).
 * attention of other types (`nn.MultiheadAttention`, third-party blocks): not replaced, reported.
 
@@ -131,9 +131,9 @@ def _adapter_for(model: nn.Module):
     """The diffusers adapter when `model` contains diffusers modules, else None (diffusers is
     imported only then)."""
     if any(type(m).__module__.startswith("diffusers.") for m in model.modules()):
-        from fastdiff import optimize_diffusers
+        from fastdiff.integrations.diffusers import models
 
-        return optimize_diffusers
+        return models
     return None
 
 

@@ -198,11 +198,11 @@ class Sampler:
     @classmethod
     def from_scheduler(cls, scheduler, steps: Optional[int] = None, **overrides) -> "Sampler":
         """The plan a diffusers scheduler describes: the same model times and noise levels as its
-        `set_timesteps(steps)`, the same update (see `fastdiff.diffusers_compat` for the mapping
+        `set_timesteps(steps)`, the same update (see `fastdiff.integrations.diffusers.schedulers` for the mapping
         and where fastdiff differs on purpose). `scheduler`: a scheduler instance or its config
         dict (with "_class_name"; no diffusers import needed). `overrides`: Sampler options
         replacing the mapped ones (backend=, eta= for DDIM, ...)."""
-        from fastdiff.diffusers_compat import sampler_options
+        from fastdiff.integrations.diffusers.schedulers import sampler_options
         return cls(**{**sampler_options(scheduler, steps), **overrides})
 
     @property

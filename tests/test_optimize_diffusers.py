@@ -18,7 +18,7 @@ diffusers = require("diffusers", "diffusers")
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
 from diffusers.models.resnet import ResnetBlock2D  # noqa: E402
 
-from fastdiff.optimize_diffusers import FastdiffAttnProcessor, FusedResnetBlock2D  # noqa: E402
+from fastdiff.integrations.diffusers.models import FastdiffAttnProcessor, FusedResnetBlock2D  # noqa: E402
 
 OP = "group_norm_silu"  # the compiled kernel the "cpu" backend needs
 BATCH, CONTEXT_LEN, CONTEXT_DIM = 2, 7, 12

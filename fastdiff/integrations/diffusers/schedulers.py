@@ -46,7 +46,7 @@ _SPACED = _merge(_BETAS, timestep_spacing="linspace", steps_offset=0)
 _THRESHOLD = dict(thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0)
 _SIGMA_KINDS = dict(use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False)
 
-# diffusers 0.42 defaults of every key fastdiff reads (tests/test_diffusers_compat.py checks them)
+# diffusers 0.42 defaults of every key fastdiff reads (tests/test_diffusers_schedulers.py checks them)
 DEFAULTS = {
     "DDIMScheduler": _merge(_SPACED, _THRESHOLD, clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=True,
                           timestep_spacing="leading"),

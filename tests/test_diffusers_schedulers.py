@@ -1,4 +1,4 @@
-"""Sampler.from_scheduler: diffusers scheduler configs as fastdiff plans (fastdiff/diffusers_compat.py).
+"""Sampler.from_scheduler: diffusers scheduler configs as fastdiff plans (fastdiff.integrations.diffusers.schedulers.py).
 
 Grids: the model times and noise levels equal those of diffusers' set_timesteps (diffusers computes
 its tables in float32, fastdiff in float64: levels agree to 5e-5 in alpha and sigma, integer model
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.diffusers_compat import DEFAULTS
+from fastdiff.integrations.diffusers.schedulers import DEFAULTS
 from fastdiff.testing import GaussianMixture
 
 from conftest import require
