@@ -96,6 +96,10 @@ class Sampler:
             fresh noise (scaled by s_noise) before the model call. A raised level above the
             schedule's largest is an error (lower s_tmax, or start the grid lower). s_churn = 0
             (the default) is the deterministic Heun sampler.
+        noise_scale: the loop starts from noise_scale * noise (1: from the noise as given).
+            `from_scheduler` sets it for diffusers' Euler schedulers, whose pipelines start from
+            noise * init_noise_sigma: sigma_max / sqrt(1 + sigma_max^2) in fastdiff's (VP)
+            state with "linspace"/"trailing" spacing, about 0.2 % below 1.
     """
 
     def __init__(self, solver: str = "dpmpp_2m", steps: Optional[int] = None, schedule="linear",
@@ -107,7 +111,8 @@ class Sampler:
                  sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, sigmas=None, timesteps=None,
                  boundary_scaling: Optional[float] = None, order: Optional[int] = None,
                  variant: Optional[str] = None, corrector: Optional[bool] = None,
-                 s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0):
+                 s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
+                 noise_scale: float = 1.0):
         for name, value, choices in (("solver", solver, sorted(SOLVERS)), ("prediction", prediction, list(PREDICTIONS)),
                                      ("model_time", model_time, sorted(MODEL_TIMES)), ("backend", backend, BACKENDS)):
             if value not in choices:
@@ -122,6 +127,10 @@ class Sampler:
         if variance not in ("small", "large"):
             raise ValueError(f"variance: expected 'small' or 'large', got {variance!r}")
         unipc = _unipc_options(solver, order, variant, corrector)
+        if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) or not (
+                0 < noise_scale < math.inf):
+            raise ValueError(f"noise_scale: expected a finite number > 0, got {noise_scale!r}")
+        self.noise_scale = float(noise_scale)
         if clamp is not None and (isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not clamp > 0):
             raise ValueError(f"clamp: expected a positive bound or None, got {clamp!r}")
         if not (isinstance(lower_order_final, bool) or lower_order_final == "last"):
@@ -176,7 +185,8 @@ class Sampler:
                             shift=shift, steps_offset=steps_offset, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max,
                             boundary_scaling=boundary_scaling,
                             schedule=schedule if isinstance(schedule, str) else repr(schedule),
-                            order=unipc.get("order"), variant=unipc.get("variant"), corrector=unipc.get("corrector"))
+                            order=unipc.get("order"), variant=unipc.get("variant"), corrector=unipc.get("corrector"),
+                            noise_scale=self.noise_scale)
         cls, fixed = SOLVERS[solver]
         self._solver_args = dict(fixed, eta=eta, lower_order_final=lower_order_final, variance=variance,
                                  clamp=clamp, **unipc)
@@ -196,14 +206,20 @@ class Sampler:
                                      variance=variance, boundary_scaling=boundary_scaling, **unipc)
 
     @classmethod
-    def from_scheduler(cls, scheduler, steps: Optional[int] = None, **overrides) -> "Sampler":
+    def from_scheduler(cls, scheduler, steps: Optional[int] = None, *, scheduler_class=None, mu=None, sigmas=None,
+                       timesteps=None, **overrides) -> "Sampler":
         """The plan a diffusers scheduler describes: the same model times and noise levels as its
-        `set_timesteps(steps)`, the same update (see `fastdiff.integrations.diffusers.schedulers` for the mapping
-        and where fastdiff differs on purpose). `scheduler`: a scheduler instance or its config
-        dict (with "_class_name"; no diffusers import needed). `overrides`: Sampler options
-        replacing the mapped ones (backend=, eta= for DDIM, ...)."""
+        `set_timesteps(steps, mu=, sigmas=, timesteps=)`, the same update (see
+        `fastdiff.integrations.diffusers.schedulers` for the mapping and where fastdiff differs on
+        purpose). `scheduler`: a scheduler instance, or a config dict (scheduler_config.json, or
+        `pipe.scheduler.config` with `scheduler_class=` naming the class; no diffusers import
+        needed). Config keys the scheduler does not take are ignored, as diffusers ignores them.
+        `mu`, `sigmas`, `timesteps`: set_timesteps' own arguments, in the scheduler's terms (mu:
+        FlowMatch dynamic shifting). `overrides`: Sampler options replacing the mapped ones
+        (backend=, eta= for DDIM, ...)."""
         from fastdiff.integrations.diffusers.schedulers import sampler_options
-        return cls(**{**sampler_options(scheduler, steps), **overrides})
+        options = sampler_options(scheduler, steps, scheduler_class, mu=mu, sigmas=sigmas, timesteps=timesteps)
+        return cls(**{**options, **overrides})
 
     @property
     def steps(self) -> int:
@@ -272,6 +288,8 @@ class Sampler:
             raise TypeError(f"callback: expected a callable callback(i, x) or None, got {type(callback).__name__}")
         check_guidance_scale(guidance_scale)
         x = _initial_state(noise, shape, generator, device, dtype)
+        if self.noise_scale != 1.0:
+            x.mul_(self.noise_scale)
         if cuda_graph not in CUDA_GRAPH_MODES:
             raise ValueError(f"cuda_graph: expected one of {CUDA_GRAPH_MODES}, got {cuda_graph!r}")
         if cuda_graph is True and (not fused or x.device.type != "cuda"):

@@ -23,16 +23,16 @@ Where fastdiff differs from diffusers on purpose:
   use_clipped_model_output=True); diffusers' default keeps the unclipped one.
 * DDPM adds no noise on its last step; diffusers adds beta-variance noise there when the last
   timestep is > 0 (variance_type="fixed_large" with "trailing" spacing).
-* The Euler schedulers start from noise at the first model time's level; a pipeline scaling
-  the noise by diffusers' init_noise_sigma starts from sigma_max (linspace/trailing), ~0.2 % off.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Mapping
 
 import numpy as np
 
+from fastdiff._names import did_you_mean
 from fastdiff.schedules import FlowSchedule, VPSchedule
 
 def _merge(*parts, **kw) -> dict:
@@ -73,40 +73,88 @@ DEFAULTS = {
         max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096, invert_sigmas=False, shift_terminal=None,
         time_shift_type="exponential", stochastic_sampling=False),
 }
-NOT_YET: dict = {}  # scheduler class -> the fastdiff solver it waits for (none at present)
+# Schedulers a diffusers user can swap in that fastdiff does not map, and why. "Not yet": the
+# update is linear in the model outputs, so it fits the fused step's rows, but its rows are not
+# written yet (benchmarks/NOTES.md, the scheduler table).
+_NOT_YET = "its update is linear in the model outputs and will run as rows of the fused step, not written yet"
+NOT_SUPPORTED = {
+    "DPMSolverSDEScheduler": "its noise comes from a Brownian tree (torchsde), which the fused step's per-step "
+                             "Gaussian noise cannot reproduce; use DPMSolverMultistepScheduler with "
+                             "algorithm_type='sde-dpmsolver++'",
+    "PNDMScheduler": f"not yet ({_NOT_YET})",
+    "LMSDiscreteScheduler": f"not yet ({_NOT_YET})",
+    "DEISMultistepScheduler": f"not yet ({_NOT_YET})",
+    "HeunDiscreteScheduler": f"not yet (fastdiff's solver='heun' is EDM's Heun; the scheduler mapping is {_NOT_YET})",
+    "KDPM2DiscreteScheduler": f"not yet ({_NOT_YET})",
+    "KDPM2AncestralDiscreteScheduler": f"not yet ({_NOT_YET})",
+    "DPMSolverSinglestepScheduler": f"not yet ({_NOT_YET})",
+    "EDMEulerScheduler": f"not yet ({_NOT_YET})",
+    "EDMDPMSolverMultistepScheduler": f"not yet ({_NOT_YET})",
+    "TCDScheduler": f"not yet ({_NOT_YET})",
+    "FlowMatchHeunDiscreteScheduler": f"not yet ({_NOT_YET})",
+}
 _PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v", "sample": "sample"}
-_IGNORED = ("_class_name", "_diffusers_version", "_use_default_values")
+# Every key any scheduler's __init__ takes: a config key outside its own scheduler's __init__ but
+# in this set is one diffusers carries between schedulers (SD-1.5's PNDM config holds DDIM's
+# set_alpha_to_one, ...) and is inert; a key in neither is inert too, but may be a misspelling.
+_KNOWN_KEYS = frozenset(k for defaults in DEFAULTS.values() for k in defaults)
+# set_timesteps' own arguments beyond the step count, for the schedulers fastdiff maps them for
+_SET_TIMESTEPS_ARGS = {"FlowMatchEulerDiscreteScheduler": ("mu", "sigmas", "timesteps")}
 
 
-def sampler_options(scheduler, steps) -> dict:
-    """`fastdiff.Sampler` keyword arguments for a diffusers scheduler (instance or config dict)."""
-    name, cfg = _read(scheduler)
+def sampler_options(scheduler, steps, scheduler_class=None, **set_timesteps_args) -> dict:
+    """`fastdiff.Sampler` keyword arguments for a diffusers scheduler (instance or config dict).
+    `set_timesteps_args`: the scheduler's own set_timesteps arguments (mu, sigmas, timesteps),
+    None where not given."""
+    name, cfg = _read(scheduler, scheduler_class)
+    given = {k: v for k, v in set_timesteps_args.items() if v is not None}
+    accepted = _SET_TIMESTEPS_ARGS.get(name, ())
+    for key in given:
+        if key not in accepted:
+            raise ValueError(f"{key}: fastdiff maps {name}.set_timesteps(num_inference_steps) without {key}=; "
+                             f"it takes {key}= for {sorted(k for k, v in _SET_TIMESTEPS_ARGS.items() if key in v)}")
     if steps is None:
-        steps = getattr(scheduler, "num_inference_steps", None)
+        custom = given.get("sigmas", given.get("timesteps"))
+        steps = len(custom) if custom is not None else getattr(scheduler, "num_inference_steps", None)
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps: expected an integer >= 1 (the scheduler's num_inference_steps), got {steps!r}")
-    return _MAPPERS[name](cfg, int(steps))
+    return _MAPPERS[name](cfg, int(steps), **given)
 
 
-def _read(scheduler):
+def _class_name(scheduler_class) -> str:
+    if isinstance(scheduler_class, str):
+        return scheduler_class
+    if isinstance(scheduler_class, type):
+        return scheduler_class.__name__
+    raise TypeError(f"scheduler_class: expected a diffusers scheduler class or its name, got "
+                    f"{type(scheduler_class).__name__}")
+
+
+def _read(scheduler, scheduler_class=None):
     if isinstance(scheduler, Mapping):
         cfg = dict(scheduler)
-        name = cfg.get("_class_name")
+        # as SomeScheduler.from_config(config): the class given wins over the config's _class_name
+        name = _class_name(scheduler_class) if scheduler_class is not None else cfg.get("_class_name")
         if name is None:
-            raise ValueError("scheduler: a config dict needs its '_class_name' (as in scheduler_config.json)")
+            raise ValueError("scheduler: this config has no '_class_name' (pipe.scheduler.config has none); name "
+                             "the scheduler: from_scheduler(config, steps, scheduler_class=EulerDiscreteScheduler)")
     else:
         cfg, name = getattr(scheduler, "config", None), type(scheduler).__name__
         if not isinstance(cfg, Mapping):
             raise TypeError(f"scheduler: expected a diffusers scheduler or its config dict, got {name}")
+        if scheduler_class is not None:
+            raise ValueError("scheduler_class: only for a config dict; a scheduler instance names its own class")
         cfg = dict(cfg)
-    if name in NOT_YET:
-        raise ValueError(f"scheduler: {NOT_YET[name]}: not yet supported ({name})")
+    if name in NOT_SUPPORTED:
+        raise ValueError(f"scheduler: {name} is not supported by fastdiff: {NOT_SUPPORTED[name]}")
     if name not in DEFAULTS:
-        raise ValueError(f"scheduler: {name} is not supported; expected one of {sorted(DEFAULTS)}")
-    unknown = sorted(set(cfg) - set(DEFAULTS[name]) - set(_IGNORED))
-    if unknown:
-        raise ValueError(f"{unknown[0]}: a {name} option fastdiff does not know (got {cfg[unknown[0]]!r})")
-    return name, {**DEFAULTS[name], **{k: v for k, v in cfg.items() if k not in _IGNORED}}
+        raise ValueError(f"scheduler: {name} is not supported; expected one of "
+                         f"{sorted(DEFAULTS)}{did_you_mean(name, DEFAULTS)}")
+    for key in sorted(set(cfg) - _KNOWN_KEYS):
+        hint = did_you_mean(key, DEFAULTS[name])
+        if hint and not key.startswith("_"):
+            warnings.warn(f"{key}: not a {name} option, ignored as diffusers ignores it{hint}", stacklevel=4)
+    return name, {**DEFAULTS[name], **{k: v for k, v in cfg.items() if k in DEFAULTS[name]}}
 
 
 def _require(cfg, name, *allowed):
@@ -284,8 +332,13 @@ def _euler(cfg, n, ancestral=False):
         sigmas = _converted_sigmas(kind, lo, hi, n)
         times = _sigma_to_t(sigmas, table)
     final = 0.0 if ancestral else _final_sigma(cfg, table, sigmas)
+    # pipelines start from noise * init_noise_sigma: sigma_max ("linspace", "trailing") or
+    # sqrt(1 + sigma_max^2), in VE coordinates; fastdiff's VP state is that / sqrt(1 + sigma_max^2)
+    s0 = float(np.max(sigmas))
+    init = s0 if cfg["timestep_spacing"] in ("linspace", "trailing") else math.sqrt(1.0 + s0 * s0)
     return dict(solver="euler_ancestral" if ancestral else "euler", schedule=sched, prediction=_prediction(cfg),
-                sigmas=np.append(sigmas, final), timesteps=times.astype(np.float32))
+                sigmas=np.append(sigmas, final), timesteps=times.astype(np.float32),
+                noise_scale=init / math.sqrt(1.0 + s0 * s0))
 
 
 def _lcm(cfg, n):
@@ -302,16 +355,43 @@ def _lcm(cfg, n):
                 boundary_scaling=float(cfg["timestep_scaling"]))
 
 
-def _flow(cfg, n):
-    for name in ("use_dynamic_shifting", "invert_sigmas", *_SIGMA_KINDS):
+def _flow(cfg, n, mu=None, sigmas=None, timesteps=None):
+    for name in ("invert_sigmas", *_SIGMA_KINDS):
         _require(cfg, name, False)
     _require(cfg, "shift_terminal", None)
-    T, shift = cfg["num_train_timesteps"], float(cfg["shift"])
+    _require(cfg, "time_shift_type", "exponential", "linear")
+    T = cfg["num_train_timesteps"]
+    if cfg["use_dynamic_shifting"]:
+        if mu is None:
+            raise ValueError("mu: use_dynamic_shifting=True shifts by the image size: pass mu= (as the pipeline "
+                             "computes it from the image's sequence length) to from_scheduler")
+        # time_shift(mu, 1, s) is the static shift with shift = e^mu ("exponential") or mu ("linear")
+        shift = math.exp(mu) if cfg["time_shift_type"] == "exponential" else float(mu)
+        lo = 1.0 / T  # the unshifted smallest training time
+    else:
+        if mu is not None:
+            raise ValueError("mu: only for use_dynamic_shifting=True; this config shifts by shift="
+                             f"{cfg['shift']!r}")
+        shift = float(cfg["shift"])
     sched = FlowSchedule(shift=shift, num_train_timesteps=T)
-    lo = sched.apply_shift(1.0 / T)  # diffusers' sigma_min: the shifted smallest training time ...
-    t = sched.apply_shift(np.linspace(1.0, float(lo), n))  # ... shifted once more with the grid
+    if not cfg["use_dynamic_shifting"]:
+        # diffusers' sigma_min: the smallest training time shifted (in float32) ...
+        s = np.float32(1.0) / np.float32(T)
+        lo = float(np.float32(shift) * s / (np.float32(1.0) + np.float32(shift - 1.0) * s))
+    for key, custom in (("sigmas", sigmas), ("timesteps", timesteps)):
+        if custom is not None and len(custom) != n:
+            raise ValueError(f"{key}: {len(custom)} values for {n} steps")
+    if sigmas is not None:
+        base = np.asarray(sigmas, dtype=np.float32).astype(np.float64)
+    elif timesteps is not None:
+        base = np.asarray(timesteps, dtype=np.float32).astype(np.float64) / T
+    else:
+        base = np.linspace(float(T), lo * T, n) / T  # ... shifted once more with the grid
+    t = sched.apply_shift(base).astype(np.float32)  # diffusers keeps float32 sigmas, times = sigma * T
+    times = np.asarray(timesteps, dtype=np.float32) if timesteps is not None else t * np.float32(T)
+    t = t.astype(np.float64)
     return dict(solver="flow_sde" if cfg["stochastic_sampling"] else "flow_euler", schedule=sched,
-                prediction="flow", sigmas=np.append(t, 0.0), timesteps=(t * T).astype(np.float32))
+                prediction="flow", sigmas=np.append(t, 0.0), timesteps=times)
 
 
 _MAPPERS = {

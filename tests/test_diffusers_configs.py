@@ -1,0 +1,121 @@
+"""The scheduler configs real checkpoints ship (tests/diffusers_configs.py), loaded into every
+scheduler a diffusers user swaps in, through `Sampler.from_scheduler`: each case gives the plan
+of diffusers' set_timesteps and its sampled result, or raises the scheduler's specific error.
+
+The model is the analytic Gaussian mixture (closed-form model output); diffusers' loop starts
+from noise * init_noise_sigma and calls scheduler.step, as its pipelines do."""
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.integrations.diffusers.schedulers import NOT_SUPPORTED
+from fastdiff.testing import GaussianMixture
+
+from conftest import require
+from diffusers_configs import FLOW_CONFIGS, FLOW_SCHEDULERS, VP_CONFIGS, VP_SCHEDULERS
+
+diffusers = require("diffusers", "diffusers")
+
+STEPS = (4, 10, 25)
+CASES = [(c, s, n) for c in VP_CONFIGS for s in VP_SCHEDULERS for n in STEPS] + [
+    (c, s, n) for c in FLOW_CONFIGS for s in FLOW_SCHEDULERS for n in STEPS]
+
+
+def flux_mu(cfg: dict, image_seq_len: int) -> float:
+    """FluxPipeline's mu: linear in the image's token count between the config's two ends."""
+    m = (cfg["max_shift"] - cfg["base_shift"]) / (cfg["max_image_seq_len"] - cfg["base_image_seq_len"])
+    return cfg["base_shift"] + m * (image_seq_len - cfg["base_image_seq_len"])
+
+
+def _load(config_name, scheduler_name):
+    config = {**VP_CONFIGS, **FLOW_CONFIGS}[config_name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # diffusers' notes on the inert keys
+        return config, getattr(diffusers, scheduler_name).from_config(config)
+
+
+def _set_timesteps_args(config):
+    return dict(mu=flux_mu(config, 1024)) if config.get("use_dynamic_shifting") else {}
+
+
+def _diffusers_loop(sch, model, noise, seed):
+    x = noise * getattr(sch, "init_noise_sigma", 1.0)
+    gen = torch.Generator().manual_seed(seed)
+    for t in sch.timesteps:
+        m = model(sch.scale_model_input(x, t) if hasattr(type(sch), "scale_model_input") else x,
+                  t.float().expand(x.shape[0]))
+        kw = dict(generator=gen) if "generator" in sch.step.__code__.co_varnames else {}
+        x = sch.step(m, t, x, **kw).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)).replace("Scheduler", "") for c in CASES])
+def test_real_config_gives_diffusers_plan_and_result_or_its_specific_error(case):
+    config_name, scheduler_name, n = case
+    config = {**VP_CONFIGS, **FLOW_CONFIGS}[config_name]
+    args = _set_timesteps_args(config)
+    if scheduler_name in NOT_SUPPORTED:  # (as a config: DPMSolverSDEScheduler needs torchsde to exist)
+        with pytest.raises(ValueError, match=f"^scheduler: {scheduler_name} is not supported by fastdiff: "):
+            fastdiff.Sampler.from_scheduler(config, n, scheduler_class=scheduler_name, **args)
+        return
+    config, sch = _load(config_name, scheduler_name)
+    sampler = fastdiff.Sampler.from_scheduler(sch, n, **args)
+    sch.set_timesteps(n, **args)
+    # the model times diffusers computes, float32 rounding included
+    np.testing.assert_array_equal(sampler.table.model_time.astype(np.float32), sch.timesteps.float().numpy())
+    gm = GaussianMixture.random(shape=(2, 3, 3), seed=1)
+    model = gm.model(sampler.schedule, prediction=sampler.prediction)
+    noise = torch.randn(3, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    ours = sampler.sample(model, noise, generator=torch.Generator().manual_seed(5))
+    theirs = _diffusers_loop(sch, model, noise, seed=5)
+    scale = theirs.abs().max().item()
+    assert (ours - theirs).abs().max().item() <= 1e-4 * scale, (ours - theirs).abs().max().item() / scale
+
+
+def test_pipeline_config_without_class_name_needs_the_class():
+    config, sch = _load("sdxl", "DPMSolverMultistepScheduler")
+    plain = {k: v for k, v in sch.config.items() if k != "_class_name"}
+    s = fastdiff.Sampler.from_scheduler(plain, 6, scheduler_class=diffusers.DPMSolverMultistepScheduler)
+    assert s.solver == "dpmpp_2m"
+    assert fastdiff.Sampler.from_scheduler(config, 6, scheduler_class="UniPCMultistepScheduler").solver == "unipc"
+    with pytest.raises(ValueError, match="^scheduler: this config has no '_class_name'.*scheduler_class="):
+        fastdiff.Sampler.from_scheduler(plain, 6)
+    with pytest.raises(ValueError, match="^scheduler_class: only for a config dict"):
+        fastdiff.Sampler.from_scheduler(sch, 6, scheduler_class="DDIMScheduler")
+    with pytest.raises(TypeError, match="^scheduler_class: expected a diffusers scheduler class or its name"):
+        fastdiff.Sampler.from_scheduler(plain, 6, scheduler_class=3)
+
+
+def test_inert_keys_are_ignored_and_misspelled_ones_named():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the keys real configs carry along: no warning at all
+        fastdiff.Sampler.from_scheduler(dict(VP_CONFIGS["sd15"], _class_name="EulerDiscreteScheduler"), 6)
+    with pytest.warns(UserWarning, match="^use_karas_sigmas: not a DPMSolverMultistepScheduler option, ignored "
+                                         "as diffusers ignores it; did you mean 'use_karras_sigmas'"):
+        fastdiff.Sampler.from_scheduler({"_class_name": "DPMSolverMultistepScheduler", "use_karas_sigmas": True}, 6)
+    with pytest.raises(ValueError, match="^scheduler: DPMSolverMultistepSchedular is not supported.*did you mean "
+                                         "'DPMSolverMultistepScheduler'"):
+        fastdiff.Sampler.from_scheduler({"_class_name": "DPMSolverMultistepSchedular"}, 6)
+
+
+def test_set_timesteps_arguments():
+    flux = FLOW_CONFIGS["flux_dev"]
+    with pytest.raises(ValueError, match="^mu: use_dynamic_shifting=True shifts by the image size: pass mu="):
+        fastdiff.Sampler.from_scheduler(flux, 4)
+    with pytest.raises(ValueError, match="^mu: only for use_dynamic_shifting=True"):
+        fastdiff.Sampler.from_scheduler(FLOW_CONFIGS["sd3"], 4, mu=1.0)
+    with pytest.raises(ValueError, match="^mu: fastdiff maps DDIMScheduler.set_timesteps"):
+        fastdiff.Sampler.from_scheduler(VP_CONFIGS["sd21"], 4, mu=1.0)
+    # custom sigmas, shifted as diffusers shifts them; steps follow their count
+    sigmas = np.linspace(1.0, 1 / 4, 4)
+    sch = diffusers.FlowMatchEulerDiscreteScheduler.from_config(flux)
+    sch.set_timesteps(sigmas=sigmas, mu=0.8)
+    s = fastdiff.Sampler.from_scheduler(flux, sigmas=sigmas, mu=0.8)
+    assert s.steps == 4
+    np.testing.assert_allclose(s.grid.sigma, sch.sigmas.double().numpy(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="^sigmas: 4 values for 5 steps"):
+        fastdiff.Sampler.from_scheduler(flux, 5, sigmas=sigmas, mu=0.8)
