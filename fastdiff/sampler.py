@@ -34,7 +34,7 @@ from fastdiff.ops.solver_step import solver_step
 from fastdiff.profiling import nvtx_range
 from fastdiff.reference.solvers import PREDICTIONS, SOLVERS
 from fastdiff.schedules import MODEL_TIMES, Schedule, get_schedule
-from fastdiff.solvers import Churn, SolverTable, build_table, heun_table
+from fastdiff.solvers import Churn, SolverTable, build_table, heun_table, pndm_table
 
 BACKENDS = ("auto", "reference", "cuda", "triton", "cpu")
 _ETA_SOLVERS = ("ddim", "euler_ancestral", "flow_sde")
@@ -48,10 +48,11 @@ class Sampler:
     Args:
         solver: one of `fastdiff.SOLVERS` ("ddpm", "ddim", "dpmpp_1m", "dpmpp_2m", "dpmpp_3m",
             "dpmpp_2m_sde", "euler", "euler_ancestral", "heun", "flow_euler", "flow_sde", "consistency",
-            "unipc").
+            "unipc", "pndm").
         steps: number of grid steps (>= 1; at most the schedule's training timesteps); default 20,
             or the length of an explicit grid. Every solver calls the model once per step but
-            "heun", which takes 2N - 1 calls (2N with final="min"): `model_calls` says how many.
+            "heun", which takes 2N - 1 calls (2N with final="min"), and "pndm" (PLMS, diffusers'
+            PNDMScheduler with skip_prk_steps), N + 1: `model_calls` says how many.
         schedule: "linear", "scaled_linear", "cosine", "flow", or a VPSchedule/FlowSchedule.
         spacing: "leading", "trailing" (default), "linspace", "karras" or "logsnr", or a
             coarse-to-fine `fastdiff.TwoStage(coarse, split_sigma, ...)` (see `fastdiff.grid`).
@@ -173,6 +174,9 @@ class Sampler:
             raise ValueError("prediction: an 'epsilon' model carries no information about x0 at zero SNR "
                              "(alpha = 0 at the first step); use a v- or sample-predicting model, or a spacing "
                              "that starts below the last timestep")
+        if solver == "pndm" and (self.schedule.kind == "flow" or prediction == "flow"):
+            raise ValueError("solver: 'pndm' transfers along a variance-preserving schedule's noise prediction; "
+                             "use flow_euler for a flow schedule")
         if solver in _VE_SOLVERS and (model_alpha == 0).any():
             raise ValueError(f"solver: {solver!r} works in sigma/alpha, which is infinite at zero SNR; "
                              "use dpmpp_*, ddim or flow_euler")
@@ -201,6 +205,8 @@ class Sampler:
             self.options.update(vars(churn))
             self._solver_args.update(vars(churn), schedule=self.schedule, model_time=model_time)
             self.table: SolverTable = heun_table(self.grid, self.schedule, model_time, prediction, churn)
+        elif solver == "pndm":
+            self.table = pndm_table(self.grid, prediction)
         else:
             self.table = build_table(solver, self.grid, prediction, eta=eta, lower_order_final=lower_order_final,
                                      variance=variance, boundary_scaling=boundary_scaling, **unipc)

@@ -258,6 +258,55 @@ def heun_table(grid: Grid, schedule, model_time: str, prediction: str, churn: Ch
                        initial_scale=a0 / al[0], initial_noise=a0 * math.sqrt(ks0**2 - ks[0] ** 2) * churn.s_noise)
 
 
+# Adams-Bashforth weights on the newest output first, by order (written out again here, apart
+# from the reference's, so that the parity tests check them too)
+PLMS_WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -4 / 3, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -3 / 8)}
+
+
+def pndm_table(grid: Grid, prediction: str) -> SolverTable:
+    """PNDM's pseudo linear multistep (`fastdiff.reference.solvers.PNDM`) as rows: N + 1 model
+    calls for N >= 2 steps. The history holds raw model outputs (p = 0, q = 1), since PLMS
+    combines outputs, not data predictions. With e = e_x x + e_m m the noise prediction of an
+    output and the DDIM transfer x' = (a'/a) x + (s' - a' s / a) e from point i to i + 1, a
+    combined output m~ moves x to P_i x + Q_i m~ (P_i = a'/a + C e_x, Q_i = C e_m).
+      row 0 (point 0, x_0): x1* = P_0 x_0 + Q_0 m_0, stores m_0;
+      row 1 (point 1, x1*): the corrector P_0 x_0 + Q_0 (m_0 + m_1) / 2 = x1* + Q_0/2 (m_1 - m_0)
+            (x_0 is not kept: it cancels); m_1 is not stored, as diffusers does not keep it;
+      row k >= 2 (point k - 1, whose model time row 1 already used for k = 2): Adams-Bashforth
+            over the stored outputs, order min(k, 4), x' = P x + Q sum_l w_l m_{-l}."""
+    n, al, sg = grid.steps, grid.alpha, grid.sigma
+    e_x, e_m = {"epsilon": (lambda a, s: 0.0, lambda a, s: 1.0), "v": (lambda a, s: s, lambda a, s: a),
+                "sample": (lambda a, s: 1.0 / s, lambda a, s: -a / s)}[prediction]
+    transfer = []
+    for i in range(n):
+        c = sg[i + 1] - al[i + 1] * sg[i] / al[i]
+        transfer.append((al[i + 1] / al[i] + c * e_x(al[i], sg[i]), c * e_m(al[i], sg[i])))
+    slots_n = min(4, n) if n > 1 else 0
+    coef, slots, times = [], [], []
+    p0, q0 = transfer[0]
+    coef.append([0.0, 1.0, p0, q0, 0, 0, 0, 0])
+    slots.append([0 if n > 1 else -1, -1, -1, -1])
+    times.append(grid.model_time[0])
+    if n > 1:
+        coef.append([0.0, 1.0, 1.0, 0.5 * q0, -0.5 * q0, 0, 0, 0])
+        slots.append([-1, 0, -1, -1])
+        times.append(grid.model_time[1])
+    for i in range(1, n):  # stored output j = i (output 0 is row 0's)
+        p, q = transfer[i]
+        k = min(i + 1, 4)
+        w = PLMS_WEIGHTS[k]
+        coef.append([0.0, 1.0, p] + [q * wl for wl in w] + [0.0] * (4 - k) + [0.0])
+        slots.append([i % slots_n] + [(i - l) % slots_n if l < k else -1 for l in range(1, 4)])
+        times.append(grid.model_time[i])
+    rows = len(coef)
+    ends = np.ones(rows, dtype=bool)
+    if n > 1:
+        ends[0] = False
+    return SolverTable(coef=np.array(coef, dtype=np.float64), slots=np.array(slots, dtype=np.int64),
+                       history=slots_n, model_time=np.array(times, dtype=np.float64), ends_step=ends,
+                       step_state=np.tile([1.0, 0.0], (rows, 1)))
+
+
 def _third_order_weights(a_s, phi, h, r0, r1):
     """Weights on D_i, D_{i-1}, D_{i-2} of the third-order multistep update
     x' = (s'/s) x - a' phi D_i + a' (phi/h + 1) D1 + 2 a' (1/2 - (phi + h)/h^2) D2, where D1 ~ h D'

@@ -16,9 +16,12 @@ OP = "solver_step"  # the conftest `backend` fixture: cpu, triton-interp, refere
 
 F64 = torch.float64
 VP_SOLVERS = ["ddpm", "ddim", "dpmpp_1m", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "euler", "euler_ancestral",
-              "consistency", "unipc"]
+              "consistency", "unipc", "pndm"]
 FLOW_SOLVERS = ["flow_euler", "flow_sde", "dpmpp_2m", "dpmpp_3m", "unipc"]
 LOOP_TOL = 2e-6
+# PLMS multiplies the fp32 model outputs' rounding by its Adams-Bashforth weights (sum of |w|
+# 6.7 at order 4, against 1-3 for the others' history terms): measured up to 3.1e-6 here
+LOOP_TOL_BY_SOLVER = {"pndm": 2 * LOOP_TOL}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +54,7 @@ def test_vp_solvers_match_the_textbook_reference(mixture, backend, solver, predi
         pytest.skip("CUDA draws different noise than the CPU generator: stochastic solvers are checked "
                     "on CPU backends")
     out, ref = _pair(mixture, be, device, solver=solver, prediction=prediction)
-    assert rel_err(out, ref) < LOOP_TOL
+    assert rel_err(out, ref) < LOOP_TOL_BY_SOLVER.get(solver, LOOP_TOL)
 
 
 @pytest.mark.parametrize("prediction", ["flow", "v", "sample"])

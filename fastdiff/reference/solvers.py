@@ -341,6 +341,42 @@ class Heun(ReferenceSolver):
             d2 = (y_next - self._denoise(y_next, self.grid.tau[j], self.a[j], self.s[j], call_model)) / t_next
             y_next = y + (t_next - t_hat) * (0.5 * d + 0.5 * d2)
         return self.a[i + 1] * y_next
+class PNDM(ReferenceSolver):
+    """PNDM's pseudo linear multistep (Liu et al. 2022, PLMS) as diffusers' PNDMScheduler runs it
+    with skip_prk_steps: the transfer phi of eq. 9 moves x from grid point i to i + 1 along a
+    noise prediction e; e is an Adams-Bashforth combination of the stored model outputs (orders
+    2, 3, 4 as they accumulate); step 0 predicts with phi and corrects with the mean of the two
+    outputs (two model calls, the second at point 1, whose model time the next step repeats).
+    Non-epsilon outputs are combined first, then converted to e at the current state and time,
+    as diffusers does."""
+
+    WEIGHTS = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+    def __init__(self, grid, prediction, **kw):
+        super().__init__(grid, prediction, **kw)
+        self.outputs: list = []  # the stored model outputs, newest last (step 0's corrector call is not kept)
+
+    def _transfer(self, i, x, m):
+        ab, ab_next = self.a[i] ** 2, self.a[i + 1] ** 2
+        e = to_eps(x, m, self.a[i], self.s[i], self.prediction)
+        denom = ab * math.sqrt(1.0 - ab_next) + math.sqrt(ab * (1.0 - ab) * ab_next)
+        return math.sqrt(ab_next / ab) * x - (ab_next - ab) / denom * e
+
+    def sample_step(self, i, x, call_model, draw_noise):
+        times = self.grid.model_time
+        m = call_model(x, times[i])
+        if i == 0:
+            self.outputs = [m]
+            if self.grid.steps == 1:
+                return self._transfer(0, x, m)
+            m1 = call_model(self._transfer(0, x, m), times[1])
+            return self._transfer(0, x, 0.5 * (m + m1))
+        self.outputs = (self.outputs + [m])[-4:]
+        weights = self.WEIGHTS[len(self.outputs)]
+        combined = sum(w * out for w, out in zip(weights, reversed(self.outputs)))
+        return self._transfer(i, x, combined)
+
+
 class UniPC(ReferenceSolver):
     """UniPC (Zhao et al. 2023), data prediction, orders 1-3: the predictor UniP-p and the
     corrector UniC-p, written as the paper's unified update from the state x at point j
@@ -428,4 +464,5 @@ SOLVERS = {
     "consistency": (Consistency, {}),
     "heun": (Heun, {}),
     "unipc": (UniPC, {}),
+    "pndm": (PNDM, {}),
 }

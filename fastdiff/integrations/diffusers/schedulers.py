@@ -1,8 +1,9 @@
 """diffusers scheduler configs as fastdiff plans (`fastdiff.Sampler.from_scheduler`).
 
-Reads a scheduler instance's `.config` or the config dict itself (`_class_name` names the
-scheduler; missing keys take diffusers' defaults, tabulated here, so a dict needs no diffusers
-import). The plan is an explicit grid (`fastdiff.grid.explicit_grid`) holding exactly the model
+Reads a scheduler instance's `.config` or the config dict itself (`_class_name` or the
+`scheduler_class` argument names the scheduler; missing keys take diffusers' defaults, tabulated
+here, so a dict needs no diffusers import; keys the scheduler's __init__ does not take are inert,
+as in diffusers). The plan is an explicit grid (`fastdiff.grid.explicit_grid`) holding exactly the model
 times and noise levels of the scheduler's `set_timesteps(steps)`, computed here in float64.
 
 Where fastdiff differs from diffusers on purpose:
@@ -15,12 +16,14 @@ Where fastdiff differs from diffusers on purpose:
 * UniPCMultistep with lower_order_final=False: its higher-order step to sigma = 0 divides by
   the zero log-SNR ratio of that step and returns inf/NaN; fastdiff's step to sigma = 0 is first
   order (as for DPM-Solver++), which is the limit of the formula.
-* DDIM steps to the next model time; diffusers steps to t - T // N, which is another time when
+* DDIM and PNDM step to the next model time; diffusers steps to t - T // N, which is another time when
   T is not a multiple of N with "trailing" / "linspace" spacing (then its next step starts
   from a noise level other than the one the model is told). The last step ends at the final
   alpha (set_alpha_to_one).
 * DDIM clip_sample: the noise estimate follows the clipped x0 (diffusers'
-  use_clipped_model_output=True); diffusers' default keeps the unclipped one.
+  use_clipped_model_output=True); diffusers' default keeps the unclipped one (the fused step
+  has one data prediction per row, clamped or not: following diffusers needs both). The
+  checkpoints' own configs set clip_sample=False.
 * DDPM adds no noise on its last step; diffusers adds beta-variance noise there when the last
   timestep is > 0 (variance_type="fixed_large" with "trailing" spacing).
 """
@@ -60,6 +63,8 @@ DEFAULTS = {
     "EulerDiscreteScheduler": _merge(_SPACED, _SIGMA_KINDS, interpolation_type="linear", sigma_min=None,
                                    sigma_max=None, timestep_type="discrete", final_sigmas_type="zero"),
     "EulerAncestralDiscreteScheduler": dict(_SPACED),
+    "PNDMScheduler": {k: v for k, v in _merge(_SPACED, skip_prk_steps=False, set_alpha_to_one=False,
+                                              timestep_spacing="leading").items() if k != "rescale_betas_zero_snr"},
     "LCMScheduler": _merge(_SPACED, _THRESHOLD, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                          original_inference_steps=50, clip_sample=False, clip_sample_range=1.0,
                          set_alpha_to_one=True, timestep_spacing="leading", timestep_scaling=10.0),
@@ -81,7 +86,6 @@ NOT_SUPPORTED = {
     "DPMSolverSDEScheduler": "its noise comes from a Brownian tree (torchsde), which the fused step's per-step "
                              "Gaussian noise cannot reproduce; use DPMSolverMultistepScheduler with "
                              "algorithm_type='sde-dpmsolver++'",
-    "PNDMScheduler": f"not yet ({_NOT_YET})",
     "LMSDiscreteScheduler": f"not yet ({_NOT_YET})",
     "DEISMultistepScheduler": f"not yet ({_NOT_YET})",
     "HeunDiscreteScheduler": f"not yet (fastdiff's solver='heun' is EDM's Heun; the scheduler mapping is {_NOT_YET})",
@@ -174,7 +178,7 @@ def _schedule(cfg) -> VPSchedule:
         kind = {"squaredcos_cap_v2": "cosine"}.get(cfg["beta_schedule"], cfg["beta_schedule"])
         kw = {} if kind == "cosine" else dict(beta_start=cfg["beta_start"], beta_end=cfg["beta_end"])
         sched = getattr(VPSchedule, kind)(num_train_timesteps=T, **kw)
-    return sched.rescale_zero_terminal_snr() if cfg["rescale_betas_zero_snr"] else sched
+    return sched.rescale_zero_terminal_snr() if cfg.get("rescale_betas_zero_snr") else sched
 
 
 def _prediction(cfg) -> str:
@@ -253,6 +257,16 @@ def _ddpm(cfg, n):
     clamp = float(cfg["clip_sample_range"]) if cfg["clip_sample"] else None
     return dict(solver="ddpm", schedule=sched, prediction=_prediction(cfg), timesteps=_spaced_timesteps(cfg, n),
                 clamp=clamp, variance="large" if cfg["variance_type"] == "fixed_large" else "small")
+
+
+def _pndm(cfg, n):
+    if not cfg["skip_prk_steps"]:
+        raise ValueError("skip_prk_steps: False starts with PNDM's Runge-Kutta steps (4 model calls each), which "
+                         "fastdiff does not run; set skip_prk_steps=True, as Stable Diffusion's configs do (PLMS "
+                         "from the first step)")
+    _require(cfg, "prediction_type", "epsilon", "v_prediction")
+    return dict(solver="pndm", schedule=_schedule(cfg), prediction=_prediction(cfg),
+                timesteps=_spaced_timesteps(cfg, n), final="zero" if cfg["set_alpha_to_one"] else "min")
 
 
 def _multistep_grid(cfg, n, round_all_karras: bool = False):
@@ -398,4 +412,5 @@ _MAPPERS = {
     "DDIMScheduler": _ddim, "DDPMScheduler": _ddpm, "DPMSolverMultistepScheduler": _dpm,
     "EulerDiscreteScheduler": _euler, "EulerAncestralDiscreteScheduler": lambda c, n: _euler(c, n, ancestral=True),
     "LCMScheduler": _lcm, "FlowMatchEulerDiscreteScheduler": _flow, "UniPCMultistepScheduler": _unipc,
+    "PNDMScheduler": _pndm,
 }
