@@ -62,7 +62,8 @@ def folder(tmp_path_factory):
 def calls(module):
     """The batch size of every forward call of `module`."""
     seen = []
-    module.register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0].shape[0]), with_kwargs=True)
+    module.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[0]), with_kwargs=True)
     return seen
 
 
