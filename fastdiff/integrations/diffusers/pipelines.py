@@ -34,6 +34,7 @@ from fastdiff.guidance import check_guidance_scale
 from fastdiff.sampler import BACKENDS, Sampler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+WRAPPERS = "_fastdiff_wrappers"  # the attribute of a denoiser holding its wrappers (see `wrapper`)
 # Sampler options a call decides (the grid) or that accelerate() takes on its own
 _CALL_OWNED = ("self", "steps", "sigmas", "timesteps", "backend")
 PLAN_OPTIONS = tuple(p for p in inspect.signature(Sampler.__init__).parameters if p not in _CALL_OWNED)
@@ -159,13 +160,15 @@ def batch_size(a: dict) -> int:
 
 def make_plan(pipe, a: dict, options: Options, **grid) -> Sampler:
     """The plan of `pipe.scheduler` for this call. `grid`: the scheduler's set_timesteps arguments
-    (sigmas, timesteps, mu), passed on when given."""
+    (sigmas, timesteps, mu), passed on when given; as diffusers' retrieve_timesteps, given sigmas
+    or timesteps replace num_inference_steps."""
     plan = dict(options.plan)
     eta = a.get("eta", 0.0)
     if eta and "eta" in inspect.signature(pipe.scheduler.step).parameters:  # as prepare_extra_step_kwargs
         plan["eta"] = eta
     grid = {k: v for k, v in grid.items() if v is not None}
-    return Sampler.from_scheduler(pipe.scheduler, a["num_inference_steps"], backend=options.backend, **grid, **plan)
+    steps = None if "sigmas" in grid or "timesteps" in grid else a["num_inference_steps"]
+    return Sampler.from_scheduler(pipe.scheduler, steps, backend=options.backend, **grid, **plan)
 
 
 def check_generator(sampler: Sampler, generator, batch: int, device: torch.device) -> None:
@@ -208,7 +211,7 @@ def denoise(sampler: Sampler, model, noise: torch.Tensor, options: Options, *, g
 def wrapper(module, cls):
     """One `cls(module)` per module: the CUDA-graph cache keys recorded loops by the model object,
     so the loop calls the same wrapper every time."""
-    cache = module.__dict__.setdefault("_fastdiff_wrappers", {})
+    cache = module.__dict__.setdefault(WRAPPERS, {})
     if cls not in cache:
         cache[cls] = cls(module)
     return cache[cls]
