@@ -12,9 +12,8 @@ import transformers
 VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), latent_channels=4,
            norm_num_groups=32)
-CLIP = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=16,
-            pad_token_id=1, bos_token_id=0, eos_token_id=1,
-            projection_dim=16)
+CLIP = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+            max_position_embeddings=16, pad_token_id=1, bos_token_id=0, eos_token_id=1, projection_dim=16)
 
 
 @pytest.fixture(autouse=True)

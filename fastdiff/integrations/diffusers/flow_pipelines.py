@@ -115,7 +115,8 @@ def run_flux(pipe, a, options):
     width = a["width"] or pipe.default_sample_size * pipe.vae_scale_factor
     pipe.check_inputs(a["prompt"], a["prompt_2"], height, width, negative_prompt=a["negative_prompt"],
                       negative_prompt_2=a["negative_prompt_2"], prompt_embeds=a["prompt_embeds"],
-                      negative_prompt_embeds=a["negative_prompt_embeds"], pooled_prompt_embeds=a["pooled_prompt_embeds"],
+                      negative_prompt_embeds=a["negative_prompt_embeds"],
+                      pooled_prompt_embeds=a["pooled_prompt_embeds"],
                       negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
                       callback_on_step_end_tensor_inputs=a["callback_on_step_end_tensor_inputs"],
                       max_sequence_length=a["max_sequence_length"])

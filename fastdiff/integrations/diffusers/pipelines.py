@@ -62,11 +62,11 @@ class Options:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {self.backend!r}")
         for name in self.plan:
+            if name in _CALL_OWNED:
+                raise ValueError(f"{name}: set by the pipeline call (num_inference_steps, sigmas, timesteps) or by "
+                                 "backend=")
             if name not in PLAN_OPTIONS:
-                owned = name in _CALL_OWNED
-                raise ValueError(f"{name}: " + ("set by the pipeline call (num_inference_steps, sigmas, timesteps) or "
-                                                "by backend=" if owned else
-                                                f"not a fastdiff.Sampler option (expected one of {list(PLAN_OPTIONS)})"))
+                raise ValueError(f"{name}: not a fastdiff.Sampler option (expected one of {list(PLAN_OPTIONS)})")
 
 
 @dataclass(frozen=True)

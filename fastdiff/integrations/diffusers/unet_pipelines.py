@@ -118,7 +118,8 @@ def run_sd(pipe, a, options):
 
     def encode(do_cfg):
         text, neg = pipe.encode_prompt(a["prompt"], device, a["num_images_per_prompt"], do_cfg, a["negative_prompt"],
-                                       prompt_embeds=a["prompt_embeds"], negative_prompt_embeds=a["negative_prompt_embeds"],
+                                       prompt_embeds=a["prompt_embeds"],
+                                       negative_prompt_embeds=a["negative_prompt_embeds"],
                                        lora_scale=_lora_scale(a), clip_skip=a["clip_skip"])
         return {"encoder_hidden_states": text}, {"encoder_hidden_states": neg} if do_cfg else None
 
@@ -169,7 +170,8 @@ def run_sdxl(pipe, a, options):
         if a["negative_original_size"] is not None and a["negative_target_size"] is not None:
             neg_ids = time_ids(a["negative_original_size"], a["negative_crops_coords_top_left"],
                                a["negative_target_size"])
-        return cond, {"encoder_hidden_states": neg.to(device), "text_embeds": neg_pooled.to(device), "time_ids": neg_ids}
+        return cond, {"encoder_hidden_states": neg.to(device), "text_embeds": neg_pooled.to(device),
+                      "time_ids": neg_ids}
 
     latents = _loop(pipe, a, options, batch, height, width, encode)
     if a["output_type"] == "latent":
