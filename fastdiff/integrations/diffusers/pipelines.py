@@ -1,91 +1,236 @@
-"""A Stable-Diffusion-style diffusers pipeline's denoising, run by fastdiff.
+"""A diffusers pipeline's `__call__`, with the denoising loop run by fastdiff.
 
-    images = fastdiff.pipeline_sample(pipe, prompt_embeds=text, negative_prompt_embeds=empty,
-                                      steps=8, guidance_scale=7.5, cuda_graph="auto")
+    out = fastdiff.pipeline_sample(pipe, "a cat", num_inference_steps=8)   # as pipe("a cat", ...)
+    out.images                                                              # PIL images by default
 
-What the pipeline's `__call__` does with given prompt embeddings, with the loop replaced: the
-plan comes from the pipeline's scheduler (`Sampler.from_scheduler`), the U-Net is called with
-`encoder_hidden_states` through cond/uncond (CFG fused into the solver step, the loop graphed
-on a GPU with `cuda_graph`), and the result is decoded by the pipeline's VAE and image
-processor. Only the pipeline's attributes are read (`unet`, `vae`, `scheduler`,
-`image_processor`); options the plain text-to-image loop does not have (timestep conditioning,
-added conditioning, an image input) are refused by name.
+`pipeline_sample(pipe, *args, **kwargs)` takes the pipeline's own call arguments with its
+defaults (`steps=` is accepted for num_inference_steps) and returns what the pipeline returns;
+`fastdiff.accelerate(pipe)` makes `pipe(...)` call it. As the pipeline does: the input checks
+(`pipe.check_inputs`), prompt encoding (`pipe.encode_prompt`), the initial noise (diffusers'
+`randn_tensor`: the same generator gives the same noise), the VAE decode and postprocessing.
+What fastdiff does instead: the plan comes from `pipe.scheduler` (`Sampler.from_scheduler`), CFG
+runs in the fused solver step, and on a GPU the whole loop is one CUDA graph (`cuda_graph="auto"`:
+the eager fused loop, with a warning, where it cannot be captured).
+
+diffusers' semantics: guidance_scale <= 1 (Flux: true_cfg_scale <= 1 or no negative prompt)
+runs no CFG, one model call per step. An argument fastdiff cannot honour (step-end callbacks,
+IP-Adapter, ...) raises ValueError naming it, before any model runs; every other argument of
+the pipeline's signature must keep its default. The families (`unet_pipelines`: SD 1.x/2.x,
+SDXL; `flow_pipelines`: SD3, Flux) say which arguments they honour. No progress bar is shown.
+Stochastic schedulers (DDPM, LCM, ancestral) draw their step noise from `generator` in the
+order diffusers does on the eager path; in a CUDA graph it is drawn before the loop, all at once.
 """
 from __future__ import annotations
 
-from typing import Optional
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
-from fastdiff.sampler import Sampler
+from fastdiff.graphs import CUDA_GRAPH_MODES
+from fastdiff.guidance import check_guidance_scale
+from fastdiff.sampler import BACKENDS, Sampler
 
-_OUTPUT_TYPES = ("pt", "np", "pil", "latent")
-
-
-def _check_pipeline(pipe) -> None:
-    for name in ("unet", "vae", "scheduler"):
-        if getattr(pipe, name, None) is None:
-            raise TypeError(f"pipe: expected a Stable-Diffusion-style diffusers pipeline with .unet, .vae and "
-                            f".scheduler, got {type(pipe).__name__} without .{name}")
-    cfg = pipe.unet.config
-    if getattr(cfg, "time_cond_proj_dim", None) is not None:
-        raise ValueError("pipe: its U-Net takes a guidance-embedding timestep condition (time_cond_proj_dim, "
-                         "LCM-distilled); pipeline_sample runs the plain text-to-image loop")
-    if getattr(cfg, "addition_embed_type", None) is not None:
-        raise ValueError(f"pipe: its U-Net needs added conditioning (addition_embed_type="
-                         f"{cfg.addition_embed_type!r}, SDXL-style); pipeline_sample runs the SD-1.x/2.x loop")
-
-
-def _check_embeds(name: str, t, like: Optional[torch.Tensor]) -> None:
-    if not isinstance(t, torch.Tensor) or t.dim() != 3 or not t.is_floating_point():
-        raise TypeError(f"{name}: expected a float tensor (batch, tokens, dim), got "
-                        f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if like is not None and t.shape != like.shape:
-        raise ValueError(f"{name}: shape {tuple(t.shape)} differs from prompt_embeds' {tuple(like.shape)}")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+WRAPPERS = "_fastdiff_wrappers"  # the attribute of a denoiser holding its wrappers (see `wrapper`)
+# Sampler options a call decides (the grid) or that accelerate() takes on its own
+_CALL_OWNED = ("self", "steps", "sigmas", "timesteps", "backend")
+PLAN_OPTIONS = tuple(p for p in inspect.signature(Sampler.__init__).parameters if p not in _CALL_OWNED)
+_WHY = {
+    "callback_on_step_end": "a step-end callback needs the host between steps and may edit the loop's tensors; "
+                            "fastdiff runs the loop as one unit (one CUDA graph on a GPU)",
+    "callback": "a per-step callback needs the host between steps; fastdiff runs the loop as one unit",
+    "ip_adapter_image": "IP-Adapter image conditioning is not wired into fastdiff's loop",
+    "denoising_end": "ending the loop early (SDXL base + refiner) is not supported",
+    "skip_guidance_layers": "skip-layer guidance needs a third model call on some steps",
+}
 
 
-@torch.no_grad()
-def pipeline_sample(pipe, *, prompt_embeds: torch.Tensor, negative_prompt_embeds: Optional[torch.Tensor] = None,
-                    steps: int = 50, guidance_scale: float = 7.5, latents: Optional[torch.Tensor] = None,
-                    generator=None, height: Optional[int] = None, width: Optional[int] = None,
-                    output_type: str = "pt", cuda_graph="auto", backend: str = "auto", **plan_overrides):
-    """Images from prompt embeddings (see the module doc). `steps`: as the pipeline's
-    num_inference_steps (default 50, the pipeline's too). `latents`: the initial noise (drawn
-    from `generator` otherwise, shaped by height/width, default the U-Net's sample size times
-    the VAE's scale); `output_type`: "pt" (B, 3, H, W) in [0, 1], "np", "pil", or "latent" (no
-    decode). `guidance_scale` != 1 needs `negative_prompt_embeds` (the unconditional branch
-    uses them as given). `plan_overrides`: Sampler options replacing the scheduler's."""
-    _check_pipeline(pipe)
-    _check_embeds("prompt_embeds", prompt_embeds, None)
-    if negative_prompt_embeds is not None:
-        _check_embeds("negative_prompt_embeds", negative_prompt_embeds, prompt_embeds)
-    if output_type not in _OUTPUT_TYPES:
-        raise ValueError(f"output_type: expected one of {list(_OUTPUT_TYPES)}, got {output_type!r}")
-    unet, vae = pipe.unet, pipe.vae
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    size = unet.config.sample_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    h, w = height or size[0] * scale, width or size[1] * scale
-    if h % scale or w % scale:
-        raise ValueError(f"height/width: expected multiples of the VAE's scale {scale}, got {h}x{w}")
-    device, dtype = unet.device, unet.dtype
-    shape = (prompt_embeds.shape[0], unet.config.in_channels, h // scale, w // scale)
-    if latents is not None and tuple(latents.shape) != shape:
-        raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
-    sampler = Sampler.from_scheduler(pipe.scheduler, steps, backend=backend, **plan_overrides)
-    guided = guidance_scale != 1  # (a bad scale is refused by sample(), naming guidance_scale)
-    if guided and negative_prompt_embeds is None:
-        raise ValueError("negative_prompt_embeds: guidance_scale != 1 needs the unconditional embeddings "
-                         "(the empty or negative prompt's)")
-    cond = {"encoder_hidden_states": prompt_embeds.to(device, dtype)}
-    uncond = {"encoder_hidden_states": negative_prompt_embeds.to(device, dtype)} if guided else None
-    x = sampler.sample(unet, latents.to(device) if latents is not None else None, shape=shape, generator=generator,
-                       device=device, guidance_scale=guidance_scale, cond=cond, uncond=uncond,
-                       model_dtype=dtype if dtype != torch.float32 else None, cuda_graph=cuda_graph)
-    if output_type == "latent":
-        return x
-    image = vae.decode((x / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
-    processor = getattr(pipe, "image_processor", None)
-    if processor is None:
-        raise TypeError("pipe: has no image_processor to turn decoded images into outputs; use output_type='latent'")
-    return processor.postprocess(image, output_type=output_type)
+@dataclass(frozen=True)
+class Options:
+    """fastdiff's own options: where the loop runs and Sampler overrides of the scheduler's plan."""
+
+    cuda_graph: object = "auto"
+    backend: str = "auto"
+    plan: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.cuda_graph not in CUDA_GRAPH_MODES:
+            raise ValueError(f"cuda_graph: expected one of {CUDA_GRAPH_MODES}, got {self.cuda_graph!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {self.backend!r}")
+        for name in self.plan:
+            if name in _CALL_OWNED:
+                raise ValueError(f"{name}: set by the pipeline call (num_inference_steps, sigmas, timesteps) or by "
+                                 "backend=")
+            if name not in PLAN_OPTIONS:
+                raise ValueError(f"{name}: not a fastdiff.Sampler option (expected one of {list(PLAN_OPTIONS)})")
+
+
+@dataclass(frozen=True)
+class Family:
+    """A diffusers pipeline class whose `__call__` fastdiff reproduces."""
+
+    cls: type
+    denoiser: str            # the attribute holding the model the loop calls ("unet", "transformer")
+    supported: frozenset     # call arguments honoured; every other one must keep its default
+    run: Callable            # run(pipe, args: dict of every call argument, options) -> the pipeline's output
+
+
+def families():
+    from fastdiff.integrations.diffusers import flow_pipelines, unet_pipelines
+
+    return unet_pipelines.FAMILIES + flow_pipelines.FAMILIES
+
+
+def family_of(pipe) -> Family:
+    """The family of `pipe` (of its class before accelerate()); TypeError naming pipe if none."""
+    base = getattr(type(pipe), "_fastdiff_base", type(pipe))
+    for fam in families():
+        if isinstance(pipe, fam.cls):
+            if base.__call__ is not fam.cls.__call__:
+                raise TypeError(f"pipe: {base.__name__} overrides {fam.cls.__name__}.__call__; fastdiff reproduces "
+                                f"{fam.cls.__name__}'s own call only")
+            return fam
+    names = ", ".join(f.cls.__name__ for f in families())
+    raise TypeError(f"pipe: expected one of the diffusers pipelines {names}, got {type(pipe).__name__}")
+
+
+def _is_default(value, default) -> bool:
+    if value is default:
+        return True
+    if isinstance(value, torch.Tensor) or isinstance(default, torch.Tensor):
+        return False
+    return type(value) is type(default) and value == default
+
+
+def bind_call(fam: Family, pipe, args, kwargs) -> dict:
+    """Every argument of the pipeline's `__call__` (defaults filled in), checked: those fastdiff
+    does not honour must keep their defaults."""
+    sig = inspect.signature(fam.cls.__call__)
+    try:
+        bound = sig.bind(pipe, *args, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"{fam.cls.__name__}.__call__: {e}") from None
+    bound.apply_defaults()
+    values = dict(bound.arguments)
+    del values["self"]
+    for name, p in sig.parameters.items():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            extra = values.pop(name)  # SD/SDXL: the deprecated callback / callback_steps
+            for key, value in extra.items():
+                if key not in ("callback", "callback_steps"):
+                    raise TypeError(f"{key}: not an argument of {fam.cls.__name__}.__call__")
+                if key == "callback" and value is not None:
+                    raise ValueError(f"callback: not supported by fastdiff ({_WHY['callback']}); "
+                                     "fastdiff.restore(pipe) gives diffusers' own loop back")
+            values["callback_steps"] = extra.get("callback_steps")
+        elif name != "self" and name not in fam.supported and not _is_default(values[name], p.default):
+            why = _WHY.get(name) or _WHY.get(name.replace("_embeds", "").replace("negative_", ""))
+            raise ValueError(f"{name}: not supported by fastdiff ({why or 'not reproduced by fastdiff'}); "
+                             "fastdiff.restore(pipe) gives diffusers' own loop back")
+    check_common(values)
+    return values
+
+
+def check_common(a: dict) -> None:
+    """Arguments the pipelines take alike, checked before any model runs."""
+    for name in ("guidance_scale", "true_cfg_scale"):
+        if name in a:
+            check_guidance_scale(a[name])
+    r = a.get("guidance_rescale", 0.0)
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r <= 1.0:
+        raise ValueError(f"guidance_rescale: expected a number in [0, 1], got {r!r}")
+    for name in ("num_inference_steps", "num_images_per_prompt"):
+        n = a[name]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name}: expected an integer >= 1, got {n!r}")
+    if a["output_type"] not in OUTPUT_TYPES:
+        raise ValueError(f"output_type: expected one of {list(OUTPUT_TYPES)}, got {a['output_type']!r}")
+
+
+def batch_size(a: dict) -> int:
+    """Images per call, counted as the pipelines count them (prompts x num_images_per_prompt)."""
+    prompt = a["prompt"]
+    n = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else a["prompt_embeds"].shape[0]
+    return n * a["num_images_per_prompt"]
+
+
+def make_plan(pipe, a: dict, options: Options, **grid) -> Sampler:
+    """The plan of `pipe.scheduler` for this call. `grid`: the scheduler's set_timesteps arguments
+    (sigmas, timesteps, mu), passed on when given; as diffusers' retrieve_timesteps, given sigmas
+    or timesteps replace num_inference_steps."""
+    plan = dict(options.plan)
+    eta = a.get("eta", 0.0)
+    if eta and "eta" in inspect.signature(pipe.scheduler.step).parameters:  # as prepare_extra_step_kwargs
+        plan["eta"] = eta
+    grid = {k: v for k, v in grid.items() if v is not None}
+    steps = None if "sigmas" in grid or "timesteps" in grid else a["num_inference_steps"]
+    return Sampler.from_scheduler(pipe.scheduler, steps, backend=options.backend, **grid, **plan)
+
+
+def check_generator(sampler: Sampler, generator, batch: int, device: torch.device) -> None:
+    """What diffusers checks when it draws the latents, and what fastdiff needs to draw step noise."""
+    if isinstance(generator, list) and len(generator) != batch:
+        raise ValueError(f"generator: a list needs one generator per image ({batch}: prompts x "
+                         f"num_images_per_prompt), got {len(generator)}")
+    gens = generator if isinstance(generator, list) else [generator] if generator is not None else []
+    if sampler.table.noise_draws and any(g.device.type != device.type for g in gens):
+        raise ValueError(f"generator: this scheduler draws noise at every step on {device}; give a generator on "
+                         f"{device.type} (diffusers would draw it on the generator's device and copy it over)")
+
+
+def check_latents(latents: Optional[torch.Tensor], shape) -> None:
+    if latents is not None and (not isinstance(latents, torch.Tensor) or tuple(latents.shape) != tuple(shape)):
+        got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(f"latents: expected shape {tuple(shape)} (batch, channels, height / vae scale, "
+                         f"width / vae scale), got {got}")
+
+
+def initial_noise(shape, generator, device, dtype, latents: Optional[torch.Tensor]) -> torch.Tensor:
+    """The standard-normal initial latents (checked by `check_latents`), drawn as diffusers'
+    prepare_latents draws them (the scheduler's init_noise_sigma belongs to the plan)."""
+    if latents is None:
+        return randn_tensor(tuple(shape), generator=generator, device=device, dtype=dtype)
+    return latents.to(device=device, dtype=dtype)
+
+
+def denoise(sampler: Sampler, model, noise: torch.Tensor, options: Options, *, guidance_scale: float, cond: dict,
+            uncond: Optional[dict], generator, cfg: str = "batched") -> torch.Tensor:
+    """The fused loop from `noise` (in the pipeline's latents dtype, which the model is called
+    in; the solver state is float32); the final latents in that dtype. `uncond` None: no CFG."""
+    dtype = noise.dtype
+    x = sampler.sample(model, noise.float(), generator=generator if sampler.table.noise_draws else None,
+                       guidance_scale=guidance_scale if uncond is not None else 1.0, cond=cond, uncond=uncond,
+                       cfg=cfg, model_dtype=dtype if dtype != torch.float32 else None, cuda_graph=options.cuda_graph)
+    return x.to(dtype)
+
+
+def wrapper(module, cls):
+    """One `cls(module)` per module: the CUDA-graph cache keys recorded loops by the model object,
+    so the loop calls the same wrapper every time."""
+    cache = module.__dict__.setdefault(WRAPPERS, {})
+    if cls not in cache:
+        cache[cls] = cls(module)
+    return cache[cls]
+
+
+def run(pipe, args, kwargs, options: Options):
+    fam = family_of(pipe)
+    a = bind_call(fam, pipe, args, kwargs)
+    with torch.no_grad():
+        return fam.run(pipe, a, options)
+
+
+def pipeline_sample(pipe, *args, steps: Optional[int] = None, cuda_graph="auto", backend: str = "auto",
+                    plan: Optional[dict] = None, **kwargs):
+    """`pipe(*args, **kwargs)` with the denoising loop run by fastdiff (see the module doc).
+    `steps`: fastdiff's name for num_inference_steps; `cuda_graph`, `backend`: as in
+    `Sampler.sample`; `plan`: Sampler options replacing the scheduler's (solver=, spacing=, ...)."""
+    if steps is not None:
+        if "num_inference_steps" in kwargs:
+            raise ValueError("steps: the same as num_inference_steps; give one of them")
+        kwargs["num_inference_steps"] = steps
+    return run(pipe, args, kwargs, Options(cuda_graph, backend, dict(plan or {})))

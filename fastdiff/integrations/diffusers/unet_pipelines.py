@@ -1,0 +1,206 @@
+"""StableDiffusionPipeline (SD 1.x/2.x) and StableDiffusionXLPipeline through fastdiff's loop
+(see `pipelines`). The U-Net is called as the pipelines call it; SDXL's added conditioning
+(pooled text embeddings and size/crop time ids) travels as batched tensors, so CFG doubles it
+with the prompt embeddings (unconditional half first, as diffusers orders it).
+
+guidance_rescale (Lin et al. 2023, diffusers' rescale_noise_cfg) needs each image's standard
+deviation of the guided output, a reduction the fused step does not do. It is one extra group of
+eager ops on the model output, before the fused step: the output is rescaled per image by
+k = r std(m_c) / std(m_u + w (m_c - m_u)) + 1 - r, which the step's CFG carries over unchanged
+(k m_u + w (k m_c - k m_u) = k m_cfg). SDXL with negative size conditioning and several images:
+each image's unconditional half gets the negative time ids (diffusers pairs them by repeating
+the [negative, positive] pair, which mixes them up beyond one image).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
+from diffusers.utils.torch_utils import get_module_execution_device
+
+from fastdiff.integrations.diffusers.pipelines import (Family, batch_size, check_generator, check_latents, denoise,
+                                                       initial_noise, make_plan, wrapper)
+
+_COMMON = ("prompt", "height", "width", "num_inference_steps", "timesteps", "sigmas", "guidance_scale",
+           "negative_prompt", "num_images_per_prompt", "eta", "generator", "latents", "prompt_embeds",
+           "negative_prompt_embeds", "output_type", "return_dict", "cross_attention_kwargs", "guidance_rescale",
+           "clip_skip", "callback_on_step_end_tensor_inputs")
+_SDXL = ("prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds", "original_size",
+         "crops_coords_top_left", "target_size", "negative_original_size", "negative_crops_coords_top_left",
+         "negative_target_size")
+
+
+class UNetDenoiser:
+    """`pipe.unet` as fastdiff calls it: model(x, t, **cond) -> the output tensor, with SDXL's
+    added conditioning as top-level tensors, and guidance_rescale (see the module doc)."""
+
+    def __init__(self, unet):
+        self.unet = unet
+        self._scales: Dict[torch.device, torch.Tensor] = {}  # [w, r] per device; read at graph replay
+        self.rescale: Optional[torch.Tensor] = None
+
+    def set_rescale(self, w: float, r: float, device) -> None:
+        """Rescale the next calls' CFG output (r = 0: off). The scales are device tensors filled in
+        place, so a recorded loop replays with the values of its call."""
+        if not r:
+            self.rescale = None
+            return
+        scales = self._scales.setdefault(torch.device(device), torch.empty(2, device=device))
+        scales[0].fill_(w)
+        scales[1].fill_(r)
+        self.rescale = scales
+
+    def __call__(self, x, t, encoder_hidden_states, text_embeds=None, time_ids=None, timestep_cond=None,
+                 cross_attention_kwargs=None):
+        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+        out = self.unet(x, t, encoder_hidden_states=encoder_hidden_states, timestep_cond=timestep_cond,
+                        cross_attention_kwargs=cross_attention_kwargs, added_cond_kwargs=added, return_dict=False)[0]
+        if self.rescale is None:
+            return out
+        w, r = self.rescale[0], self.rescale[1]
+        m_u, m_c = out.float().chunk(2)  # the doubled CFG batch, unconditional half first
+        dims = list(range(1, out.dim()))
+        k = r * m_c.std(dims, keepdim=True) / (m_u + w * (m_c - m_u)).std(dims, keepdim=True) + (1 - r)
+        return out.float() * torch.cat([k, k])
+
+
+def _size(pipe, a):
+    """diffusers' default height/width: the U-Net's sample size times the VAE's scale."""
+    if a["height"] and a["width"]:
+        return a["height"], a["width"]
+    size = pipe.unet.config.sample_size
+    size = (size, size) if isinstance(size, int) else size
+    return size[0] * pipe.vae_scale_factor, size[1] * pipe.vae_scale_factor
+
+
+def _loop(pipe, a, options, batch, height, width, encode):
+    """What SD and SDXL share: plan, noise, conditioning, the loop. `encode(do_cfg)` -> (cond,
+    uncond) of the prompt (uncond None without CFG). -> the final latents, their dtype the prompt
+    embeddings' (as the pipelines keep them)."""
+    device = pipe._execution_device
+    w = a["guidance_scale"]
+    do_cfg = w > 1 and pipe.unet.config.time_cond_proj_dim is None
+    sampler = make_plan(pipe, a, options, timesteps=a["timesteps"], sigmas=a["sigmas"])
+    check_generator(sampler, a["generator"], batch, device)
+    shape = (batch, pipe.unet.config.in_channels, int(height) // pipe.vae_scale_factor,
+             int(width) // pipe.vae_scale_factor)
+    check_latents(a["latents"], shape)
+    cond, uncond = encode(do_cfg)
+    dtype = cond["encoder_hidden_states"].dtype
+    noise = initial_noise(shape, a["generator"], device, dtype, a["latents"])
+    extra = {}
+    if pipe.unet.config.time_cond_proj_dim is not None:  # a guidance-distilled U-Net (LCM): w as an embedding
+        extra["timestep_cond"] = pipe.get_guidance_scale_embedding(
+            torch.tensor(w - 1).repeat(batch), embedding_dim=pipe.unet.config.time_cond_proj_dim).to(device, dtype)
+    if a["cross_attention_kwargs"] is not None:
+        extra["cross_attention_kwargs"] = a["cross_attention_kwargs"]
+    model = wrapper(pipe.unet, UNetDenoiser)
+    model.set_rescale(w, a["guidance_rescale"] if do_cfg else 0.0, device)
+    try:
+        return denoise(sampler, model, noise, options, guidance_scale=w, cond={**cond, **extra},
+                       uncond={**uncond, **extra} if do_cfg else None, generator=a["generator"])
+    finally:
+        model.set_rescale(w, 0.0, device)
+
+
+def _lora_scale(a):
+    return (a["cross_attention_kwargs"] or {}).get("scale")
+
+
+def run_sd(pipe, a, options):
+    height, width = _size(pipe, a)
+    pipe.check_inputs(a["prompt"], height, width, a["callback_steps"], a["negative_prompt"], a["prompt_embeds"],
+                      a["negative_prompt_embeds"], None, None, a["callback_on_step_end_tensor_inputs"])
+    device = pipe._execution_device
+
+    def encode(do_cfg):
+        text, neg = pipe.encode_prompt(a["prompt"], device, a["num_images_per_prompt"], do_cfg, a["negative_prompt"],
+                                       prompt_embeds=a["prompt_embeds"],
+                                       negative_prompt_embeds=a["negative_prompt_embeds"],
+                                       lora_scale=_lora_scale(a), clip_skip=a["clip_skip"])
+        return {"encoder_hidden_states": text}, {"encoder_hidden_states": neg} if do_cfg else None
+
+    latents = _loop(pipe, a, options, batch_size(a), height, width, encode)
+    if a["output_type"] == "latent":
+        image, nsfw = latents, None
+    else:
+        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False,
+                                generator=a["generator"])[0]
+        image, nsfw = pipe.run_safety_checker(image, device, latents.dtype)
+    denormalize = [True] * image.shape[0] if nsfw is None else [not n for n in nsfw]
+    image = pipe.image_processor.postprocess(image, output_type=a["output_type"], do_denormalize=denormalize)
+    pipe.maybe_free_model_hooks()
+    if not a["return_dict"]:
+        return image, nsfw
+    return StableDiffusionPipelineOutput(images=image, nsfw_content_detected=nsfw)
+
+
+def run_sdxl(pipe, a, options):
+    height = a["height"] or pipe.default_sample_size * pipe.vae_scale_factor
+    width = a["width"] or pipe.default_sample_size * pipe.vae_scale_factor
+    pipe.check_inputs(a["prompt"], a["prompt_2"], height, width, a["callback_steps"], a["negative_prompt"],
+                      a["negative_prompt_2"], a["prompt_embeds"], a["negative_prompt_embeds"],
+                      a["pooled_prompt_embeds"], a["negative_pooled_prompt_embeds"], None, None,
+                      a["callback_on_step_end_tensor_inputs"])
+    device, batch = pipe._execution_device, batch_size(a)
+
+    def encode(do_cfg):
+        text, neg, pooled, neg_pooled = pipe.encode_prompt(
+            prompt=a["prompt"], prompt_2=a["prompt_2"], device=device, num_images_per_prompt=a["num_images_per_prompt"],
+            do_classifier_free_guidance=do_cfg, negative_prompt=a["negative_prompt"],
+            negative_prompt_2=a["negative_prompt_2"], prompt_embeds=a["prompt_embeds"],
+            negative_prompt_embeds=a["negative_prompt_embeds"], pooled_prompt_embeds=a["pooled_prompt_embeds"],
+            negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"], lora_scale=_lora_scale(a),
+            clip_skip=a["clip_skip"])
+        proj = int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
+
+        def time_ids(original, crops, target):
+            ids = pipe._get_add_time_ids(original or (height, width), crops, target or (height, width),
+                                         dtype=text.dtype, text_encoder_projection_dim=proj)
+            return ids.to(device).repeat(batch, 1)
+
+        ids = time_ids(a["original_size"], a["crops_coords_top_left"], a["target_size"])
+        cond = {"encoder_hidden_states": text.to(device), "text_embeds": pooled.to(device), "time_ids": ids}
+        if not do_cfg:
+            return cond, None
+        neg_ids = ids
+        if a["negative_original_size"] is not None and a["negative_target_size"] is not None:
+            neg_ids = time_ids(a["negative_original_size"], a["negative_crops_coords_top_left"],
+                               a["negative_target_size"])
+        return cond, {"encoder_hidden_states": neg.to(device), "text_embeds": neg_pooled.to(device),
+                      "time_ids": neg_ids}
+
+    latents = _loop(pipe, a, options, batch, height, width, encode)
+    if a["output_type"] == "latent":
+        image = latents
+    else:
+        vae = pipe.vae
+        upcast = vae.dtype == torch.float16 and vae.config.force_upcast  # fp16 SDXL VAEs overflow
+        if upcast:
+            vae.to(torch.float32)
+            latents = latents.float()
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            shape = (1, len(mean), 1, 1)
+            mean = torch.tensor(mean).view(shape).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        image = vae.decode(latents.to(get_module_execution_device(vae)), return_dict=False)[0]
+        if upcast:
+            vae.to(dtype=torch.float16)
+        if pipe.watermark is not None:
+            image = pipe.watermark.apply_watermark(image)
+        image = pipe.image_processor.postprocess(image, output_type=a["output_type"])
+    pipe.maybe_free_model_hooks()
+    return StableDiffusionXLPipelineOutput(images=image) if a["return_dict"] else (image,)
+
+
+FAMILIES = (
+    Family(StableDiffusionPipeline, "unet", frozenset(_COMMON), run_sd),
+    Family(StableDiffusionXLPipeline, "unet", frozenset(_COMMON + _SDXL), run_sdxl),
+)

@@ -1,0 +1,84 @@
+"""fastdiff.accelerate(pipe) on tiny random SDXL, SD3 and Flux pipelines (configs; tiny CLIP text
+encoders for SDXL, prompt embeddings for SD3 and Flux; nothing downloaded): the images equal
+the untouched pipeline's within 1e-4 relative (float32)."""
+import pytest
+import torch
+
+from conftest import require
+
+diffusers = require("diffusers", "diffusers")
+require("transformers", "diffusers")
+import diffusers_pipes as pipes  # noqa: E402
+from diffusers_pipes import one_thread  # noqa: E402,F401 (autouse)
+from test_accelerate_sd import SD, TOL, both, calls, rel  # noqa: E402
+
+# FluxPipeline hands its scheduler sigmas and mu (from the image size): from_scheduler takes
+# them once the scheduler-config issue (19) lands
+FLUX_PLAN = pytest.mark.xfail(reason="needs Sampler.from_scheduler(sigmas=, mu=) (issue 19)", strict=True)
+
+
+def _embeds(*shapes, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g) for s in shapes]
+
+
+@pytest.mark.parametrize("guidance, rescale", [(1.0, 0.0), (5.0, 0.0), (5.0, 0.7)])
+def test_sdxl(tmp_path, guidance, rescale):
+    """Prompt strings through both text encoders, pooled embeddings and size conditioning."""
+    pipe = pipes.sdxl(diffusers.DPMSolverMultistepScheduler(**SD), tmp_path)
+    seen = calls(pipe.unet)
+    theirs, ours = both(pipe, prompt="a cat", negative_prompt="dog", num_inference_steps=3, guidance_scale=guidance,
+                        guidance_rescale=rescale, output_type="pt", original_size=(24, 16), target_size=(16, 16),
+                        crops_coords_top_left=(2, 0), negative_original_size=(8, 8), negative_target_size=(16, 16))
+    assert ours.images.shape == (1, 3, 16, 16)
+    assert rel(ours.images, theirs.images) < TOL
+    assert seen == [2 if guidance > 1 else 1] * 6
+
+
+def test_sdxl_embeddings_and_images_per_prompt(tmp_path):
+    pipe = pipes.sdxl(diffusers.DDIMScheduler(**SD, clip_sample=False), tmp_path)
+    text, neg, pooled, neg_pooled = _embeds((1, 16, 64), (1, 16, 64), (1, 16), (1, 16))
+    theirs, ours = both(pipe, prompt_embeds=text, negative_prompt_embeds=neg, pooled_prompt_embeds=pooled,
+                        negative_pooled_prompt_embeds=neg_pooled, num_images_per_prompt=2, num_inference_steps=4,
+                        output_type="np", seeds=[3, 4])
+    assert ours.images.shape == (2, 16, 16, 3)
+    assert rel(ours.images, theirs.images) < TOL
+
+
+def _sd3_inputs():
+    text, neg, pooled, neg_pooled = _embeds((1, 5, 32), (1, 5, 32), (1, 16), (1, 16))
+    return dict(prompt_embeds=text, negative_prompt_embeds=neg, pooled_prompt_embeds=pooled,
+                negative_pooled_prompt_embeds=neg_pooled, height=16, width=16, num_inference_steps=3)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 7.0])
+def test_sd3(guidance):
+    pipe = pipes.sd3(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+    seen = calls(pipe.transformer)
+    theirs, ours = both(pipe, guidance_scale=guidance, output_type="pt", **_sd3_inputs())
+    assert rel(ours.images, theirs.images) < TOL
+    assert seen == [2 if guidance > 1 else 1] * 6
+
+
+def test_sd3_refuses_skip_layer_guidance():
+    import fastdiff
+
+    pipe = fastdiff.accelerate(pipes.sd3(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)))
+    with pytest.raises(ValueError, match="skip_guidance_layers: not supported by fastdiff"):
+        pipe(skip_guidance_layers=[1], **_sd3_inputs())
+
+
+@FLUX_PLAN
+@pytest.mark.parametrize("dynamic", [False, True], ids=["shift", "dynamic-mu"])
+@pytest.mark.parametrize("true_cfg", [1.0, 2.0])
+def test_flux(dynamic, true_cfg):
+    """Packed latents, rotary ids, the guidance embedding; true CFG with a negative prompt."""
+    pipe = pipes.flux(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=dynamic))
+    seen = calls(pipe.transformer)
+    text, neg, pooled, neg_pooled = _embeds((1, 5, 32), (1, 5, 32), (1, 16), (1, 16))
+    theirs, ours = both(pipe, prompt_embeds=text, negative_prompt_embeds=neg, pooled_prompt_embeds=pooled,
+                        negative_pooled_prompt_embeds=neg_pooled, true_cfg_scale=true_cfg, guidance_scale=3.5,
+                        height=16, width=24, num_inference_steps=3, output_type="pt")
+    assert ours.images.shape == (1, 3, 16, 24)
+    assert rel(ours.images, theirs.images) < TOL
+    assert seen == [1] * (12 if true_cfg > 1 else 6)  # true CFG: two calls per step, as the pipeline makes
