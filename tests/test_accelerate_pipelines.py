@@ -14,7 +14,6 @@ from test_accelerate_sd import SD, TOL, both, calls, rel  # noqa: E402
 
 # FluxPipeline hands its scheduler sigmas and mu (from the image size): from_scheduler takes
 # them once the scheduler-config issue (19) lands
-FLUX_PLAN = pytest.mark.xfail(reason="needs Sampler.from_scheduler(sigmas=, mu=) (issue 19)", strict=True)
 
 
 def _embeds(*shapes, seed=1):
@@ -68,7 +67,6 @@ def test_sd3_refuses_skip_layer_guidance():
         pipe(skip_guidance_layers=[1], **_sd3_inputs())
 
 
-@FLUX_PLAN
 @pytest.mark.parametrize("dynamic", [False, True], ids=["shift", "dynamic-mu"])
 @pytest.mark.parametrize("true_cfg", [1.0, 2.0])
 def test_flux(dynamic, true_cfg):

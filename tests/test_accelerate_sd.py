@@ -26,8 +26,6 @@ SCHEDULERS = {
     "unipc": lambda: diffusers.UniPCMultistepScheduler(**SD),
 }
 # what waits for the scheduler-config issue (19): Euler's start at init_noise_sigma, PNDM's plan
-AWAITING = {"euler": "Euler starts at noise * init_noise_sigma once issue 19 lands (0.2 % off before)",
-            "pndm": "PNDM plans arrive with issue 19"}
 TOL = 1e-4  # float32, relative: a few roundings per step through the fused kernels and blocks
 
 
@@ -68,16 +66,15 @@ def calls(module):
 
 
 @pytest.mark.parametrize("guidance", [0.5, 1.0, 7.5])
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=AWAITING[n], strict=True))
-                                  if n in AWAITING else n for n in SCHEDULERS])
+@pytest.mark.parametrize("name", SCHEDULERS)
 def test_images_equal_diffusers(folder, name, guidance):
     pipe = pipes.sd(SCHEDULERS[name](), folder)
     seen = calls(pipe.unet)
     theirs, ours = both(pipe, prompt="a cat", negative_prompt="dog", num_inference_steps=4,
                         guidance_scale=guidance, output_type="pt")
     assert rel(ours.images, theirs.images) < TOL
-    batch = 2 if guidance > 1 else 1  # diffusers: no CFG at guidance <= 1, one call per step
-    assert seen == [batch] * 8
+    batch = 2 if guidance > 1 else 1  # diffusers: no CFG at guidance <= 1, one call per model time
+    assert seen == [batch] * 2 * len(pipe.scheduler.timesteps)  # (PNDM: 5 model times for 4 steps)
 
 
 @pytest.mark.parametrize("name", ["ddim", "dpmpp_2m"])

@@ -115,8 +115,9 @@ def test_set_timesteps_arguments():
     flux = FLOW_CONFIGS["flux_dev"]
     with pytest.raises(ValueError, match="^mu: use_dynamic_shifting=True shifts by the image size: pass mu="):
         fastdiff.Sampler.from_scheduler(flux, 4)
-    with pytest.raises(ValueError, match="^mu: only for use_dynamic_shifting=True"):
-        fastdiff.Sampler.from_scheduler(FLOW_CONFIGS["sd3"], 4, mu=1.0)
+    # without dynamic shifting mu is ignored, as set_timesteps ignores it
+    np.testing.assert_array_equal(fastdiff.Sampler.from_scheduler(FLOW_CONFIGS["sd3"], 4, mu=1.0).grid.sigma,
+                                  fastdiff.Sampler.from_scheduler(FLOW_CONFIGS["sd3"], 4).grid.sigma)
     with pytest.raises(ValueError, match="^mu: fastdiff maps DDIMScheduler.set_timesteps"):
         fastdiff.Sampler.from_scheduler(VP_CONFIGS["sd21"], 4, mu=1.0)
     # custom sigmas, shifted as diffusers shifts them; steps follow their count

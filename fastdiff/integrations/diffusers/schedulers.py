@@ -382,10 +382,7 @@ def _flow(cfg, n, mu=None, sigmas=None, timesteps=None):
         # time_shift(mu, 1, s) is the static shift with shift = e^mu ("exponential") or mu ("linear")
         shift = math.exp(mu) if cfg["time_shift_type"] == "exponential" else float(mu)
         lo = 1.0 / T  # the unshifted smallest training time
-    else:
-        if mu is not None:
-            raise ValueError("mu: only for use_dynamic_shifting=True; this config shifts by shift="
-                             f"{cfg['shift']!r}")
+    else:  # (a mu given here is ignored, as set_timesteps ignores it: FluxPipeline always passes one)
         shift = float(cfg["shift"])
     sched = FlowSchedule(shift=shift, num_train_timesteps=T)
     if not cfg["use_dynamic_shifting"]:
