@@ -232,12 +232,17 @@ def heun_table(grid: Grid, schedule, model_time: str, prediction: str, churn: Ch
     """Heun's rows (see the module doc): two per step, one (Euler) for a step to s = 0."""
     n, al, sg, ks = grid.steps, grid.alpha, grid.sigma, grid.karras_sigma
     hat = churned_points(grid, schedule, churn)
-    rows, taus = [], []  # rows: (coef, slots, ends_step, step_state)
+    rows, times = [], []  # rows: (coef, slots, ends_step, step_state); each row's model time
+    # an unchurned point keeps the grid's own model time (an explicit grid's may be the caller's,
+    # e.g. diffusers' float32 timesteps); a churned one, or the grid's end, is mapped from tau
+    def time_at(tau, j):
+        same = j < n and tau == grid.tau[j]
+        return float(grid.model_time[j]) if same else float(schedule.model_time(np.array([tau]), model_time)[0])
     for j in range(n):
         tau_h, a_h, s_h, ks_h = hat[j]
         a_n, s_n = al[j + 1], sg[j + 1]
         euler = (*_data_prediction(a_h, s_h, prediction), s_n / s_h, a_n - a_h * s_n / s_h, 0.0, 0.0, 0.0, 0.0)
-        taus.append(tau_h)
+        times.append(time_at(tau_h, j))
         if s_n == 0.0:
             rows.append((euler, (-1, -1, -1, -1), True, (1.0, 0.0)))
             continue
@@ -249,12 +254,11 @@ def heun_table(grid: Grid, schedule, model_time: str, prediction: str, churn: Ch
             c = hat[j + 1][1] * math.sqrt(hat[j + 1][3] ** 2 - ks[j + 1] ** 2) * churn.s_noise
         trapezoid = (*_data_prediction(a_n, s_n, prediction), scale, -scale * k, scale * k, 0.0, 0.0, c)
         rows.append((trapezoid, (-1, 0, -1, -1), True, (1.0 / scale, -c / scale)))
-        taus.append(grid.tau[j + 1])
+        times.append(time_at(grid.tau[j + 1], j + 1))
     a0, ks0 = hat[0][1], hat[0][3]
     return SolverTable(coef=np.array([r[0] for r in rows], dtype=np.float64),
                        slots=np.array([r[1] for r in rows], dtype=np.int64), history=1,
-                       model_time=np.asarray(schedule.model_time(np.array(taus), model_time), dtype=np.float64),
-                       ends_step=np.array([r[2] for r in rows]), step_state=np.array([r[3] for r in rows]),
+                       model_time=np.array(times, dtype=np.float64), ends_step=np.array([r[2] for r in rows]), step_state=np.array([r[3] for r in rows]),
                        initial_scale=a0 / al[0], initial_noise=a0 * math.sqrt(ks0**2 - ks[0] ** 2) * churn.s_noise)
 
 

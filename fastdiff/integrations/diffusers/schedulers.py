@@ -63,6 +63,9 @@ DEFAULTS = {
     "EulerDiscreteScheduler": _merge(_SPACED, _SIGMA_KINDS, interpolation_type="linear", sigma_min=None,
                                    sigma_max=None, timestep_type="discrete", final_sigmas_type="zero"),
     "EulerAncestralDiscreteScheduler": dict(_SPACED),
+    "HeunDiscreteScheduler": {k: v for k, v in _merge(_SPACED, _SIGMA_KINDS, beta_start=0.00085, beta_end=0.012,
+                                                      clip_sample=False, clip_sample_range=1.0).items()
+                              if k != "rescale_betas_zero_snr"},
     "PNDMScheduler": {k: v for k, v in _merge(_SPACED, skip_prk_steps=False, set_alpha_to_one=False,
                                               timestep_spacing="leading").items() if k != "rescale_betas_zero_snr"},
     "LCMScheduler": _merge(_SPACED, _THRESHOLD, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -88,7 +91,6 @@ NOT_SUPPORTED = {
                              "algorithm_type='sde-dpmsolver++'",
     "LMSDiscreteScheduler": f"not yet ({_NOT_YET})",
     "DEISMultistepScheduler": f"not yet ({_NOT_YET})",
-    "HeunDiscreteScheduler": f"not yet (fastdiff's solver='heun' is EDM's Heun; the scheduler mapping is {_NOT_YET})",
     "KDPM2DiscreteScheduler": f"not yet ({_NOT_YET})",
     "KDPM2AncestralDiscreteScheduler": f"not yet ({_NOT_YET})",
     "DPMSolverSinglestepScheduler": f"not yet ({_NOT_YET})",
@@ -330,29 +332,34 @@ def _unipc(cfg, n):
                 lower_order_final=bool(cfg["lower_order_final"]))
 
 
-def _euler(cfg, n, ancestral=False):
-    if not ancestral:
-        _require(cfg, "interpolation_type", "linear")
-        _require(cfg, "timestep_type", "discrete")
-        _require(cfg, "final_sigmas_type", "zero", "sigma_min")
+def _euler(cfg, n, solver="euler"):
+    """EulerDiscrete, EulerAncestralDiscrete and HeunDiscrete: one grid construction (the
+    ancestral one has no sigma kinds or final sigma options, Heun no interpolation options)."""
+    for key, allowed in (("interpolation_type", ("linear",)), ("timestep_type", ("discrete",)),
+                         ("final_sigmas_type", ("zero", "sigma_min")), ("sigma_min", (None,) if solver == "heun"
+                                                                         else None)):
+        if key in cfg and allowed is not None:
+            _require(cfg, key, *allowed)
     sched = _schedule(cfg)
     table = _ve_sigmas(sched)
     times = _spaced_timesteps(cfg, n, rounded=False)
     sigmas = np.interp(times, np.arange(len(table), dtype=np.float64), table)
-    kind = None if ancestral else _sigma_kind(cfg)
+    kind = _sigma_kind(cfg)
     if kind is not None:
-        lo = sigmas[-1] if cfg["sigma_min"] is None else float(cfg["sigma_min"])
-        hi = sigmas[0] if cfg["sigma_max"] is None else float(cfg["sigma_max"])
+        lo = sigmas[-1] if cfg.get("sigma_min") is None else float(cfg["sigma_min"])
+        hi = sigmas[0] if cfg.get("sigma_max") is None else float(cfg["sigma_max"])
         sigmas = _converted_sigmas(kind, lo, hi, n)
         times = _sigma_to_t(sigmas, table)
-    final = 0.0 if ancestral else _final_sigma(cfg, table, sigmas)
+    final = _final_sigma(cfg, table, sigmas) if "final_sigmas_type" in cfg else 0.0
     # pipelines start from noise * init_noise_sigma: sigma_max ("linspace", "trailing") or
     # sqrt(1 + sigma_max^2), in VE coordinates; fastdiff's VP state is that / sqrt(1 + sigma_max^2)
     s0 = float(np.max(sigmas))
     init = s0 if cfg["timestep_spacing"] in ("linspace", "trailing") else math.sqrt(1.0 + s0 * s0)
-    return dict(solver="euler_ancestral" if ancestral else "euler", schedule=sched, prediction=_prediction(cfg),
-                sigmas=np.append(sigmas, final), timesteps=times.astype(np.float32),
-                noise_scale=init / math.sqrt(1.0 + s0 * s0))
+    options = dict(solver=solver, schedule=sched, prediction=_prediction(cfg), sigmas=np.append(sigmas, final),
+                   timesteps=times.astype(np.float32), noise_scale=init / math.sqrt(1.0 + s0 * s0))
+    if cfg.get("clip_sample"):  # Heun's: the derivative follows the clipped x0, as fastdiff's clamp does
+        options["clamp"] = float(cfg["clip_sample_range"])
+    return options
 
 
 def _lcm(cfg, n):
@@ -407,7 +414,8 @@ def _flow(cfg, n, mu=None, sigmas=None, timesteps=None):
 
 _MAPPERS = {
     "DDIMScheduler": _ddim, "DDPMScheduler": _ddpm, "DPMSolverMultistepScheduler": _dpm,
-    "EulerDiscreteScheduler": _euler, "EulerAncestralDiscreteScheduler": lambda c, n: _euler(c, n, ancestral=True),
+    "EulerDiscreteScheduler": _euler, "EulerAncestralDiscreteScheduler": lambda c, n: _euler(c, n, "euler_ancestral"),
+    "HeunDiscreteScheduler": lambda c, n: _euler(c, n, "heun"),
     "LCMScheduler": _lcm, "FlowMatchEulerDiscreteScheduler": _flow, "UniPCMultistepScheduler": _unipc,
     "PNDMScheduler": _pndm,
 }
