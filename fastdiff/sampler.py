@@ -34,12 +34,12 @@ from fastdiff.ops.solver_step import solver_step
 from fastdiff.profiling import nvtx_range
 from fastdiff.reference.solvers import PREDICTIONS, SOLVERS
 from fastdiff.schedules import MODEL_TIMES, Schedule, get_schedule
-from fastdiff.solvers import Churn, SolverTable, build_table, heun_table, pndm_table
+from fastdiff.solvers import Churn, SolverTable, build_table, heun_table, lms_table, pndm_table
 
 BACKENDS = ("auto", "reference", "cuda", "triton", "cpu")
 _ETA_SOLVERS = ("ddim", "euler_ancestral", "flow_sde")
 _FLOW_SOLVERS = ("flow_euler", "flow_sde")
-_VE_SOLVERS = ("euler", "euler_ancestral", "heun")  # they work in sigma/alpha
+_VE_SOLVERS = ("euler", "euler_ancestral", "heun", "lms")  # they work in sigma/alpha
 
 
 class Sampler:
@@ -48,7 +48,7 @@ class Sampler:
     Args:
         solver: one of `fastdiff.SOLVERS` ("ddpm", "ddim", "dpmpp_1m", "dpmpp_2m", "dpmpp_3m",
             "dpmpp_2m_sde", "euler", "euler_ancestral", "heun", "flow_euler", "flow_sde", "consistency",
-            "unipc", "pndm").
+            "unipc", "pndm", "lms").
         steps: number of grid steps (>= 1; at most the schedule's training timesteps); default 20,
             or the length of an explicit grid. Every solver calls the model once per step but
             "heun", which takes 2N - 1 calls (2N with final="min"), and "pndm" (PLMS, diffusers'
@@ -207,6 +207,8 @@ class Sampler:
             self.table: SolverTable = heun_table(self.grid, self.schedule, model_time, prediction, churn)
         elif solver == "pndm":
             self.table = pndm_table(self.grid, prediction)
+        elif solver == "lms":
+            self.table = lms_table(self.grid, prediction)
         else:
             self.table = build_table(solver, self.grid, prediction, eta=eta, lower_order_final=lower_order_final,
                                      variance=variance, boundary_scaling=boundary_scaling, **unipc)

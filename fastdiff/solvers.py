@@ -262,6 +262,32 @@ def heun_table(grid: Grid, schedule, model_time: str, prediction: str, churn: Ch
                        initial_scale=a0 / al[0], initial_noise=a0 * math.sqrt(ks0**2 - ks[0] ** 2) * churn.s_noise)
 
 
+def lms_table(grid: Grid, prediction: str, order: int = 4) -> SolverTable:
+    """Linear multistep in y = x / alpha, s = sigma / alpha (`fastdiff.reference.solvers.LMS`):
+    the history holds the ODE derivatives d = (y - D) / s, a row's own in the same terms as D,
+    H = ((1/alpha - p) x - q m) / s; then x' = alpha' (x / alpha + sum_k c_k H_{-k}). The weights
+    c_k integrate the Lagrange basis over [s_i, s_{i+1}] by 4-point Gauss-Legendre (exact for
+    the cubic basis polynomials)."""
+    n, al, sg, ks = grid.steps, grid.alpha, grid.sigma, grid.karras_sigma
+    nodes, weights = np.polynomial.legendre.leggauss(4)
+    slots_n = min(order, n)
+    coef = np.zeros((n, 8))
+    slots = np.full((n, 4), -1, dtype=np.int64)
+    for i in range(n):
+        p, q = _data_prediction(al[i], sg[i], prediction)
+        k = min(i + 1, order)
+        points = ks[i - np.arange(k)]
+        half = 0.5 * (ks[i + 1] - ks[i])
+        tau = half * nodes + 0.5 * (ks[i + 1] + ks[i])
+        c = [half * np.sum(weights * np.prod([(tau - points[j]) / (points[m] - points[j])
+                                              for j in range(k) if j != m], axis=0)) for m in range(k)]
+        coef[i, :3] = ((1.0 / al[i] - p) / ks[i], -q / ks[i], al[i + 1] / al[i])
+        coef[i, 3:3 + k] = al[i + 1] * np.array(c)
+        slots[i, 0] = i % slots_n
+        slots[i, 1:k] = (i - np.arange(1, k)) % slots_n
+    return _one_row_per_step(coef, slots, slots_n, grid)
+
+
 # Adams-Bashforth weights on the newest output first, by order (written out again here, apart
 # from the reference's, so that the parity tests check them too)
 PLMS_WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -4 / 3, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -3 / 8)}

@@ -341,6 +341,34 @@ class Heun(ReferenceSolver):
             d2 = (y_next - self._denoise(y_next, self.grid.tau[j], self.a[j], self.s[j], call_model)) / t_next
             y_next = y + (t_next - t_hat) * (0.5 * d + 0.5 * d2)
         return self.a[i + 1] * y_next
+class LMS(ReferenceSolver):
+    """Linear multistep on the probability-flow ODE in the variance-exploding coordinates
+    y = x / alpha, s = sigma / alpha (k-diffusion's sample_lms; diffusers' LMSDiscreteScheduler
+    with step's default order 4): the derivative d_i = (y_i - D_i) / s_i, and
+    y_{i+1} = y_i + sum_k c_k d_{i-k}, c_k the integral over [s_i, s_{i+1}] of the Lagrange basis
+    polynomial of s_{i-k} on the last min(i + 1, 4) points."""
+
+    ORDER = 4
+
+    def __init__(self, grid, prediction, **kw):
+        super().__init__(grid, prediction, **kw)
+        self.derivatives: list = []  # newest last
+
+    def step(self, i, x, m, z):
+        s = self.grid.karras_sigma
+        y = x / self.a[i]
+        self.derivatives = (self.derivatives + [(y - self.x0(i, x, m)) / s[i]])[-self.ORDER:]
+        points = [s[i - k] for k in range(len(self.derivatives))]
+        for k, d in enumerate(reversed(self.derivatives)):
+            basis = np.poly1d([1.0])
+            for j, p in enumerate(points):
+                if j != k:
+                    basis = basis * np.poly1d([1.0, -p]) / (points[k] - p)
+            antiderivative = basis.integ()
+            y = y + (antiderivative(s[i + 1]) - antiderivative(s[i])) * d
+        return self.a[i + 1] * y
+
+
 class PNDM(ReferenceSolver):
     """PNDM's pseudo linear multistep (Liu et al. 2022, PLMS) as diffusers' PNDMScheduler runs it
     with skip_prk_steps: the transfer phi of eq. 9 moves x from grid point i to i + 1 along a
@@ -465,4 +493,5 @@ SOLVERS = {
     "heun": (Heun, {}),
     "unipc": (UniPC, {}),
     "pndm": (PNDM, {}),
+    "lms": (LMS, {}),
 }

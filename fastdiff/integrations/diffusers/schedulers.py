@@ -66,6 +66,7 @@ DEFAULTS = {
     "HeunDiscreteScheduler": {k: v for k, v in _merge(_SPACED, _SIGMA_KINDS, beta_start=0.00085, beta_end=0.012,
                                                       clip_sample=False, clip_sample_range=1.0).items()
                               if k != "rescale_betas_zero_snr"},
+    "LMSDiscreteScheduler": {k: v for k, v in _merge(_SPACED, _SIGMA_KINDS).items() if k != "rescale_betas_zero_snr"},
     "PNDMScheduler": {k: v for k, v in _merge(_SPACED, skip_prk_steps=False, set_alpha_to_one=False,
                                               timestep_spacing="leading").items() if k != "rescale_betas_zero_snr"},
     "LCMScheduler": _merge(_SPACED, _THRESHOLD, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -89,7 +90,6 @@ NOT_SUPPORTED = {
     "DPMSolverSDEScheduler": "its noise comes from a Brownian tree (torchsde), which the fused step's per-step "
                              "Gaussian noise cannot reproduce; use DPMSolverMultistepScheduler with "
                              "algorithm_type='sde-dpmsolver++'",
-    "LMSDiscreteScheduler": f"not yet ({_NOT_YET})",
     "DEISMultistepScheduler": f"not yet ({_NOT_YET})",
     "KDPM2DiscreteScheduler": f"not yet ({_NOT_YET})",
     "KDPM2AncestralDiscreteScheduler": f"not yet ({_NOT_YET})",
@@ -333,8 +333,9 @@ def _unipc(cfg, n):
 
 
 def _euler(cfg, n, solver="euler"):
-    """EulerDiscrete, EulerAncestralDiscrete and HeunDiscrete: one grid construction (the
-    ancestral one has no sigma kinds or final sigma options, Heun no interpolation options)."""
+    """EulerDiscrete, EulerAncestralDiscrete, HeunDiscrete and LMSDiscrete: one grid construction
+    (the ancestral one has no sigma kinds or final sigma options, Heun and LMS no interpolation
+    options)."""
     for key, allowed in (("interpolation_type", ("linear",)), ("timestep_type", ("discrete",)),
                          ("final_sigmas_type", ("zero", "sigma_min")), ("sigma_min", (None,) if solver == "heun"
                                                                          else None)):
@@ -416,6 +417,7 @@ _MAPPERS = {
     "DDIMScheduler": _ddim, "DDPMScheduler": _ddpm, "DPMSolverMultistepScheduler": _dpm,
     "EulerDiscreteScheduler": _euler, "EulerAncestralDiscreteScheduler": lambda c, n: _euler(c, n, "euler_ancestral"),
     "HeunDiscreteScheduler": lambda c, n: _euler(c, n, "heun"),
+    "LMSDiscreteScheduler": lambda c, n: _euler(c, n, "lms"),
     "LCMScheduler": _lcm, "FlowMatchEulerDiscreteScheduler": _flow, "UniPCMultistepScheduler": _unipc,
     "PNDMScheduler": _pndm,
 }
