@@ -129,3 +129,39 @@ def test_set_timesteps_arguments():
     np.testing.assert_allclose(s.grid.sigma, sch.sigmas.double().numpy(), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="^sigmas: 4 values for 5 steps"):
         fastdiff.Sampler.from_scheduler(flux, 5, sigmas=sigmas, mu=0.8)
+
+
+@pytest.mark.parametrize("config, steps, difference", [
+    ({"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3}, 6, "solver_order=3 runs fastdiff's dpmpp_3m"),
+    ({"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3, "use_karras_sigmas": True,
+      "final_sigmas_type": "sigma_min"}, 16, "the last step has size zero"),
+    ({"_class_name": "UniPCMultistepScheduler", "lower_order_final": False}, 5, "lower_order_final=False"),
+    ({"_class_name": "DDIMScheduler", "clip_sample": False, "timestep_spacing": "trailing"}, 3,
+     "timestep_spacing='trailing' at 3 steps: fastdiff steps to the next model time"),
+    ({"_class_name": "PNDMScheduler", "skip_prk_steps": True, "timestep_spacing": "linspace"}, 7,
+     "timestep_spacing='linspace' at 7 steps"),
+    ({"_class_name": "DDIMScheduler"}, 5, "clip_sample=True: the noise estimate follows the clipped x0"),
+    ({"_class_name": "DDPMScheduler", "variance_type": "fixed_large", "timestep_spacing": "trailing",
+      "clip_sample": False}, 4, "variance_type='fixed_large' with a last timestep > 0"),
+])
+def test_each_deliberate_difference_is_warned_once(monkeypatch, config, steps, difference):
+    from fastdiff.integrations.diffusers import schedulers
+
+    monkeypatch.setattr(schedulers, "_WARNED", set())
+    with pytest.warns(schedulers.DiffusersDifferenceWarning, match=f"^{config['_class_name']}: {difference}"):
+        fastdiff.Sampler.from_scheduler(config, steps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastdiff.Sampler.from_scheduler(config, steps)  # once
+
+
+def test_real_configs_use_no_deliberate_difference(monkeypatch):
+    from fastdiff.integrations.diffusers import schedulers
+
+    monkeypatch.setattr(schedulers, "_WARNED", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", schedulers.DiffusersDifferenceWarning)
+        for config_name, scheduler_name, n in CASES:
+            config = {**VP_CONFIGS, **FLOW_CONFIGS}[config_name]
+            if scheduler_name not in NOT_SUPPORTED and (config_name, scheduler_name) not in CONFIG_ERRORS:
+                fastdiff.Sampler.from_scheduler(config, n, scheduler_class=scheduler_name, **_set_timesteps_args(config))

@@ -6,7 +6,8 @@ here, so a dict needs no diffusers import; keys the scheduler's __init__ does no
 as in diffusers). The plan is an explicit grid (`fastdiff.grid.explicit_grid`) holding exactly the model
 times and noise levels of the scheduler's `set_timesteps(steps)`, computed here in float64.
 
-Where fastdiff differs from diffusers on purpose:
+Where fastdiff differs from diffusers on purpose (each warned once, as a
+DiffusersDifferenceWarning, when a plan contains it):
 
 * DPMSolverMultistep solver_order=3 runs fastdiff's dpmpp_3m, which is third order; diffusers'
   third-order update weights the second difference by half (measured order ~2.2, README).
@@ -124,7 +125,47 @@ def sampler_options(scheduler, steps, scheduler_class=None, **set_timesteps_args
         steps = len(custom) if custom is not None else getattr(scheduler, "num_inference_steps", None)
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps: expected an integer >= 1 (the scheduler's num_inference_steps), got {steps!r}")
-    return _MAPPERS[name](cfg, int(steps), **given)
+    options = _MAPPERS[name](cfg, int(steps), **given)
+    for difference in _differences(name, cfg, int(steps), options):
+        if (name, difference) not in _WARNED:
+            _WARNED.add((name, difference))
+            warnings.warn(f"{name}: {difference}", DiffusersDifferenceWarning, stacklevel=3)
+    return options
+
+
+class DiffusersDifferenceWarning(UserWarning):
+    """A plan from a diffusers scheduler where fastdiff differs from diffusers on purpose (the
+    module doc lists each): warned once per scheduler and difference."""
+
+
+_WARNED: set = set()
+
+
+def _differences(name, cfg, n, options) -> list:
+    """The listed deliberate differences (module doc) that this plan contains."""
+    found = []
+    if name == "DPMSolverMultistepScheduler" and cfg["solver_order"] == 3:
+        found.append("solver_order=3 runs fastdiff's dpmpp_3m, which is third order; diffusers weights the second "
+                     "difference by half (measured order ~2.2)")
+    sigmas = options.get("sigmas")
+    if sigmas is not None and len(sigmas) > 2 and sigmas[-1] == sigmas[-2] and name != "FlowMatchEulerDiscreteScheduler":
+        found.append("the last step has size zero (final_sigmas_type='sigma_min' on a grid that ends there): fastdiff "
+                     "takes it as the identity; diffusers' higher-order updates divide by it")
+    if name == "UniPCMultistepScheduler" and not cfg["lower_order_final"]:
+        found.append("lower_order_final=False: fastdiff's step to sigma = 0 is first order (the limit of the formula); "
+                     "diffusers' divides by that step's zero log-SNR ratio (inf/NaN)")
+    if name in ("DDIMScheduler", "PNDMScheduler"):
+        times = np.asarray(options["timesteps"])
+        if np.any(times[:-1] - cfg["num_train_timesteps"] // n != times[1:]):
+            found.append(f"timestep_spacing={cfg['timestep_spacing']!r} at {n} steps: fastdiff steps to the next model "
+                         "time; diffusers steps to t - T // N, which is another time here")
+    if name == "DDIMScheduler" and cfg["clip_sample"]:
+        found.append("clip_sample=True: the noise estimate follows the clipped x0 (diffusers' step with "
+                     "use_clipped_model_output=True); diffusers' default keeps the model's own")
+    if name == "DDPMScheduler" and options["variance"] == "large" and options["timesteps"][-1] > 0:
+        found.append("variance_type='fixed_large' with a last timestep > 0: fastdiff adds no noise on the last step; "
+                     "diffusers adds beta-variance noise there")
+    return found
 
 
 def _class_name(scheduler_class) -> str:
