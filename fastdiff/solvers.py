@@ -288,6 +288,35 @@ def lms_table(grid: Grid, prediction: str, order: int = 4) -> SolverTable:
     return _one_row_per_step(coef, slots, slots_n, grid)
 
 
+def flow_heun_table(grid: Grid, schedule, model_time: str, prediction: str) -> SolverTable:
+    """Heun in a flow schedule's own coordinates (`fastdiff.reference.solvers.FlowHeun`): Heun's
+    rows (module doc) with y = x and s = t. Step j, t -> t', h = t' - t:
+      row A (model at t, x): x* = (t'/t) x + (1 - t'/t) D, stores D (the Euler step to t');
+      row B (model at t', x*): x' = x* + h / (2 t') (D_A - D*), the trapezoid (x is recovered
+            from x* and D_A as in Heun's rows);
+    a step to t' = 0 is row A alone (2N - 1 calls; 2N with final="min")."""
+    n, t = grid.steps, grid.sigma
+    end_time = float(schedule.model_time(np.array([grid.tau[-1]]), model_time)[0])
+    coef, slots, times, ends = [], [], [], []
+    for j in range(n):
+        ratio = t[j + 1] / t[j]
+        last = t[j + 1] == 0.0
+        coef.append([*_data_prediction(grid.alpha[j], t[j], prediction), ratio, 1.0 - ratio, 0.0, 0.0, 0.0, 0.0])
+        slots.append([-1 if last else 0, -1, -1, -1])
+        times.append(grid.model_time[j])
+        ends.append(last)
+        if last:
+            continue
+        k = (t[j + 1] - t[j]) / (2.0 * t[j + 1])
+        coef.append([*_data_prediction(grid.alpha[j + 1], t[j + 1], prediction), 1.0, -k, k, 0.0, 0.0, 0.0])
+        slots.append([-1, 0, -1, -1])
+        times.append(grid.model_time[j + 1] if j + 1 < n else end_time)
+        ends.append(True)
+    return SolverTable(coef=np.array(coef, dtype=np.float64), slots=np.array(slots, dtype=np.int64), history=1,
+                       model_time=np.array(times, dtype=np.float64), ends_step=np.array(ends),
+                       step_state=np.tile([1.0, 0.0], (len(coef), 1)))
+
+
 # Adams-Bashforth weights on the newest output first, by order (written out again here, apart
 # from the reference's, so that the parity tests check them too)
 PLMS_WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -4 / 3, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -3 / 8)}

@@ -44,8 +44,11 @@ def _load(config_name, scheduler_name):
         return config, getattr(diffusers, scheduler_name).from_config(config)
 
 
-def _set_timesteps_args(config):
-    return dict(mu=flux_mu(config, 1024)) if config.get("use_dynamic_shifting") else {}
+def _set_timesteps_args(config, scheduler_name="FlowMatchEulerDiscreteScheduler"):
+    """mu, as FluxPipeline passes it, where the scheduler shifts dynamically (FlowMatchHeun
+    takes neither the config's use_dynamic_shifting nor mu)."""
+    dynamic = config.get("use_dynamic_shifting") and scheduler_name == "FlowMatchEulerDiscreteScheduler"
+    return dict(mu=flux_mu(config, 1024)) if dynamic else {}
 
 
 def _diffusers_loop(sch, model, noise, seed):
@@ -63,7 +66,7 @@ def _diffusers_loop(sch, model, noise, seed):
 def test_real_config_gives_diffusers_plan_and_result_or_its_specific_error(case):
     config_name, scheduler_name, n = case
     config = {**VP_CONFIGS, **FLOW_CONFIGS}[config_name]
-    args = _set_timesteps_args(config)
+    args = _set_timesteps_args(config, scheduler_name)
     error = CONFIG_ERRORS.get((config_name, scheduler_name))
     if scheduler_name in NOT_SUPPORTED:
         error = f"^scheduler: {scheduler_name} is not supported by fastdiff: "
@@ -164,4 +167,5 @@ def test_real_configs_use_no_deliberate_difference(monkeypatch):
         for config_name, scheduler_name, n in CASES:
             config = {**VP_CONFIGS, **FLOW_CONFIGS}[config_name]
             if scheduler_name not in NOT_SUPPORTED and (config_name, scheduler_name) not in CONFIG_ERRORS:
-                fastdiff.Sampler.from_scheduler(config, n, scheduler_class=scheduler_name, **_set_timesteps_args(config))
+                fastdiff.Sampler.from_scheduler(config, n, scheduler_class=scheduler_name,
+                                                **_set_timesteps_args(config, scheduler_name))

@@ -252,6 +252,21 @@ class FlowEuler(ReferenceSolver):
         return x + (self.s[i + 1] - self.s[i]) * _flow_velocity(self, i, x, m)
 
 
+class FlowHeun(ReferenceSolver):
+    """Heun's method on the rectified-flow ODE dx/dt = v in its own coordinates (x, t), as
+    diffusers' FlowMatchHeunDiscreteScheduler (no churn): the Euler step x* = x + (t' - t) v,
+    then, unless t' = 0, x_{t'} = x + (t' - t) (v + v*) / 2 with v* the velocity at (x*, t')."""
+
+    def sample_step(self, i, x, call_model, draw_noise):
+        h = self.s[i + 1] - self.s[i]
+        v = _flow_velocity(self, i, x, call_model(x, self.grid.model_time[i]))
+        euler = x + h * v
+        if self.s[i + 1] == 0:
+            return euler
+        v_next = _flow_velocity(self, i + 1, euler, call_model(euler, self.grid.model_time[i + 1]))
+        return x + h * (0.5 * v + 0.5 * v_next)
+
+
 class FlowSDE(ReferenceSolver):
     """Stochastic flow sampler: re-noise the Euler step's endpoint with a fraction eta of
     fresh noise, x_{t'} = (1 - t') x0 + t' (sqrt(1 - eta^2) eps + eta z), where x0 = x - t v and
@@ -494,4 +509,5 @@ SOLVERS = {
     "unipc": (UniPC, {}),
     "pndm": (PNDM, {}),
     "lms": (LMS, {}),
+    "flow_heun": (FlowHeun, {}),
 }

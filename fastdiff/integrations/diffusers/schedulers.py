@@ -68,6 +68,7 @@ DEFAULTS = {
                                                       clip_sample=False, clip_sample_range=1.0).items()
                               if k != "rescale_betas_zero_snr"},
     "LMSDiscreteScheduler": {k: v for k, v in _merge(_SPACED, _SIGMA_KINDS).items() if k != "rescale_betas_zero_snr"},
+    "FlowMatchHeunDiscreteScheduler": dict(num_train_timesteps=1000, shift=1.0),
     "PNDMScheduler": {k: v for k, v in _merge(_SPACED, skip_prk_steps=False, set_alpha_to_one=False,
                                               timestep_spacing="leading").items() if k != "rescale_betas_zero_snr"},
     "LCMScheduler": _merge(_SPACED, _THRESHOLD, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -98,7 +99,6 @@ NOT_SUPPORTED = {
     "EDMEulerScheduler": f"not yet ({_NOT_YET})",
     "EDMDPMSolverMultistepScheduler": f"not yet ({_NOT_YET})",
     "TCDScheduler": f"not yet ({_NOT_YET})",
-    "FlowMatchHeunDiscreteScheduler": f"not yet ({_NOT_YET})",
 }
 _PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v", "sample": "sample"}
 # Every key any scheduler's __init__ takes: a config key outside its own scheduler's __init__ but
@@ -461,4 +461,7 @@ _MAPPERS = {
     "LMSDiscreteScheduler": lambda c, n: _euler(c, n, "lms"),
     "LCMScheduler": _lcm, "FlowMatchEulerDiscreteScheduler": _flow, "UniPCMultistepScheduler": _unipc,
     "PNDMScheduler": _pndm,
+    # FlowMatchHeun's grid is FlowMatchEuler's with its options at their defaults
+    "FlowMatchHeunDiscreteScheduler": lambda c, n: dict(
+        _flow({**DEFAULTS["FlowMatchEulerDiscreteScheduler"], **c}, n), solver="flow_heun"),
 }
