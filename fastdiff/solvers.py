@@ -258,7 +258,8 @@ def heun_table(grid: Grid, schedule, model_time: str, prediction: str, churn: Ch
     a0, ks0 = hat[0][1], hat[0][3]
     return SolverTable(coef=np.array([r[0] for r in rows], dtype=np.float64),
                        slots=np.array([r[1] for r in rows], dtype=np.int64), history=1,
-                       model_time=np.array(times, dtype=np.float64), ends_step=np.array([r[2] for r in rows]), step_state=np.array([r[3] for r in rows]),
+                       model_time=np.array(times, dtype=np.float64), ends_step=np.array([r[2] for r in rows]),
+                       step_state=np.array([r[3] for r in rows]),
                        initial_scale=a0 / al[0], initial_noise=a0 * math.sqrt(ks0**2 - ks[0] ** 2) * churn.s_noise)
 
 
