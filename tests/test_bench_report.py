@@ -209,6 +209,7 @@ def test_sampling_table(synthetic):
         t = SAMPLES[(solver, steps, provider)]
         assert cell(header, row, "ms/image") == fmt_num(t * 1e3 / 4)
         assert cell(header, row, "images/s") == fmt_num(4 / t)
+        assert cell(header, row, "it/s") == fmt_num(steps / t)
         eager = SAMPLES.get((solver, steps, "eager"))
         compiled = SAMPLES.get((solver, steps, "compile"))
         want_e = fmt_speedup(eager / t) if provider != "eager" else "–"
@@ -218,6 +219,21 @@ def test_sampling_table(synthetic):
         seen.add((solver, steps, provider))
     assert seen == set(SAMPLES)
     assert [r[0] for r in rows][:1] == ["ddim"]  # sorted by solver, then steps
+
+
+def test_diffusers_sampling_has_its_own_table(synthetic):
+    """bench_diffusers' rows (op sample_diffusers) are reported as sampling, not as an op."""
+    doc = json.loads(synthetic.read_text())
+    doc["benchmarks"] += [bench_entry("sample_diffusers", p, "sd15-b1", t, images=1, solver="dpmpp_2m", steps=20, cfg=True)
+                          for p, t in (("eager", 0.50), ("fused", 0.40), ("graph", 0.25))]
+    synthetic.write_text(json.dumps(doc))
+    md = report.render([report.load_run(synthetic)])
+    assert "### sample_diffusers" not in md
+    header, rows = md_table(md, "## " + report.SAMPLE_OPS["sample_diffusers"])
+    assert [r[header.index("provider")] for r in rows] == ["eager", "fused", "graph"]
+    graph = rows[2]
+    assert cell(header, graph, "ms/image") == fmt_num(250.0) and cell(header, graph, "it/s") == fmt_num(80.0)
+    assert cell(header, graph, "× eager") == "2.00×"
 
 
 def test_details_use_stats_data_for_percentiles(synthetic):
