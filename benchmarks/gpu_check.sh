@@ -236,7 +236,8 @@ record setup "$([ "$HAVE_GPU" = 1 ] && echo ok || echo NOGPU)" $(( $(date +%s) -
   "${GPU_NAME:-torch sees no GPU}$( ((REHEARSE)) && echo " (no GPU used; taken to be an H100, sm_90a)"); phases: ${ORDER[*]}"
 
 # run_step NAME CAP LOG CMD...: CMD under timeout min(CAP, time left in the phase, time left in
-# the run less RESERVE), output appended to LOG, recorded in summary.txt; returns CMD's status
+# the run less RESERVE), output appended to LOG, recorded in summary.txt; returns CMD's status.
+# With --rehearse, CMD's stand-in runs instead (rehearse_cmd, below).
 run_step() {
   local name=$1 cap=$2 log=$3
   shift 3
