@@ -48,7 +48,7 @@ def test_pins_come_from_constraints_and_the_documented_fetch_command_is_the_scri
 def test_check_wheels(tmp_path, capsys):
     carried_wheels(tmp_path)
     assert gpu_stack.check_wheels(tmp_path) == 0
-    assert "9 wheels" in capsys.readouterr().out
+    assert f"{len(gpu_stack.pinned())} wheels" in capsys.readouterr().out
     extra = make_wheel(tmp_path, "scipy", "1.0")
     with pytest.raises(SystemExit, match="not carried .remove it.: scipy"):
         gpu_stack.check_wheels(tmp_path)
