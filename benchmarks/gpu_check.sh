@@ -420,6 +420,9 @@ build_wheels() {
 
 phase_build() {
   local log="$W/logs/build.log"
+  # The GPU machine's Python may be a distribution's, marked externally managed (PEP 668); the
+  # machine is handed back bare after the call, so pip installs into it all the same.
+  export PIP_BREAK_SYSTEM_PACKAGES=1
   build_wheels "$log"
   if [ "$HAVE_GPU" = 1 ]; then
     local cc major minor suffix=""
