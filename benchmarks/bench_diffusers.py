@@ -52,7 +52,9 @@ def _models(name: str):
     """The U-Net as diffusers builds it and a fastdiff-optimized copy (built once per run)."""
     if name not in _MODELS:
         torch.manual_seed(0)
-        unet = diffusers.UNet2DConditionModel(**CONFIGS[name]).to(DEVICE, DTYPE).eval()
+        with torch.device(DEVICE):  # random init in place: 860M parameters take 14 s on 2 CPU cores
+            unet = diffusers.UNet2DConditionModel(**CONFIGS[name])
+        unet = unet.to(DTYPE).eval()
         _MODELS[name] = unet, fastdiff.optimize(copy.deepcopy(unet))
     return _MODELS[name]
 

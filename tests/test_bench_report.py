@@ -209,6 +209,7 @@ def test_sampling_table(synthetic):
         t = SAMPLES[(solver, steps, provider)]
         assert cell(header, row, "ms/image") == fmt_num(t * 1e3 / 4)
         assert cell(header, row, "images/s") == fmt_num(4 / t)
+        assert cell(header, row, "it/s") == fmt_num(steps / t)
         eager = SAMPLES.get((solver, steps, "eager"))
         compiled = SAMPLES.get((solver, steps, "compile"))
         want_e = fmt_speedup(eager / t) if provider != "eager" else "–"
@@ -218,6 +219,21 @@ def test_sampling_table(synthetic):
         seen.add((solver, steps, provider))
     assert seen == set(SAMPLES)
     assert [r[0] for r in rows][:1] == ["ddim"]  # sorted by solver, then steps
+
+
+def test_diffusers_sampling_has_its_own_table(synthetic):
+    """bench_diffusers' rows (op sample_diffusers) are reported as sampling, not as an op."""
+    doc = json.loads(synthetic.read_text())
+    doc["benchmarks"] += [bench_entry("sample_diffusers", p, "sd15-b1", t, images=1, solver="dpmpp_2m", steps=20, cfg=True)
+                          for p, t in (("eager", 0.50), ("fused", 0.40), ("graph", 0.25))]
+    synthetic.write_text(json.dumps(doc))
+    md = report.render([report.load_run(synthetic)])
+    assert "### sample_diffusers" not in md
+    header, rows = md_table(md, "## " + report.SAMPLE_OPS["sample_diffusers"])
+    assert [r[header.index("provider")] for r in rows] == ["eager", "fused", "graph"]
+    graph = rows[2]
+    assert cell(header, graph, "ms/image") == fmt_num(250.0) and cell(header, graph, "it/s") == fmt_num(80.0)
+    assert cell(header, graph, "× eager") == "2.00×"
 
 
 def test_details_use_stats_data_for_percentiles(synthetic):
@@ -557,16 +573,21 @@ def test_gpu_check_script_syntax():
     assert m and m.group(1) == ncu.NCU_METRICS
 
 
-# A stand-in for python (PYTHON=...) and for ncu (on PATH): each call is logged with the provider
-# environment; the GPU probe sees an H100; a call whose command line contains $FAKE_FAIL fails;
-# files the script expects (benchmark JSON, report, ncu reports) are written. The tests phase
-# snapshots $OUT at its first call, to show what the script had written there before it.
+# A stand-in for python (PYTHON=...), ncu and compute-sanitizer (on PATH): each call is logged
+# with the provider environment; the GPU probe sees an H100; a call whose command line contains
+# $FAKE_FAIL fails, one containing $FAKE_SKIP prints a skipped file as pytest -rs does; files the
+# script expects (benchmark JSON, report, ncu reports, a wheel to install) are written. The
+# tests phase snapshots $OUT at its first call, to show what the script had written before it.
 FAKE_TOOL = r"""#!/usr/bin/env bash
 echo "$(basename "$0") $* | providers=${FASTDIFF_BENCH_PROVIDERS:-} skip=${FASTDIFF_BENCH_SKIP_PROVIDERS:-}" >>"$FAKE_DIR/calls.log"
 [ -n "${FAKE_FAIL:-}" ] && [[ "$*" == *"$FAKE_FAIL"* ]] && exit 1
+[ -n "${FAKE_SKIP:-}" ] && [[ "$*" == *"$FAKE_SKIP"* ]] && echo "SKIPPED [1] tests/x.py:3: could not import 'x'"
 case "$*" in
+  *"sys.executable"*) echo "$0" ;;
   *"torch.cuda.is_available()"*) echo "1 NVIDIA H100 80GB HBM3" ;;
   *get_device_capability*) echo "9.0" ;;
+  *install-plan*) echo "$FAKE_DIR/diffusers-0.42.1-py3-none-any.whl" ;;
+  *"/bin/true") echo "========= Error: Target application terminated before first instrumented API call"; exit 255 ;;
   *"-m gpu"*) if [ ! -f "$FAKE_DIR/summary_during_tests.txt" ]; then
                 cp "$OUT/summary.txt" "$FAKE_DIR/summary_during_tests.txt"; ls "$OUT" >"$FAKE_DIR/out_during_tests.txt"
               fi
@@ -589,18 +610,23 @@ exit 0
 """
 
 
-def run_gpu_check(tmp_path, *args, fail=None, timeout=120):
-    """gpu_check.sh against the fakes above; -> (CompletedProcess, $OUT, the logged calls)."""
+def run_gpu_check(tmp_path, *args, fail=None, skip=None, timeout=120):
+    """gpu_check.sh against the fakes above, with a wheel folder; -> (CompletedProcess, $OUT,
+    the logged calls)."""
     fake = tmp_path / "fake"
     fake.mkdir(exist_ok=True)
-    for tool in ("python", "ncu"):
+    for tool in ("python", "ncu", "compute-sanitizer"):
         (fake / tool).write_text(FAKE_TOOL)
         (fake / tool).chmod(0o755)
+    (tmp_path / "whl").mkdir(exist_ok=True)
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), PYTHON=str(fake / "python"), FAKE_DIR=str(fake), FASTDIFF_COMMIT="abc123",
-               PATH=f"{fake}{os.pathsep}{os.environ['PATH']}")
+               FASTDIFF_WHEELS=str(tmp_path / "whl"), PATH=f"{fake}{os.pathsep}{os.environ['PATH']}")
+    env.pop("COMPUTE_SANITIZER", None)
     if fail:
         env["FAKE_FAIL"] = fail
+    if skip:
+        env["FAKE_SKIP"] = skip
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), *args], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=timeout)
     calls = (fake / "calls.log").read_text().splitlines() if (fake / "calls.log").exists() else []
@@ -624,32 +650,38 @@ def test_gpu_check_plan_fits_one_call():
     assert total == sum(caps.values()) <= 540 and "note:" not in text
     phases = list(caps)
     assert phases[0] == "setup" and phases[-1] == "report"
-    # priority order: build, GPU correctness, kernel benchmarks, sampling, then compile and ncu
-    for a, b in [("build", "tests"), ("tests", "tests:triton"), ("tests:triton", "bench:copy"),
-                 ("bench:group_norm_silu", "bench:sampling"), ("bench:unet", "compile"), ("compile", "ncu")]:
+    # priority order: versions and build, the CUDA tests, the headline, the sanitizers, the
+    # Triton tests, the memory-bound kernels, then compile and ncu
+    assert phases[1:5] == ["versions", "build", "tests", "bench:diffusers"]
+    for a, b in [("bench:diffusers", "sanitize:memcheck"), ("sanitize:racecheck", "tests:triton"),
+                 ("tests:triton", "bench:copy"), ("bench:group_norm_silu", "compile"), ("compile", "ncu")]:
         assert phases.index(a) < phases.index(b)
-    assert "compile:sample" not in caps  # max-autotune sampling does not fit one call: --phases only
-    # every benchmark file has its phase
-    for f in (ROOT / "benchmarks").glob("bench_*.py"):
-        assert f"bench:{f.stem[len('bench_'):]}" in caps, f.name
+    assert "compile:sample" not in caps and "bench:sampling" not in caps  # --phases only
+
+
+def test_gpu_check_every_benchmark_file_has_a_phase():
+    benches = sorted(f"bench:{f.stem[len('bench_'):]}" for f in (ROOT / "benchmarks").glob("bench_*.py"))
+    caps, _, _ = plan("--phases", ",".join(benches))
+    assert sorted(p for p in caps if p.startswith("bench:")) == benches
 
 
 def test_gpu_check_plan_of_a_subset_and_bad_phase():
     caps, total, text = plan("--phases", "bench,compile:sample")
     assert [p for p in caps if not p.startswith("bench:")] == ["setup", "compile:sample", "report"]
     assert total == sum(caps.values()) > 540 and "note: over" in text  # says the run cannot hold all
+    assert list(plan("--phases", "sanitize")[0]) == ["setup", "sanitize:memcheck", "sanitize:racecheck", "report"]
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--phases", "tests,nope"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unknown phase 'nope'" in r.stderr
 
 
-def check_out_dir(out):
+def check_out_dir(out, gpu="h100-80gb-hbm3"):
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and all(p.is_file() for p in out.iterdir())
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files)
     assert {"report.md", "summary.txt", "versions.txt", "ncu_summary.md"} <= set(files)
     tars = [f for f in files if f.endswith(".tar.gz")]
-    assert tars == ["{}_h100-80gb-hbm3.tar.gz".format(tars[0][:10])] and re.fullmatch(r"\d{4}-\d\d-\d\d", tars[0][:10])
+    assert tars == ["{}_{}.tar.gz".format(tars[0][:10], gpu)] and re.fullmatch(r"\d{4}-\d\d-\d\d", tars[0][:10])
     return files
 
 
@@ -674,9 +706,21 @@ def test_gpu_check_full_run_against_fakes(tmp_path):
     during = (tmp_path / "fake" / "summary_during_tests.txt").read_text()
     assert status(during, "build") == "ok" and status(during, "tests") is None
     assert any(f.endswith(".tar.gz") for f in (tmp_path / "fake" / "out_during_tests.txt").read_text().split())
-    tests = [c for c in calls if "-m gpu" in c]
-    assert len(tests) == 2 and "-k not triton" in tests[0] and "-k triton" in tests[1]
-    assert all(f"tests/{f}" in tests[0] for f in ("test_solver_step.py", "test_graphs.py", "test_fused_unet.py"))
+    cuda_tests = [c for c in calls if c.startswith("python ") and "-m gpu -k not triton" in c]
+    assert len(cuda_tests) == 1
+    assert all(f"tests/{f}" in cuda_tests[0] for f in ("test_solver_step.py", "test_graphs.py", "test_fused_unet.py"))
+    triton_tests = [c for c in calls if c.startswith("python ") and "-m gpu -k triton" in c]
+    assert len(triton_tests) == 5 and all(c.count("tests/test_") == 1 for c in triton_tests)  # one pytest per file
+    sanitize = [c for c in calls if c.startswith("compute-sanitizer --tool ")]
+    assert [c.split()[2] for c in sanitize] == ["memcheck", "racecheck"]
+    for c in sanitize:
+        assert "--kernel-name kns=fastdiff --error-exitcode 86" in c and "env PYTORCH_NO_CUDA_MEMORY_CACHING=1 " in c
+        assert "-m gpu -k cuda and not triton" in c and "tests/test_group_norm_silu.py" in c
+    assert "tests/test_solver_step.py" in sanitize[0] and "tests/test_solver_step.py" not in sanitize[1]
+    # the wheels: checked, what install-plan names installed offline without dependencies, verified
+    assert any("gpu_stack.py check-wheels" in c for c in calls) and any("gpu_stack.py verify" in c for c in calls)
+    assert any(re.search(r"-m pip install --no-index --no-deps \S+/diffusers-0.42.1-py3-none-any.whl", c) for c in calls)
+    assert all(status(summary, s) == "ok" for s in ("build:wheels", "build:install", "build:verify", "build:flags"))
     bench = [c for c in calls if "--benchmark-json" in c]
     assert len(bench) == len([p for p in caps if p.startswith("bench:")]) + 1
     assert all("skip=compile" in c and "providers= " in c for c in bench[:-1])
@@ -707,12 +751,47 @@ def test_gpu_check_phases_subset_runs_only_those(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     check_out_dir(out)
     summary = (out / "summary.txt").read_text()
-    ran = [line.split()[0] for line in summary.splitlines()[1:]]
+    ran = [line.split()[0] for line in summary.splitlines()[1:] if not line.startswith("tests:triton:")]
     assert ran == ["setup", "tests:triton", "bench:solver_step", "report", "total"]
     assert not any("pip install" in c for c in calls)
     assert [c for c in calls if "-m gpu" in c][0].count("-k triton") == 1
     assert [c for c in calls if "--benchmark-json" in c][0].count("bench_solver_step.py") == 1
     assert "tests.log" in {p.name for p in out.iterdir()} and "build.log" not in {p.name for p in out.iterdir()}
+
+
+def test_gpu_check_phase_without_its_module_is_skipped(tmp_path):
+    r, out, calls = run_gpu_check(tmp_path, "--phases", "bench:diffusers,bench:copy", fail="import diffusers")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = (out / "summary.txt").read_text()
+    assert re.search(r"^bench:diffusers\s+SKIPPED .*needs diffusers, not installed", summary, re.M), summary
+    assert not any("bench_diffusers.py" in c for c in calls) and status(summary, "bench:copy") == "ok"
+
+
+def test_gpu_check_rehearse_against_fakes(tmp_path):
+    """--rehearse: Python runs as `python -S` on the package view, every pytest command
+    collects only, pip runs dry, compute-sanitizer parses its options on /bin/true, the GPU
+    probes and the wheel install do not run, and the run names itself a rehearsal."""
+    r, out, calls = run_gpu_check(tmp_path, "--rehearse")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    check_out_dir(out, gpu="rehearsal")
+    summary = (out / "summary.txt").read_text()
+    assert any("gpu_stack.py view" in c for c in calls)
+    python = [c for c in calls if c.startswith("python -S ")]
+    pytest_calls = [c for c in python if "-m pytest" in c]
+    assert len(pytest_calls) == 1 + 5 + 2 + 4 + 1 + 2  # tests, tests:triton, sanitize, bench, compile, ncu
+    assert all(c.split(" | ")[0].endswith("--collect-only -rs") for c in pytest_calls)
+    assert [c for c in python if "pip install" in c] == [c for c in python if "-e . --dry-run" in c] != []
+    assert not any("torch.compile" in c or "--launch-count 1" in c or "install-plan" in c for c in calls)
+    sanitize = [c.split(" | ")[0] for c in calls if c.startswith("compute-sanitizer --tool ")]
+    assert len(sanitize) == 2 and all(c.endswith("/bin/true") for c in sanitize)
+    assert status(summary, "compile-probe") == "SKIPPED" and status(summary, "sanitize:memcheck") == "ok"
+
+
+def test_gpu_check_rehearse_fails_on_a_file_skipped_at_import(tmp_path):
+    r, out, calls = run_gpu_check(tmp_path, "--rehearse", "--phases", "bench:diffusers,bench:copy", skip="bench_diffusers")
+    assert r.returncode == 1 and "failed: bench:diffusers" in r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = (out / "summary.txt").read_text()
+    assert status(summary, "bench:diffusers") == "FAILED" and status(summary, "bench:copy") == "ok"
 
 
 def test_diffusers_benchmark_quick_cpu_run(tmp_path):

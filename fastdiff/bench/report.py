@@ -33,8 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-PROVIDER_ORDER = ("eager", "compile", "reference", "cpu", "triton", "cuda", "graph")
-SAMPLE_OP = "sample"
+PROVIDER_ORDER = ("eager", "compile", "reference", "cpu", "triton", "cuda", "fused", "graph")
+# Ops reported as end-to-end sampling (ms/image, images/s, it/s), each under its own heading.
+SAMPLE_OPS = {"sample": "End-to-end sampling",
+              "sample_diffusers": "End-to-end sampling: a diffusers U-Net, diffusers' own loop vs fastdiff"}
 MISSING = "–"
 PLOTS_SKIPPED = "plots skipped: matplotlib is not installed (pip install 'fastdiff[plots]')"
 
@@ -391,7 +393,8 @@ def op_table(op: str, entries: Sequence[Entry]) -> str:
 
 
 def sample_table(entries: Sequence[Entry]) -> str:
-    """End-to-end sampling: solver, steps, size, provider, ms/image, images/s, speed-ups."""
+    """End-to-end sampling: solver, steps, size, provider, ms/image, images/s, ms/call, it/s
+    (denoising steps per second of one call, as diffusers' progress bar counts), speed-ups."""
     providers = _providers(entries)
 
     def ident(e: Entry) -> Tuple:
@@ -404,7 +407,7 @@ def sample_table(entries: Sequence[Entry]) -> str:
     )
     has_variant = any(e.variant for e in entries)
     header = ["solver", "steps", "size"] + (["variant"] if has_variant else []) + [
-        "provider", "ms/image", "images/s", "ms/call", "× eager", "× compile",
+        "provider", "ms/image", "images/s", "ms/call", "it/s", "× eager", "× compile",
     ]
     rows = []
     for k in keys:
@@ -419,6 +422,7 @@ def sample_table(entries: Sequence[Entry]) -> str:
                     fmt_num(e.ms_per_image),
                     fmt_num(e.images_per_s),
                     fmt_num(e.median_ms),
+                    fmt_num(_num(k[1]) / e.median_s) if _num(k[1]) is not None else MISSING,
                     fmt_speedup(eager.median_s / e.median_s) if eager and p != "eager" else MISSING,
                     fmt_speedup(compiled.median_s / e.median_s) if compiled and p != "compile" else MISSING,
                 ]
@@ -472,7 +476,7 @@ def make_plots(entries: Sequence[Entry], outdir: str | os.PathLike) -> Optional[
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     written: List[Path] = []
-    ops = _unique(e.op for e in entries if e.op != SAMPLE_OP)
+    ops = _unique(e.op for e in entries if e.op not in SAMPLE_OPS)
     for op in ops:
         es = [e for e in entries if e.op == op]
         sizes = sorted({e.size for e in es}, key=_natural_key)
@@ -504,7 +508,7 @@ def make_plots(entries: Sequence[Entry], outdir: str | os.PathLike) -> Optional[
         plt.close(fig)
         written.append(path)
 
-    samples = [e for e in entries if e.op == SAMPLE_OP and e.ms_per_image is not None]
+    samples = [e for e in entries if e.op in SAMPLE_OPS and e.ms_per_image is not None]
     for size in sorted({e.size for e in samples}, key=_natural_key):
         es = [e for e in samples if e.size == size]
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -552,15 +556,16 @@ def render(
         "`× eager` / `× compile` = that provider's median / this one's (> 1: faster)."
     )
 
-    ops = _unique(e.op for e in entries if e.op != SAMPLE_OP)
+    ops = _unique(e.op for e in entries if e.op not in SAMPLE_OPS)
     if ops:
         parts.append("## Ops")
         for op in ops:
             es = [e for e in entries if e.op == op]
             parts.append(f"### {op}\n\n" + op_table(op, es))
-    samples = [e for e in entries if e.op == SAMPLE_OP]
-    if samples:
-        parts.append("## End-to-end sampling\n\n" + sample_table(samples))
+    for op, title in SAMPLE_OPS.items():
+        samples = [e for e in entries if e.op == op]
+        if samples:
+            parts.append(f"## {title}\n\n" + sample_table(samples))
     if not entries:
         parts.append("No benchmark results in the input.")
 
