@@ -60,6 +60,10 @@ def build(replace_source: dict | None = None) -> str:
     variant with that text instead of the file (mutation tests). Objects and executables are
     cached by the hash of what went into them."""
     replace_source = replace_source or {}
+    if os.environ.get("FASTDIFF_CUDA_MUTANT"):  # tests/mutants.py: the whole suite on a planted bug
+        from mutants import mutated
+
+        replace_source = {**mutated(os.environ["FASTDIFF_CUDA_MUTANT"]), **replace_source}
     sources = sorted(glob.glob(os.path.join(CSRC, "*", "*.cu"))) + sorted(glob.glob(os.path.join(EMU, "*.cc")))
     headers = sorted(p for p in glob.glob(os.path.join(CSRC, "**", "*.*"), recursive=True) if p.endswith((".h", ".cuh")))
     common = hashlib.sha256(" ".join(compile_flags()).encode())

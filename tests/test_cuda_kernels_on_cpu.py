@@ -26,6 +26,7 @@ F64 = torch.float64
 NAN = float("nan")
 DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CODE = cuda_on_cpu.DTYPE_CODE
+H100, ONE_SM = 0, 1  # the emulated devices (cuda_on_cpu::kDevices)
 
 
 def _seed(*parts) -> int:
@@ -118,8 +119,9 @@ MISALIGN = ["x", "model", "noise", "out", "hist1"]
 
 
 def step_buffers(case, out, misalign, in_place):
-    """The kernel's pointers, as the binding derives them from the op's tensors; misalign: None
-    or which of the present MISALIGN buffers to shift by one element. -> (bufs, (key, original))."""
+    """The kernel's pointers, as the binding derives them from the op's tensors; misalign: None,
+    the index of one of the present MISALIGN buffers or any buffer's name: that buffer is
+    shifted by one element. -> (bufs, (key, original))."""
     x = case["x"]
     b = x.shape[0]
     m, u = case["model_out"], case["uncond"]
@@ -136,28 +138,23 @@ def step_buffers(case, out, misalign, in_place):
     if misalign is None:
         return bufs, None
     keys = [k for k in MISALIGN if isinstance(bufs.get(k), torch.Tensor)]
-    key = keys[misalign % len(keys)]
+    key = misalign if isinstance(misalign, str) else keys[misalign % len(keys)]
     orig = bufs[key]
     bufs[key] = shifted(orig, 1)
     return bufs, (key, orig)
 
 
-@pytest.mark.parametrize("di,si,mis", STEP_MATRIX,
-                         ids=[f"{'-'.join(STEP_DTYPES[d])}-{'x'.join(map(str, STEP_SHAPES[s]))}-{'mis' if m else 'al'}"
-                              for d, s, m in STEP_MATRIX])
-def test_solver_step(driver, di, si, mis):
-    i = STEP_MATRIX.index((di, si, mis))
-    md, sd = (DT[n] for n in STEP_DTYPES[di])
-    hist = list(HIST_CASES)[i % len(HIST_CASES)]
-    case = make_step_case(STEP_SHAPES[si], md, sd, CFGS[i % 3], hist, noise=i % 4 != 1, clamp=i % 5 == 2,
-                          channels_last=i % 2 == 1, device="cpu", seed=_seed("step", i))
+def check_step(driver, case, *, misalign=None, in_place=False, guidance_ptr=False, device=ONE_SM, seed=0):
+    """Run solver_step on the emulated `device` and check out, the written history slot, the
+    untouched slots and the inputs against the float64 reference. misalign: see step_buffers.
+    -> the driver's reply."""
+    md, sd = case["model_out"].dtype, case["x"].dtype
     out, untouched = poison(case)
     ref_out, ref_hist = step_reference(case)
-    in_place = i % 7 == 3
-    bufs, moved = step_buffers(case, out, i if mis else None, in_place)
-    params = {"numel": case["x"].numel(), "model_dtype": CODE[md], "state_dtype": CODE[sd],
+    bufs, moved = step_buffers(case, out, misalign, in_place)
+    params = {"numel": case["x"].numel(), "model_dtype": CODE[md], "state_dtype": CODE[sd], "device": device,
               "clamp": case["clamp"], **{f"c{k}": v for k, v in enumerate(case["coef"])}}
-    if i % 3 == 1:  # the CUDA-graph form: the guidance scale read from memory
+    if guidance_ptr:  # the CUDA-graph form: the guidance scale read from memory
         bufs["guidance_ptr"] = torch.tensor([case["guidance"]], dtype=torch.float32)
         params["guidance"] = NAN
     else:
@@ -167,7 +164,7 @@ def test_solver_step(driver, di, si, mis):
     aligned = all(v.storage_offset() * v.element_size() % 16 == 0 for v in bufs.values() if isinstance(v, torch.Tensor))
     hist_before = None if case["history"] is None else case["history"].clone()
 
-    reply = driver.run("solver_step", _seed("sched", i), params, bufs)
+    reply = driver.run("solver_step", seed, params, bufs)
 
     assert reply["vectorized"] == str(int(aligned))
     if moved:  # the kernel wrote the shifted copy; compare through the original
@@ -181,6 +178,46 @@ def test_solver_step(driver, di, si, mis):
         assert torch.equal(bits(case["history"][s]), bits(hist_before[s])), f"history[{s}] written"
     for k, v in inputs.items():
         assert torch.equal(bufs[k], v), f"input {k} modified"
+    return reply
+
+
+@pytest.mark.parametrize("di,si,mis", STEP_MATRIX,
+                         ids=[f"{'-'.join(STEP_DTYPES[d])}-{'x'.join(map(str, STEP_SHAPES[s]))}-{'mis' if m else 'al'}"
+                              for d, s, m in STEP_MATRIX])
+def test_solver_step(driver, di, si, mis):
+    i = STEP_MATRIX.index((di, si, mis))
+    md, sd = (DT[n] for n in STEP_DTYPES[di])
+    hist = list(HIST_CASES)[i % len(HIST_CASES)]
+    case = make_step_case(STEP_SHAPES[si], md, sd, CFGS[i % 3], hist, noise=i % 4 != 1, clamp=i % 5 == 2,
+                          channels_last=i % 2 == 1, device="cpu", seed=_seed("step", i))
+    check_step(driver, case, misalign=i if mis else None, in_place=i % 7 == 3, guidance_ptr=i % 3 == 1,
+               seed=_seed("sched", i))
+
+
+@pytest.mark.parametrize("slot", ["uncond", "hist1", "hist2", "hist3", "hist_write"])
+def test_solver_step_each_misaligned_history_slot_takes_the_scalar_path(driver, slot):
+    """Four distinct slot buffers (write 3, read 2, 1, 0) and uncond, one of them an element
+    off: every pointer's alignment is checked (a 16-byte access there would be misaligned)."""
+    case = make_step_case((2, 4, 8, 8), torch.float16, torch.float32, "separate", "d3-ring4", noise=True,
+                          clamp=False, channels_last=False, device="cpu", seed=_seed("slot", slot))
+    check_step(driver, case, misalign=slot, device=H100, seed=_seed("slot-sched", slot))
+
+
+# (numel, dtype, device, grid): the grid is capped at 8 blocks per SM and grid-strides beyond
+STEP_GRIDS = [(2048, "fp32", ONE_SM, 8), (2049, "fp32", ONE_SM, 8), (33792, "fp32", H100, 132),
+              (33793, "fp32", H100, 133), (270337, "fp32", H100, 1056), (4 * 270336 + 5, "fp32", H100, 1056)]
+
+
+@pytest.mark.parametrize("numel,dtype,device,grid", STEP_GRIDS, ids=[f"{n}-{d}-dev{v}" for n, d, v, _ in STEP_GRIDS])
+def test_solver_step_grid_on_the_emulated_devices(driver, numel, dtype, device, grid):
+    """At and past each grid limit: one block per 256 scalar elements (the first five cases are
+    odd-sized or shifted: scalar), at most 8 per SM; the last is vectorised (4 per thread) past
+    the H100's 132 x 8 blocks. More blocks than SMs, and grid-stride loops, on both devices."""
+    vector = numel > 300000
+    case = make_step_case((1, 1, 1, numel), DT[dtype], DT[dtype], "none", "d1-ring2", noise=True, clamp=False,
+                          channels_last=False, device="cpu", seed=_seed("grid", numel))
+    reply = check_step(driver, case, misalign=None if vector else "x", device=device, seed=numel)
+    assert [launch["grid"] for launch in reply["launches"]] == [(grid, 1, 1)]
 
 
 # -------------------------------------------------------------------------------------------
@@ -195,7 +232,7 @@ def gn_case(shape, groups, dtype, cl, seed, *, affine=True, param_dtype=None, si
         return (torch.randn(s, generator=gen, dtype=F64) * scale + offset).to(dt)
 
     def layout(t):
-        return t.contiguous(memory_format=torch.channels_last) if cl else t
+        return t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d) if cl else t
 
     n, c = shape[0], shape[1]
     pdt = param_dtype or dtype
@@ -214,7 +251,7 @@ def gn_reference(case):
                                      case["silu"], d(case["temb"]), d(case["residual"]), compute_dtype=F64)
 
 
-def run_gn(driver, case, num_splits=0, out="new", seed=0):
+def run_gn(driver, case, num_splits=0, out="new", seed=0, device=H100):
     """-> (out, the driver's reply); out="new" (NaN-filled), "x" or "residual" (in place)."""
     x = case["x"]
     res = torch.empty_like(x).fill_(NAN) if out == "new" else case[out]
@@ -222,7 +259,7 @@ def run_gn(driver, case, num_splits=0, out="new", seed=0):
             "weight": case["weight"], "bias": case["bias"], "temb": case["temb"]}
     params = {"N": x.shape[0], "C": x.shape[1], "S": x[0, 0].numel(), "groups": case["groups"],
               "layout": int(case["cl"]), "dtype": CODE[x.dtype], "eps": case["eps"], "silu": int(case["silu"]),
-              "num_splits": num_splits}
+              "num_splits": num_splits, "device": device}
     for k in ("weight", "bias"):
         if case[k] is not None:
             params.update({f"{k}_dtype": CODE[case[k].dtype], f"{k}_stride": case[k].stride(0)})
@@ -316,6 +353,75 @@ def test_group_norm_silu_channel_limit(driver):
     assert_close_each(out, gn_reference(case), torch.float32)
     with pytest.raises(cuda_on_cpu.DriverError, match=r"cuda error 1\b"):
         run_gn(driver, gn_case((1, 4001, 1, 1), 1, torch.float32, False, 0))
+
+
+def kernel_kinds(reply) -> list:
+    """The launched group_norm_silu kernels, e.g. ["fused<(DType)0, 4, true>"]."""
+    return [launch["kernel"].replace("group_norm_silu_", "").replace("_kernel", "") for launch in reply["launches"]]
+
+
+# (x shape, groups, dtype, the kernels): a group of 1024 vectors is the most the registers
+# cache; one vector more is streamed
+GN_CACHE_LIMIT = [((1, 4, 32, 32), 1, "fp32", ["fused<(DType)0, 4, true>"]),
+                  ((1, 5, 41, 20), 1, "fp32", ["fused<(DType)0, 4, false>"]),
+                  ((2, 8, 32, 64), 2, "fp16", ["fused<(DType)1, 8, true>"]),
+                  ((2, 10, 41, 40), 2, "fp16", ["fused<(DType)1, 8, false>"])]
+
+
+@pytest.mark.parametrize("shape,groups,dtype,kinds", GN_CACHE_LIMIT,
+                         ids=[f"{'x'.join(map(str, c[0]))}g{c[1]}-{c[2]}" for c in GN_CACHE_LIMIT])
+def test_group_norm_silu_register_cache_limit(driver, shape, groups, dtype, kinds):
+    case = gn_case(shape, groups, DT[dtype], False, _seed("cache", shape), temb="rows", residual=True)
+    out, reply = run_gn(driver, case, num_splits=1, seed=shape[1])
+    assert kernel_kinds(reply) == kinds
+    assert_close_each(out, gn_reference(case), DT[dtype], what="out")
+
+
+@pytest.mark.parametrize("size,splits", [(8191, 1), (8192, 2)])
+def test_group_norm_silu_automatic_split_starts_at_two_chunks_of_4096(driver, size, splits):
+    """One group on the H100: few groups for 132 SMs, so the split is bounded by the size alone."""
+    case = gn_case((1, 1, size, 1), 1, torch.float32, False, _seed("split", size))
+    out, reply = run_gn(driver, case, seed=size)
+    assert int(reply["splits"]) == splits
+    assert_close_each(out, gn_reference(case), torch.float32, what="out")
+
+
+def test_group_norm_silu_more_groups_than_sms(driver):
+    """192 blocks on the 132-SM device, one per group (no split with that many)."""
+    case = gn_case((3, 256, 4, 4), 64, torch.bfloat16, True, _seed("many"), temb="cols", residual=True)
+    out, reply = run_gn(driver, case, seed=3)
+    assert [launch["grid"] for launch in reply["launches"]] == [(192, 1, 1)]
+    assert_close_each(out, gn_reference(case), torch.bfloat16, what="out")
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_group_norm_silu_misaligned_residual_takes_scalar_accesses(driver, dtype):
+    """x and out aligned, the residual one element off: the vector width must follow every
+    pointer (a 16-byte access to the residual would be misaligned)."""
+    case = gn_case((2, 32, 8, 8), 4, DT[dtype], False, _seed("res", dtype), residual=True)
+    case["residual"] = shifted(case["residual"], 1)
+    out, reply = run_gn(driver, case, num_splits=1, seed=5)
+    assert kernel_kinds(reply) == [f"fused<(DType){CODE[DT[dtype]]}, 1, true>"]
+    assert_close_each(out, gn_reference(case), DT[dtype], what="out")
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_group_norm_silu_5d_channels_last(driver, splits):
+    case = gn_case((2, 24, 3, 5, 4), 6, torch.float16, True, _seed("5d", splits), temb="rows", residual=True)
+    out, _ = run_gn(driver, case, num_splits=splits, seed=splits)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    assert_close_each(out, gn_reference(case), torch.float16, what="out")
+
+
+def test_warp_votes_syncwarp_and_atomics(driver):
+    for threads in (256, 48, 1024):  # 48: a partial last warp
+        reply = driver.run("selftest_warp", threads, {"threads": threads}, {})
+        assert (reply["wrong"], reply["total"]) == ("0", str(3 * threads))
+
+
+def test_the_emulated_devices(driver):
+    with pytest.raises(cuda_on_cpu.DriverError, match="no emulated device 2"):
+        driver.run("selftest_shuffle", 0, {"device": 2}, {})
 
 
 @pytest.mark.last_in_file

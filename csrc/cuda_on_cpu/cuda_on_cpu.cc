@@ -21,15 +21,31 @@
 extern "C" char __start_cuda_on_cpu_shared[] __attribute__((weak));
 extern "C" char __stop_cuda_on_cpu_shared[] __attribute__((weak));
 
+namespace {
+int g_device = 0;
+}  // namespace
+
 cudaError_t cudaGetDevice(int* device) {
-  *device = 0;
+  *device = g_device;
+  return cudaSuccess;
+}
+
+cudaError_t cudaSetDevice(int device) {
+  if (device < 0 || device >= cuda_on_cpu::kDeviceCount) return cudaErrorInvalidValue;
+  g_device = device;
   return cudaSuccess;
 }
 
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
-  if (attr != cudaDevAttrMultiProcessorCount || device != 0) return cudaErrorInvalidValue;
-  *value = cuda_on_cpu::kMultiProcessors;
-  return cudaSuccess;
+  if (device < 0 || device >= cuda_on_cpu::kDeviceCount) return cudaErrorInvalidValue;
+  const cuda_on_cpu::Device& d = cuda_on_cpu::kDevices[device];
+  switch (attr) {
+    case cudaDevAttrMaxSharedMemoryPerBlock: *value = static_cast<int>(d.smem_per_block); return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *value = d.multiprocessors; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = static_cast<int>(d.smem_per_multiprocessor); return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(d.smem_per_block_optin); return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
 }
 
 namespace cuda_on_cpu {
@@ -39,6 +55,7 @@ namespace {
 constexpr size_t kStackBytes = 256 * 1024;
 
 enum class State { kRunnable, kAtBarrier, kAtShuffle, kDone };
+constexpr unsigned kBallot = ~0u;
 
 struct Fiber {
   ucontext_t ctx;  // first entry only
@@ -47,7 +64,7 @@ struct Fiber {
   std::unique_ptr<char[]> stack;
   uint3 idx;
   State state;
-  unsigned mask, src;    // shuffle request
+  unsigned mask, src;    // shuffle request (src kBallot: a ballot)
   uint64_t value, got;   // shuffle value sent / received
 };
 
@@ -150,13 +167,15 @@ bool release_shuffles(std::string& error) {
     if (!all) continue;
     for (size_t l = 0; l < n; ++l) {
       const Fiber& f = fs[w + l];
-      if (f.mask != full || f.src >= n) {
+      if (f.mask != full || (f.src >= n && f.src != kBallot)) {
         error = "warp " + std::to_string(w / 32) + ": shuffle with mask " + std::to_string(f.mask) + " or source lane " +
                 std::to_string(f.src) + " outside the warp's " + std::to_string(n) + " lanes";
         return false;
       }
     }
-    for (size_t l = 0; l < n; ++l) fs[w + l].got = fs[w + fs[w + l].src].value;
+    uint64_t votes = 0;
+    for (size_t l = 0; l < n; ++l) votes |= uint64_t(fs[w + l].value != 0) << l;
+    for (size_t l = 0; l < n; ++l) fs[w + l].got = fs[w + l].src == kBallot ? votes : fs[w + fs[w + l].src].value;
     for (size_t l = 0; l < n; ++l) fs[w + l].state = State::kRunnable;
     any = true;
   }
@@ -226,6 +245,8 @@ void* dynamic_shared() { return sched().smem.get(); }
 
 void block_barrier() { wait(State::kAtBarrier); }
 
+unsigned warp_ballot(unsigned mask, int pred) { return static_cast<unsigned>(warp_exchange(mask, pred != 0, kBallot)); }
+
 unsigned lane_id() { return static_cast<unsigned>(sched().current) % 32; }
 
 uint64_t warp_exchange(unsigned mask, uint64_t value, unsigned src_lane) {
@@ -248,8 +269,9 @@ cudaError_t run_grid(const void* kernel, const cudaLaunchConfig_t& cfg, const st
     s.error = "invalid launch configuration";
     return s.last = cudaErrorInvalidConfiguration;
   }
-  if (cfg.dynamicSmemBytes > kMaxDynamicSmemBytes) {
-    s.error = "dynamic shared memory over the 48 KiB a launch gets without opt-in";
+  if (cfg.dynamicSmemBytes > kDevices[g_device].smem_per_block) {
+    s.error = "dynamic shared memory over the " + std::to_string(kDevices[g_device].smem_per_block / 1024) +
+              " KiB a launch gets without opt-in";
     return s.last = cudaErrorInvalidValue;
   }
   gridDim = g;
@@ -287,3 +309,30 @@ cudaError_t run_grid(const void* kernel, const cudaLaunchConfig_t& cfg, const st
 }  // namespace cuda_on_cpu
 
 cudaError_t cudaGetLastError() { return std::exchange(cuda_on_cpu::sched().last, cudaSuccess); }
+
+namespace {
+template <typename T, typename F>
+T rmw(T* p, F f) {
+  const T old = *p;
+  *p = f(old);
+  return old;
+}
+}  // namespace
+
+float atomicAdd(float* p, float v) { return rmw(p, [v](float o) { return o + v; }); }
+int atomicAdd(int* p, int v) { return rmw(p, [v](int o) { return int(unsigned(o) + unsigned(v)); }); }
+unsigned atomicAdd(unsigned* p, unsigned v) { return rmw(p, [v](unsigned o) { return o + v; }); }
+unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  return rmw(p, [v](unsigned long long o) { return o + v; });
+}
+int atomicMax(int* p, int v) { return rmw(p, [v](int o) { return o > v ? o : v; }); }
+int atomicMin(int* p, int v) { return rmw(p, [v](int o) { return o < v ? o : v; }); }
+int atomicExch(int* p, int v) { return rmw(p, [v](int) { return v; }); }
+float atomicExch(float* p, float v) { return rmw(p, [v](float) { return v; }); }
+int atomicCAS(int* p, int compare, int v) { return rmw(p, [=](int o) { return o == compare ? v : o; }); }
+unsigned atomicCAS(unsigned* p, unsigned compare, unsigned v) {
+  return rmw(p, [=](unsigned o) { return o == compare ? v : o; });
+}
+unsigned long long atomicCAS(unsigned long long* p, unsigned long long compare, unsigned long long v) {
+  return rmw(p, [=](unsigned long long o) { return o == compare ? v : o; });
+}

@@ -7,6 +7,7 @@
 // starts OFFSET bytes into its own allocation, whose other bytes are poisoned for ASan) or
 // `alias:KEY` (the same pointer as buffer KEY). The reply is one line `ok key=value ...` or
 // `error MESSAGE`, followed (for `ok`) by every `buf:` buffer's bytes after the kernel ran.
+// `device=D` picks the emulated device (cuda_on_cpu::kDevices; default 0, an H100).
 #include <dlfcn.h>
 
 #include <algorithm>
@@ -171,15 +172,37 @@ void shuffle_kernel(int* wrong) {
   if (__shfl_sync(0xffffffffu, lane * 7, 5) != 35) ++*wrong;
 }
 
+// Ballot, any/all, __syncwarp and atomics, each checked by every thread. total: the block's
+// atomicAdd count; the last thread to arrive (atomicAdd's old value) checks max and CAS.
+void warp_atomic_kernel(int* wrong, int* total) {
+  __shared__ int s[3];
+  const unsigned lane = threadIdx.x % 32, t = threadIdx.x;
+  const unsigned lanes = blockDim.x - t / 32 * 32 < 32 ? blockDim.x - t / 32 * 32 : 32;
+  const unsigned full = lanes == 32 ? 0xffffffffu : (1u << lanes) - 1;
+  if (t == 0) s[0] = s[1] = s[2] = 0;
+  __syncthreads();
+  if (__ballot_sync(full, lane % 2) != (0xaaaaaaaau & full)) ++*wrong;
+  if (!__any_sync(full, lane == 3) || __all_sync(full, lane < 31) != (lanes < 32)) ++*wrong;
+  if (lane == 0) s[2] = static_cast<int>(t);
+  __syncwarp(full);
+  atomicMax(&s[1], static_cast<int>(t));
+  atomicAdd(total, 1);
+  if (atomicAdd(&s[0], 1) == static_cast<int>(blockDim.x) - 1) {
+    const int m = s[1];
+    if (m != static_cast<int>(blockDim.x) - 1 || atomicCAS(&s[1], m, -1) != m || s[1] != -1) ++*wrong;
+  }
+}
+
 std::string selftest(const Request& r) {
-  int wrong = 0;
+  int wrong = 0, total = 0;
   const dim3 block(static_cast<unsigned>(r.i64("threads", 256)));
-  cudaError_t err = r.op == "selftest_barrier"
-                        ? fastdiff::launch_kernel(neighbour_kernel, dim3(2), block, 0, nullptr, &wrong,
-                                                  r.i64("sync") != 0)
-                        : fastdiff::launch_kernel(shuffle_kernel, dim3(2), block, 0, nullptr, &wrong);
+  cudaError_t err =
+      r.op == "selftest_barrier"
+          ? fastdiff::launch_kernel(neighbour_kernel, dim3(2), block, 0, nullptr, &wrong, r.i64("sync") != 0)
+      : r.op == "selftest_warp" ? fastdiff::launch_kernel(warp_atomic_kernel, dim3(3), block, 0, nullptr, &wrong, &total)
+                                : fastdiff::launch_kernel(shuffle_kernel, dim3(2), block, 0, nullptr, &wrong);
   if (err != cudaSuccess) throw std::runtime_error("cuda error " + std::to_string(err) + " " + cuda_on_cpu::last_error());
-  return "wrong=" + std::to_string(wrong);
+  return "wrong=" + std::to_string(wrong) + " total=" + std::to_string(total);
 }
 
 }  // namespace
@@ -192,7 +215,9 @@ int main() {
     cuda_on_cpu::set_seed(static_cast<uint64_t>(r.i64("seed")));
     std::string reply;
     try {
-      if (r.op == "solver_step") {
+      if (cudaSetDevice(static_cast<int>(r.i64("device"))) != cudaSuccess) {
+        reply = "error no emulated device " + r.kv["device"];
+      } else if (r.op == "solver_step") {
         reply = "ok " + solver_step(r);
       } else if (r.op == "group_norm_silu") {
         reply = "ok " + group_norm_silu(r);
