@@ -32,27 +32,33 @@ MUTANTS = {
     **{f"gn-align-{name}": (GN, f"aligned(a.{name}, vec * esize)", "true") for name in ("x", "out", "residual")},
     "gn-vec-divides-row": (GN, "g.cols % vec == 0 && ", ""),
     # every __syncthreads
-    "gn-sync-block-merge-1": (GN, "    sh[3 * warp + 2] = m2;\n  }\n  __syncthreads();", "    sh[3 * warp + 2] = m2;\n  }"),
+    "gn-sync-block-merge-1": (GN, "    sh[3 * warp + 2] = m2;\n  }\n  __syncthreads();",
+                              "    sh[3 * warp + 2] = m2;\n  }"),
     "gn-sync-block-merge-2": (GN, "      sh[3 * kWarps + 2] = m2;\n    }\n  }\n  __syncthreads();",
                               "      sh[3 * kWarps + 2] = m2;\n    }\n  }"),
     "gn-sync-load-offsets": (GN, "s_off[c] = 0.0f;\n  }\n  __syncthreads();", "s_off[c] = 0.0f;\n  }"),
     "gn-sync-load-affine": (GN, "s_shift[c] = bc + (s_off[c] - mean) * sc;\n  }\n  __syncthreads();",
                             "s_shift[c] = bc + (s_off[c] - mean) * sc;\n  }"),
     # every path limit off by one
-    "gn-cache-limit": (GN, "P.size <= int64_t(kThreads) * kCacheVecs * VEC", "P.size <= int64_t(kThreads) * kCacheVecs * VEC + VEC"),
-    "gn-split-min-chunk": (GN, "const int64_t by_size = g.size / kMinChunk;", "const int64_t by_size = g.size / kMinChunk + 1;"),
+    "gn-cache-limit": (GN, "P.size <= int64_t(kThreads) * kCacheVecs * VEC",
+                       "P.size <= int64_t(kThreads) * kCacheVecs * VEC + VEC"),
+    "gn-split-min-chunk": (GN, "const int64_t by_size = g.size / kMinChunk;",
+                           "const int64_t by_size = g.size / kMinChunk + 1;"),
     "gn-split-vecs": (GN, "if (splits > vecs) splits = vecs;", "if (splits > vecs + 1) splits = vecs + 1;"),
     "ss-grid-cap": (SS, "if (blocks > max_blocks) blocks = max_blocks;",
                     "if (blocks > max_blocks + 1) blocks = max_blocks + 1;"),
-    "ss-vector-loop": (SS, "for (int64_t v = tid; v < nvec; v += stride)", "for (int64_t v = tid; v <= nvec; v += stride)"),
+    "ss-vector-loop": (SS, "for (int64_t v = tid; v < nvec; v += stride)",
+                       "for (int64_t v = tid; v <= nvec; v += stride)"),
     # dropped tails
     "ss-tail": (SS, "if (i < P.numel) step<TM, TS, 1>(P, w, i);", ""),
     "gn-last-chunk": (GN, "p.splits = p.chunk > 0 ? (g.size + p.chunk - 1) / p.chunk : 1;",
                       "p.splits = p.chunk > 0 ? g.size / p.chunk : 1;"),
-    "gn-cached-tail": (GN, "      if (e < P.size) {\n        load_centered", "      if (e + VEC < P.size) {\n        load_centered"),
+    "gn-cached-tail": (GN, "      if (e < P.size) {\n        load_centered",
+                       "      if (e + VEC < P.size) {\n        load_centered"),
     # racy accumulation: every warp leader adds its partials into the block total, unordered
     "gn-racy-block-merge": (GN, """  if (warp == 0) {
-    n = lane < kWarps ? sh[3 * lane] : 0.0f;""", """  if (threadIdx.x == 0) sh[3 * kWarps] = sh[3 * kWarps + 1] = sh[3 * kWarps + 2] = 0.0f;
+    n = lane < kWarps ? sh[3 * lane] : 0.0f;""",
+                            """  if (threadIdx.x == 0) sh[3 * kWarps] = sh[3 * kWarps + 1] = sh[3 * kWarps + 2] = 0.0f;
   __syncthreads();
   if (lane == 0) {
     float tn = sh[3 * kWarps], tmean = sh[3 * kWarps + 1], tm2 = sh[3 * kWarps + 2];
@@ -78,7 +84,7 @@ def mutated(name: str) -> dict:
 
 def run(name: str) -> bool:
     """True when the suite fails on mutant `name` (caught)."""
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:randomly", "-p", "no:cacheprovider",
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                         os.path.join(HERE, "test_cuda_kernels_on_cpu.py")], cwd=os.path.dirname(HERE),
                        env=dict(os.environ, **{ENV: name}), capture_output=True, text=True)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))] or r.stdout.splitlines()[-1:]

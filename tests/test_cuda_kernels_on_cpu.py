@@ -2,7 +2,8 @@
 
 The sources are compiled as C++ against the CUDA emulation in csrc/cuda_on_cpu, with
 AddressSanitizer and UBSan (tests/cuda_on_cpu.py): threads of a block are fibers with a real
-__syncthreads barrier and 32-lane warp shuffles, run in a seeded random order between barriers.
+__syncthreads barrier and 32-lane warp shuffles, run in a seeded random order between barriers,
+and a data race between the threads of a block fails the launch.
 Every result is checked, element by element, against the float64 reference of the op; outputs
 start as NaN. What this cannot show (timing, races between blocks, the GPU's own __expf/rsqrtf
 rounding) needs the GPU tests.
@@ -10,6 +11,7 @@ rounding) needs the GPU tests.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import zlib
 
@@ -20,7 +22,7 @@ import cuda_on_cpu
 from conftest import need
 from fastdiff.ops.group_norm_silu import group_norm_silu_reference
 from test_solver_step import HIST_CASES, make_case as make_step_case, poison, reference as step_reference
-from tolerances import assert_close_each, rel_err, REL_TOL
+from tolerances import assert_close_each
 
 F64 = torch.float64
 NAN = float("nan")
@@ -66,10 +68,39 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 # -------------------------------------------------------------------------------------------
 
 def test_missing_syncthreads_is_caught(driver):
-    """Threads write shared memory and read a neighbour's slot: right with the barrier, wrong
-    without it (the random thread order runs readers before writers)."""
+    """Threads write shared memory and read a neighbour's slot: right with the barrier, a race
+    report without it."""
     assert driver.run("selftest_barrier", 1, {"sync": 1}, {})["wrong"] == "0"
-    assert int(driver.run("selftest_barrier", 1, {"sync": 0}, {})["wrong"]) > 100
+    with pytest.raises(cuda_on_cpu.DriverError, match=r"data race in neighbour_kernel\(int\*, bool\) on .*: "
+                                                       r"thread \(\d+,0,0\) and thread \(\d+,0,0\)"):
+        driver.run("selftest_barrier", 1, {"sync": 0}, {})
+
+
+# mode of race_kernel (kernel_driver.cc) -> the race report, or None
+PLANTED_RACES = {
+    0: r"dynamic shared memory \+0: thread \((\d+),0,0\) and thread \((\d+),0,0\) \(one writes, the other reads\)",
+    1: None,  # the same accumulation with atomicAdd
+    2: r"dynamic shared memory \+4: thread \((0|1),0,0\) and thread \((0|1),0,0\) \(one (reads|writes), the other",
+    3: None,  # the same with __syncwarp between
+    4: r"global memory 0x[0-9a-f]+: thread \((0|1),0,0\) and thread \((0|1),0,0\) \(both write\)",
+}
+
+
+@pytest.mark.parametrize("mode", list(PLANTED_RACES))
+@pytest.mark.parametrize("seed", [1, 2])
+def test_planted_races_are_reported_with_kernel_address_and_threads(driver, mode, seed):
+    """0: every warp leader adds to a shared total without an atomic (the second leader reads
+    what the first wrote, unordered); 2: lane 0 writes what lane 1 reads, no __syncwarp; 4: two
+    threads write one global int."""
+    pattern = PLANTED_RACES[mode]
+    if pattern is None:
+        assert driver.run("selftest_race", seed, {"mode": mode}, {})["wrong"] == "0"
+        return
+    race = r"data race in race_kernel\(int\*, int\*, int\) on "
+    with pytest.raises(cuda_on_cpu.DriverError, match=race + pattern) as e:
+        driver.run("selftest_race", seed, {"mode": mode}, {})
+    threads = [int(v) for v in re.findall(r"thread \((\d+),0,0\)", str(e.value))]
+    assert threads[0] != threads[1] and (mode != 0 or all(t % 32 == 0 for t in threads))
 
 
 def test_warp_shuffles(driver):
@@ -88,8 +119,8 @@ def test_out_of_bounds_access_is_caught(exe):
 
 
 def test_missing_barrier_in_group_norm_is_caught(exe):
-    """Mutation test on the real kernel: without block_merge's first __syncthreads, warp 0 merges
-    partials that other warps have not written yet, and the result check fails."""
+    """Mutation test on the real kernel: without block_merge's first __syncthreads, warp 0 reads
+    partials that other warps write in the same barrier interval: a race, on shared memory."""
     src = os.path.join(cuda_on_cpu.CSRC, "group_norm_silu", "group_norm_silu.cu")
     text = open(src).read()
     barrier = "    sh[3 * warp + 2] = m2;\n  }\n  __syncthreads();\n"
@@ -97,8 +128,9 @@ def test_missing_barrier_in_group_norm_is_caught(exe):
     d = cuda_on_cpu.Driver(cuda_on_cpu.build({src: text.replace(barrier, "    sh[3 * warp + 2] = m2;\n  }\n")}))
     try:
         case = gn_case((2, 64, 16, 16), 4, torch.float32, False, _seed("mutant"))
-        out, _ = run_gn(d, case)
-        assert rel_err(out, gn_reference(case)) > REL_TOL[torch.float32]
+        with pytest.raises(cuda_on_cpu.DriverError, match=r"data race in group_norm_silu_fused_kernel<.*> on dynamic "
+                                                           r"shared memory \+\d+: thread \(\d+,0,0\) and thread"):
+            run_gn(d, case)
     finally:
         d.close()
 

@@ -13,6 +13,10 @@
 // are function statics in their own ELF section, which is filled the same way before each block
 // (blocks never overlap, so one copy serves them all).
 // `extern __shared__` does not compile here: kernels use fastdiff::dynamic_shared<T>().
+// Data races: two threads of a block touching one byte between the same two barriers (one of
+// them writing, not ordered by a warp synchronisation) fail the launch, naming the kernel, the
+// address and both threads (cuda_on_cpu.cc, Races). Not seen: accesses ASan proves in bounds
+// and so does not instrument (a static __shared__ array at constant indices), atomics.
 // Devices: kDevices (an H100 with 132 SMs, and a 1-SM device), picked with cudaSetDevice.
 // Not modelled: timing, concurrency between blocks, the memory model, fast-math rounding.
 #pragma once
@@ -138,6 +142,9 @@ uint64_t warp_exchange(unsigned mask, uint64_t value, unsigned src_lane);
 unsigned warp_ballot(unsigned mask, int pred);
 // Lane of the calling thread within its warp.
 unsigned lane_id();
+// A load or store of the running kernel thread, for the race detector (cuda_on_cpu.cc).
+void track_access(uintptr_t a, size_t n, bool write);
+void track_atomic(uintptr_t a, size_t n);
 
 template <typename T>
 T shuffle(unsigned mask, T v, unsigned src_lane) {

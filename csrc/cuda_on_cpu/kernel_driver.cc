@@ -193,14 +193,44 @@ void warp_atomic_kernel(int* wrong, int* total) {
   }
 }
 
+// Planted races for the race detector, by `mode`: 0 every warp leader adds to a shared total
+// (read-modify-write); 1 the same with atomicAdd; 2 lane 0 writes what lane 1 then reads; 3 the
+// same with __syncwarp between; 4 two threads write one global int. wrong: the total, if read.
+void race_kernel(int* wrong, int* global, int mode) {
+  int* s = fastdiff::dynamic_shared<int>();  // (2 ints; a static __shared__ int[2] at constant indices is not
+                                             // instrumented by ASan, so not seen by the race detector)
+  const unsigned lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) s[0] = s[1] = 0;
+  __syncthreads();
+  if (mode <= 1 && lane == 0) {
+    if (mode == 0) s[0] += 1;
+    else atomicAdd(&s[0], 1);
+  }
+  if (mode == 2 || mode == 3) {
+    if (threadIdx.x == 0) s[1] = 7;
+    if (mode == 3) __syncwarp();
+    if (threadIdx.x == 1 && s[1] != 7) ++*wrong;
+  }
+  if (mode == 4 && threadIdx.x < 2) *global = static_cast<int>(threadIdx.x);
+  __syncthreads();
+  if (threadIdx.x == 0 && mode <= 1 && s[0] != static_cast<int>(blockDim.x + 31) / 32) ++*wrong;
+}
+
 std::string selftest(const Request& r) {
   int wrong = 0, total = 0;
   const dim3 block(static_cast<unsigned>(r.i64("threads", 256)));
-  cudaError_t err =
-      r.op == "selftest_barrier"
-          ? fastdiff::launch_kernel(neighbour_kernel, dim3(2), block, 0, nullptr, &wrong, r.i64("sync") != 0)
-      : r.op == "selftest_warp" ? fastdiff::launch_kernel(warp_atomic_kernel, dim3(3), block, 0, nullptr, &wrong, &total)
-                                : fastdiff::launch_kernel(shuffle_kernel, dim3(2), block, 0, nullptr, &wrong);
+  using fastdiff::launch_kernel;
+  cudaError_t err;
+  if (r.op == "selftest_barrier") {
+    err = launch_kernel(neighbour_kernel, dim3(2), block, 0, nullptr, &wrong, r.i64("sync") != 0);
+  } else if (r.op == "selftest_warp") {
+    err = launch_kernel(warp_atomic_kernel, dim3(3), block, 0, nullptr, &wrong, &total);
+  } else if (r.op == "selftest_race") {
+    const int mode = static_cast<int>(r.i64("mode"));
+    err = launch_kernel(race_kernel, dim3(2), block, 2 * sizeof(int), nullptr, &wrong, &total, mode);
+  } else {
+    err = launch_kernel(shuffle_kernel, dim3(2), block, 0, nullptr, &wrong);
+  }
   if (err != cudaSuccess) throw std::runtime_error("cuda error " + std::to_string(err) + " " + cuda_on_cpu::last_error());
   return "wrong=" + std::to_string(wrong) + " total=" + std::to_string(total);
 }
