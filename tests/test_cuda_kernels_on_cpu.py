@@ -226,9 +226,9 @@ def test_solver_step(driver, di, si, mis):
                seed=_seed("sched", i))
 
 
-@pytest.mark.parametrize("slot", ["uncond", "hist1", "hist2", "hist3", "hist_write"])
+@pytest.mark.parametrize("slot", ["uncond", "out", "hist1", "hist2", "hist3", "hist_write"])
 def test_solver_step_each_misaligned_history_slot_takes_the_scalar_path(driver, slot):
-    """Four distinct slot buffers (write 3, read 2, 1, 0) and uncond, one of them an element
+    """Four distinct slot buffers (write 3, read 2, 1, 0), uncond and out, one of them an element
     off: every pointer's alignment is checked (a 16-byte access there would be misaligned)."""
     case = make_step_case((2, 4, 8, 8), torch.float16, torch.float32, "separate", "d3-ring4", noise=True,
                           clamp=False, channels_last=False, device="cpu", seed=_seed("slot", slot))
@@ -284,10 +284,12 @@ def gn_reference(case):
 
 
 def run_gn(driver, case, num_splits=0, out="new", seed=0, device=H100):
-    """-> (out, the driver's reply); out="new" (NaN-filled), "x" or "residual" (in place)."""
+    """-> (out, the driver's reply); out="new" (NaN-filled), "x" or "residual" (in place), or
+    the tensor to write."""
     x = case["x"]
-    res = torch.empty_like(x).fill_(NAN) if out == "new" else case[out]
-    bufs = {"x": x, "residual": case["residual"], "out": res if out == "new" else f"alias:{out}",
+    given = isinstance(out, torch.Tensor)
+    res = out if given else torch.empty_like(x).fill_(NAN) if out == "new" else case[out]
+    bufs = {"x": x, "residual": case["residual"], "out": res if given or out == "new" else f"alias:{out}",
             "weight": case["weight"], "bias": case["bias"], "temb": case["temb"]}
     params = {"N": x.shape[0], "C": x.shape[1], "S": x[0, 0].numel(), "groups": case["groups"],
               "layout": int(case["cl"]), "dtype": CODE[x.dtype], "eps": case["eps"], "silu": int(case["silu"]),
@@ -426,13 +428,18 @@ def test_group_norm_silu_more_groups_than_sms(driver):
     assert_close_each(out, gn_reference(case), torch.bfloat16, what="out")
 
 
+@pytest.mark.parametrize("which", ["residual", "out"])
 @pytest.mark.parametrize("dtype", ["fp16", "fp32"])
-def test_group_norm_silu_misaligned_residual_takes_scalar_accesses(driver, dtype):
-    """x and out aligned, the residual one element off: the vector width must follow every
-    pointer (a 16-byte access to the residual would be misaligned)."""
+def test_group_norm_silu_misaligned_residual_or_out_takes_scalar_accesses(driver, dtype, which):
+    """x aligned, the residual or out one element off: the vector width must follow every
+    pointer (a 16-byte access there would be misaligned)."""
     case = gn_case((2, 32, 8, 8), 4, DT[dtype], False, _seed("res", dtype), residual=True)
-    case["residual"] = shifted(case["residual"], 1)
-    out, reply = run_gn(driver, case, num_splits=1, seed=5)
+    out = torch.empty_like(case["x"]).fill_(NAN)
+    if which == "residual":
+        case["residual"] = shifted(case["residual"], 1)
+    else:
+        out = shifted(out, 1)
+    out, reply = run_gn(driver, case, num_splits=1, seed=5, out=out)
     assert kernel_kinds(reply) == [f"fused<(DType){CODE[DT[dtype]]}, 1, true>"]
     assert_close_each(out, gn_reference(case), DT[dtype], what="out")
 
