@@ -24,7 +24,9 @@ steps (CFG included) into one CUDA graph, then replays it with a single launch:
   state, the history ring buffer, the model times, the static conditioning, guidance and noise
   (and the model, whose parameters the graph reads in place: in-place weight updates are seen,
   replaced parameter tensors need `fastdiff.clear_graphs()`).
-* Capture runs on a side stream of the tensors' own device, after one warm-up run there.
+* Capture runs on a side stream of the tensors' own device, after one warm-up run there, in
+  capture_error_mode="thread_local": only the capturing thread is held to the capture's rules,
+  so other threads may sample eagerly, allocate or synchronise meanwhile.
 * Threads: a lock makes capture and the host side of a replay atomic; on the GPU every replay
   (its static copies in, the graph, the result copied out) waits for the previous one, on
   whatever stream it was issued, so replays from threads on different streams never overlap
@@ -45,7 +47,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from fastdiff.guidance import ModelCaller
+from fastdiff.guidance import ModelCaller, new_slots
 from fastdiff.noise import randn
 from fastdiff.profiling import nvtx_range
 
@@ -101,12 +103,12 @@ def nested_graph_reason(model) -> Optional[str]:
 class _Recorded:
     """A recorded loop and every tensor it reads or writes: the graph itself holds none."""
 
-    model: Any  # keeps the model (and its parameters' memory) alive as long as the graph
     graph: Any
     x: torch.Tensor
     history: Optional[torch.Tensor]
     times: torch.Tensor  # the model times the recorded calls read
-    caller: ModelCaller  # its static cond/uncond copies
+    caller: ModelCaller  # its static cond/uncond copies, and the model: its parameters (read in place)
+    # stay alive, and its id (in the key) cannot be reused by another model while the graph lives
     guidance: Optional[torch.Tensor]  # the CFG scale the recorded kernels read (None: no CFG)
     noise: Optional[torch.Tensor]
 
@@ -222,12 +224,15 @@ def _capture(run, device):
     """Record `run` on a side stream of `device` (not of the current device)."""
     with torch.cuda.device(device):
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=CACHE.pool, stream=torch.cuda.Stream(device=device)):
+        # thread_local: other threads may allocate and synchronise meanwhile (sample() copies
+        # its noise before taking the cache lock); the default, global, would break the capture
+        with torch.cuda.graph(graph, pool=CACHE.pool, stream=torch.cuda.Stream(device=device),
+                              capture_error_mode="thread_local"):
             run()
     return graph
 
 
-def _record(sampler, model, noise: torch.Tensor, caller: ModelCaller, max_noise_bytes: int) -> _Recorded:
+def _record(sampler, noise: torch.Tensor, caller: ModelCaller, max_noise_bytes: int) -> _Recorded:
     x = noise.to(torch.float32, copy=True)
     # static copies of the conditioning tensors, read by the recorded model calls
     caller.cond = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in caller.cond.items()}
@@ -242,7 +247,7 @@ def _record(sampler, model, noise: torch.Tensor, caller: ModelCaller, max_noise_
             raise GraphCaptureError(f"noise: {draws} noise draws x {tuple(x.shape)} need {nbytes / 2**20:.0f} MiB "
                                     f"of static noise, over max_noise_bytes={max_noise_bytes}; use fewer steps, "
                                     "a deterministic solver, or cuda_graph=False")
-        buf = torch.randn((draws,) + tuple(x.shape), device=x.device, dtype=torch.float32)
+        buf = new_slots(draws, x).normal_()  # in x's layout, as the fused step reads every tensor
     hist = sampler.new_history(x)
     times = sampler.model_times(x.device)  # made before recording: no host copies inside the graph
 
@@ -250,16 +255,18 @@ def _record(sampler, model, noise: torch.Tensor, caller: ModelCaller, max_noise_
         sampler.run_fused(caller, x, hist, lambda k: buf[k], 1.0 if guidance is None else guidance,
                           times=times)
 
-    _warm_up(run, x.device)
-    x.copy_(noise)
-    try:
+    stage = "warm-up"
+    try:  # under "auto", a loop that fails in its warm-up falls back too
+        _warm_up(run, x.device)
+        x.copy_(noise)
+        stage = "capture"
         graph = _capture(run, x.device)
     except Exception as exc:  # capture errors come from CUDA/torch as RuntimeError and friends
-        raise GraphCaptureError(f"model: the sampling loop cannot be captured in a CUDA graph: {exc}. "
+        raise GraphCaptureError(f"model: the sampling loop cannot be captured in a CUDA graph ({stage} failed): {exc}. "
                                 "Remove host synchronisation (.item(), .cpu(), printing tensors, data-"
                                 "dependent shapes) from the model, or pass cuda_graph='auto' to fall back "
                                 "to the eager fused loop") from exc
-    return _Recorded(model=model, graph=graph, x=x, history=hist, times=times, caller=caller, guidance=guidance,
+    return _Recorded(graph=graph, x=x, history=hist, times=times, caller=caller, guidance=guidance,
                      noise=buf)
 
 
@@ -276,7 +283,7 @@ def sample_graphed(sampler, model, noise: torch.Tensor, *, generator, guidance_s
                 nested = nested_graph_reason(model)
                 if nested:
                     raise GraphCaptureError(f"model: {nested}")
-                rec = _record(sampler, model, noise, caller, max_noise_bytes)
+                rec = _record(sampler, noise, caller, max_noise_bytes)
             except GraphCaptureError as exc:
                 if mode != "auto":
                     raise

@@ -34,6 +34,13 @@ def state_layout(x: torch.Tensor) -> torch.memory_format:
                      f"{x.stride()}; call .contiguous() first")
 
 
+def new_slots(n: int, x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised (n, *x.shape) buffer whose every slot [k] has x's dtype and dense layout."""
+    flat = torch.empty((n * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device,
+                       memory_format=state_layout(x))
+    return flat.view((n,) + tuple(x.shape))
+
+
 def check_guidance_scale(w) -> float:
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
         got = f"a tensor of shape {tuple(w.shape)}" if isinstance(w, torch.Tensor) else repr(w)

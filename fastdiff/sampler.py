@@ -28,7 +28,7 @@ import torch
 from fastdiff.grid import Grid, TwoStage, explicit_grid, make_grid
 from fastdiff.graphs import CUDA_GRAPH_MODES, sample_graphed
 from fastdiff._names import did_you_mean
-from fastdiff.guidance import ModelCaller, check_guidance_scale, state_layout
+from fastdiff.guidance import ModelCaller, check_guidance_scale, new_slots, state_layout
 from fastdiff.noise import check_generator, randn
 from fastdiff.ops.solver_step import solver_step
 from fastdiff.profiling import nvtx_range
@@ -338,12 +338,7 @@ class Sampler:
     def new_history(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The ring buffer of earlier data predictions the table needs (None if none), each slot
         in x's layout (the fused step reads every tensor in one layout)."""
-        n = self.table.history
-        if not n:
-            return None
-        flat = torch.empty((n * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device,
-                           memory_format=state_layout(x))
-        return flat.view((n,) + tuple(x.shape))
+        return new_slots(self.table.history, x) if self.table.history else None
 
     def run_fused(self, caller: ModelCaller, x: torch.Tensor, hist, draw_noise: Callable, guidance,
                   check_finite: bool = False, progress: bool = False, callback=None,

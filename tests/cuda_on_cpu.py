@@ -23,6 +23,8 @@ from conftest import ROOT, load_build_flags
 CSRC = os.path.join(ROOT, "csrc")
 EMU = os.path.join(CSRC, "cuda_on_cpu")
 SANITIZE = ["-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+# kernel code: every load and store a call into ASan, which the race detector hooks (cuda_on_cpu.cc)
+TRACKED = ["--param", "asan-instrumentation-with-call-threshold=0"]
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # DType in csrc/<op>/<op>.h
 
 
@@ -60,6 +62,10 @@ def build(replace_source: dict | None = None) -> str:
     variant with that text instead of the file (mutation tests). Objects and executables are
     cached by the hash of what went into them."""
     replace_source = replace_source or {}
+    if os.environ.get("FASTDIFF_CUDA_MUTANT"):  # tests/mutants.py: the whole suite on a planted bug
+        from mutants import mutated
+
+        replace_source = {**mutated(os.environ["FASTDIFF_CUDA_MUTANT"]), **replace_source}
     sources = sorted(glob.glob(os.path.join(CSRC, "*", "*.cu"))) + sorted(glob.glob(os.path.join(EMU, "*.cc")))
     headers = sorted(p for p in glob.glob(os.path.join(CSRC, "**", "*.*"), recursive=True) if p.endswith((".h", ".cuh")))
     common = hashlib.sha256(" ".join(compile_flags()).encode())
@@ -70,8 +76,9 @@ def build(replace_source: dict | None = None) -> str:
     jobs, objects = [], []
     for src in sources:
         text = replace_source[src].encode() if src in replace_source else open(src, "rb").read()
+        tracked = TRACKED if src.endswith((".cu", "kernel_driver.cc")) else []  # the driver's self-test kernels
         h = common.copy()
-        h.update(src.encode() + b"\0" + text)
+        h.update(src.encode() + b"\0" + " ".join(tracked).encode() + b"\0" + text)
         obj = os.path.join(cache_dir(), f"{os.path.basename(src)}.{h.hexdigest()[:20]}.o")
         objects.append(obj)
         if os.path.exists(obj):
@@ -80,9 +87,9 @@ def build(replace_source: dict | None = None) -> str:
             copy = obj[:-2] + os.path.splitext(src)[1]
             with open(copy, "wb") as f:
                 f.write(text)
-            jobs.append((copy, obj, ["-iquote", os.path.dirname(src)]))
+            jobs.append((copy, obj, [*tracked, "-iquote", os.path.dirname(src)]))
         else:
-            jobs.append((src, obj, []))
+            jobs.append((src, obj, tracked))
     _compile_all(jobs)
     exe = os.path.join(cache_dir(), "kernel_driver." + hashlib.sha256(" ".join(objects).encode()).hexdigest()[:20])
     if not os.path.exists(exe):
@@ -98,15 +105,20 @@ def short_name(demangled: str) -> str:
     return re.sub(r"^void ", "", name).split("(Params")[0].rstrip("(")
 
 
-def kernel_symbols(exe: str) -> dict:
-    """{offset in exe: short name} of every template kernel instantiation (*_kernel<...>) in it."""
+def function_symbols(exe: str) -> dict:
+    """{offset in exe: short name} of every function defined in it."""
     out = subprocess.run(["nm", "-C", "--defined-only", exe], capture_output=True, text=True, check=True).stdout
     syms = {}
     for line in out.splitlines():
-        addr, _, name = line.split(" ", 2)
-        if re.match(r"\w+_kernel<", short_name(name)):
+        addr, kind, name = line.split(" ", 2)
+        if kind in "tTwW":
             syms[int(addr, 16)] = short_name(name)
     return syms
+
+
+def kernel_symbols(functions: dict) -> dict:
+    """The template kernel instantiations (*_kernel<...>) of function_symbols()."""
+    return {off: name for off, name in functions.items() if re.match(r"\w+_kernel<", name)}
 
 
 def span(t: torch.Tensor) -> torch.Tensor:
@@ -123,7 +135,8 @@ class Driver:
     """One driver process. `launched`: names of the kernels it has launched."""
 
     def __init__(self, exe: str):
-        self.kernels = kernel_symbols(exe)
+        self.functions = function_symbols(exe)
+        self.kernels = kernel_symbols(self.functions)
         self.launched = set()
         self.stderr = tempfile.TemporaryFile()
         env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0",
@@ -161,8 +174,9 @@ class Driver:
         reply = self.proc.stdout.readline().decode()
         if not reply:
             raise self._died()
-        if reply.startswith("error"):
-            raise DriverError(reply[len("error "):].strip())
+        if reply.startswith("error"):  # a race report names the kernel by its offset
+            raise DriverError(re.sub(r"kernel@(\d+)", lambda m: self.functions.get(int(m[1]), m[0]),
+                                     reply[len("error "):].strip()))
         for flat in sent:
             n = flat.numel() * flat.element_size()
             data = self.proc.stdout.read(n)

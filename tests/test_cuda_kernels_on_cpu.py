@@ -2,7 +2,8 @@
 
 The sources are compiled as C++ against the CUDA emulation in csrc/cuda_on_cpu, with
 AddressSanitizer and UBSan (tests/cuda_on_cpu.py): threads of a block are fibers with a real
-__syncthreads barrier and 32-lane warp shuffles, run in a seeded random order between barriers.
+__syncthreads barrier and 32-lane warp shuffles, run in a seeded random order between barriers,
+and a data race between the threads of a block fails the launch.
 Every result is checked, element by element, against the float64 reference of the op; outputs
 start as NaN. What this cannot show (timing, races between blocks, the GPU's own __expf/rsqrtf
 rounding) needs the GPU tests.
@@ -10,6 +11,7 @@ rounding) needs the GPU tests.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import zlib
 
@@ -20,12 +22,13 @@ import cuda_on_cpu
 from conftest import need
 from fastdiff.ops.group_norm_silu import group_norm_silu_reference
 from test_solver_step import HIST_CASES, make_case as make_step_case, poison, reference as step_reference
-from tolerances import assert_close_each, rel_err, REL_TOL
+from tolerances import assert_close_each
 
 F64 = torch.float64
 NAN = float("nan")
 DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CODE = cuda_on_cpu.DTYPE_CODE
+H100, ONE_SM = 0, 1  # the emulated devices (cuda_on_cpu::kDevices)
 
 
 def _seed(*parts) -> int:
@@ -65,10 +68,39 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 # -------------------------------------------------------------------------------------------
 
 def test_missing_syncthreads_is_caught(driver):
-    """Threads write shared memory and read a neighbour's slot: right with the barrier, wrong
-    without it (the random thread order runs readers before writers)."""
+    """Threads write shared memory and read a neighbour's slot: right with the barrier, a race
+    report without it."""
     assert driver.run("selftest_barrier", 1, {"sync": 1}, {})["wrong"] == "0"
-    assert int(driver.run("selftest_barrier", 1, {"sync": 0}, {})["wrong"]) > 100
+    with pytest.raises(cuda_on_cpu.DriverError, match=r"data race in neighbour_kernel\(int\*, bool\) on .*: "
+                                                       r"thread \(\d+,0,0\) and thread \(\d+,0,0\)"):
+        driver.run("selftest_barrier", 1, {"sync": 0}, {})
+
+
+# mode of race_kernel (kernel_driver.cc) -> the race report, or None
+PLANTED_RACES = {
+    0: r"dynamic shared memory \+0: thread \((\d+),0,0\) and thread \((\d+),0,0\) \(one writes, the other reads\)",
+    1: None,  # the same accumulation with atomicAdd
+    2: r"dynamic shared memory \+4: thread \((0|1),0,0\) and thread \((0|1),0,0\) \(one (reads|writes), the other",
+    3: None,  # the same with __syncwarp between
+    4: r"global memory 0x[0-9a-f]+: thread \((0|1),0,0\) and thread \((0|1),0,0\) \(both write\)",
+}
+
+
+@pytest.mark.parametrize("mode", list(PLANTED_RACES))
+@pytest.mark.parametrize("seed", [1, 2])
+def test_planted_races_are_reported_with_kernel_address_and_threads(driver, mode, seed):
+    """0: every warp leader adds to a shared total without an atomic (the second leader reads
+    what the first wrote, unordered); 2: lane 0 writes what lane 1 reads, no __syncwarp; 4: two
+    threads write one global int."""
+    pattern = PLANTED_RACES[mode]
+    if pattern is None:
+        assert driver.run("selftest_race", seed, {"mode": mode}, {})["wrong"] == "0"
+        return
+    race = r"data race in race_kernel\(int\*, int\*, int\) on "
+    with pytest.raises(cuda_on_cpu.DriverError, match=race + pattern) as e:
+        driver.run("selftest_race", seed, {"mode": mode}, {})
+    threads = [int(v) for v in re.findall(r"thread \((\d+),0,0\)", str(e.value))]
+    assert threads[0] != threads[1] and (mode != 0 or all(t % 32 == 0 for t in threads))
 
 
 def test_warp_shuffles(driver):
@@ -87,8 +119,8 @@ def test_out_of_bounds_access_is_caught(exe):
 
 
 def test_missing_barrier_in_group_norm_is_caught(exe):
-    """Mutation test on the real kernel: without block_merge's first __syncthreads, warp 0 merges
-    partials that other warps have not written yet, and the result check fails."""
+    """Mutation test on the real kernel: without block_merge's first __syncthreads, warp 0 reads
+    partials that other warps write in the same barrier interval: a race, on shared memory."""
     src = os.path.join(cuda_on_cpu.CSRC, "group_norm_silu", "group_norm_silu.cu")
     text = open(src).read()
     barrier = "    sh[3 * warp + 2] = m2;\n  }\n  __syncthreads();\n"
@@ -96,8 +128,9 @@ def test_missing_barrier_in_group_norm_is_caught(exe):
     d = cuda_on_cpu.Driver(cuda_on_cpu.build({src: text.replace(barrier, "    sh[3 * warp + 2] = m2;\n  }\n")}))
     try:
         case = gn_case((2, 64, 16, 16), 4, torch.float32, False, _seed("mutant"))
-        out, _ = run_gn(d, case)
-        assert rel_err(out, gn_reference(case)) > REL_TOL[torch.float32]
+        with pytest.raises(cuda_on_cpu.DriverError, match=r"data race in group_norm_silu_fused_kernel<.*> on dynamic "
+                                                           r"shared memory \+\d+: thread \(\d+,0,0\) and thread"):
+            run_gn(d, case)
     finally:
         d.close()
 
@@ -118,8 +151,9 @@ MISALIGN = ["x", "model", "noise", "out", "hist1"]
 
 
 def step_buffers(case, out, misalign, in_place):
-    """The kernel's pointers, as the binding derives them from the op's tensors; misalign: None
-    or which of the present MISALIGN buffers to shift by one element. -> (bufs, (key, original))."""
+    """The kernel's pointers, as the binding derives them from the op's tensors; misalign: None,
+    the index of one of the present MISALIGN buffers or any buffer's name: that buffer is
+    shifted by one element. -> (bufs, (key, original))."""
     x = case["x"]
     b = x.shape[0]
     m, u = case["model_out"], case["uncond"]
@@ -136,28 +170,23 @@ def step_buffers(case, out, misalign, in_place):
     if misalign is None:
         return bufs, None
     keys = [k for k in MISALIGN if isinstance(bufs.get(k), torch.Tensor)]
-    key = keys[misalign % len(keys)]
+    key = misalign if isinstance(misalign, str) else keys[misalign % len(keys)]
     orig = bufs[key]
     bufs[key] = shifted(orig, 1)
     return bufs, (key, orig)
 
 
-@pytest.mark.parametrize("di,si,mis", STEP_MATRIX,
-                         ids=[f"{'-'.join(STEP_DTYPES[d])}-{'x'.join(map(str, STEP_SHAPES[s]))}-{'mis' if m else 'al'}"
-                              for d, s, m in STEP_MATRIX])
-def test_solver_step(driver, di, si, mis):
-    i = STEP_MATRIX.index((di, si, mis))
-    md, sd = (DT[n] for n in STEP_DTYPES[di])
-    hist = list(HIST_CASES)[i % len(HIST_CASES)]
-    case = make_step_case(STEP_SHAPES[si], md, sd, CFGS[i % 3], hist, noise=i % 4 != 1, clamp=i % 5 == 2,
-                          channels_last=i % 2 == 1, device="cpu", seed=_seed("step", i))
+def check_step(driver, case, *, misalign=None, in_place=False, guidance_ptr=False, device=ONE_SM, seed=0):
+    """Run solver_step on the emulated `device` and check out, the written history slot, the
+    untouched slots and the inputs against the float64 reference. misalign: see step_buffers.
+    -> the driver's reply."""
+    md, sd = case["model_out"].dtype, case["x"].dtype
     out, untouched = poison(case)
     ref_out, ref_hist = step_reference(case)
-    in_place = i % 7 == 3
-    bufs, moved = step_buffers(case, out, i if mis else None, in_place)
-    params = {"numel": case["x"].numel(), "model_dtype": CODE[md], "state_dtype": CODE[sd],
+    bufs, moved = step_buffers(case, out, misalign, in_place)
+    params = {"numel": case["x"].numel(), "model_dtype": CODE[md], "state_dtype": CODE[sd], "device": device,
               "clamp": case["clamp"], **{f"c{k}": v for k, v in enumerate(case["coef"])}}
-    if i % 3 == 1:  # the CUDA-graph form: the guidance scale read from memory
+    if guidance_ptr:  # the CUDA-graph form: the guidance scale read from memory
         bufs["guidance_ptr"] = torch.tensor([case["guidance"]], dtype=torch.float32)
         params["guidance"] = NAN
     else:
@@ -167,7 +196,7 @@ def test_solver_step(driver, di, si, mis):
     aligned = all(v.storage_offset() * v.element_size() % 16 == 0 for v in bufs.values() if isinstance(v, torch.Tensor))
     hist_before = None if case["history"] is None else case["history"].clone()
 
-    reply = driver.run("solver_step", _seed("sched", i), params, bufs)
+    reply = driver.run("solver_step", seed, params, bufs)
 
     assert reply["vectorized"] == str(int(aligned))
     if moved:  # the kernel wrote the shifted copy; compare through the original
@@ -181,6 +210,46 @@ def test_solver_step(driver, di, si, mis):
         assert torch.equal(bits(case["history"][s]), bits(hist_before[s])), f"history[{s}] written"
     for k, v in inputs.items():
         assert torch.equal(bufs[k], v), f"input {k} modified"
+    return reply
+
+
+@pytest.mark.parametrize("di,si,mis", STEP_MATRIX,
+                         ids=[f"{'-'.join(STEP_DTYPES[d])}-{'x'.join(map(str, STEP_SHAPES[s]))}-{'mis' if m else 'al'}"
+                              for d, s, m in STEP_MATRIX])
+def test_solver_step(driver, di, si, mis):
+    i = STEP_MATRIX.index((di, si, mis))
+    md, sd = (DT[n] for n in STEP_DTYPES[di])
+    hist = list(HIST_CASES)[i % len(HIST_CASES)]
+    case = make_step_case(STEP_SHAPES[si], md, sd, CFGS[i % 3], hist, noise=i % 4 != 1, clamp=i % 5 == 2,
+                          channels_last=i % 2 == 1, device="cpu", seed=_seed("step", i))
+    check_step(driver, case, misalign=i if mis else None, in_place=i % 7 == 3, guidance_ptr=i % 3 == 1,
+               seed=_seed("sched", i))
+
+
+@pytest.mark.parametrize("slot", ["uncond", "out", "hist1", "hist2", "hist3", "hist_write"])
+def test_solver_step_each_misaligned_history_slot_takes_the_scalar_path(driver, slot):
+    """Four distinct slot buffers (write 3, read 2, 1, 0), uncond and out, one of them an element
+    off: every pointer's alignment is checked (a 16-byte access there would be misaligned)."""
+    case = make_step_case((2, 4, 8, 8), torch.float16, torch.float32, "separate", "d3-ring4", noise=True,
+                          clamp=False, channels_last=False, device="cpu", seed=_seed("slot", slot))
+    check_step(driver, case, misalign=slot, device=H100, seed=_seed("slot-sched", slot))
+
+
+# (numel, dtype, device, grid): the grid is capped at 8 blocks per SM and grid-strides beyond
+STEP_GRIDS = [(2048, "fp32", ONE_SM, 8), (2049, "fp32", ONE_SM, 8), (33792, "fp32", H100, 132),
+              (33793, "fp32", H100, 133), (270337, "fp32", H100, 1056), (4 * 270336 + 5, "fp32", H100, 1056)]
+
+
+@pytest.mark.parametrize("numel,dtype,device,grid", STEP_GRIDS, ids=[f"{n}-{d}-dev{v}" for n, d, v, _ in STEP_GRIDS])
+def test_solver_step_grid_on_the_emulated_devices(driver, numel, dtype, device, grid):
+    """At and past each grid limit: one block per 256 scalar elements (the first five cases are
+    odd-sized or shifted: scalar), at most 8 per SM; the last is vectorised (4 per thread) past
+    the H100's 132 x 8 blocks. More blocks than SMs, and grid-stride loops, on both devices."""
+    vector = numel > 300000
+    case = make_step_case((1, 1, 1, numel), DT[dtype], DT[dtype], "none", "d1-ring2", noise=True, clamp=False,
+                          channels_last=False, device="cpu", seed=_seed("grid", numel))
+    reply = check_step(driver, case, misalign=None if vector else "x", device=device, seed=numel)
+    assert [launch["grid"] for launch in reply["launches"]] == [(grid, 1, 1)]
 
 
 # -------------------------------------------------------------------------------------------
@@ -195,7 +264,7 @@ def gn_case(shape, groups, dtype, cl, seed, *, affine=True, param_dtype=None, si
         return (torch.randn(s, generator=gen, dtype=F64) * scale + offset).to(dt)
 
     def layout(t):
-        return t.contiguous(memory_format=torch.channels_last) if cl else t
+        return t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d) if cl else t
 
     n, c = shape[0], shape[1]
     pdt = param_dtype or dtype
@@ -214,15 +283,17 @@ def gn_reference(case):
                                      case["silu"], d(case["temb"]), d(case["residual"]), compute_dtype=F64)
 
 
-def run_gn(driver, case, num_splits=0, out="new", seed=0):
-    """-> (out, the driver's reply); out="new" (NaN-filled), "x" or "residual" (in place)."""
+def run_gn(driver, case, num_splits=0, out="new", seed=0, device=H100):
+    """-> (out, the driver's reply); out="new" (NaN-filled), "x" or "residual" (in place), or
+    the tensor to write."""
     x = case["x"]
-    res = torch.empty_like(x).fill_(NAN) if out == "new" else case[out]
-    bufs = {"x": x, "residual": case["residual"], "out": res if out == "new" else f"alias:{out}",
+    given = isinstance(out, torch.Tensor)
+    res = out if given else torch.empty_like(x).fill_(NAN) if out == "new" else case[out]
+    bufs = {"x": x, "residual": case["residual"], "out": res if given or out == "new" else f"alias:{out}",
             "weight": case["weight"], "bias": case["bias"], "temb": case["temb"]}
     params = {"N": x.shape[0], "C": x.shape[1], "S": x[0, 0].numel(), "groups": case["groups"],
               "layout": int(case["cl"]), "dtype": CODE[x.dtype], "eps": case["eps"], "silu": int(case["silu"]),
-              "num_splits": num_splits}
+              "num_splits": num_splits, "device": device}
     for k in ("weight", "bias"):
         if case[k] is not None:
             params.update({f"{k}_dtype": CODE[case[k].dtype], f"{k}_stride": case[k].stride(0)})
@@ -316,6 +387,80 @@ def test_group_norm_silu_channel_limit(driver):
     assert_close_each(out, gn_reference(case), torch.float32)
     with pytest.raises(cuda_on_cpu.DriverError, match=r"cuda error 1\b"):
         run_gn(driver, gn_case((1, 4001, 1, 1), 1, torch.float32, False, 0))
+
+
+def kernel_kinds(reply) -> list:
+    """The launched group_norm_silu kernels, e.g. ["fused<(DType)0, 4, true>"]."""
+    return [launch["kernel"].replace("group_norm_silu_", "").replace("_kernel", "") for launch in reply["launches"]]
+
+
+# (x shape, groups, dtype, the kernels): a group of 1024 vectors is the most the registers
+# cache; one vector more is streamed
+GN_CACHE_LIMIT = [((1, 4, 32, 32), 1, "fp32", ["fused<(DType)0, 4, true>"]),
+                  ((1, 5, 41, 20), 1, "fp32", ["fused<(DType)0, 4, false>"]),
+                  ((2, 8, 32, 64), 2, "fp16", ["fused<(DType)1, 8, true>"]),
+                  ((2, 10, 41, 40), 2, "fp16", ["fused<(DType)1, 8, false>"])]
+
+
+@pytest.mark.parametrize("shape,groups,dtype,kinds", GN_CACHE_LIMIT,
+                         ids=[f"{'x'.join(map(str, c[0]))}g{c[1]}-{c[2]}" for c in GN_CACHE_LIMIT])
+def test_group_norm_silu_register_cache_limit(driver, shape, groups, dtype, kinds):
+    case = gn_case(shape, groups, DT[dtype], False, _seed("cache", shape), temb="rows", residual=True)
+    out, reply = run_gn(driver, case, num_splits=1, seed=shape[1])
+    assert kernel_kinds(reply) == kinds
+    assert_close_each(out, gn_reference(case), DT[dtype], what="out")
+
+
+@pytest.mark.parametrize("size,splits", [(8191, 1), (8192, 2)])
+def test_group_norm_silu_automatic_split_starts_at_two_chunks_of_4096(driver, size, splits):
+    """One group on the H100: few groups for 132 SMs, so the split is bounded by the size alone."""
+    case = gn_case((1, 1, size, 1), 1, torch.float32, False, _seed("split", size))
+    out, reply = run_gn(driver, case, seed=size)
+    assert int(reply["splits"]) == splits
+    assert_close_each(out, gn_reference(case), torch.float32, what="out")
+
+
+def test_group_norm_silu_more_groups_than_sms(driver):
+    """192 blocks on the 132-SM device, one per group (no split with that many)."""
+    case = gn_case((3, 256, 4, 4), 64, torch.bfloat16, True, _seed("many"), temb="cols", residual=True)
+    out, reply = run_gn(driver, case, seed=3)
+    assert [launch["grid"] for launch in reply["launches"]] == [(192, 1, 1)]
+    assert_close_each(out, gn_reference(case), torch.bfloat16, what="out")
+
+
+@pytest.mark.parametrize("which", ["residual", "out"])
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_group_norm_silu_misaligned_residual_or_out_takes_scalar_accesses(driver, dtype, which):
+    """x aligned, the residual or out one element off: the vector width must follow every
+    pointer (a 16-byte access there would be misaligned)."""
+    case = gn_case((2, 32, 8, 8), 4, DT[dtype], False, _seed("res", dtype), residual=True)
+    out = torch.empty_like(case["x"]).fill_(NAN)
+    if which == "residual":
+        case["residual"] = shifted(case["residual"], 1)
+    else:
+        out = shifted(out, 1)
+    out, reply = run_gn(driver, case, num_splits=1, seed=5, out=out)
+    assert kernel_kinds(reply) == [f"fused<(DType){CODE[DT[dtype]]}, 1, true>"]
+    assert_close_each(out, gn_reference(case), DT[dtype], what="out")
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_group_norm_silu_5d_channels_last(driver, splits):
+    case = gn_case((2, 24, 3, 5, 4), 6, torch.float16, True, _seed("5d", splits), temb="rows", residual=True)
+    out, _ = run_gn(driver, case, num_splits=splits, seed=splits)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    assert_close_each(out, gn_reference(case), torch.float16, what="out")
+
+
+def test_warp_votes_syncwarp_and_atomics(driver):
+    for threads in (256, 48, 1024):  # 48: a partial last warp
+        reply = driver.run("selftest_warp", threads, {"threads": threads}, {})
+        assert (reply["wrong"], reply["total"]) == ("0", str(3 * threads))
+
+
+def test_the_emulated_devices(driver):
+    with pytest.raises(cuda_on_cpu.DriverError, match="no emulated device 2"):
+        driver.run("selftest_shuffle", 0, {"device": 2}, {})
 
 
 @pytest.mark.last_in_file

@@ -1,6 +1,10 @@
 """Whole-loop CUDA graphs. CPU part: argument checks, the cache key and the cache. GPU part:
 replay equals the eager fused loop, SDE reproducibility, no re-capture for new guidance or
 conditioning, the caller's result is never overwritten, eviction frees memory."""
+import gc
+import threading
+import weakref
+
 import pytest
 import torch
 from conftest import gpu_test
@@ -9,7 +13,9 @@ import fastdiff
 from fastdiff.graphs import GraphCache, graph_key
 from fastdiff.guidance import ModelCaller
 from fastdiff.testing import GaussianMixture
-from fake_cuda_graph import FakeCUDAGraph, FreedBufferError, fake_graphs, graphed as _graphed  # noqa: F401
+import fake_cuda_graph
+from fake_cuda_graph import (FakeCUDAGraph, FreedBufferError, StreamRaceError, fake_graph, fake_graphs,  # noqa: F401
+                             graphed as _graphed)
 
 gpu = gpu_test()
 
@@ -376,8 +382,8 @@ def test_capture_runs_on_a_stream_of_the_tensors_device(monkeypatch):
         yield
 
     @contextlib.contextmanager
-    def graph(g, pool=None, stream=None):
-        seen.append(("graph", type(stream).__name__))
+    def graph(g, pool=None, stream=None, capture_error_mode="global"):
+        seen.append(("graph", type(stream).__name__, capture_error_mode))
         yield
 
     monkeypatch.setattr(torch.cuda, "device", device)
@@ -388,7 +394,8 @@ def test_capture_runs_on_a_stream_of_the_tensors_device(monkeypatch):
     ran = []
     G._capture(lambda: ran.append(1), torch.device("cuda", 1))
     assert ran == [1]
-    assert seen == [("device", torch.device("cuda", 1)), ("stream", torch.device("cuda", 1)), ("graph", "Stream")]
+    assert seen == [("device", torch.device("cuda", 1)), ("stream", torch.device("cuda", 1)),
+                    ("graph", "Stream", "thread_local")]
 
 
 def test_a_model_with_its_own_cuda_graphs_is_refused(fake_graphs):
@@ -426,3 +433,219 @@ def test_fake_replays_from_four_threads_equal_single_threaded_results(fake_graph
     for t in threads:
         t.join()
     assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m_sde", "euler_ancestral"])
+@pytest.mark.parametrize("mode", [True, "auto"])
+def test_fake_replay_of_a_channels_last_state_with_drawn_noise(fake_graphs, solver, mode):
+    """The static noise buffer keeps the state's layout (the fused step reads all tensors in one)."""
+    import warnings
+
+    s = fastdiff.Sampler(solver=solver, steps=4)
+    noise = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "auto" must not fall back
+        out = _graphed(fake_graphs, s, _model, noise, generator=torch.Generator().manual_seed(0), mode=mode)
+    (rec,) = fake_graphs.CACHE._graphs.values()
+    assert all(rec.noise[k].is_contiguous(memory_format=torch.channels_last) for k in range(len(rec.noise)))
+    eager = noise.clone()
+    s.run_fused(ModelCaller(_model, eager, 1.0, None, None, "batched", None, combine=False), eager,
+                s.new_history(eager), lambda k: rec.noise[k], 1.0)  # the noise the replay drew
+    assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, eager)
+
+
+def test_a_failed_warm_up_raises_or_falls_back_with_auto(fake_graphs, monkeypatch):
+    def fail(run, device):
+        raise RuntimeError("lazy initialisation failed")
+
+    monkeypatch.setattr(fake_graphs, "_warm_up", fail)
+    s = fastdiff.Sampler(steps=3)
+    with pytest.raises(fastdiff.GraphCaptureError, match=r"warm-up failed\): lazy initialisation"):
+        _graphed(fake_graphs, s, _model, torch.randn(1, 3, 4, 4))
+    with pytest.warns(RuntimeWarning, match="eager fused loop"):
+        assert _graphed(fake_graphs, s, _model, torch.randn(1, 3, 4, 4), mode="auto") is None
+
+
+def test_a_thread_sampling_eagerly_during_a_capture_breaks_neither(fake_graphs):
+    """sample() copies the noise (allocates) before taking the cache lock, so another thread may
+    allocate while a capture runs: the capture is thread-local (a global one would fail both)."""
+    inside, done, got = threading.Event(), threading.Event(), {}
+
+    def waits_inside_the_capture(x, t):
+        if torch.cuda.is_current_stream_capturing() and not inside.is_set():
+            inside.set()
+            assert done.wait(10)
+        return _model(x, t)
+
+    other = torch.randn(2, 3, 4, 4)
+
+    def eager():
+        assert inside.wait(10)
+        try:
+            got["eager"] = fastdiff.sample(_model, other, solver="dpmpp_2m", steps=4)
+        except Exception as exc:
+            got["eager"] = exc
+        done.set()
+
+    worker = threading.Thread(target=eager)
+    worker.start()
+    noise = torch.randn(2, 3, 4, 4)
+    s = fastdiff.Sampler(solver="dpmpp_2m", steps=4)
+    out = _graphed(fake_graphs, s, waits_inside_the_capture, noise)
+    worker.join()
+    assert torch.equal(out, s.sample(_model, noise))
+    assert isinstance(got["eager"], torch.Tensor), got["eager"]
+    assert torch.equal(got["eager"], s.sample(_model, other))
+
+
+def test_the_cache_keeps_the_model_whose_parameters_the_graph_reads(fake_graphs):
+    """The graph reads the parameters in place; the model's key is its id. Dropping the caller's
+    reference must neither free them nor let a new model reuse that id while the graph lives."""
+    model = torch.nn.Conv2d(3, 3, 1)
+    noise = torch.randn(2, 3, 4, 4)
+    s = fastdiff.Sampler(steps=3)
+    expected = s.sample(lambda x, t: model(x), noise)
+
+    class Net(torch.nn.Module):
+        def __init__(self, conv):
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x, t):
+            return self.conv(x)
+
+    net = Net(model)
+    assert torch.equal(_graphed(fake_graphs, s, net, noise), expected)
+    alive, key = weakref.ref(net), next(iter(fake_graphs.CACHE._graphs))
+    del net, model
+    gc.collect()
+    assert alive() is not None, "the cache dropped the model its graph reads"
+    rec = fake_graphs.CACHE.get(key)
+    out = rec.replay(noise, None, None, 1.0, None)  # FreedBufferError if the weights were freed
+    assert torch.equal(out, expected)
+    del rec
+    fastdiff.clear_graphs()
+    gc.collect()
+    assert alive() is None
+
+
+# ------------------------------------ a model that a real capture refuses, in the strict fake
+def _side_stream_allocation(x):
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        bias = torch.full((1,), 0.1)  # from the side stream's memory: not the graph's pool
+    torch.cuda.current_stream().wait_stream(side)
+    return x + bias
+
+
+def _forked_not_joined(x):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.mul(x, 2.0)
+    return x
+
+
+CATALOGUE = {
+    "item": (lambda x: x * (1.0 + 0 * x.abs().max().item()), "_local_scalar_dense"),
+    "cpu": (lambda x: x + 0 * x.cpu(), r"Tensor\.cpu \(a copy between host and device"),
+    "tolist": (lambda x: x * len(x.tolist()) / len(x), r"Tensor\.tolist"),
+    "numpy": (lambda x: x + 0 * x.numpy().sum(), r"Tensor\.numpy"),
+    "nonzero": (lambda x: x + 0 * x.nonzero().shape[0], "aten.nonzero"),
+    "boolean mask": (lambda x: x + 0 * x[x > 0].sum(), r"aten\.index\.Tensor"),
+    "torch.tensor": (lambda x: x * torch.tensor([1.0]), r"torch\.tensor \(a copy between host and device"),
+    "print": (lambda x: print(x.sum()) or x, r"Tensor\.__repr__"),
+    "format": (lambda x: f"{x.sum():.3f}" and x, r"Tensor\.__format__"),
+    "side stream": (_side_stream_allocation, "outside the capture.*graph's pool"),
+    "unjoined fork": (_forked_not_joined, "not joined back"),
+}
+
+
+@pytest.mark.parametrize("name", list(CATALOGUE))
+def test_what_a_capture_refuses_is_a_graph_capture_error_naming_it_and_auto_falls_back(fake_graphs, name):
+    body, cause = CATALOGUE[name]
+    model = lambda x, t: _model(body(x), t)  # noqa: E731
+    s = fastdiff.Sampler(steps=3)
+    noise = torch.randn(2, 3, 4, 4)
+    with pytest.raises(fastdiff.GraphCaptureError, match=f"capture failed.*{cause}"):
+        _graphed(fake_graphs, s, model, noise)
+    with pytest.warns(RuntimeWarning) as warned:
+        assert _graphed(fake_graphs, s, model, noise, mode="auto") is None
+    assert len(warned) == 1 and "eager fused loop" in str(warned[0].message)
+
+
+def test_the_fake_replays_the_kernel_chosen_at_capture_not_the_dispatch(monkeypatch):
+    from fastdiff import _ext
+    from fastdiff.ops import solver_step as S
+
+    if _ext.missing_reason("solver_step", "CPU"):
+        pytest.skip("the compiled CPU kernel is not built")
+    x, m = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    out = torch.full_like(x, float("nan"))
+    coef = [0.9, -0.3, 0.5, 0.4, 0.0, 0.0, 0.0, 0.0]
+    g = FakeCUDAGraph().capture(lambda: S.solver_step(x, m, coef=coef, slots=[-1] * 4, out=out))
+    assert [f for f, _, _ in g.tape] == [torch.ops.fastdiff_C.solver_step.default]
+    monkeypatch.setattr(S.DISPATCH, "select", lambda *a, **k: pytest.fail("the replay dispatched again"))
+    out.fill_(float("nan"))
+    g.replay()
+    ref = S.solver_step_reference(x.double(), m.double(), None, None, None, coef, [-1] * 4)
+    torch.testing.assert_close(out, ref.float(), rtol=1e-6, atol=1e-6)
+
+
+def test_the_warm_up_runs_on_a_side_stream_that_the_loop_then_waits_for(fake_graphs, monkeypatch):
+    streams = []
+
+    def model(x, t):
+        streams.append(torch.cuda.current_stream())
+        return _model(x, t)
+
+    _graphed(fake_graphs, fastdiff.Sampler(steps=3), model, torch.randn(1, 3, 4, 4))
+    warm_up, capture = streams[0], streams[3]
+    assert len({warm_up, capture, fake_cuda_graph.DEVICE.default}) == 3
+
+    def unjoined(run, device):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()
+
+    monkeypatch.setattr(fake_graphs, "_warm_up", unjoined)
+    with pytest.raises(fastdiff.GraphCaptureError, match="without waiting"):  # refilling x races the warm-up
+        _graphed(fake_graphs, fastdiff.Sampler(steps=4), model, torch.randn(1, 3, 4, 4))
+
+
+@pytest.mark.parametrize("mode", ["global", "thread_local"])
+def test_the_fake_capture_in_global_mode_fails_when_another_thread_allocates(fake_graphs, mode):
+    x, y = torch.randn(8), torch.empty(8)
+    inside, done, errors = threading.Event(), threading.Event(), []
+
+    def allocate():
+        inside.wait(10)
+        try:
+            torch.ones(4) + 1
+        except RuntimeError as exc:
+            errors.append(exc)
+        done.set()
+
+    worker = threading.Thread(target=allocate)
+    worker.start()
+
+    def run():
+        torch.mul(x, 2.0, out=y)
+        inside.set()
+        done.wait(10)
+
+    try:
+        with fake_graph(FakeCUDAGraph(), capture_error_mode=mode):
+            run()
+    except RuntimeError as exc:
+        errors.append(exc)
+    worker.join()
+    if mode == "global":
+        assert [str(e) for e in errors] == [
+            "aten.ones.default allocates: operation not permitted when stream is capturing (another thread "
+            "captures in capture_error_mode='global')",
+            "capture invalidated: aten.ones.default allocates in another thread during a capture in "
+            "capture_error_mode='global'"]
+    else:
+        assert errors == []

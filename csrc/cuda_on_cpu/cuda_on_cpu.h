@@ -13,6 +13,11 @@
 // are function statics in their own ELF section, which is filled the same way before each block
 // (blocks never overlap, so one copy serves them all).
 // `extern __shared__` does not compile here: kernels use fastdiff::dynamic_shared<T>().
+// Data races: two threads of a block touching one byte between the same two barriers (one of
+// them writing, not ordered by a warp synchronisation) fail the launch, naming the kernel, the
+// address and both threads (cuda_on_cpu.cc, Races). Not seen: accesses ASan proves in bounds
+// and so does not instrument (a static __shared__ array at constant indices), atomics.
+// Devices: kDevices (an H100 with 132 SMs, and a 1-SM device), picked with cudaSetDevice.
 // Not modelled: timing, concurrency between blocks, the memory model, fast-math rounding.
 #pragma once
 
@@ -70,7 +75,13 @@ enum cudaError_t : int {
   cudaErrorLaunchFailure = 719,
 };
 
-enum cudaDeviceAttr : int { cudaDevAttrMultiProcessorCount = 16 };
+// The runtime's own values.
+enum cudaDeviceAttr : int {
+  cudaDevAttrMaxSharedMemoryPerBlock = 8,
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+};
 
 typedef struct CUstream_st* cudaStream_t;
 
@@ -84,16 +95,27 @@ struct cudaLaunchConfig_t {
 };
 
 cudaError_t cudaGetDevice(int* device);
+cudaError_t cudaSetDevice(int device);
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device);
 cudaError_t cudaGetLastError();
 
 namespace cuda_on_cpu {
 
-// The emulated device has one multiprocessor, so that grid-size caps and grid-stride loops
-// take effect at small test sizes.
-constexpr int kMultiProcessors = 1;
-// What a launch gets without cudaFuncSetAttribute opt-in (every arch fastdiff targets).
-constexpr size_t kMaxDynamicSmemBytes = 48 * 1024;
+// The emulated devices, as the launch code sees them (cudaDeviceGetAttribute). Device 0 is an
+// H100 SXM; device 1 has one multiprocessor, so that grid-size caps and grid-stride loops take
+// effect at small test sizes.
+struct Device {
+  const char* name;
+  int multiprocessors;
+  size_t smem_per_block;        // what a launch gets without cudaFuncSetAttribute opt-in
+  size_t smem_per_block_optin;  // the most a kernel can opt in to
+  size_t smem_per_multiprocessor;
+};
+constexpr Device kDevices[] = {
+    {"H100 SXM", 132, 48 * 1024, 227 * 1024, 228 * 1024},
+    {"one-SM test device", 1, 48 * 1024, 227 * 1024, 228 * 1024},
+};
+constexpr int kDeviceCount = sizeof(kDevices) / sizeof(kDevices[0]);
 
 struct LaunchRecord {
   const void* kernel;
@@ -115,8 +137,14 @@ void* dynamic_shared();
 void block_barrier();
 // Waits for every lane of the calling thread's warp; returns lane src_lane's `value`.
 uint64_t warp_exchange(unsigned mask, uint64_t value, unsigned src_lane);
+// Waits for every lane of the calling thread's warp; returns the bits of the lanes whose
+// `pred` is non-zero.
+unsigned warp_ballot(unsigned mask, int pred);
 // Lane of the calling thread within its warp.
 unsigned lane_id();
+// A load or store of the running kernel thread, for the race detector (cuda_on_cpu.cc).
+void track_access(uintptr_t a, size_t n, bool write);
+void track_atomic(uintptr_t a, size_t n);
 
 template <typename T>
 T shuffle(unsigned mask, T v, unsigned src_lane) {
@@ -158,6 +186,27 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   const unsigned lane = cuda_on_cpu::lane_id(), src = lane ^ unsigned(lane_mask);
   return cuda_on_cpu::shuffle(mask, v, src / width <= lane / width ? src : lane);
 }
+
+// A warp barrier: every lane of the warp, with the full mask (as the shuffles).
+inline void __syncwarp(unsigned mask = 0xffffffffu) { cuda_on_cpu::warp_ballot(mask, 0); }
+inline unsigned __ballot_sync(unsigned mask, int pred) { return cuda_on_cpu::warp_ballot(mask, pred); }
+inline int __any_sync(unsigned mask, int pred) { return cuda_on_cpu::warp_ballot(mask, pred) != 0; }
+inline int __all_sync(unsigned mask, int pred) { return cuda_on_cpu::warp_ballot(mask, !pred) == 0; }
+
+// Atomics: a thread runs uninterrupted until its next barrier, so any read-modify-write is
+// atomic here; these are defined out of line, in cuda_on_cpu.cc, where the race detector does
+// not see them (an atomic never races). Others do not compile ("was not declared").
+float atomicAdd(float* p, float v);
+int atomicAdd(int* p, int v);
+unsigned atomicAdd(unsigned* p, unsigned v);
+unsigned long long atomicAdd(unsigned long long* p, unsigned long long v);
+int atomicMax(int* p, int v);
+int atomicMin(int* p, int v);
+int atomicExch(int* p, int v);
+float atomicExch(float* p, float v);
+int atomicCAS(int* p, int compare, int v);
+unsigned atomicCAS(unsigned* p, unsigned compare, unsigned v);
+unsigned long long atomicCAS(unsigned long long* p, unsigned long long compare, unsigned long long v);
 
 template <typename T>
 T __ldg(const T* p) {

@@ -7,6 +7,7 @@
 // starts OFFSET bytes into its own allocation, whose other bytes are poisoned for ASan) or
 // `alias:KEY` (the same pointer as buffer KEY). The reply is one line `ok key=value ...` or
 // `error MESSAGE`, followed (for `ok`) by every `buf:` buffer's bytes after the kernel ran.
+// `device=D` picks the emulated device (cuda_on_cpu::kDevices; default 0, an H100).
 #include <dlfcn.h>
 
 #include <algorithm>
@@ -171,15 +172,67 @@ void shuffle_kernel(int* wrong) {
   if (__shfl_sync(0xffffffffu, lane * 7, 5) != 35) ++*wrong;
 }
 
+// Ballot, any/all, __syncwarp and atomics, each checked by every thread. total: the block's
+// atomicAdd count; the last thread to arrive (atomicAdd's old value) checks max and CAS.
+void warp_atomic_kernel(int* wrong, int* total) {
+  __shared__ int s[3];
+  const unsigned lane = threadIdx.x % 32, t = threadIdx.x;
+  const unsigned lanes = blockDim.x - t / 32 * 32 < 32 ? blockDim.x - t / 32 * 32 : 32;
+  const unsigned full = lanes == 32 ? 0xffffffffu : (1u << lanes) - 1;
+  if (t == 0) s[0] = s[1] = s[2] = 0;
+  __syncthreads();
+  if (__ballot_sync(full, lane % 2) != (0xaaaaaaaau & full)) ++*wrong;
+  if (!__any_sync(full, lane == 3) || __all_sync(full, lane < 31) != (lanes < 32)) ++*wrong;
+  if (lane == 0) s[2] = static_cast<int>(t);
+  __syncwarp(full);
+  atomicMax(&s[1], static_cast<int>(t));
+  atomicAdd(total, 1);
+  if (atomicAdd(&s[0], 1) == static_cast<int>(blockDim.x) - 1) {
+    const int m = s[1];
+    if (m != static_cast<int>(blockDim.x) - 1 || atomicCAS(&s[1], m, -1) != m || s[1] != -1) ++*wrong;
+  }
+}
+
+// Planted races for the race detector, by `mode`: 0 every warp leader adds to a shared total
+// (read-modify-write); 1 the same with atomicAdd; 2 lane 0 writes what lane 1 then reads; 3 the
+// same with __syncwarp between; 4 two threads write one global int. wrong: the total, if read.
+void race_kernel(int* wrong, int* global, int mode) {
+  int* s = fastdiff::dynamic_shared<int>();  // (2 ints; a static __shared__ int[2] at constant indices is not
+                                             // instrumented by ASan, so not seen by the race detector)
+  const unsigned lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) s[0] = s[1] = 0;
+  __syncthreads();
+  if (mode <= 1 && lane == 0) {
+    if (mode == 0) s[0] += 1;
+    else atomicAdd(&s[0], 1);
+  }
+  if (mode == 2 || mode == 3) {
+    if (threadIdx.x == 0) s[1] = 7;
+    if (mode == 3) __syncwarp();
+    if (threadIdx.x == 1 && s[1] != 7) ++*wrong;
+  }
+  if (mode == 4 && threadIdx.x < 2) *global = static_cast<int>(threadIdx.x);
+  __syncthreads();
+  if (threadIdx.x == 0 && mode <= 1 && s[0] != static_cast<int>(blockDim.x + 31) / 32) ++*wrong;
+}
+
 std::string selftest(const Request& r) {
-  int wrong = 0;
+  int wrong = 0, total = 0;
   const dim3 block(static_cast<unsigned>(r.i64("threads", 256)));
-  cudaError_t err = r.op == "selftest_barrier"
-                        ? fastdiff::launch_kernel(neighbour_kernel, dim3(2), block, 0, nullptr, &wrong,
-                                                  r.i64("sync") != 0)
-                        : fastdiff::launch_kernel(shuffle_kernel, dim3(2), block, 0, nullptr, &wrong);
+  using fastdiff::launch_kernel;
+  cudaError_t err;
+  if (r.op == "selftest_barrier") {
+    err = launch_kernel(neighbour_kernel, dim3(2), block, 0, nullptr, &wrong, r.i64("sync") != 0);
+  } else if (r.op == "selftest_warp") {
+    err = launch_kernel(warp_atomic_kernel, dim3(3), block, 0, nullptr, &wrong, &total);
+  } else if (r.op == "selftest_race") {
+    const int mode = static_cast<int>(r.i64("mode"));
+    err = launch_kernel(race_kernel, dim3(2), block, 2 * sizeof(int), nullptr, &wrong, &total, mode);
+  } else {
+    err = launch_kernel(shuffle_kernel, dim3(2), block, 0, nullptr, &wrong);
+  }
   if (err != cudaSuccess) throw std::runtime_error("cuda error " + std::to_string(err) + " " + cuda_on_cpu::last_error());
-  return "wrong=" + std::to_string(wrong);
+  return "wrong=" + std::to_string(wrong) + " total=" + std::to_string(total);
 }
 
 }  // namespace
@@ -192,7 +245,9 @@ int main() {
     cuda_on_cpu::set_seed(static_cast<uint64_t>(r.i64("seed")));
     std::string reply;
     try {
-      if (r.op == "solver_step") {
+      if (cudaSetDevice(static_cast<int>(r.i64("device"))) != cudaSuccess) {
+        reply = "error no emulated device " + r.kv["device"];
+      } else if (r.op == "solver_step") {
         reply = "ok " + solver_step(r);
       } else if (r.op == "group_norm_silu") {
         reply = "ok " + group_norm_silu(r);
