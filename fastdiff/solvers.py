@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastdiff.grid import Grid
+from fastdiff.reference.solvers import singlestep_orders
 
 
 @dataclass(frozen=True)
@@ -316,6 +317,33 @@ def flow_heun_table(grid: Grid, schedule, model_time: str, prediction: str) -> S
     return SolverTable(coef=np.array(coef, dtype=np.float64), slots=np.array(slots, dtype=np.int64), history=1,
                        model_time=np.array(times, dtype=np.float64), ends_step=np.array(ends),
                        step_state=np.tile([1.0, 0.0], (len(coef), 1)))
+
+
+def dpmpp_2s_table(grid: Grid, prediction: str, lower_order_final) -> SolverTable:
+    """DPM-Solver++(2S) (`fastdiff.reference.solvers.DPMSolverPP2S`) as rows. A first-order row
+    is dpmpp_1m's and stores D_s. The second-order row runs at the intermediate point u with
+    state x_u = (s_u/s_s) x_s - a_u (e^{-h_u} - 1) D_s; solving that for x_s turns the block's
+    update into x_t = (s_t/s_u) x_u + [(s_t/s_u) a_u (e^{-h_u} - 1) - E (1 - 1/(2r))] D_s
+    - E/(2r) D_u, with E = a_t (e^{-h} - 1)."""
+    n, al, sg, lam = grid.steps, grid.alpha, grid.sigma, grid.lam
+    orders = singlestep_orders(n, lower_order_final is True)
+    coef = np.zeros((n, 8))
+    slots = np.full((n, 4), -1, dtype=np.int64)
+    for i in range(n):
+        coef[i, :2] = _data_prediction(al[i], sg[i], prediction)
+        coef[i, 2] = sg[i + 1] / sg[i]
+        if orders[i] == 1 or sg[i + 1] == 0.0:
+            coef[i, 3] = -al[i + 1] * np.expm1(lam[i] - lam[i + 1])
+            slots[i, 0] = 0
+            continue
+        j = i - 1
+        h = lam[i + 1] - lam[j]
+        r = (lam[i] - lam[j]) / h
+        e = al[i + 1] * np.expm1(-h)
+        coef[i, 3] = -e * 0.5 / r
+        coef[i, 4] = (sg[i + 1] / sg[i]) * al[i] * np.expm1(lam[j] - lam[i]) - e * (1.0 - 0.5 / r)
+        slots[i, 1] = 0
+    return _one_row_per_step(coef, slots, 1, grid)
 
 
 # Adams-Bashforth weights on the newest output first, by order (written out again here, apart

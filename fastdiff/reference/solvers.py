@@ -173,6 +173,42 @@ class DPMSolverPP(ReferenceSolver):
         return out
 
 
+def singlestep_orders(steps: int, lower_order_final: bool) -> list:
+    """The order of each step of DPM-Solver++(2S) (diffusers' DPMSolverSinglestepScheduler's list
+    for solver_order 2): blocks (1, 2); an odd step count ends with a lone 1; with
+    lower_order_final an even one ends (1, 1); a last step to sigma = 0 is first order."""
+    orders = [1, 2] * (steps // 2) + [1] * (steps % 2)
+    if lower_order_final and steps % 2 == 0:
+        orders[-1] = 1
+    return orders
+
+
+class DPMSolverPP2S(ReferenceSolver):
+    """DPM-Solver++(2S), singlestep (Lu et al. 2022, Algorithm 1), with its intermediate point on
+    the grid as diffusers' DPMSolverSinglestepScheduler places it: steps go in blocks of orders
+    (1, 2) (`singlestep_orders`). A first-order step from point s is the DPM-Solver++ update; the
+    second-order step that follows starts again from the block's first point s and reaches
+    point t with the data predictions at s and at the intermediate point u:
+    x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) ((1 - 1/(2r)) D_s + 1/(2r) D_u),
+    h = lambda_t - lambda_s, r = (lambda_u - lambda_s) / h. A step to sigma = 0 is first order."""
+
+    def __init__(self, grid, prediction, **kw):
+        super().__init__(grid, prediction, **kw)
+        self.orders = singlestep_orders(grid.steps, self.lower_order_final is True)
+        self.block = None  # (point, state, data prediction) where the block started
+
+    def step(self, i, x, m, z):
+        d = self.x0(i, x, m)
+        lam, a, s = self.lam, self.a, self.s
+        if self.orders[i] == 1 or s[i + 1] == 0:
+            self.block = (i, x, d)
+            return (s[i + 1] / s[i]) * x - (a[i + 1] * np.expm1(lam[i] - lam[i + 1])) * d
+        j, x_s, d_s = self.block
+        h = lam[i + 1] - lam[j]
+        r = (lam[i] - lam[j]) / h
+        return (s[i + 1] / s[j]) * x_s - (a[i + 1] * np.expm1(-h)) * ((1.0 - 0.5 / r) * d_s + (0.5 / r) * d)
+
+
 class DPMSolverPP2MSDE(DPMSolverPP):
     """DPM-Solver++(2M) SDE (Lu et al. 2022, midpoint form):
     x_s = (sigma_s/sigma_t) e^{-h} x + alpha_s (1 - e^{-2h}) (D0 + D1/2) + sigma_s sqrt(1 - e^{-2h}) z."""
@@ -510,4 +546,5 @@ SOLVERS = {
     "pndm": (PNDM, {}),
     "lms": (LMS, {}),
     "flow_heun": (FlowHeun, {}),
+    "dpmpp_2s": (DPMSolverPP2S, {}),
 }

@@ -50,17 +50,20 @@ _SPACED = _merge(_BETAS, timestep_spacing="linspace", steps_offset=0)
 _THRESHOLD = dict(thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0)
 _SIGMA_KINDS = dict(use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False)
 
+_DPM = _merge(
+    _SPACED, _THRESHOLD, _SIGMA_KINDS, solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint",
+    lower_order_final=True, euler_at_final=False, use_lu_lambdas=False, use_flow_sigmas=False, flow_shift=1.0,
+    final_sigmas_type="zero", lambda_min_clipped=-math.inf, variance_type=None, use_dynamic_shifting=False,
+    time_shift_type="exponential")
+_SINGLESTEP_ABSENT = ("timestep_spacing", "steps_offset", "rescale_betas_zero_snr", "euler_at_final", "use_lu_lambdas")
+
 # diffusers 0.42 defaults of every key fastdiff reads (tests/test_diffusers_schedulers.py checks them)
 DEFAULTS = {
     "DDIMScheduler": _merge(_SPACED, _THRESHOLD, clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=True,
                           timestep_spacing="leading"),
     "DDPMScheduler": _merge(_SPACED, _THRESHOLD, clip_sample=True, clip_sample_range=1.0, variance_type="fixed_small",
                           timestep_spacing="leading"),
-    "DPMSolverMultistepScheduler": _merge(
-        _SPACED, _THRESHOLD, _SIGMA_KINDS, solver_order=2, algorithm_type="dpmsolver++", solver_type="midpoint",
-        lower_order_final=True, euler_at_final=False, use_lu_lambdas=False, use_flow_sigmas=False, flow_shift=1.0,
-        final_sigmas_type="zero", lambda_min_clipped=-math.inf, variance_type=None, use_dynamic_shifting=False,
-        time_shift_type="exponential"),
+    "DPMSolverMultistepScheduler": _DPM,
     "EulerDiscreteScheduler": _merge(_SPACED, _SIGMA_KINDS, interpolation_type="linear", sigma_min=None,
                                    sigma_max=None, timestep_type="discrete", final_sigmas_type="zero"),
     "EulerAncestralDiscreteScheduler": dict(_SPACED),
@@ -69,6 +72,8 @@ DEFAULTS = {
                               if k != "rescale_betas_zero_snr"},
     "LMSDiscreteScheduler": {k: v for k, v in _merge(_SPACED, _SIGMA_KINDS).items() if k != "rescale_betas_zero_snr"},
     "FlowMatchHeunDiscreteScheduler": dict(num_train_timesteps=1000, shift=1.0),
+    "DPMSolverSinglestepScheduler": {k: (False if k == "lower_order_final" else v) for k, v in _DPM.items()
+                                     if k not in _SINGLESTEP_ABSENT},
     "PNDMScheduler": {k: v for k, v in _merge(_SPACED, skip_prk_steps=False, set_alpha_to_one=False,
                                               timestep_spacing="leading").items() if k != "rescale_betas_zero_snr"},
     "LCMScheduler": _merge(_SPACED, _THRESHOLD, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -95,7 +100,6 @@ NOT_SUPPORTED = {
     "DEISMultistepScheduler": f"not yet ({_NOT_YET})",
     "KDPM2DiscreteScheduler": f"not yet ({_NOT_YET})",
     "KDPM2AncestralDiscreteScheduler": f"not yet ({_NOT_YET})",
-    "DPMSolverSinglestepScheduler": f"not yet ({_NOT_YET})",
     "EDMEulerScheduler": f"not yet ({_NOT_YET})",
     "EDMDPMSolverMultistepScheduler": f"not yet ({_NOT_YET})",
     "TCDScheduler": f"not yet ({_NOT_YET})",
@@ -355,6 +359,25 @@ def _dpm(cfg, n):
                 lower_order_final=lof)
 
 
+def _dpm_singlestep(cfg, n):
+    _require(cfg, "algorithm_type", "dpmsolver++")
+    _require(cfg, "solver_type", "midpoint")
+    for name in ("use_flow_sigmas", "use_dynamic_shifting"):
+        _require(cfg, name, False)
+    _require(cfg, "variance_type", None)
+    _require(cfg, "lambda_min_clipped", -math.inf)
+    if cfg["solver_order"] == 3:
+        raise ValueError(f"solver_order: 3 (DPM-Solver++(3S)) is not yet supported by fastdiff ({_NOT_YET}); "
+                         "solver_order 1 or 2 are")
+    _require(cfg, "solver_order", 1, 2)
+    # its fixed spacing: linspace over N + 1 points; Karras times rounded
+    sched, times, sigmas = _multistep_grid({**cfg, "timestep_spacing": "linspace", "steps_offset": 0}, n,
+                                           round_all_karras=True)
+    return dict(solver="dpmpp_2s" if cfg["solver_order"] == 2 else "dpmpp_1m", schedule=sched,
+                prediction=_prediction(cfg), sigmas=sigmas, timesteps=times,
+                lower_order_final=bool(cfg["lower_order_final"]))
+
+
 def _unipc(cfg, n):
     _require(cfg, "predict_x0", True)
     _require(cfg, "solver_order", 1, 2, 3)
@@ -460,7 +483,7 @@ _MAPPERS = {
     "HeunDiscreteScheduler": lambda c, n: _euler(c, n, "heun"),
     "LMSDiscreteScheduler": lambda c, n: _euler(c, n, "lms"),
     "LCMScheduler": _lcm, "FlowMatchEulerDiscreteScheduler": _flow, "UniPCMultistepScheduler": _unipc,
-    "PNDMScheduler": _pndm,
+    "PNDMScheduler": _pndm, "DPMSolverSinglestepScheduler": _dpm_singlestep,
     # FlowMatchHeun's grid is FlowMatchEuler's with its options at their defaults
     "FlowMatchHeunDiscreteScheduler": lambda c, n: dict(
         _flow({**DEFAULTS["FlowMatchEulerDiscreteScheduler"], **c}, n), solver="flow_heun"),
