@@ -34,7 +34,7 @@ from fastdiff.ops.solver_step import solver_step
 from fastdiff.profiling import nvtx_range
 from fastdiff.reference.solvers import PREDICTIONS, SOLVERS
 from fastdiff.schedules import MODEL_TIMES, Schedule, get_schedule
-from fastdiff.solvers import Churn, SolverTable, build_table, dpmpp_2s_table, flow_heun_table, heun_table, lms_table, pndm_table
+from fastdiff.solvers import Churn, SolverTable, build_table, deis_table, dpmpp_2s_table, flow_heun_table, heun_table, lms_table, pndm_table
 
 BACKENDS = ("auto", "reference", "cuda", "triton", "cpu")
 _ETA_SOLVERS = ("ddim", "euler_ancestral", "flow_sde")
@@ -48,7 +48,7 @@ class Sampler:
     Args:
         solver: one of `fastdiff.SOLVERS` ("ddpm", "ddim", "dpmpp_1m", "dpmpp_2m", "dpmpp_3m",
             "dpmpp_2m_sde", "euler", "euler_ancestral", "heun", "flow_euler", "flow_sde", "consistency",
-            "unipc", "pndm", "lms", "flow_heun", "dpmpp_2s").
+            "unipc", "pndm", "lms", "flow_heun", "dpmpp_2s", "deis_2m", "deis_3m").
         steps: number of grid steps (>= 1; at most the schedule's training timesteps); default 20,
             or the length of an explicit grid. Every solver calls the model once per step but
             "heun" and "flow_heun", which take 2N - 1 calls (2N with final="min"), and "pndm" (PLMS, diffusers'
@@ -209,6 +209,8 @@ class Sampler:
             self.table = pndm_table(self.grid, prediction)
         elif solver == "lms":
             self.table = lms_table(self.grid, prediction)
+        elif solver in ("deis_2m", "deis_3m"):
+            self.table = deis_table(self.grid, prediction, int(solver[5]), lower_order_final)
         elif solver == "dpmpp_2s":
             self.table = dpmpp_2s_table(self.grid, prediction, lower_order_final)
         elif solver == "flow_heun":

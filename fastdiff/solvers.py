@@ -319,6 +319,40 @@ def flow_heun_table(grid: Grid, schedule, model_time: str, prediction: str) -> S
                        step_state=np.tile([1.0, 0.0], (len(coef), 1)))
 
 
+def deis_table(grid: Grid, prediction: str, order: int, lower_order_final) -> SolverTable:
+    """DEIS rho-AB (`fastdiff.reference.solvers.DEIS`) as rows: the history holds noise
+    predictions e = (x - alpha D) / sigma, in row terms ((1 - alpha p) x - alpha q m) / sigma;
+    x' = (alpha'/alpha) x + alpha' sum_j c_j e_{i-j}. c_j = F_j(u') - F_j(u) in u = log rho, with
+    F_j(u) = e^u sum_k (-1)^k L_j^(k)(u) the antiderivative of L_j(u) e^u (L_j: the Lagrange basis
+    polynomial of point i - j in log rho); first order: c_0 = rho' - rho."""
+    n, al, sg, lam = grid.steps, grid.alpha, grid.sigma, grid.lam
+    rho = sg / al
+    coef = np.zeros((n, 8))
+    slots = np.full((n, 4), -1, dtype=np.int64)
+    for i in range(n):
+        p, q = _data_prediction(al[i], sg[i], prediction)
+        coef[i, :3] = ((1.0 - al[i] * p) / sg[i], -al[i] * q / sg[i], al[i + 1] / al[i])
+        k = _dpmpp_order(i, n, order, lower_order_final, sg[i + 1] == 0 or lam[i + 1] == lam[i])
+        if k == 1:
+            c = [rho[i + 1] - rho[i]]
+        else:
+            u = np.log(rho[i - np.arange(k)])
+            c = []
+            for j in range(k):
+                basis = np.poly1d([1.0])
+                for other in np.delete(u, j):
+                    basis = basis * np.poly1d([1.0, -other]) / (u[j] - other)
+                terms = [basis.deriv(d) * (-1) ** d if d else basis for d in range(k)]
+
+                def antiderivative(x, terms=terms):
+                    return math.exp(x) * sum(t(x) for t in terms)
+                c.append(antiderivative(math.log(rho[i + 1])) - antiderivative(u[0]))
+        coef[i, 3:3 + k] = al[i + 1] * np.array(c)
+        slots[i, 0] = i % order
+        slots[i, 1:k] = (i - np.arange(1, k)) % order
+    return _one_row_per_step(coef, slots, order, grid)
+
+
 def dpmpp_2s_table(grid: Grid, prediction: str, lower_order_final) -> SolverTable:
     """DPM-Solver++(2S) (`fastdiff.reference.solvers.DPMSolverPP2S`) as rows. A first-order row
     is dpmpp_1m's and stores D_s. The second-order row runs at the intermediate point u with

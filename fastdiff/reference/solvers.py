@@ -173,6 +173,34 @@ class DPMSolverPP(ReferenceSolver):
         return out
 
 
+class DEIS(DPMSolverPP):
+    """DEIS, rho-AB (Zhang & Chen 2022), as diffusers' DEISMultistepScheduler ("logrho"): in
+    rho = sigma / alpha, d(x / alpha) / d rho = eps, with eps extrapolated by the Lagrange
+    polynomial in log rho through the last k outputs (k: DPM-Solver++'s order schedule, 2 or 3),
+    integrated exactly over [rho_i, rho_{i+1}]; here by 16-point Gauss-Legendre in u = log rho,
+    where the integrand is that polynomial times e^u."""
+
+    def step(self, i, x, m, z):
+        self.x0_history.append(self.eps(i, x, m))  # the stored outputs are noise predictions
+        k = self.step_order(i)
+        rho = self.s / self.a
+        if k == 1:  # (also the step to rho = 0)
+            out = self.a[i + 1] * (x / self.a[i] + (rho[i + 1] - rho[i]) * self.x0_history[-1])
+        else:
+            u = np.log(rho[i - np.arange(k)])
+            nodes, weights = np.polynomial.legendre.leggauss(16)
+            lo, hi = u[0], math.log(rho[i + 1])
+            v = 0.5 * (hi - lo) * nodes + 0.5 * (hi + lo)
+            out = x / self.a[i]
+            for j in range(k):
+                basis = np.prod([(v - u[l]) / (u[j] - u[l]) for l in range(k) if l != j], axis=0)
+                c = 0.5 * (hi - lo) * np.sum(weights * basis * np.exp(v))
+                out = out + c * self.x0_history[-1 - j]
+            out = self.a[i + 1] * out
+        del self.x0_history[:-2]
+        return out
+
+
 def singlestep_orders(steps: int, lower_order_final: bool) -> list:
     """The order of each step of DPM-Solver++(2S) (diffusers' DPMSolverSinglestepScheduler's list
     for solver_order 2): blocks (1, 2); an odd step count ends with a lone 1; with
@@ -547,4 +575,6 @@ SOLVERS = {
     "lms": (LMS, {}),
     "flow_heun": (FlowHeun, {}),
     "dpmpp_2s": (DPMSolverPP2S, {}),
+    "deis_2m": (DEIS, {"order": 2}),
+    "deis_3m": (DEIS, {"order": 3}),
 }

@@ -55,6 +55,8 @@ _DPM = _merge(
     lower_order_final=True, euler_at_final=False, use_lu_lambdas=False, use_flow_sigmas=False, flow_shift=1.0,
     final_sigmas_type="zero", lambda_min_clipped=-math.inf, variance_type=None, use_dynamic_shifting=False,
     time_shift_type="exponential")
+_DEIS_ABSENT = ("rescale_betas_zero_snr", "euler_at_final", "use_lu_lambdas", "final_sigmas_type", "lambda_min_clipped",
+                "variance_type")
 _SINGLESTEP_ABSENT = ("timestep_spacing", "steps_offset", "rescale_betas_zero_snr", "euler_at_final", "use_lu_lambdas")
 
 # diffusers 0.42 defaults of every key fastdiff reads (tests/test_diffusers_schedulers.py checks them)
@@ -74,6 +76,8 @@ DEFAULTS = {
     "FlowMatchHeunDiscreteScheduler": dict(num_train_timesteps=1000, shift=1.0),
     "DPMSolverSinglestepScheduler": {k: (False if k == "lower_order_final" else v) for k, v in _DPM.items()
                                      if k not in _SINGLESTEP_ABSENT},
+    "DEISMultistepScheduler": {**{k: v for k, v in _DPM.items() if k not in _DEIS_ABSENT}, "algorithm_type": "deis",
+                               "solver_type": "logrho"},
     "PNDMScheduler": {k: v for k, v in _merge(_SPACED, skip_prk_steps=False, set_alpha_to_one=False,
                                               timestep_spacing="leading").items() if k != "rescale_betas_zero_snr"},
     "LCMScheduler": _merge(_SPACED, _THRESHOLD, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -97,7 +101,6 @@ NOT_SUPPORTED = {
     "DPMSolverSDEScheduler": "its noise comes from a Brownian tree (torchsde), which the fused step's per-step "
                              "Gaussian noise cannot reproduce; use DPMSolverMultistepScheduler with "
                              "algorithm_type='sde-dpmsolver++'",
-    "DEISMultistepScheduler": f"not yet ({_NOT_YET})",
     "KDPM2DiscreteScheduler": f"not yet ({_NOT_YET})",
     "KDPM2AncestralDiscreteScheduler": f"not yet ({_NOT_YET})",
     "EDMEulerScheduler": f"not yet ({_NOT_YET})",
@@ -378,6 +381,19 @@ def _dpm_singlestep(cfg, n):
                 lower_order_final=bool(cfg["lower_order_final"]))
 
 
+def _deis(cfg, n):
+    _require(cfg, "algorithm_type", "deis")
+    _require(cfg, "solver_type", "logrho")
+    for name in ("use_flow_sigmas", "use_dynamic_shifting"):
+        _require(cfg, name, False)
+    _require(cfg, "solver_order", 1, 2, 3)
+    # its grid is DPMSolverMultistep's ending at sigma_min (Karras times rounded)
+    sched, times, sigmas = _multistep_grid({**cfg, "final_sigmas_type": "sigma_min"}, n, round_all_karras=True)
+    order = int(cfg["solver_order"])
+    return dict(solver="dpmpp_1m" if order == 1 else f"deis_{order}m", schedule=sched, prediction=_prediction(cfg),
+                sigmas=sigmas, timesteps=times, lower_order_final=bool(cfg["lower_order_final"]) and n < 15)
+
+
 def _unipc(cfg, n):
     _require(cfg, "predict_x0", True)
     _require(cfg, "solver_order", 1, 2, 3)
@@ -483,7 +499,7 @@ _MAPPERS = {
     "HeunDiscreteScheduler": lambda c, n: _euler(c, n, "heun"),
     "LMSDiscreteScheduler": lambda c, n: _euler(c, n, "lms"),
     "LCMScheduler": _lcm, "FlowMatchEulerDiscreteScheduler": _flow, "UniPCMultistepScheduler": _unipc,
-    "PNDMScheduler": _pndm, "DPMSolverSinglestepScheduler": _dpm_singlestep,
+    "PNDMScheduler": _pndm, "DPMSolverSinglestepScheduler": _dpm_singlestep, "DEISMultistepScheduler": _deis,
     # FlowMatchHeun's grid is FlowMatchEuler's with its options at their defaults
     "FlowMatchHeunDiscreteScheduler": lambda c, n: dict(
         _flow({**DEFAULTS["FlowMatchEulerDiscreteScheduler"], **c}, n), solver="flow_heun"),
