@@ -51,6 +51,9 @@ MUTANTS = {
                     "if (blocks > max_blocks + 1) blocks = max_blocks + 1;"),
     "ss-vector-loop": (SS, "for (int64_t v = tid; v < nvec; v += stride)",
                        "for (int64_t v = tid; v <= nvec; v += stride)"),
+    # the 64-bit index path (groups of >= 2^31 elements; Args.wide_index takes it in the tests)
+    "gn-wide-index-column": (GN, "    r = e / P.cols;\n    k = e - r * P.cols;",
+                             "    r = e / P.cols;\n    k = e - r * P.rows;"),
     # dropped tails
     "ss-tail": (SS, "if (i < P.numel) step<TM, TS, 1>(P, w, i);", "(void)i;"),
     "gn-last-chunk": (GN, "p.splits = p.chunk > 0 ? (g.size + p.chunk - 1) / p.chunk : 1;",

@@ -283,7 +283,7 @@ def gn_reference(case):
                                      case["silu"], d(case["temb"]), d(case["residual"]), compute_dtype=F64)
 
 
-def run_gn(driver, case, num_splits=0, out="new", seed=0, device=H100):
+def run_gn(driver, case, num_splits=0, out="new", seed=0, device=H100, wide_index=False):
     """-> (out, the driver's reply); out="new" (NaN-filled), "x" or "residual" (in place), or
     the tensor to write."""
     x = case["x"]
@@ -293,7 +293,7 @@ def run_gn(driver, case, num_splits=0, out="new", seed=0, device=H100):
             "weight": case["weight"], "bias": case["bias"], "temb": case["temb"]}
     params = {"N": x.shape[0], "C": x.shape[1], "S": x[0, 0].numel(), "groups": case["groups"],
               "layout": int(case["cl"]), "dtype": CODE[x.dtype], "eps": case["eps"], "silu": int(case["silu"]),
-              "num_splits": num_splits, "device": device}
+              "num_splits": num_splits, "device": device, "wide_index": int(wide_index)}
     for k in ("weight", "bias"):
         if case[k] is not None:
             params.update({f"{k}_dtype": CODE[case[k].dtype], f"{k}_stride": case[k].stride(0)})
@@ -450,6 +450,18 @@ def test_group_norm_silu_5d_channels_last(driver, splits):
     out, _ = run_gn(driver, case, num_splits=splits, seed=splits)
     assert out.is_contiguous(memory_format=torch.channels_last_3d)
     assert_close_each(out, gn_reference(case), torch.float16, what="out")
+
+
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_group_norm_silu_64_bit_index_path(driver, cl, splits):
+    """Groups of >= 2^31 elements index with 64-bit division instead of the 32-bit fast
+    divider; Args.wide_index forces that path here, on shapes whose rows and columns are
+    awkward (odd K, partial chunks) so a wrong row/column split shows. (solver_step indexes in
+    int64 throughout: it has no second path.)"""
+    case = gn_case((3, 12, 7, 5), 4, torch.float32, cl, _seed("wide", cl, splits), temb="rows", residual=True)
+    out, _ = run_gn(driver, case, num_splits=splits, seed=splits, wide_index=True)
+    assert_close_each(out, gn_reference(case), torch.float32, what="out")
 
 
 def test_warp_votes_syncwarp_and_atomics(driver):

@@ -140,6 +140,7 @@ std::string group_norm_silu(const Request& r) {
   a.eps = static_cast<float>(r.num("eps", 1e-5));
   a.silu = r.i64("silu", 1) != 0;
   a.num_splits = static_cast<int>(r.i64("num_splits"));
+  a.wide_index = r.i64("wide_index") != 0;
   // Exactly the size asked for, NaN-filled: ASan sees overruns, stale partials show.
   const size_t ws_bytes = gn::group_norm_silu_cuda_workspace_bytes(a);
   std::unique_ptr<float[]> ws(new float[ws_bytes / sizeof(float)]);

@@ -533,7 +533,7 @@ cudaError_t group_norm_silu_cuda(const Args& a, void* workspace, size_t workspac
   P.eps = a.eps;
   P.cl = a.layout == Layout::kNSC;
   P.silu = a.silu;
-  P.small = g.size < (int64_t(1) << 31);
+  P.small = !a.wide_index && g.size < (int64_t(1) << 31);
   if (P.small) P.div_cols.init(static_cast<uint32_t>(g.cols));
   P.part = static_cast<float*>(workspace);
   switch (a.dtype) {

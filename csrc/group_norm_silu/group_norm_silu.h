@@ -56,6 +56,9 @@ struct Args {
   float eps = 1e-5f;
   bool silu = true;
   int num_splits = 0;  // 0: automatic; 1: one chunk per group; k > 1: at most k chunks per group
+  // true: index with 64-bit division at any size, the path groups of >= 2^31 elements take
+  // (lets the tests run that path on small tensors)
+  bool wide_index = false;
 };
 
 // Geometry of one group's matrix (see above).
