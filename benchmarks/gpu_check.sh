@@ -103,7 +103,8 @@
 #
 # Knobs: OUT, PYTHON (default python3), FASTDIFF_CHECK_BUDGET, FASTDIFF_COMMIT, FASTDIFF_WHEELS (default .whl),
 # NCU_PROVIDERS (default cuda,triton), NCU_REGEX_SOLVER_STEP, NCU_REGEX_GROUP_NORM_SILU,
-# COMPUTE_SANITIZER (its path, when not on PATH or in /usr/local/cuda/bin).
+# COMPUTE_SANITIZER (its path, when not on PATH or in /usr/local/cuda/bin), FASTDIFF_REHEARSE_SCALE
+# (--rehearse: caps and budget times this, default 5).
 
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -191,6 +192,15 @@ if (( PLAN_ONLY )); then
 fi
 
 OUT=${OUT:-$ROOT/out}
+if (( REHEARSE )); then
+  # A rehearsal checks that every step runs, not how long it takes: a 2-core CPU machine, busy
+  # or not, imports and collects several times slower than the 16-core GPU machine, so its caps
+  # and budget are scaled (FASTDIFF_REHEARSE_SCALE, default 5; once, a loaded CI machine took
+  # more than the 10 s versions cap to import torch and diffusers).
+  scale=${FASTDIFF_REHEARSE_SCALE:-5}
+  for ph in "${!CAP[@]}"; do CAP[$ph]=$(( CAP[$ph] * scale )); done
+  BUDGET=$(( BUDGET * scale ))
+fi
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
 RESERVE=${CAP[report]}   # every phase but the report leaves the report its time
