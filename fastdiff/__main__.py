@@ -7,6 +7,7 @@ raises `fastdiff._cli.UsageError`: one line on stderr naming the option, exit co
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from fastdiff._cli import Parser, UsageError
@@ -36,7 +37,8 @@ def main(argv=None) -> int:
     try:
         return int(args.func(args) or 0)
     except UsageError as e:
-        print(f"python -m fastdiff {args.command}: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank finds the error; one says it
+            print(f"python -m fastdiff {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -3,6 +3,7 @@ convention, no traceback) and the checks of their common options."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 
@@ -58,3 +59,25 @@ def make_out_dir(path: str) -> None:
         raise UsageError(f"--out {path}: cannot create the directory ({e.strerror or e})") from None
     if not os.access(path, os.W_OK):
         raise UsageError(f"--out {path}: the directory is not writable")
+
+
+def check_output_file(option: str, path: str) -> None:
+    """An output file the command writes at the end: say now, before any work, if it cannot."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path}: is a directory, expected a file name")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"{option} {path}: the file is not writable")
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UsageError(f"{option} {path}: {parent} is not a writable directory")
+
+
+def finite(text: str) -> float:
+    """argparse `type=` for scales: a finite number (float() also takes nan and inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value

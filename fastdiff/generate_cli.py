@@ -16,11 +16,9 @@ import os
 import sys
 import time
 
+from fastdiff._cli import UsageError, check_output_file, finite, pick_device
+
 DEFAULT_MODEL = "fastdiff.demo.workload:digits"
-
-
-class UsageError(Exception):
-    """A bad command-line argument: printed as one line, exit code 2."""
 
 
 def register(subparsers) -> None:
@@ -30,7 +28,7 @@ def register(subparsers) -> None:
     _sampling_args(g)
     g.add_argument("--out", default="fastdiff-samples", help="output directory (default: ./fastdiff-samples)")
     g.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
-    g.set_defaults(func=lambda a: _main(a, _generate))
+    g.set_defaults(func=_generate)
 
     e = subparsers.add_parser("evaluate", help="FD and KID (bootstrap 95%% intervals) of a samples .npz",
                               description="FD and KID of SAMPLES against a reference, in the bundled digits "
@@ -38,7 +36,7 @@ def register(subparsers) -> None:
     e.add_argument("samples", metavar="SAMPLES", help="a samples.npz written by `generate`")
     _evaluation_args(e)
     e.add_argument("--json", help="also write the results to this JSON file")
-    e.set_defaults(func=lambda a: _main(a, _evaluate))
+    e.set_defaults(func=_evaluate)
 
     c = subparsers.add_parser("compare", help="generate + evaluate + time several solver:steps configurations",
                               description="For each solver:steps, generate (OUT/<solver>-<steps>/), evaluate and "
@@ -48,7 +46,8 @@ def register(subparsers) -> None:
     _sampling_args(c, solver=False)
     _evaluation_args(c)
     c.add_argument("--out", default="fastdiff-compare", help="output directory (default: ./fastdiff-compare)")
-    c.set_defaults(func=lambda a: _main(a, _compare), no_progress=True)
+    c.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    c.set_defaults(func=_compare)
 
 
 def _sampling_args(p, solver: bool = True) -> None:
@@ -60,7 +59,7 @@ def _sampling_args(p, solver: bool = True) -> None:
     if solver:
         p.add_argument("--solver", help="solver (default: the model's; digits: dpmpp_2m)")
         p.add_argument("--steps", type=int, help="steps (default: the model's; digits: 8)")
-    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--guidance-scale", type=finite, help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--device", default="auto", help="cuda, cpu (default: cuda if available; torchrun: cuda:LOCAL_RANK)")
 
 
@@ -69,15 +68,6 @@ def _evaluation_args(p) -> None:
                    help="'digits' (held-out split, default), 'digits-train', or a .npz with uint8 'images'")
     p.add_argument("--features", default="classifier", help="feature space: classifier (default) or inception")
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap replicates for the 95%% intervals (0: none)")
-
-
-def _main(args, command) -> int:
-    try:
-        return command(args) or 0
-    except UsageError as e:
-        if _rank() == 0:
-            print(f"fastdiff {args.command}: {e}", file=sys.stderr)
-        return 2
 
 
 def _rank() -> int:
@@ -108,8 +98,9 @@ def load_workload(spec: str, device, **options):
     return w
 
 
-def _check_sampling_args(args) -> None:
-    from fastdiff.generation import BadArgument, check_count, check_out_dir
+def _check_sampling_args(args, run_dirs) -> None:
+    """Every sampling option and every output directory in `run_dirs`, before the model is loaded."""
+    from fastdiff.generation import BadArgument, check_count, check_run_dir
 
     try:
         check_count("--num-images", args.num_images)
@@ -117,7 +108,8 @@ def _check_sampling_args(args) -> None:
         check_count("--seed", args.seed, minimum=0)
         if getattr(args, "steps", None) is not None:
             check_count("--steps", args.steps)
-        check_out_dir(args.out)
+        for d in run_dirs:
+            check_run_dir(d)
     except BadArgument as e:
         raise UsageError(str(e).replace("out_dir:", "--out:")) from e
 
@@ -128,13 +120,11 @@ def _setup_distributed(device_arg: str):
     import torch
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg.startswith("cuda")
+    device = pick_device(device_arg)
     try:
-        if world > 1 and cuda:  # one GPU per rank
+        if world > 1 and device.type == "cuda":  # one GPU per rank
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
-        else:
-            device = torch.device("cuda" if cuda else device_arg if device_arg != "auto" else "cpu")
         torch.empty(1, device=device)
     except (RuntimeError, AssertionError) as e:
         raise UsageError(f"--device {device_arg}: {e} (under torchrun: one GPU per process, or --device cpu)") from e
@@ -157,7 +147,7 @@ def _run_generate(args, w, device, out_dir, progress):
 
 
 def _generate(args) -> int:
-    _check_sampling_args(args)
+    _check_sampling_args(args, [args.out])
     device, world = _setup_distributed(args.device)
     try:
         w = load_workload(args.model, device, solver=args.solver, steps=args.steps, guidance_scale=args.guidance_scale)
@@ -181,12 +171,19 @@ def _teardown(world: int) -> None:
 
 
 def _evaluate(args) -> int:
-    from fastdiff.evaluation import EvaluationError, evaluate, format_result, load_reference, load_samples
+    from fastdiff.evaluation import EvaluationError, check_options, check_pair, evaluate, format_result, \
+        load_reference, load_samples
 
+    if args.json:
+        check_output_file("--json", args.json)
     try:
+        check_options(args.features, args.bootstrap)
         samples = load_samples(args.samples)
-        result = evaluate(samples, load_reference(args.reference), features=args.features, bootstrap=args.bootstrap,
-                          seed=0)
+        reference = load_reference(args.reference)
+        check_pair(samples, reference)
+        print(f"evaluate: {args.samples} ({samples.images.shape[0]} images), {args.bootstrap} bootstrap replicates "
+              "...", file=sys.stderr, flush=True)
+        result = evaluate(samples, reference, features=args.features, bootstrap=args.bootstrap, seed=0)
     except EvaluationError as e:
         raise UsageError(str(e)) from e
     print(format_result(os.path.basename(args.samples), result))
@@ -197,31 +194,45 @@ def _evaluate(args) -> int:
 
 
 def _parse_configs(configs) -> list:
+    from fastdiff import SOLVERS
+
     out = []
     for c in configs:
         solver, sep, steps = c.partition(":")
         if not sep or not steps.isdigit() or int(steps) < 1:
             raise UsageError(f"--configs: expected SOLVER:STEPS with STEPS >= 1, got {c!r}")
+        if solver not in SOLVERS:
+            raise UsageError(f"--configs {c}: unknown solver {solver!r}, expected one of {', '.join(sorted(SOLVERS))}")
         out.append((solver, int(steps)))
     return out
 
 
 def _compare(args) -> int:
-    from fastdiff.evaluation import EvaluationError, evaluate, load_reference, load_samples
+    from fastdiff.evaluation import EvaluationError, check_options, evaluate, load_reference, load_samples
 
     configs = _parse_configs(args.configs)
-    _check_sampling_args(args)
+    if args.num_images < 2:  # FD and KID compare feature covariances
+        raise UsageError(f"--num-images {args.num_images}: compare evaluates FD and KID, which need >= 2 images")
+    run_dirs = [os.path.join(args.out, f"{solver}-{steps}") for solver, steps in configs]
+    _check_sampling_args(args, [args.out] + run_dirs)
+    for name in ("table.md", "results.json"):
+        check_output_file("--out", os.path.join(args.out, name))
     try:
+        check_options(args.features, args.bootstrap)
         reference = load_reference(args.reference)
     except EvaluationError as e:
         raise UsageError(str(e)) from e
     device, world = _setup_distributed(args.device)
     rows = []
     try:
-        for solver, steps in configs:
-            w = load_workload(args.model, device, solver=solver, steps=steps, guidance_scale=args.guidance_scale)
+        # every configuration's workload before the first image: one the model refuses fails now
+        workloads = [load_workload(args.model, device, solver=solver, steps=steps, guidance_scale=args.guidance_scale)
+                     for solver, steps in configs]
+        for k, ((solver, steps), w, run_dir) in enumerate(zip(configs, workloads, run_dirs)):
+            if _rank() == 0 and not args.no_progress:
+                print(f"compare: {solver}:{steps} ({k + 1}/{len(configs)}) ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
-            r = _run_generate(args, w, device, os.path.join(args.out, f"{solver}-{steps}"), progress=False)
+            r = _run_generate(args, w, device, run_dir, progress=not args.no_progress)
             if _rank() != 0:
                 continue
             try:
