@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from fastdiff.__main__ import build_parser
+from fastdiff.cli import build_parser
 from fastdiff.__main__ import main as fastdiff_main
 from fastdiff.bench.__main__ import main as bench_main
 

@@ -11,7 +11,7 @@ import os
 import platform
 import time
 
-from fastdiff._cli import UsageError, at_least_one, check_output_file, finite, make_out_dir, pick_device
+from fastdiff.cli.common import UsageError, at_least_one, check_output_file, finite, make_out_dir, pick_device
 
 QUICK_IMAGES = 50
 

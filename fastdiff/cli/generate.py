@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from fastdiff._cli import UsageError, check_output_file, finite, pick_device
+from fastdiff.cli.common import UsageError, check_output_file, finite, pick_device
 
 DEFAULT_MODEL = "fastdiff.demo.workload:digits"
 

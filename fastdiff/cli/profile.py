@@ -13,7 +13,7 @@ import shlex
 import sys
 import time
 
-from fastdiff._cli import UsageError, at_least_one, check_output_file, finite, make_out_dir, pick_device
+from fastdiff.cli.common import UsageError, at_least_one, check_output_file, finite, make_out_dir, pick_device
 
 MODELS = ("digits", "cifar", "sd15_like", "gmm")
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from fastdiff._cli import UsageError, check_output_file
+from fastdiff.cli.common import UsageError, check_output_file
 
 
 def _names(text: str) -> list:
