@@ -12,11 +12,14 @@ import sys
 
 from fastdiff.cli.accuracy import register as _register_accuracy
 from fastdiff.cli.common import Parser, UsageError
+from fastdiff.cli.compare import register as _register_compare
 from fastdiff.cli.demo import register as _register_demo
+from fastdiff.cli.evaluate import register as _register_evaluate
 from fastdiff.cli.generate import register as _register_generate
 from fastdiff.cli.profile import register as _register_profile
 
-COMMANDS = [_register_demo, _register_generate, _register_profile, _register_accuracy]
+COMMANDS = [_register_demo, _register_generate, _register_evaluate, _register_compare, _register_profile,
+            _register_accuracy]
 # commands re-executed with a passive OpenMP wait policy (see fastdiff.demo._env)
 CPU_HEAVY = {"demo", "generate", "evaluate", "compare"}
 
