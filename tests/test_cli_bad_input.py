@@ -86,6 +86,8 @@ CASES = [
     ("compare-one-image", lambda t: ["compare", *SPEC, "--num-images", "1", "--out", str(t)], "--num-images"),
     ("compare-corrupt-run-json-of-the-second-config",
      lambda t: ["compare", *SPEC, "--configs", "ddim:1", "ddim:2", "--out", _broken_config_dir(t)], "run.json"),
+    ("compare-model-images-unlike-the-reference", lambda t: ["compare", *SPEC, "--configs", "ddim:1", "--out", str(t)],
+     "1x4x4"),
     ("compare-guidance-inf", lambda t: ["compare", *SPEC, "--guidance-scale", "inf", "--out", str(t)],
      "--guidance-scale"),
 ]

@@ -60,6 +60,10 @@ def _compare(args) -> int:
         # every configuration's workload before the first image: one the model refuses fails now
         workloads = [load_workload(args.model, device, solver=solver, steps=steps, guidance_scale=args.guidance_scale)
                      for solver, steps in configs]
+        shape = tuple(workloads[0].shape)
+        if workloads[0].decode is None and shape != tuple(reference.shape[1:]):  # a decoder's output is seen late
+            raise UsageError(f"--model {args.model}: samples {'x'.join(map(str, shape))} images, --reference "
+                             f"{args.reference} holds {'x'.join(map(str, reference.shape[1:]))} images")
         for k, ((solver, steps), w, run_dir) in enumerate(zip(configs, workloads, run_dirs)):
             if rank() == 0 and not args.no_progress:
                 print(f"compare: {solver}:{steps} ({k + 1}/{len(configs)}) ...", file=sys.stderr, flush=True)
