@@ -4,6 +4,8 @@ traceback, nothing sampled first). In-process through `python -m fastdiff`'s `ma
 tiny counting model (tests/generate_specs.py:counting)."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -117,3 +119,11 @@ def test_a_changed_run_names_each_differing_key_with_old_and_new_value(tmp_path,
     assert "seed: 0 -> 3" in err and "plan.solver: 'ddim' -> 'euler'" in err and err.rstrip().endswith("new out_dir")
     assert specs.Counting.calls == calls
     assert json.load(open(os.path.join(out, "run.json")))["seed"] == 0
+
+
+def test_entry_point_of_a_re_executed_command_prints_one_line(tmp_path):
+    # generate/evaluate/compare re-execute themselves (passive OpenMP): the error survives that
+    r = subprocess.run([sys.executable, "-m", "fastdiff", "evaluate", _truncated(tmp_path / "cut.npz")], cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+    assert "cut.npz" in r.stderr and "Traceback" not in r.stderr
