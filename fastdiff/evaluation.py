@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import zipfile
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -44,14 +45,23 @@ def load_samples(path: str, what: str = "SAMPLES") -> Samples:
     try:
         with np.load(path) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise EvaluationError(f"{what}: cannot read {path!r} as .npz ({e})") from e
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # missing, truncated, not an .npz
+        raise EvaluationError(f"{what}: cannot read {path!r} as .npz ({getattr(e, 'strerror', None) or e})") from e
     images = arrays.get("images")
     if images is None or images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] < 2:
         got = "no 'images'" if images is None else f"'images' {images.dtype} {images.shape}"
         raise EvaluationError(f"{what}: expected uint8 'images' shaped (N >= 2, C, H, W) in {path!r}, got {got}")
     labels = arrays.get("cond_class_labels")
-    meta = json.loads(str(arrays["meta"])) if "meta" in arrays else {}
+    if labels is not None and (labels.ndim != 1 or labels.shape[0] != images.shape[0]
+                               or not np.issubdtype(labels.dtype, np.integer)):
+        raise EvaluationError(f"{what}: expected integer 'cond_class_labels' shaped ({images.shape[0]},) (one per "
+                              f"image) in {path!r}, got {labels.dtype} {labels.shape}")
+    try:
+        meta = json.loads(str(arrays["meta"])) if "meta" in arrays else {}
+    except ValueError as e:
+        raise EvaluationError(f"{what}: 'meta' in {path!r} is not JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise EvaluationError(f"{what}: 'meta' in {path!r} is not a JSON object")
     return Samples(torch.from_numpy(images), None if labels is None else torch.from_numpy(labels), meta)
 
 
@@ -70,17 +80,29 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1.0
 
 
-def evaluate(samples: Samples, reference: torch.Tensor, *, features: str = "classifier", bootstrap: int = 100,
-             seed: int = 0, device="cpu") -> dict:
-    """FD, KID (+ std over subsets), acc (when samples carry class labels) and 95 % bootstrap
-    intervals fd_ci, kid_ci. Raises EvaluationError on input that does not fit."""
+def check_options(features: str, bootstrap: int) -> None:
+    """The feature space and the bootstrap count (the commands check them before any sampling)."""
     if features not in FEATURE_SPACES:
         raise EvaluationError(f"--features: expected one of {FEATURE_SPACES}, got {features!r}")
     if features == "inception":
         raise EvaluationError("--features inception: not available: torchmetrics' Inception extractor downloads "
                               "its weights on first use, and fastdiff never downloads; use --features classifier")
-    if bootstrap < 0:
+    if not isinstance(bootstrap, int) or isinstance(bootstrap, bool) or bootstrap < 0:
         raise EvaluationError(f"--bootstrap: expected >= 0 replicates, got {bootstrap}")
+
+
+def evaluate(samples: Samples, reference: torch.Tensor, *, features: str = "classifier", bootstrap: int = 100,
+             seed: int = 0, device="cpu") -> dict:
+    """FD, KID (+ std over subsets), acc (when samples carry class labels) and 95 % bootstrap
+    intervals fd_ci, kid_ci. Raises EvaluationError on input that does not fit."""
+    check_options(features, bootstrap)
+    check_pair(samples, reference)
+    with _one_thread():
+        return _evaluate(samples, reference, features, bootstrap, seed, device)
+
+
+def check_pair(samples: Samples, reference: torch.Tensor) -> None:
+    """The samples fit the feature space and the reference."""
     if tuple(samples.images.shape[1:]) != (1, 16, 16):
         raise EvaluationError(f"SAMPLES: the digits classifier's feature space needs 1x16x16 images, got "
                               f"{'x'.join(map(str, samples.images.shape[1:]))}")
@@ -89,8 +111,6 @@ def evaluate(samples: Samples, reference: torch.Tensor, *, features: str = "clas
                               f"{'x'.join(map(str, samples.images.shape[1:]))}")
     if reference.shape[0] < 2:
         raise EvaluationError(f"--reference: needs at least 2 images, got {reference.shape[0]}")
-    with _one_thread():
-        return _evaluate(samples, reference, features, bootstrap, seed, device)
 
 
 @contextlib.contextmanager

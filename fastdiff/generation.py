@@ -218,24 +218,54 @@ def _fingerprint(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
+def check_run_dir(out_dir: str) -> Optional[dict]:
+    """Check, before any model call, that `generate` can use `out_dir`: a writable directory whose
+    shards/ is a directory and whose run.json, samples.npz and grid.png (where present) are
+    files it can read or replace. Returns the identity in run.json (None: a new run)."""
+    check_out_dir(out_dir)
+    for name, want_dir in (("shards", True), ("samples.npz", False), ("grid.png", False)):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path) and os.path.isdir(path) != want_dir:
+            raise BadArgument(f"out_dir: {path!r} is {'a file' if want_dir else 'a directory'}, expected "
+                              f"{'a directory of shards' if want_dir else 'a file'}; remove it or use a new out_dir")
+    run_json = os.path.join(out_dir, "run.json")
+    if not os.path.exists(run_json):
+        return None
+    try:
+        with open(run_json) as f:
+            old = json.load(f)
+    except (OSError, ValueError) as e:  # unreadable, not JSON, not UTF-8
+        raise BadArgument(f"out_dir: cannot read {run_json!r} ({getattr(e, 'strerror', None) or e}); remove "
+                          "the directory to start afresh, or use a new out_dir") from e
+    if not isinstance(old, dict):
+        raise BadArgument(f"out_dir: {run_json!r} is not a fastdiff run (expected a JSON object); remove the "
+                          "directory to start afresh, or use a new out_dir")
+    return old
+
+
+def _differences(old, new, key: str) -> list:
+    """'key: old -> new' for each differing leaf (the plan is a dict: name its entries)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in _differences(old.get(k), new.get(k), f"{key}.{k}")]
+    return [] if old == new else [f"{key}: {old!r} -> {new!r}"]
+
+
 def _prepare_out_dir(out_dir: str, shard_dir: str, identity: dict) -> None:
     """Create out_dir, check it is writable and that a run already there is this run."""
-    check_out_dir(out_dir)
+    old = check_run_dir(out_dir)
     os.makedirs(shard_dir, exist_ok=True)
     for name in os.listdir(shard_dir):  # partial writes of a killed run
         if name.endswith(".tmp"):
             os.remove(os.path.join(shard_dir, name))
-    run_json = os.path.join(out_dir, "run.json")
-    if os.path.exists(run_json):
-        with open(run_json) as f:
-            old = json.load(f)
-        for key in identity:
-            if old.get(key) != json.loads(json.dumps(identity[key])):
-                what = "model (its weights)" if key == "model" else ("sampler (the plan)" if key == "plan" else key)
-                raise BadArgument(f"{what}: out_dir {out_dir!r} holds a run with another {key} ({old.get(key)!r:.80}); "
-                                 "pass the same arguments to resume it, or a new out_dir")
+    if old is not None:
+        diffs = [d for key in identity for d in _differences(old.get(key), json.loads(json.dumps(identity[key])), key)]
+        if diffs:
+            first = diffs[0].split(":")[0].split(".")[0]
+            what = {"model": "model (its weights)", "plan": "sampler (the plan)"}.get(first, first)
+            raise BadArgument(f"{what}: out_dir {out_dir!r} holds another run (old -> new: {'; '.join(diffs)}); "
+                              "pass the same arguments to resume it, or a new out_dir")
         return
-    _write_bytes_atomic(run_json, json.dumps(identity, indent=1).encode())
+    _write_bytes_atomic(os.path.join(out_dir, "run.json"), json.dumps(identity, indent=1).encode())
 
 
 def _shard_path(shard_dir: str, k: int) -> str:

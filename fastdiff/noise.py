@@ -19,6 +19,10 @@ def check_generator(generator, where: torch.device, batch: int) -> None:
             raise ValueError(f"generator: a {g.device} generator cannot draw noise on {where}")
     if gens is generator and len(gens) != batch:
         raise ValueError(f"generator: a list needs one generator per image ({batch}), got {len(gens)}")
+    # one object twice would advance its state between images: image 0 would no longer be its solo run
+    if len({id(g) for g in gens}) != len(gens):
+        raise ValueError("generator: the list holds one generator object for several images; give each image "
+                         "its own torch.Generator")
 
 
 def randn(shape: Sequence[int], generator, device) -> torch.Tensor:

@@ -23,3 +23,22 @@ def digits_dying_at(device="cpu", **options):
 
 def not_a_workload(device="cpu", **options):
     return "a string"
+
+
+class Counting:
+    """A tiny elementwise denoiser that counts its calls (CALLS, summed over instances): the CLI
+    catalogue asserts that a bad argument or file is refused before any model call."""
+
+    calls = 0
+
+    def __call__(self, x, t, **cond):
+        Counting.calls += 1
+        return 0.5 * x
+
+
+def counting(device="cpu", solver=None, steps=None, guidance_scale=None):
+    import fastdiff
+    from fastdiff.generation import Workload
+
+    return Workload(model=Counting(), sampler=fastdiff.Sampler(solver=solver or "ddim", steps=steps or 1),
+                    shape=(1, 4, 4), guidance_scale=1.0 if guidance_scale is None else guidance_scale)

@@ -36,6 +36,8 @@ def _meta_gen():
         pytest.skip("this torch cannot make a meta generator")
 
 
+_SHARED_GENERATOR = torch.Generator()
+
 # (id, kwargs for fastdiff.sample besides model/noise, exception, text the message must contain)
 # a kwarg "noise" replaces the default noise; "model" replaces the spy's function.
 SAMPLE_ROWS = [
@@ -102,6 +104,8 @@ SAMPLE_ROWS = [
     ("generator-meta", dict(generator="META"), ValueError, "generator"),
     ("generator-list-short", dict(generator=[torch.Generator()]), ValueError, "generator: .*one generator per image"),
     ("generator-list-int", dict(generator=[torch.Generator(), 3]), TypeError, "generator: .*in the list"),
+    ("generator-list-one-object-twice", dict(generator=[_SHARED_GENERATOR] * 2), ValueError,
+     "generator: .*one generator object for several images"),
     ("shape-int", dict(noise=None, shape=5), ValueError, "shape"),
     ("shape-mismatch", dict(shape=(1, 3, 4, 4)), ValueError, "noise"),
     ("noise-meta", dict(noise=torch.empty(2, 3, 4, 4, device="meta")), ValueError, "noise"),

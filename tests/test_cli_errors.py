@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from fastdiff.__main__ import build_parser
+from fastdiff.cli import build_parser
 from fastdiff.__main__ import main as fastdiff_main
 from fastdiff.bench.__main__ import main as bench_main
 
@@ -27,6 +27,9 @@ CASES = [
     (["demo", "--no-table", "--device", "meta"], "--device"),
     (["demo", "--no-table", "--num-images", "0"], "--num-images"),
     (["demo", "--no-table", "--steps", "-1"], "--steps"),
+    (["demo", "--no-table", "--guidance-scale", "nan"], "--guidance-scale"),
+    (["profile", "--model", "gmm", "--guidance-scale", "inf"], "--guidance-scale"),
+    (["accuracy", "--json", "/proc/nope/x.json"], "--json"),
 ]
 
 
@@ -44,6 +47,13 @@ def test_bad_option_is_one_line_naming_it(argv, option, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"python -m fastdiff {argv[0]}: error: ") and option in err, err
+
+
+def test_profile_refuses_an_output_file_that_is_a_directory_before_sampling(tmp_path, capsys):
+    (tmp_path / "trace.json").mkdir()
+    assert run_main(fastdiff_main, ["profile", "--model", "gmm", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "trace.json" in err and "profile: warm-up" not in err, err
 
 
 def test_ncu_summary_of_a_missing_file_fails(tmp_path, capsys):

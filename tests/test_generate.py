@@ -130,7 +130,7 @@ def test_unwritable_out_dir_and_a_different_run_in_out_dir_are_refused(tmp_path)
     with pytest.raises(BadArgument, match="^out_dir: .* not a writable directory"):
         _generate(tmp_path / "file" / "sub", 2, model=model)
     _generate(tmp_path / "run", 2)
-    with pytest.raises(BadArgument, match="^batch_size: out_dir .* holds a run with another batch_size"):
+    with pytest.raises(BadArgument, match=r"^batch_size: out_dir .* another run \(old -> new: batch_size: 2 -> 3\)"):
         _generate(tmp_path / "run", 3, model=model)
     with pytest.raises(BadArgument, match="^sampler"):
         _generate(tmp_path / "run", 2, model=model, solver="ddim")

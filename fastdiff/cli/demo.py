@@ -11,7 +11,7 @@ import os
 import platform
 import time
 
-from fastdiff._cli import UsageError, at_least_one, make_out_dir, pick_device
+from fastdiff.cli.common import UsageError, at_least_one, check_output_file, finite, make_out_dir, pick_device
 
 QUICK_IMAGES = 50
 
@@ -31,7 +31,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=at_least_one, default=None,
                    help=f"images per row (default: 250 on a GPU, 100 on a CPU, where the two 1000-step rows "
                         f"take minutes; {QUICK_IMAGES} with --quick)")
-    p.add_argument("--guidance-scale", type=float, default=1.0,
+    p.add_argument("--guidance-scale", type=finite, default=1.0,
                    help="classifier-free guidance scale (default 1: conditional only, one model call per step)")
     p.add_argument("--no-table", action="store_true", help="only write the sample grid")
     p.set_defaults(func=run)
@@ -62,6 +62,8 @@ def run(args) -> int:
     if n < 2 and not args.no_table:  # FD and KID compare feature covariances
         raise UsageError(f"--num-images {n}: the comparison table needs >= 2 images (or pass --no-table)")
     make_out_dir(args.out)
+    for name in ("samples.png",) + (() if args.no_table else ("table.md", "results.json")):
+        check_output_file("--out", os.path.join(args.out, name))
     if device.type == "cpu":
         torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     t_start = time.time()

@@ -13,7 +13,7 @@ import shlex
 import sys
 import time
 
-from fastdiff._cli import UsageError, at_least_one, make_out_dir, pick_device
+from fastdiff.cli.common import UsageError, at_least_one, check_output_file, finite, make_out_dir, pick_device
 
 MODELS = ("digits", "cifar", "sd15_like", "gmm")
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -32,7 +32,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="one of %(choices)s (default: %(default)s)")
     p.add_argument("--steps", type=at_least_one, default=8, help="sampling steps (default: %(default)s)")
     p.add_argument("--batch", type=at_least_one, default=1, help="images per sampling call (default: %(default)s)")
-    p.add_argument("--guidance-scale", type=float, default=None,
+    p.add_argument("--guidance-scale", type=finite, default=None,
                    help="CFG scale (default: 7.5 for sd15_like, else no guidance)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default: fp16 on GPU, fp32 on CPU)")
     p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
@@ -122,6 +122,8 @@ def run(args) -> int:
     _check(args, device)
     if not args.nsight:
         make_out_dir(args.out)
+        for name in ("trace.json", "summary.md"):
+            check_output_file("--out", os.path.join(args.out, name))
     model, noise, kw, dtype = _workload(args, device, torch, fastdiff)
     graph = args.graph if args.graph is not None else (noise.is_cuda and args.backend != "reference")
     sampler = fastdiff.Sampler(solver=args.solver, steps=args.steps, backend=args.backend)
@@ -133,10 +135,15 @@ def run(args) -> int:
             torch.cuda.synchronize()
         return out
 
+    def say(msg):  # the profiled calls of a big model on a CPU take minutes: say where it is
+        print(f"profile: {msg}", file=sys.stderr, flush=True)
+
+    say(f"warm-up call ({args.model}, batch {args.batch}, {args.solver} x {args.steps} steps, {device}) ...")
     once()  # warm-up: capture / autotune / lazy init outside what is profiled
     if args.nsight:
         profiling.enable(True)
-        for _ in range(args.iters):
+        for i in range(args.iters):
+            say(f"call {i + 1}/{args.iters} with NVTX ranges ...")
             once()
         return 0
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -146,12 +153,14 @@ def run(args) -> int:
     try:
         with torch.profiler.profile(activities=activities) as prof:
             t0 = time.perf_counter()
-            for _ in range(args.iters):
+            for i in range(args.iters):
+                say(f"profiled call {i + 1}/{args.iters} ...")
                 once()
             elapsed = time.perf_counter() - t0
     finally:
         profiling.enable(False)
     trace = os.path.join(args.out, "trace.json")
+    say(f"writing {trace} and the summary ...")
     prof.export_chrome_trace(trace)
     ms = 1e3 * elapsed / args.iters
     head = (f"workload: {args.model} batch {args.batch}, {args.solver} x {args.steps} steps "

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from fastdiff._cli import UsageError
+from fastdiff.cli.common import UsageError, check_output_file
 
 
 def _names(text: str) -> list:
@@ -85,6 +85,8 @@ def _check(args):
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected an integer >= 1")
     if args.ode_step is not None and not 0 < args.ode_step <= 0.1:
         raise UsageError(f"--ode-step {args.ode_step}: expected a step in (0, 0.1]")
+    if args.json:
+        check_output_file("--json", args.json)
     return calls, solvers, spacings
 
 
