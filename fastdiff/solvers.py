@@ -130,7 +130,7 @@ def lcm_boundary(time: float, scaling: float):
 
 def build_table(solver: str, grid: Grid, prediction: str, *, eta: float | None = None, lower_order_final=True,
                 variance: str = "small", boundary_scaling: float | None = None, order: int = 2, variant: str = "bh2",
-                corrector: bool = True) -> SolverTable:
+                corrector: bool = True, d2_weight: float = 2.0) -> SolverTable:
     """The coefficient table of `solver` on `grid` (arguments as in `fastdiff.Sampler`;
     order, variant and corrector are UniPC's)."""
     if solver == "unipc":
@@ -177,7 +177,8 @@ def build_table(solver: str, grid: Grid, prediction: str, *, eta: float | None =
                     r = (lam[i] - lam[i - 1]) / h
                     w = [-a_s * phi * (1.0 + 0.5 / r), a_s * phi * 0.5 / r]
                 elif k == 3:
-                    w = _third_order_weights(a_s, phi, h, (lam[i] - lam[i - 1]) / h, (lam[i - 1] - lam[i - 2]) / h)
+                    w = _third_order_weights(a_s, phi, h, (lam[i] - lam[i - 1]) / h, (lam[i - 1] - lam[i - 2]) / h,
+                                             d2_weight)
             b0 = w[0]
             b1 = w[1] if len(w) > 1 else 0.0
             b2 = w[2] if len(w) > 2 else 0.0
@@ -429,13 +430,14 @@ def pndm_table(grid: Grid, prediction: str) -> SolverTable:
                        step_state=np.tile([1.0, 0.0], (rows, 1)))
 
 
-def _third_order_weights(a_s, phi, h, r0, r1):
+def _third_order_weights(a_s, phi, h, r0, r1, d2_weight=2.0):
     """Weights on D_i, D_{i-1}, D_{i-2} of the third-order multistep update
     x' = (s'/s) x - a' phi D_i + a' (phi/h + 1) D1 + 2 a' (1/2 - (phi + h)/h^2) D2, where D1 ~ h D'
     and D2 ~ h^2 D''/2 are the backward differences over steps r0 h and r1 h. (The factor 2 on
-    D2 is the Taylor coefficient; the widely copied form without it is only second order.)"""
+    D2, `d2_weight`, is the Taylor coefficient; the widely copied form with 1 is only second
+    order.)"""
     c1 = a_s * (phi / h + 1.0)
-    c2 = 2.0 * a_s * (0.5 - (phi + h) / (h * h))
+    c2 = d2_weight * a_s * (0.5 - (phi + h) / (h * h))
     e = c1 * r0 / (r0 + r1) + c2 / (r0 + r1)  # weight on D1_0 - D1_1
     return [-a_s * phi + (c1 + e) / r0, -(c1 + e) / r0 - e / r1, e / r1]
 

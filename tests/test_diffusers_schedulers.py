@@ -165,6 +165,20 @@ def test_third_order_is_fastdiffs_and_closer_to_the_exact_solution_than_diffuser
     assert (ours - exact).norm() < (theirs - exact).norm()
 
 
+@pytest.mark.parametrize("cfg, n", [(dict(solver_order=3, timestep_spacing="trailing"), 12),
+                                    (dict(solver_order=3, use_karras_sigmas=True, **SL), 10)])
+def test_third_order_with_d2_weight_1_is_diffusers_own(cfg, n):
+    """d2_weight=1 (the common form) gives diffusers' third-order numbers, for a user chasing a
+    regression (the deliberate difference's warning names the option)."""
+    sch = _scheduler("DPMSolverMultistepScheduler", cfg)
+    sampler = fastdiff.Sampler.from_scheduler(sch, n, d2_weight=1, backend="cpu")
+    gm = GaussianMixture.random(shape=(2, 3, 3), seed=1)
+    model = gm.model(sampler.schedule, prediction=sampler.prediction)
+    noise = torch.randn(3, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sampler.sample(model, noise), _diffusers_loop(sch, model, noise, n, {}, seed=0),
+                               rtol=2e-4, atol=2e-4)
+
+
 @pytest.mark.parametrize("final_sigmas_type", ["zero", "sigma_min"])
 def test_diffusers_karras_grid_is_fastdiffs_karras_levels_of_one_step_fewer_then_the_end(final_sigmas_type):
     """diffusers' N-step Karras grid calls the model at N levels down to sigma_min inclusive: exactly

@@ -72,6 +72,7 @@ def test_flow_solvers_match_the_textbook_reference(mixture, backend, solver, pre
                                 # one step from tau = T-1: v, since eps -> x0 there amplifies the fp32
                                 # model output's rounding by sigma/alpha = 157 (the model's conditioning)
                                 dict(steps=1, prediction="v"), dict(steps=2, solver="dpmpp_3m"),
+                                dict(solver="dpmpp_3m", d2_weight=1.0, spacing="karras"),
                                 # coarse-to-fine: the 3M history carries across the split point
                                 dict(steps=7, spacing=fastdiff.TwoStage(3, 1.0, "linspace", "karras")),
                                 # UniPC-3's corrector reads D_{i-3} (b3); zero SNR: the first point is

@@ -135,6 +135,10 @@ class DPMSolverPP(ReferenceSolver):
     last step first order); a step to sigma = 0 or of size zero is always first order (the
     higher-order corrections divide by r = h_prev / h, 0 or infinite there)."""
 
+    def __init__(self, grid, prediction, d2_weight: float = 2.0, **kw):
+        super().__init__(grid, prediction, **kw)
+        self.d2_weight = d2_weight  # 2: the Taylor coefficient of D2 (third order); 1: the common form
+
     def step_order(self, i):
         order = min(self.order, i + 1)
         last = i == self.grid.steps - 1
@@ -168,7 +172,7 @@ class DPMSolverPP(ReferenceSolver):
             d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
             d2 = (d1_0 - d1_1) / (r0 + r1)
             out = ((s_t / s_s) * x - (a_s * phi) * m0 + (a_s * (phi / h + 1.0)) * d1
-                   - (2.0 * a_s * ((phi + h) / h**2 - 0.5)) * d2)
+                   - (self.d2_weight * a_s * ((phi + h) / h**2 - 0.5)) * d2)
         del self.x0_history[:-2]
         return out
 

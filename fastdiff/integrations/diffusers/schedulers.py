@@ -153,7 +153,7 @@ def _differences(name, cfg, n, options) -> list:
     found = []
     if name == "DPMSolverMultistepScheduler" and cfg["solver_order"] == 3:
         found.append("solver_order=3 runs fastdiff's dpmpp_3m, which is third order; diffusers weights the second "
-                     "difference by half (measured order ~2.2)")
+                     "difference by half (measured order ~2.2; from_scheduler(..., d2_weight=1) gives its numbers)")
     sigmas = options.get("sigmas")
     if sigmas is not None and len(sigmas) > 2 and sigmas[-1] == sigmas[-2] and not name.startswith("FlowMatch"):
         found.append("the last step has size zero (final_sigmas_type='sigma_min' on a grid that ends there): fastdiff "
