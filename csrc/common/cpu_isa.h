@@ -1,5 +1,5 @@
 // Run-time choice among the x86-64 variants of a CPU kernel. A kernel body compiled several
-// times under `#pragma GCC target` (baseline SSE2, AVX2+FMA, AVX-512) runs with the widest
+// times under `#pragma GCC target` (baseline SSE2, AVX2+FMA+F16C, AVX-512) runs with the widest
 // variant this CPU supports; the build flags stay the project's baseline, so one binary runs
 // everywhere. GCC only (function-level target pragmas): other compilers get the baseline.
 #pragma once
@@ -27,6 +27,8 @@ inline const char* cpu_isa_name(CpuIsa isa) {
 inline CpuIsa detect_cpu_isa() {
 #ifdef FASTDIFF_CPU_MULTIVERSION
   __builtin_cpu_init();
+  // every AVX2 CPU has F16C, but a hypervisor may hide it; the variants use it
+  if (!__builtin_cpu_supports("f16c")) return CpuIsa::kBaseline;
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
     return CpuIsa::kAvx512;

@@ -4,9 +4,10 @@
 // not branches, for that reason; -fno-trapping-math lets gcc if-convert them).
 //
 // The loop (solver_step_cpu_kernel.inc) is compiled three times on x86-64 with GCC -- baseline
-// (SSE2), AVX2+FMA and AVX-512 -- and the widest one the CPU supports runs (common/cpu_isa.h):
+// (SSE2), AVX2+FMA+F16C and AVX-512 -- and the widest one the CPU supports runs (common/cpu_isa.h):
 // with SSE2 the 16-bit conversions and the 4-wide loop keep it well below copy bandwidth even
-// in cache (benchmarks/NOTES.md, solver_step CPU).
+// in cache; the F16C variants convert fp16 model reads in hardware (benchmarks/NOTES.md,
+// solver_step CPU kernel).
 #include "solver_step.h"
 
 #include "../common/cpu_isa.h"
@@ -19,12 +20,18 @@
 #include <omp.h>
 #endif
 
+#ifdef FASTDIFF_CPU_MULTIVERSION
+#include <immintrin.h>
+#endif
+
 namespace fastdiff {
 namespace solver_step {
 namespace {
 
 // Elements per OpenMP work item.
 constexpr int64_t kBlock = 16384;
+// Elements per sub-block whose fp16 model reads are converted to fp32 first (F16C variants).
+constexpr int64_t kCvt = 1024;
 // Below this many elements a parallel region costs more than it saves.
 constexpr int64_t kParallelMin = int64_t(1) << 16;
 
@@ -57,17 +64,19 @@ using RunFn = void (*)(const Args&, const void* const*, const float*, float, int
 
 #ifdef FASTDIFF_CPU_MULTIVERSION
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
+#define SS_F16C 1
 #define SS_ISA isa_avx2
 #include "solver_step_cpu_kernel.inc"
 #undef SS_ISA
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,fma,prefer-vector-width=512")
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,fma,f16c,prefer-vector-width=512")
 #define SS_ISA isa_avx512
 #include "solver_step_cpu_kernel.inc"
 #undef SS_ISA
+#undef SS_F16C
 #pragma GCC pop_options
 #endif
 
