@@ -7,6 +7,8 @@
 // extension was built (fastdiff.info() shows it).
 #include <pybind11/pybind11.h>
 
+#include "common/cpu_isa.h"
+
 #if __has_include(<torch/version.h>)
 #include <torch/version.h>
 #endif
@@ -46,6 +48,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["torch_version"] = TORCH_VERSION;  // the torch headers it was compiled against
 #endif
     d["compiler"] = __VERSION__;
+    // The variant of the multiversioned CPU kernels this machine runs (FASTDIFF_CPU_ISA caps it).
+    d["cpu_isa"] = fastdiff::cpu_isa_name(fastdiff::cpu_isa());
     return d;
   });
 }

@@ -326,8 +326,8 @@ def test_bench_sizes(monkeypatch):
 
 
 def test_rotating():
-    from fastdiff.bench import harness
     from fastdiff.bench.harness import Rotating, size_label
+    from fastdiff.bench.hw import _cache_bytes
 
     rot = Rotating([(1, 2), (3, 4), 5])
     assert [rot.next() for _ in range(4)] == [(1, 2), (3, 4), (5,), (1, 2)]
@@ -336,7 +336,7 @@ def test_rotating():
     with pytest.raises(ValueError):
         Rotating([])
     n = Rotating.count(1 << 20, "cpu", max_sets=1000)
-    assert n * (1 << 20) >= 3 * harness._cache_bytes("cpu") and n >= 2
+    assert n * (1 << 20) >= 3 * _cache_bytes("cpu") and n >= 2
     assert Rotating.count(1 << 30, "cpu", max_bytes=8 << 30) == 2  # larger than the cache: 2 sets
     assert Rotating.count(16, "cpu") == 16  # tiny sets: capped (16 on the CPU, 64 on a GPU)
     assert Rotating.count(16, "cpu", max_sets=64) == 64

@@ -291,6 +291,31 @@ def test_conversions_exact(backend, dtype):
         assert ok.all(), f"a={a}: {int((~ok).sum())} values rounded differently from torch"
 
 
+ISAS = ["baseline", "avx2", "avx512"]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_cpu_isa_variants(isa, monkeypatch):
+    """The CPU kernel is compiled for SSE2, AVX2+FMA and AVX-512 and picks the widest at run time;
+    FASTDIFF_CPU_ISA caps it, so every variant this machine can run is checked here: all options,
+    both layouts, every dtype pair (a shape whose size leaves a vector tail), and the 16-bit
+    conversions exhaustively."""
+    _need(HAS_CPU_KERNEL, f"fastdiff._C not built ({_ext.LOAD_ERROR})")
+    best = _ext.build_info()["cpu_isa"]
+    if ISAS.index(isa) > ISAS.index(best):
+        pytest.skip(f"this CPU runs at most the {best} variant")
+    monkeypatch.setenv("FASTDIFF_CPU_ISA", isa)
+    assert _ext.build_info()["cpu_isa"] == isa
+    for model, md in DTYPES.items():
+        for sd in {torch.float32, md}:
+            for cl in (False, True):
+                case = make_case((3, 4, 17, 9), md, sd, "doubled", "d3-alias", True, True, cl, "cpu",
+                                 _seed("isa", isa, model, sd, cl))
+                check_step(case, "cpu", sd)
+    for dtype in ("fp16", "bf16"):
+        test_conversions_exact(("cpu", "cpu"), dtype)
+
+
 # -------------------------------------------------------------------------------------------
 # bad inputs: clear errors before any write
 # -------------------------------------------------------------------------------------------
@@ -357,11 +382,16 @@ def _err_cases():
 ERR_CASES = _err_cases()
 
 
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "after-a-good-call"])
 @pytest.mark.parametrize("name", [c[0] for c in ERR_CASES])
-def test_bad_input_errors(name):
+def test_bad_input_errors(name, warm):
+    """warm: a valid call with the same shapes ran first, so the op's cache of checked tensor
+    metadata holds them; every error must still be raised."""
     _, mutate, exc, pattern = next(c for c in ERR_CASES if c[0] == name)
     case = _base()
     case.update(out=torch.randn_like(case["x"]), backend="auto")
+    if warm:
+        call(dict(case, history=case["history"].clone()), "auto", out=torch.empty_like(case["x"]))
     mutate(case)
     snapshot = {k: v.clone() for k, v in case.items() if isinstance(v, torch.Tensor) and v.device.type != "meta"}
     with pytest.raises(exc, match=pattern):

@@ -22,11 +22,11 @@
 // eager PyTorch runs its own SiLU with AVX-512. The build flags stay the project's baseline.
 #include "group_norm_silu.h"
 
+#include "../common/cpu_isa.h"
 #include "../common/half_convert.h"
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <vector>
 
 #ifdef _OPENMP
@@ -89,9 +89,7 @@ inline float load_any(const void* p, DType t, int64_t i) {
 #undef GN_MADD
 #undef GN_ISA
 
-// GCC only (function-level target pragmas; Clang builds use the baseline variant).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTDIFF_GN_MULTIVERSION 1
+#ifdef FASTDIFF_CPU_MULTIVERSION
 #define GN_MADD(a, b, c) __builtin_fmaf((a), (b), (c))
 
 #pragma GCC push_options
@@ -113,37 +111,14 @@ inline float load_any(const void* p, DType t, int64_t i) {
 
 using RunFn = void (*)(const Args&, int);
 
-struct Variant {
-  const char* name;
-  RunFn run;
-};
-
-// The widest variant this CPU runs, at most `cap` ("baseline" < "avx2" < "avx512"; anything else:
-// no cap).
-Variant pick_variant(const char* cap) {
-  int level = 2;
-  if (cap != nullptr && std::strcmp(cap, "baseline") == 0) level = 0;
-  if (cap != nullptr && std::strcmp(cap, "avx2") == 0) level = 1;
-#ifdef FASTDIFF_GN_MULTIVERSION
-  __builtin_cpu_init();
-  if (level >= 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma")) {
-    return {"avx512", &isa_avx512::run};
-  }
-  if (level >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {"avx2", &isa_avx2::run};
+RunFn pick_run(CpuIsa isa) {
+#ifdef FASTDIFF_CPU_MULTIVERSION
+  if (isa == CpuIsa::kAvx512) return &isa_avx512::run;
+  if (isa == CpuIsa::kAvx2) return &isa_avx2::run;
 #else
-  (void)level;
+  (void)isa;
 #endif
-  return {"baseline", &isa_baseline::run};
-}
-
-// FASTDIFF_CPU_ISA=baseline|avx2 caps the variant (tests run every variant on one machine); read
-// at every call, the pick itself is cached.
-Variant current_variant() {
-  static const Variant best = pick_variant(nullptr);
-  const char* cap = std::getenv("FASTDIFF_CPU_ISA");
-  if (cap == nullptr || *cap == '\0') return best;
-  return pick_variant(cap);
+  return &isa_baseline::run;
 }
 
 }  // namespace
@@ -171,10 +146,10 @@ int64_t group_norm_silu_cpu_splits(const Args& a, int num_threads) {
 
 void group_norm_silu_cpu(const Args& a, int num_threads) {
   if (numel(a) == 0) return;
-  current_variant().run(a, num_threads);
+  pick_run(cpu_isa())(a, num_threads);
 }
 
-const char* group_norm_silu_cpu_isa() { return current_variant().name; }
+const char* group_norm_silu_cpu_isa() { return cpu_isa_name(cpu_isa()); }
 
 }  // namespace group_norm_silu
 }  // namespace fastdiff

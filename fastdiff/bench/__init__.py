@@ -1,9 +1,10 @@
 """fastdiff.bench: the benchmark harness, the report tool and the Nsight Compute summary.
 
 * `fastdiff.bench.harness` -- what `benchmarks/*.py` import: `run_benchmark`, `bench_sizes`,
-  `Rotating`, `measure_hw` (it imports torch).
+  `Rotating`, `measure_hw` (it imports torch); built from `env` (environment variables), `hw`
+  (the measured ceilings) and `rotation` (input rotation).
 * `fastdiff.bench.report` -- pytest-benchmark JSON -> markdown (+ PNG plots with matplotlib);
-  standard library only.
+  standard library only; built from `markdown`, `runs`, `tables` and `plots`.
 * `fastdiff.bench.ncu` -- Nsight Compute CSV -> a short per-kernel summary; standard library only.
 
 Command line: ``python -m fastdiff.bench report RESULTS.json [...] [-o report.md] [--plots DIR]``

@@ -53,41 +53,31 @@ of consecutive calls is several times the L2 (read from the device); the caller 
 `bytes_moved` (the fewest bytes the op must move: each input read once, each output written
 once), from which GB/s and the fraction of the copy bandwidth measured in the same run follow.
 
-Environment:
-  FASTDIFF_BENCH_QUICK=1        `bench_sizes` returns the quick list (always so without a GPU)
-  FASTDIFF_BENCH_SIZES=largest  `bench_sizes` returns only the largest full size (profilers)
-  FASTDIFF_BENCH_ROUNDS=N       rounds per benchmark
-  FASTDIFF_BENCH_PROVIDERS=a,b  run only these providers; others are skipped
-  FASTDIFF_BENCH_SKIP_PROVIDERS=a,b  skip these providers (e.g. `compile`: its compile time
-                                dwarfs a short GPU run; gpu_check.sh runs it in a phase of its own)
-  FASTDIFF_BENCH_PROFILE=1      no timing: 1 warm-up call, then 2 calls inside the NVTX range
-                                `fastdiff_profile` (for `ncu --nvtx --nvtx-include fastdiff_profile/`)
-  FASTDIFF_BENCH_DEVICE=cpu     force the device fixture
-  FASTDIFF_COMMIT=<sha>         commit recorded when the tree carries no .git (device machines)
+Environment variables: see `fastdiff.bench.env`.
 """
 from __future__ import annotations
 
 import math
-import os
-import platform
 import statistics
-import subprocess
 import time
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
-QUICK_ENV = "FASTDIFF_BENCH_QUICK"
-SIZES_ENV = "FASTDIFF_BENCH_SIZES"
-ROUNDS_ENV = "FASTDIFF_BENCH_ROUNDS"
-PROVIDERS_ENV = "FASTDIFF_BENCH_PROVIDERS"
-SKIP_PROVIDERS_ENV = "FASTDIFF_BENCH_SKIP_PROVIDERS"
-PROFILE_ENV = "FASTDIFF_BENCH_PROFILE"
-DEVICE_ENV = "FASTDIFF_BENCH_DEVICE"
-COMMIT_ENV = "FASTDIFF_COMMIT"
-
-PROFILE_RANGE = "fastdiff_profile"
+from .env import (  # noqa: F401  (re-exported: benchmarks import them from here)
+    PROFILE_ENV,
+    PROFILE_RANGE,
+    _env_flag,
+    _rounds_from_env,
+    bench_sizes,
+    default_device,
+    gpu_available,
+    is_quick,
+    provider_skip_reason,
+    size_label,
+)
+from .hw import cached_hw, measure_hw  # noqa: F401  (re-exported)
+from .rotation import Rotating, graph_per_arg_set  # noqa: F401  (re-exported)
 
 # GPU timing plan (see the module docstring).
 TARGET_ROUND_S = 2e-3
@@ -121,372 +111,8 @@ __all__ = [
     "cuda_event_timer",
     "size_label",
     "provider_skip_reason",
+    "graph_per_arg_set",
 ]
-
-
-# --------------------------------------------------------------------------- environment
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def gpu_available() -> bool:
-    return torch.cuda.is_available()
-
-
-def default_device() -> str:
-    """"cuda" when a GPU is available, else "cpu" (`FASTDIFF_BENCH_DEVICE` overrides)."""
-    forced = os.environ.get(DEVICE_ENV, "").strip()
-    if forced:
-        if forced.startswith("cuda") and not gpu_available():
-            raise RuntimeError(f"{DEVICE_ENV}={forced!r} but torch sees no CUDA device")
-        return forced
-    return "cuda" if gpu_available() else "cpu"
-
-
-def is_quick() -> bool:
-    """True when `FASTDIFF_BENCH_QUICK=1` or when there is no GPU."""
-    return _env_flag(QUICK_ENV) or not gpu_available()
-
-
-def bench_sizes(full: Sequence[Any], quick: Sequence[Any]) -> List[Any]:
-    """The sizes a benchmark file parametrises over.
-
-    `quick` when `FASTDIFF_BENCH_QUICK=1` or no GPU is present, else `full`.
-    `FASTDIFF_BENCH_SIZES=quick|full|largest` overrides ("largest": the last of `full`, for a
-    profiler run of one representative size).
-    """
-    full, quick = list(full), list(quick)
-    if not full or not quick:
-        raise ValueError("bench_sizes: both `full` and `quick` must be non-empty")
-    mode = os.environ.get(SIZES_ENV, "").strip().lower()
-    if mode == "full":
-        return full
-    if mode == "quick":
-        return quick
-    if mode == "largest":
-        return [full[-1]] if gpu_available() else [quick[-1]]
-    if mode:
-        raise ValueError(f"{SIZES_ENV}={mode!r}: expected quick, full or largest")
-    return quick if is_quick() else full
-
-
-def size_label(size: Any) -> Any:
-    """A JSON-friendly label for a size: ints and strings unchanged, tuples joined with 'x'."""
-    if isinstance(size, bool):
-        return str(size)
-    if isinstance(size, (int, str)):
-        return size
-    if isinstance(size, float) and size.is_integer():
-        return int(size)
-    if isinstance(size, (tuple, list, torch.Size)):
-        return "x".join(str(size_label(s)) for s in size)
-    return str(size)
-
-
-# --------------------------------------------------------------------------- ceilings
-
-
-_HW_CACHE: Dict[str, Dict[str, Any]] = {}
-
-
-def cached_hw(device: Optional[str] = None) -> Optional[Dict[str, Any]]:
-    """The hardware dict already measured in this process (for `device`, or any), or None."""
-    if device is not None:
-        return _HW_CACHE.get(_device_key(device))
-    return next(iter(_HW_CACHE.values()), None)
-
-
-def _device_key(device: str) -> str:
-    d = torch.device(device)
-    if d.type == "cuda":
-        return f"cuda:{d.index if d.index is not None else torch.cuda.current_device()}"
-    return d.type
-
-
-def _median_time(fn: Callable[[], Any], reps: int, device: torch.device) -> float:
-    """Median seconds of `reps` single calls (events on GPU, perf_counter on CPU)."""
-    times = []
-    if device.type == "cuda":
-        for _ in range(reps):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e-3)
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _commit() -> Dict[str, Any]:
-    env = os.environ.get(COMMIT_ENV, "").strip()
-    if env:
-        return {"commit": env, "commit_source": COMMIT_ENV}
-    root = Path(__file__).resolve().parents[2]
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
-        )
-        if sha.returncode == 0:
-            dirty = subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=root, capture_output=True, text=True, timeout=10,
-            )
-            return {
-                "commit": sha.stdout.strip(),
-                "dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None,
-                "commit_source": "git",
-            }
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"commit": "unknown", "commit_source": "none"}
-
-
-def _versions() -> Dict[str, Any]:
-    try:
-        import triton  # noqa: PLC0415
-
-        triton_version = triton.__version__
-    except Exception:  # triton absent or broken: report, never fail
-        triton_version = None
-    return {
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-    }
-
-
-def measure_hw(device: Optional[str] = None, quick: Optional[bool] = None) -> Dict[str, Any]:
-    """Measure the two ceilings of `device` once per process (cached) and return them.
-
-    * copy bandwidth: a large device-to-device `copy_` (on the CPU, a memcpy-like `copy_`),
-      counting bytes read plus bytes written, median of several copies of random data;
-    * GEMM rate: an n x n x n matrix product on random data, bf16 (fp16 where bf16 is not
-      supported) on a GPU, fp32 on the CPU; median of several products.
-
-    Returns ``{device, device_name, copy_gbps, gemm_tflops, torch, triton, cuda, ...}`` plus
-    details (gemm_dtype, copy_bytes, gemm_n, capability, sm_count, l2_bytes, mem_bytes, commit).
-    """
-    device = device or default_device()
-    key = _device_key(device)
-    if key in _HW_CACHE:
-        return _HW_CACHE[key]
-    quick = is_quick() if quick is None else quick
-    dev = torch.device(key)
-    info: Dict[str, Any] = {"device": dev.type}
-    gen = torch.Generator(device=dev).manual_seed(1234)
-
-    if dev.type == "cuda":
-        props = torch.cuda.get_device_properties(dev)
-        l2 = int(getattr(props, "L2_cache_size", 0) or 0)
-        info.update(
-            device_name=props.name,
-            capability=f"{props.major}.{props.minor}",
-            sm_count=props.multi_processor_count,
-            l2_bytes=l2,
-            mem_bytes=int(props.total_memory),
-            driver=_nvidia_driver(),
-        )
-        # Copy: several times the L2 and at least 1 GiB (256 MiB quick), never more than an
-        # eighth of the card.
-        nbytes = max(8 * l2, (256 << 20) if quick else (1 << 30))
-        nbytes = min(nbytes, int(props.total_memory) // 8)
-        copy_reps, gemm_reps = 20, 10
-        gemm_n = 4096 if quick else 8192
-        gemm_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        info.update(device_name=_cpu_name(), l2_bytes=_cpu_cache_bytes(), cpu_threads=torch.get_num_threads())
-        nbytes = 64 << 20
-        copy_reps, gemm_reps = 5, 3
-        gemm_n = 512 if quick else 1024
-        gemm_dtype = torch.float32
-
-    n = nbytes // 4
-    src = torch.randn(n, device=dev, generator=gen)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    t_copy = _median_time(lambda: dst.copy_(src), copy_reps, dev)
-    info["copy_bytes"] = 2 * src.numel() * src.element_size()
-    info["copy_gbps"] = info["copy_bytes"] / t_copy / 1e9
-    del src, dst
-
-    a = torch.randn(gemm_n, gemm_n, device=dev, generator=gen).to(gemm_dtype)
-    b = torch.randn(gemm_n, gemm_n, device=dev, generator=gen).to(gemm_dtype)
-    for _ in range(3):
-        torch.mm(a, b)
-    t_gemm = _median_time(lambda: torch.mm(a, b), gemm_reps, dev)
-    info["gemm_n"] = gemm_n
-    info["gemm_dtype"] = str(gemm_dtype).replace("torch.", "")
-    info["gemm_tflops"] = 2.0 * gemm_n**3 / t_gemm / 1e12
-    del a, b
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-
-    info.update(_versions())
-    info.update(_commit())
-    info["quick"] = bool(quick)
-    _HW_CACHE[key] = info
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _nvidia_driver() -> Optional[str]:
-    try:
-        r = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20,
-        )
-        return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _cpu_cache_bytes() -> int:
-    """Last-level cache of this CPU (bytes); 32 MiB when the OS does not say."""
-    for name in ("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
-        try:
-            v = os.sysconf(name)
-        except (ValueError, OSError, AttributeError):
-            continue
-        if v and v > 0:
-            return int(v)
-    return 32 << 20
-
-
-def _cache_bytes(device: Any) -> int:
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        props = torch.cuda.get_device_properties(dev)
-        return int(getattr(props, "L2_cache_size", 0) or (50 << 20))
-    return _cpu_cache_bytes()
-
-
-# --------------------------------------------------------------------------- rotation
-
-
-def graph_per_arg_set(fn, arg_sets) -> list:
-    """One CUDA graph of `fn(*args)` per argument set (a graph bakes in its pointers), after a
-    warm-up of every set on a side stream; replay them through `Rotating(graphs)`."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for args in arg_sets:
-            fn(*args)
-    torch.cuda.current_stream().wait_stream(side)
-    graphs = []
-    for args in arg_sets:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn(*args)
-        graphs.append(g)
-    return graphs
-
-
-class Rotating:
-    """Cycle through several argument tuples so that consecutive calls touch different memory.
-
-    ``Rotating([(x0, y0), (x1, y1), ...])``; `next()` returns the next tuple (round robin),
-    `bind(fn)` returns the zero-argument callable ``lambda: fn(*rot.next())`` that
-    `run_benchmark` wants. `count(bytes_per_set, device)` says how many sets are needed for the
-    working set to be `cache_factor` (3) times the cache (the L2 read off a GPU; the CPU's
-    last-level cache), within `max_sets` and a memory cap; `build(make_args, bytes_per_set,
-    device)` makes that many sets by calling ``make_args(i)``.
-
-    Sets that do not fit several to the cache (large sizes) need only 2: the cache cannot hold
-    the previous call's data anyway. Tiny sets are capped at `max_sets`: such calls are launch
-    bound, and no rotation would beat the cache for them.
-    """
-
-    def __init__(self, arg_sets: Sequence[Any]):
-        sets = [a if isinstance(a, tuple) else (a,) for a in arg_sets]
-        if not sets:
-            raise ValueError("Rotating needs at least one argument set")
-        self.arg_sets: List[Tuple[Any, ...]] = sets
-        self._i = 0
-
-    def __len__(self) -> int:
-        return len(self.arg_sets)
-
-    def next(self) -> Tuple[Any, ...]:
-        args = self.arg_sets[self._i]
-        self._i = (self._i + 1) % len(self.arg_sets)
-        return args
-
-    __next__ = next
-
-    def __iter__(self) -> "Rotating":
-        return self
-
-    def bind(self, fn: Callable[..., Any]) -> Callable[[], Any]:
-        """A zero-argument callable calling `fn` on the next argument set each time."""
-
-        def call() -> Any:
-            return fn(*self.next())
-
-        call.__name__ = getattr(fn, "__name__", "rotating_call")
-        return call
-
-    @staticmethod
-    def count(
-        bytes_per_set: int,
-        device: Any = "cpu",
-        *,
-        cache_factor: float = 3.0,
-        min_sets: int = 2,
-        max_sets: Optional[int] = None,
-        max_bytes: Optional[int] = None,
-    ) -> int:
-        """Number of sets so that ``count * bytes_per_set >= cache_factor * cache``.
-
-        Capped at `max_sets` (default 64 on a GPU, 16 on the CPU, where benchmarks are smoke
-        runs) and at `max_bytes` in all (default a quarter of the GPU's memory; 1 GiB on the CPU).
-        """
-        if bytes_per_set <= 0:
-            raise ValueError(f"bytes_per_set must be positive, got {bytes_per_set}")
-        if max_sets is None:
-            max_sets = 64 if torch.device(device).type == "cuda" else 16
-        cache = _cache_bytes(device)
-        n = max(min_sets, math.ceil(cache_factor * cache / bytes_per_set))
-        n = min(n, max_sets)
-        if max_bytes is None:
-            dev = torch.device(device)
-            if dev.type == "cuda":
-                max_bytes = torch.cuda.get_device_properties(dev).total_memory // 4
-            else:
-                max_bytes = 1 << 30
-        n = min(n, max(1, max_bytes // bytes_per_set))
-        return max(1, int(n))
-
-    @classmethod
-    def build(
-        cls,
-        make_args: Callable[[int], Any],
-        bytes_per_set: int,
-        device: Any = "cpu",
-        **count_kwargs: Any,
-    ) -> "Rotating":
-        """`Rotating([make_args(i) for i in range(Rotating.count(bytes_per_set, device))])`."""
-        n = cls.count(bytes_per_set, device, **count_kwargs)
-        return cls([make_args(i) for i in range(n)])
 
 
 # --------------------------------------------------------------------------- timing
@@ -538,32 +164,6 @@ def _quantile(sorted_data: Sequence[float], q: float) -> float:
     lo = math.floor(pos)
     hi = min(lo + 1, len(sorted_data) - 1)
     return sorted_data[lo] + (sorted_data[hi] - sorted_data[lo]) * (pos - lo)
-
-
-def _rounds_from_env(default: int) -> Optional[int]:
-    v = os.environ.get(ROUNDS_ENV, "").strip()
-    if not v:
-        return None
-    n = int(v)
-    if n < 1:
-        raise ValueError(f"{ROUNDS_ENV} must be >= 1, got {v!r}")
-    return n
-
-
-def _env_list(name: str) -> List[str]:
-    return [p.strip() for p in os.environ.get(name, "").split(",") if p.strip()]
-
-
-def provider_skip_reason(provider: str) -> Optional[str]:
-    """Why `FASTDIFF_BENCH_PROVIDERS` / `FASTDIFF_BENCH_SKIP_PROVIDERS` rule `provider` out, or
-    None. benchmarks/conftest.py applies it at collection (before a provider's setup, e.g. a
-    torch.compile, runs); `run_benchmark` applies it again for callers outside that conftest."""
-    selected = _env_list(PROVIDERS_ENV)
-    if selected and provider not in selected:
-        return f"provider {provider!r} not in {PROVIDERS_ENV}={','.join(selected)}"
-    if provider in _env_list(SKIP_PROVIDERS_ENV):
-        return f"provider {provider!r} in {SKIP_PROVIDERS_ENV}"
-    return None
 
 
 def run_benchmark(

@@ -173,7 +173,7 @@ def summarize(launches: Sequence[Dict[str, object]]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from fastdiff._cli import Parser  # noqa: PLC0415
+    from fastdiff.cli.common import Parser  # noqa: PLC0415
 
     ap = Parser(prog="python -m fastdiff.bench ncu-summary", description=__doc__.split("\n")[0])
     ap.add_argument("csv", nargs="+", help="ncu --csv --page raw exports")

@@ -135,6 +135,12 @@ def check_solver_step_args(x, model_out, uncond, history, noise, coef, slots, gu
     Works on fake/meta tensors too (it only reads metadata), so it runs at trace time under
     torch.compile as well as before every kernel launch.
     """
+    _check_tensors(x, model_out, uncond, history, noise, out, guidance_t)
+    _check_values(uncond, history, noise, coef, slots, guidance, clamp, guidance_t)
+
+
+def _check_tensors(x, model_out, uncond, history, noise, out, guidance_t) -> None:
+    """The checks that read only the tensors' types, shapes, strides, dtypes and devices."""
     for name, t in (("x", x), ("model_out", model_out), ("out", out)):
         if not isinstance(t, torch.Tensor):
             raise _fail(TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -175,35 +181,6 @@ def check_solver_step_args(x, model_out, uncond, history, noise, coef, slots, gu
         like_x("noise", noise, x.dtype, "the state dtype, x's")
     like_x("out", out, x.dtype, "the state dtype, x's")
 
-    if not isinstance(coef, (list, tuple)) or len(coef) != len(COEF_NAMES):
-        n = len(coef) if hasattr(coef, "__len__") else type(coef).__name__
-        raise _fail(ValueError, f"coef must be a sequence of 8 numbers (p, q, a, b0, b1, b2, b3, c), got {n}")
-    for i, v in enumerate(coef):
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-            raise _fail(ValueError, f"coef[{i}] ({COEF_NAMES[i]}) must be a finite number, got {v!r}")
-    if not isinstance(slots, (list, tuple)) or len(slots) != 4:
-        n = len(slots) if hasattr(slots, "__len__") else type(slots).__name__
-        raise _fail(ValueError, f"slots must be a sequence of 4 ints (write, read1, read2, read3; -1 = "
-                                f"unused), got {n}")
-    for k, s in enumerate(slots):
-        if not isinstance(s, int) or isinstance(s, bool):
-            raise _fail(ValueError, f"slots[{k}] ({SLOT_NAMES[k]}) must be an int, got {s!r}")
-    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-        raise _fail(ValueError, f"guidance must be a finite number, got {guidance!r}")
-    if guidance_t is not None:
-        if not isinstance(guidance_t, torch.Tensor):
-            raise _fail(TypeError, f"guidance_t must be a torch.Tensor or None, got {type(guidance_t).__name__}")
-        if guidance_t.numel() != 1 or guidance_t.dtype != torch.float32 or guidance_t.device != x.device:
-            raise _fail(ValueError, f"guidance (as a tensor) must be a one-element float32 tensor on x's device "
-                                    f"{x.device}, got shape {tuple(guidance_t.shape)} {guidance_t.dtype} on "
-                                    f"{guidance_t.device}")
-        if uncond is None:
-            raise _fail(ValueError, "guidance (as a tensor) has no effect without CFG: pass uncond=, or a "
-                                    "model_out with batch 2*B (unconditional half first)")
-    if not isinstance(clamp, (int, float)) or not math.isfinite(clamp) or clamp < 0:
-        raise _fail(ValueError, f"clamp must be a finite number >= 0 (0 = no clamp), got {clamp!r}")
-
-    num_slots = 0
     if history is not None:
         if history.dim() != x.dim() + 1 or history.shape[1:] != x.shape:
             raise _fail(ValueError, f"history must have shape (S, *x.shape) = (S, {', '.join(map(str, x.shape))}), "
@@ -222,6 +199,39 @@ def check_solver_step_args(x, model_out, uncond, history, noise, coef, slots, gu
         if not all(sh == sx for n, sh, sx in zip(x.shape, history.stride()[1:], x.stride()) if n != 1):
             raise _fail(ValueError, f"history[s] must have the same memory layout as x (all contiguous, or all "
                                     f"channels_last): strides {history.stride()} vs x {x.stride()}")
+    if guidance_t is not None:
+        if not isinstance(guidance_t, torch.Tensor):
+            raise _fail(TypeError, f"guidance_t must be a torch.Tensor or None, got {type(guidance_t).__name__}")
+        if guidance_t.numel() != 1 or guidance_t.dtype != torch.float32 or guidance_t.device != x.device:
+            raise _fail(ValueError, f"guidance (as a tensor) must be a one-element float32 tensor on x's device "
+                                    f"{x.device}, got shape {tuple(guidance_t.shape)} {guidance_t.dtype} on "
+                                    f"{guidance_t.device}")
+
+
+def _check_values(uncond, history, noise, coef, slots, guidance, clamp, guidance_t) -> None:
+    """The checks of the numbers (coef, slots, guidance, clamp) and of what they say about the tensors."""
+    if not isinstance(coef, (list, tuple)) or len(coef) != len(COEF_NAMES):
+        n = len(coef) if hasattr(coef, "__len__") else type(coef).__name__
+        raise _fail(ValueError, f"coef must be a sequence of 8 numbers (p, q, a, b0, b1, b2, b3, c), got {n}")
+    for i, v in enumerate(coef):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise _fail(ValueError, f"coef[{i}] ({COEF_NAMES[i]}) must be a finite number, got {v!r}")
+    if not isinstance(slots, (list, tuple)) or len(slots) != 4:
+        n = len(slots) if hasattr(slots, "__len__") else type(slots).__name__
+        raise _fail(ValueError, f"slots must be a sequence of 4 ints (write, read1, read2, read3; -1 = "
+                                f"unused), got {n}")
+    for k, s in enumerate(slots):
+        if not isinstance(s, int) or isinstance(s, bool):
+            raise _fail(ValueError, f"slots[{k}] ({SLOT_NAMES[k]}) must be an int, got {s!r}")
+    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        raise _fail(ValueError, f"guidance must be a finite number, got {guidance!r}")
+    if guidance_t is not None and uncond is None:
+        raise _fail(ValueError, "guidance (as a tensor) has no effect without CFG: pass uncond=, or a "
+                                "model_out with batch 2*B (unconditional half first)")
+    if not isinstance(clamp, (int, float)) or not math.isfinite(clamp) or clamp < 0:
+        raise _fail(ValueError, f"clamp must be a finite number >= 0 (0 = no clamp), got {clamp!r}")
+
+    num_slots = 0 if history is None else history.shape[0]
     for k, s in enumerate(slots):
         if s == -1:
             continue
@@ -369,8 +379,30 @@ _LIB.define(
 )
 
 
+# Metadata of tensor sets that passed _check_tensors: a sampling loop calls the op with the same
+# shapes, strides, dtypes and devices every step, so those checks run once (the numbers and the
+# pointers, for the overlaps, are checked at every call). Bounded: cleared when full.
+_CHECKED_TENSORS: set = set()
+_CHECKED_TENSORS_MAX = 256
+
+
+def _meta(t):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+def _check_tensors_cached(x, model_out, uncond, history, noise, out, guidance_t) -> None:
+    key = tuple(map(_meta, (x, model_out, uncond, history, noise, out, guidance_t)))
+    if key in _CHECKED_TENSORS:
+        return
+    _check_tensors(x, model_out, uncond, history, noise, out, guidance_t)
+    if len(_CHECKED_TENSORS) >= _CHECKED_TENSORS_MAX:
+        _CHECKED_TENSORS.clear()
+    _CHECKED_TENSORS.add(key)
+
+
 def _solver_step_impl(x, model_out, uncond, history, noise, coef, slots, guidance, guidance_t, clamp, out, backend):
-    check_solver_step_args(x, model_out, uncond, history, noise, coef, slots, guidance, clamp, out, guidance_t)
+    _check_tensors_cached(x, model_out, uncond, history, noise, out, guidance_t)
+    _check_values(uncond, history, noise, coef, slots, guidance, clamp, guidance_t)
     _check_overlaps(x, model_out, uncond, history, noise, slots, out)
     args = SolverStepArgs(x, model_out, uncond, history, noise, list(coef), list(slots), guidance, clamp, out,
                           guidance_t)
