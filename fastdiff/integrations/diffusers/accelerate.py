@@ -15,7 +15,8 @@ import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from fastdiff.integrations.diffusers.pipelines import WRAPPERS, Options, family_of, run
+from fastdiff.integrations.diffusers.pipeline_parts import WRAPPERS, Options
+from fastdiff.integrations.diffusers.pipelines import family_of, run
 from fastdiff.optimize import optimize as optimize_model
 
 _STATE = "_fastdiff_accelerate"
@@ -97,6 +98,6 @@ def restore(pipe):
     pipe.__class__ = state.base
     if state.undo is not None:
         state.undo()
-    getattr(pipe, family_of(pipe).denoiser).__dict__.pop(WRAPPERS, None)  # the loop's callables (pipelines.wrapper)
+    getattr(pipe, family_of(pipe).denoiser).__dict__.pop(WRAPPERS, None)  # the loop's callables (pipeline_parts.wrapper)
     del pipe.__dict__[_STATE]
     return pipe

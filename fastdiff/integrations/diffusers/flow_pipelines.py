@@ -20,7 +20,7 @@ from diffusers.pipelines.stable_diffusion_3 import StableDiffusion3PipelineOutpu
 from diffusers.pipelines.stable_diffusion_3 import pipeline_stable_diffusion_3 as pipeline_sd3
 from diffusers.utils.torch_utils import get_module_execution_device
 
-from fastdiff.integrations.diffusers.pipelines import Family, batch_size, check_generator, denoise, make_plan, wrapper
+from fastdiff.integrations.diffusers.pipeline_parts import Family, batch_size, check_generator, denoise, make_plan, wrapper
 
 _COMMON = ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2", "height", "width", "num_inference_steps",
            "sigmas", "guidance_scale", "num_images_per_prompt", "generator", "latents", "prompt_embeds",

@@ -22,61 +22,11 @@ order diffusers does on the eager path; in a CUDA graph it is drawn before the l
 """
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
-from fastdiff.graphs import CUDA_GRAPH_MODES
-from fastdiff.guidance import check_guidance_scale
-from fastdiff.sampler import BACKENDS, Sampler
-
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-WRAPPERS = "_fastdiff_wrappers"  # the attribute of a denoiser holding its wrappers (see `wrapper`)
-# Sampler options a call decides (the grid) or that accelerate() takes on its own
-_CALL_OWNED = ("self", "steps", "sigmas", "timesteps", "backend")
-PLAN_OPTIONS = tuple(p for p in inspect.signature(Sampler.__init__).parameters if p not in _CALL_OWNED)
-_WHY = {
-    "callback_on_step_end": "a step-end callback needs the host between steps and may edit the loop's tensors; "
-                            "fastdiff runs the loop as one unit (one CUDA graph on a GPU)",
-    "callback": "a per-step callback needs the host between steps; fastdiff runs the loop as one unit",
-    "ip_adapter_image": "IP-Adapter image conditioning is not wired into fastdiff's loop",
-    "denoising_end": "ending the loop early (SDXL base + refiner) is not supported",
-    "skip_guidance_layers": "skip-layer guidance needs a third model call on some steps",
-}
-
-
-@dataclass(frozen=True)
-class Options:
-    """fastdiff's own options: where the loop runs and Sampler overrides of the scheduler's plan."""
-
-    cuda_graph: object = "auto"
-    backend: str = "auto"
-    plan: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.cuda_graph not in CUDA_GRAPH_MODES:
-            raise ValueError(f"cuda_graph: expected one of {CUDA_GRAPH_MODES}, got {self.cuda_graph!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {self.backend!r}")
-        for name in self.plan:
-            if name in _CALL_OWNED:
-                raise ValueError(f"{name}: set by the pipeline call (num_inference_steps, sigmas, timesteps) or by "
-                                 "backend=")
-            if name not in PLAN_OPTIONS:
-                raise ValueError(f"{name}: not a fastdiff.Sampler option (expected one of {list(PLAN_OPTIONS)})")
-
-
-@dataclass(frozen=True)
-class Family:
-    """A diffusers pipeline class whose `__call__` fastdiff reproduces."""
-
-    cls: type
-    denoiser: str            # the attribute holding the model the loop calls ("unet", "transformer")
-    supported: frozenset     # call arguments honoured; every other one must keep its default
-    run: Callable            # run(pipe, args: dict of every call argument, options) -> the pipeline's output
+from fastdiff.integrations.diffusers.pipeline_parts import Family, Options, bind_call
 
 
 def families():
@@ -96,125 +46,6 @@ def family_of(pipe) -> Family:
             return fam
     names = ", ".join(f.cls.__name__ for f in families())
     raise TypeError(f"pipe: expected one of the diffusers pipelines {names}, got {type(pipe).__name__}")
-
-
-def _is_default(value, default) -> bool:
-    if value is default:
-        return True
-    if isinstance(value, torch.Tensor) or isinstance(default, torch.Tensor):
-        return False
-    return type(value) is type(default) and value == default
-
-
-def bind_call(fam: Family, pipe, args, kwargs) -> dict:
-    """Every argument of the pipeline's `__call__` (defaults filled in), checked: those fastdiff
-    does not honour must keep their defaults."""
-    sig = inspect.signature(fam.cls.__call__)
-    try:
-        bound = sig.bind(pipe, *args, **kwargs)
-    except TypeError as e:
-        raise TypeError(f"{fam.cls.__name__}.__call__: {e}") from None
-    bound.apply_defaults()
-    values = dict(bound.arguments)
-    del values["self"]
-    for name, p in sig.parameters.items():
-        if p.kind is inspect.Parameter.VAR_KEYWORD:
-            extra = values.pop(name)  # SD/SDXL: the deprecated callback / callback_steps
-            for key, value in extra.items():
-                if key not in ("callback", "callback_steps"):
-                    raise TypeError(f"{key}: not an argument of {fam.cls.__name__}.__call__")
-                if key == "callback" and value is not None:
-                    raise ValueError(f"callback: not supported by fastdiff ({_WHY['callback']}); "
-                                     "fastdiff.restore(pipe) gives diffusers' own loop back")
-            values["callback_steps"] = extra.get("callback_steps")
-        elif name != "self" and name not in fam.supported and not _is_default(values[name], p.default):
-            why = _WHY.get(name) or _WHY.get(name.replace("_embeds", "").replace("negative_", ""))
-            raise ValueError(f"{name}: not supported by fastdiff ({why or 'not reproduced by fastdiff'}); "
-                             "fastdiff.restore(pipe) gives diffusers' own loop back")
-    check_common(values)
-    return values
-
-
-def check_common(a: dict) -> None:
-    """Arguments the pipelines take alike, checked before any model runs."""
-    for name in ("guidance_scale", "true_cfg_scale"):
-        if name in a:
-            check_guidance_scale(a[name])
-    r = a.get("guidance_rescale", 0.0)
-    if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r <= 1.0:
-        raise ValueError(f"guidance_rescale: expected a number in [0, 1], got {r!r}")
-    for name in ("num_inference_steps", "num_images_per_prompt"):
-        n = a[name]
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"{name}: expected an integer >= 1, got {n!r}")
-    if a["output_type"] not in OUTPUT_TYPES:
-        raise ValueError(f"output_type: expected one of {list(OUTPUT_TYPES)}, got {a['output_type']!r}")
-
-
-def batch_size(a: dict) -> int:
-    """Images per call, counted as the pipelines count them (prompts x num_images_per_prompt)."""
-    prompt = a["prompt"]
-    n = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else a["prompt_embeds"].shape[0]
-    return n * a["num_images_per_prompt"]
-
-
-def make_plan(pipe, a: dict, options: Options, **grid) -> Sampler:
-    """The plan of `pipe.scheduler` for this call. `grid`: the scheduler's set_timesteps arguments
-    (sigmas, timesteps, mu), passed on when given; as diffusers' retrieve_timesteps, given sigmas
-    or timesteps replace num_inference_steps."""
-    plan = dict(options.plan)
-    eta = a.get("eta", 0.0)
-    if eta and "eta" in inspect.signature(pipe.scheduler.step).parameters:  # as prepare_extra_step_kwargs
-        plan["eta"] = eta
-    grid = {k: v for k, v in grid.items() if v is not None}
-    steps = None if "sigmas" in grid or "timesteps" in grid else a["num_inference_steps"]
-    return Sampler.from_scheduler(pipe.scheduler, steps, backend=options.backend, **grid, **plan)
-
-
-def check_generator(sampler: Sampler, generator, batch: int, device: torch.device) -> None:
-    """What diffusers checks when it draws the latents, and what fastdiff needs to draw step noise."""
-    if isinstance(generator, list) and len(generator) != batch:
-        raise ValueError(f"generator: a list needs one generator per image ({batch}: prompts x "
-                         f"num_images_per_prompt), got {len(generator)}")
-    gens = generator if isinstance(generator, list) else [generator] if generator is not None else []
-    if sampler.table.noise_draws and any(g.device.type != device.type for g in gens):
-        raise ValueError(f"generator: this scheduler draws noise at every step on {device}; give a generator on "
-                         f"{device.type} (diffusers would draw it on the generator's device and copy it over)")
-
-
-def check_latents(latents: Optional[torch.Tensor], shape) -> None:
-    if latents is not None and (not isinstance(latents, torch.Tensor) or tuple(latents.shape) != tuple(shape)):
-        got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-        raise ValueError(f"latents: expected shape {tuple(shape)} (batch, channels, height / vae scale, "
-                         f"width / vae scale), got {got}")
-
-
-def initial_noise(shape, generator, device, dtype, latents: Optional[torch.Tensor]) -> torch.Tensor:
-    """The standard-normal initial latents (checked by `check_latents`), drawn as diffusers'
-    prepare_latents draws them (the scheduler's init_noise_sigma belongs to the plan)."""
-    if latents is None:
-        return randn_tensor(tuple(shape), generator=generator, device=device, dtype=dtype)
-    return latents.to(device=device, dtype=dtype)
-
-
-def denoise(sampler: Sampler, model, noise: torch.Tensor, options: Options, *, guidance_scale: float, cond: dict,
-            uncond: Optional[dict], generator, cfg: str = "batched") -> torch.Tensor:
-    """The fused loop from `noise` (in the pipeline's latents dtype, which the model is called
-    in; the solver state is float32); the final latents in that dtype. `uncond` None: no CFG."""
-    dtype = noise.dtype
-    x = sampler.sample(model, noise.float(), generator=generator if sampler.table.noise_draws else None,
-                       guidance_scale=guidance_scale if uncond is not None else 1.0, cond=cond, uncond=uncond,
-                       cfg=cfg, model_dtype=dtype if dtype != torch.float32 else None, cuda_graph=options.cuda_graph)
-    return x.to(dtype)
-
-
-def wrapper(module, cls):
-    """One `cls(module)` per module: the CUDA-graph cache keys recorded loops by the model object,
-    so the loop calls the same wrapper every time."""
-    cache = module.__dict__.setdefault(WRAPPERS, {})
-    if cls not in cache:
-        cache[cls] = cls(module)
-    return cache[cls]
 
 
 def run(pipe, args, kwargs, options: Options):

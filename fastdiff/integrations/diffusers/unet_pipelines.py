@@ -21,7 +21,7 @@ from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
 from diffusers.utils.torch_utils import get_module_execution_device
 
-from fastdiff.integrations.diffusers.pipelines import (Family, batch_size, check_generator, check_latents, denoise,
+from fastdiff.integrations.diffusers.pipeline_parts import (Family, batch_size, check_generator, check_latents, denoise,
                                                        initial_noise, make_plan, wrapper)
 
 _COMMON = ("prompt", "height", "width", "num_inference_steps", "timesteps", "sigmas", "guidance_scale",
