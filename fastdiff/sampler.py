@@ -34,12 +34,12 @@ from fastdiff.ops.solver_step import solver_step
 from fastdiff.profiling import nvtx_range
 from fastdiff.reference.solvers import PREDICTIONS, SOLVERS
 from fastdiff.schedules import MODEL_TIMES, Schedule, get_schedule
-from fastdiff.solvers import Churn, SolverTable, build_table, deis_table, dpmpp_2s_table, flow_heun_table, heun_table, lms_table, pndm_table
+from fastdiff.solvers import Churn, SolverTable, build_table, deis_table, dpmpp_2s_table, flow_heun_table, heun_table, kdpm2_table, lms_table, pndm_table
 
 BACKENDS = ("auto", "reference", "cuda", "triton", "cpu")
 _ETA_SOLVERS = ("ddim", "euler_ancestral", "flow_sde")
 _FLOW_SOLVERS = ("flow_euler", "flow_sde", "flow_heun")
-_VE_SOLVERS = ("euler", "euler_ancestral", "heun", "lms")  # they work in sigma/alpha
+_VE_SOLVERS = ("euler", "euler_ancestral", "heun", "lms", "kdpm2")  # they work in sigma/alpha
 
 
 class Sampler:
@@ -48,10 +48,10 @@ class Sampler:
     Args:
         solver: one of `fastdiff.SOLVERS` ("ddpm", "ddim", "dpmpp_1m", "dpmpp_2m", "dpmpp_3m",
             "dpmpp_2m_sde", "euler", "euler_ancestral", "heun", "flow_euler", "flow_sde", "consistency",
-            "unipc", "pndm", "lms", "flow_heun", "dpmpp_2s", "deis_2m", "deis_3m").
+            "unipc", "pndm", "lms", "flow_heun", "dpmpp_2s", "deis_2m", "deis_3m", "kdpm2").
         steps: number of grid steps (>= 1; at most the schedule's training timesteps); default 20,
             or the length of an explicit grid. Every solver calls the model once per step but
-            "heun" and "flow_heun", which take 2N - 1 calls (2N with final="min"), and "pndm" (PLMS, diffusers'
+            "heun", "flow_heun" and "kdpm2", which take 2N - 1 calls (2N with final="min"), and "pndm" (PLMS, diffusers'
             PNDMScheduler with skip_prk_steps), N + 1: `model_calls` says how many.
         schedule: "linear", "scaled_linear", "cosine", "flow", or a VPSchedule/FlowSchedule.
         spacing: "leading", "trailing" (default), "linspace", "karras" or "logsnr", or a
@@ -101,6 +101,8 @@ class Sampler:
             2 (the default) is the Taylor coefficient, which makes the step third order; 1 is the
             widely copied form (diffusers' DPMSolverMultistepScheduler, k-diffusion), second
             order but measured more accurate at 6-15 steps on Karras grids (benchmarks/NOTES.md).
+        mid_timesteps: "kdpm2" only: the model times at its midpoints (default: the schedule's
+            time of each midpoint's noise level; `from_scheduler` passes diffusers' own).
         noise_scale: the loop starts from noise_scale * noise (1: from the noise as given).
             `from_scheduler` sets it for diffusers' Euler schedulers, whose pipelines start from
             noise * init_noise_sigma: sigma_max / sqrt(1 + sigma_max^2) in fastdiff's (VP)
@@ -117,7 +119,7 @@ class Sampler:
                  boundary_scaling: Optional[float] = None, order: Optional[int] = None,
                  variant: Optional[str] = None, corrector: Optional[bool] = None,
                  s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
-                 noise_scale: float = 1.0, d2_weight: Optional[float] = None):
+                 noise_scale: float = 1.0, d2_weight: Optional[float] = None, mid_timesteps=None):
         for name, value, choices in (("solver", solver, sorted(SOLVERS)), ("prediction", prediction, list(PREDICTIONS)),
                                      ("model_time", model_time, sorted(MODEL_TIMES)), ("backend", backend, BACKENDS)):
             if value not in choices:
@@ -142,6 +144,8 @@ class Sampler:
             raise ValueError(f"lower_order_final: expected True, False or 'last', got {lower_order_final!r}")
         if lower_order_final == "last" and not solver.startswith("dpmpp_"):
             raise ValueError(f"lower_order_final: 'last' is for the dpmpp_* solvers, not {solver!r}")
+        if mid_timesteps is not None and solver != "kdpm2":
+            raise ValueError(f"mid_timesteps: only 'kdpm2' takes it, not {solver!r}")
         if d2_weight is not None:
             if solver != "dpmpp_3m":
                 raise ValueError(f"d2_weight: only 'dpmpp_3m' takes it, not {solver!r}")
@@ -225,6 +229,10 @@ class Sampler:
             self.table = deis_table(self.grid, prediction, int(solver[5]), lower_order_final)
         elif solver == "dpmpp_2s":
             self.table = dpmpp_2s_table(self.grid, prediction, lower_order_final)
+        elif solver == "kdpm2":
+            mids = _check_mid_timesteps(mid_timesteps, self.grid)
+            self._solver_args.update(schedule=self.schedule, model_time=model_time, mid_times=mids)
+            self.table = kdpm2_table(self.grid, self.schedule, model_time, prediction, mids)
         elif solver == "flow_heun":
             self.table = flow_heun_table(self.grid, self.schedule, model_time, prediction)
         else:
@@ -431,6 +439,19 @@ def _check_churn(solver, s_churn, s_tmin, s_tmax, s_noise, round_timesteps) -> C
         raise ValueError("s_churn: churned noise levels fall between the integer timesteps that "
                          "round_timesteps=True asks for; use one or the other")
     return Churn(**{k: float(v) for k, v in given.items()})
+
+
+def _check_mid_timesteps(mid_timesteps, grid) -> Optional[np.ndarray]:
+    """kdpm2's midpoint model times: None (the schedule's), or one per step that does not end at
+    sigma = 0 (the last step to sigma = 0 has no midpoint)."""
+    if mid_timesteps is None:
+        return None
+    mids = np.asarray(mid_timesteps, dtype=np.float64)
+    want = int(np.count_nonzero(grid.karras_sigma[1:] != 0))
+    if mids.shape != (want,) or not np.isfinite(mids).all():
+        raise ValueError(f"mid_timesteps: expected {want} finite model times (one per step with a midpoint), "
+                         f"got shape {mids.shape}")
+    return mids
 
 
 def _unipc_options(solver, order, variant, corrector) -> dict:

@@ -354,6 +354,42 @@ def deis_table(grid: Grid, prediction: str, order: int, lower_order_final) -> So
     return _one_row_per_step(coef, slots, order, grid)
 
 
+def kdpm2_table(grid: Grid, schedule, model_time: str, prediction: str, mid_times=None) -> SolverTable:
+    """DPM-Solver-2 (`fastdiff.reference.solvers.KDPM2`) as rows, two per step (Heun's pattern,
+    module doc), in y = x / alpha, s = sigma / alpha with the midpoint s_m = sqrt(s s'):
+      row A (model at s, x): Euler to s_m, x_m = (sigma_m / sigma) x + alpha_m (1 - s_m / s) D,
+            stores D;
+      row B (model at s_m, x_m): y' = y + (s' - s) d_m with y recovered from y_m and D:
+            x' = (sigma' / sigma_m) x_m + alpha' (s_m - s) / s_m D - alpha' (s' - s) / s_m D_m;
+    a step to s = 0 is row A with s_m = 0 (Euler's), 2N - 1 calls."""
+    n, al, sg, ks = grid.steps, grid.alpha, grid.sigma, grid.karras_sigma
+    coef, slots, times, ends = [], [], [], []
+    for i in range(n):
+        p, q = _data_prediction(al[i], sg[i], prediction)
+        times.append(grid.model_time[i])
+        if ks[i + 1] == 0.0:
+            coef.append([p, q, 0.0, al[i + 1], 0.0, 0.0, 0.0, 0.0])
+            slots.append([-1, -1, -1, -1])
+            ends.append(True)
+            continue
+        s_mid = math.sqrt(ks[i] * ks[i + 1])
+        tau = float(schedule.tau_from_karras_sigma(s_mid))
+        a_m, s_m = (float(v) for v in schedule.alpha_sigma(tau))
+        coef.append([p, q, s_m / sg[i], a_m * (1.0 - s_mid / ks[i]), 0.0, 0.0, 0.0, 0.0])
+        slots.append([0, -1, -1, -1])
+        ends.append(False)
+        k = al[i + 1] / s_mid
+        coef.append([*_data_prediction(a_m, s_m, prediction), sg[i + 1] / s_m, -k * (ks[i + 1] - ks[i]),
+                     k * (s_mid - ks[i]), 0.0, 0.0, 0.0])
+        slots.append([-1, 0, -1, -1])
+        times.append(float(schedule.model_time(np.array([tau]), model_time)[0]) if mid_times is None
+                     else float(mid_times[i]))
+        ends.append(True)
+    return SolverTable(coef=np.array(coef, dtype=np.float64), slots=np.array(slots, dtype=np.int64), history=1,
+                       model_time=np.array(times, dtype=np.float64), ends_step=np.array(ends),
+                       step_state=np.tile([1.0, 0.0], (len(coef), 1)))
+
+
 def dpmpp_2s_table(grid: Grid, prediction: str, lower_order_final) -> SolverTable:
     """DPM-Solver++(2S) (`fastdiff.reference.solvers.DPMSolverPP2S`) as rows. A first-order row
     is dpmpp_1m's and stores D_s. The second-order row runs at the intermediate point u with

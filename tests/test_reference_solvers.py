@@ -39,6 +39,7 @@ def _rel(a, b):
     (dict(solver="dpmpp_3m"), 2.7, 3.5),
     (dict(solver="heun"), 1.7, 2.3),  # Karras et al. 2022 Algorithm 2 (s_churn = 0): second order in its steps
     (dict(solver="dpmpp_2s"), 1.8, 2.2),  # singlestep DPM-Solver++(2S), intermediate points on the grid
+    (dict(solver="kdpm2"), 1.8, 2.2),  # DPM-Solver-2: Euler to the geometric midpoint, then the full step
     (dict(solver="deis_2m"), 1.8, 2.2), (dict(solver="deis_3m"), 2.7, 3.5),  # DEIS rho-AB 2 and 3
     # UniPC: UniP-p alone has order p, with the corrector p + 1 (measured, eps: UniP-2 2.0, UniP-3
     # 3.26; UniPC-1 2.0, UniPC-2 3.0; UniP-1 is dpmpp_1m, tests/test_unipc.py). UniPC-3: below.

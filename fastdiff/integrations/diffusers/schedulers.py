@@ -78,6 +78,8 @@ DEFAULTS = {
                                      if k not in _SINGLESTEP_ABSENT},
     "DEISMultistepScheduler": {**{k: v for k, v in _DPM.items() if k not in _DEIS_ABSENT}, "algorithm_type": "deis",
                                "solver_type": "logrho"},
+    "KDPM2DiscreteScheduler": {k: v for k, v in _merge(_SPACED, _SIGMA_KINDS, beta_start=0.00085,
+                                                       beta_end=0.012).items() if k != "rescale_betas_zero_snr"},
     "PNDMScheduler": {k: v for k, v in _merge(_SPACED, skip_prk_steps=False, set_alpha_to_one=False,
                                               timestep_spacing="leading").items() if k != "rescale_betas_zero_snr"},
     "LCMScheduler": _merge(_SPACED, _THRESHOLD, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -101,7 +103,6 @@ NOT_SUPPORTED = {
     "DPMSolverSDEScheduler": "its noise comes from a Brownian tree (torchsde), which the fused step's per-step "
                              "Gaussian noise cannot reproduce; use DPMSolverMultistepScheduler with "
                              "algorithm_type='sde-dpmsolver++'",
-    "KDPM2DiscreteScheduler": f"not yet ({_NOT_YET})",
     "KDPM2AncestralDiscreteScheduler": f"not yet ({_NOT_YET})",
     "EDMEulerScheduler": f"not yet ({_NOT_YET})",
     "EDMDPMSolverMultistepScheduler": f"not yet ({_NOT_YET})",
@@ -443,6 +444,49 @@ def _euler(cfg, n, solver="euler"):
     return options
 
 
+def _kdpm2(cfg, n):
+    _require(cfg, "prediction_type", "epsilon", "v_prediction")
+    options = _euler(cfg, n, "kdpm2")
+    if cfg["use_karras_sigmas"]:
+        options["timesteps"] = np.round(options["timesteps"])
+    options["mid_timesteps"] = _kdpm2_mid_times(cfg, n)
+    return options
+
+
+def _kdpm2_mid_times(cfg, n) -> np.ndarray:
+    """KDPM2's midpoint model times as diffusers computes them: its grid from its float32 sigma
+    table, the midpoints exp of the mean of float32 logs, the linear-in-log-sigma interpolation
+    weight in float32 (within a float32 ulp or two of diffusers', whose mixed numpy/torch types
+    round a few differently)."""
+    import torch
+
+    T = cfg["num_train_timesteps"]
+    if cfg["trained_betas"] is not None:
+        betas = torch.tensor(cfg["trained_betas"], dtype=torch.float32)
+    elif cfg["beta_schedule"] == "scaled_linear":
+        betas = torch.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, T, dtype=torch.float32) ** 2
+    elif cfg["beta_schedule"] == "linear":
+        betas = torch.linspace(cfg["beta_start"], cfg["beta_end"], T, dtype=torch.float32)
+    else:  # squaredcos_cap_v2: diffusers' float64 betas, stored in float32
+        ac64 = _schedule(cfg).alphas_cumprod
+        betas = torch.tensor(1.0 - ac64 / np.append(1.0, ac64[:-1]), dtype=torch.float32)
+    ac = torch.cumprod(1.0 - betas, 0)
+    sigma_table = (((1 - ac) / ac) ** 0.5).numpy()
+    table = np.log(sigma_table)
+    sigmas = np.interp(_spaced_timesteps(cfg, n, rounded=False), np.arange(T, dtype=np.float64), sigma_table)
+    kind = _sigma_kind(cfg)
+    if kind is not None:
+        sigmas = _converted_sigmas(kind, sigmas[-1], sigmas[0], n)
+    s = torch.tensor(np.append(sigmas, 0.0).astype(np.float32))
+    mids = s.log().lerp(s.roll(1).log(), 0.5).exp().numpy()[1:n]  # the last step, to 0, has none
+    times = []
+    for v in np.log(np.maximum(mids, np.float32(1e-10))):
+        low = min(int(np.cumsum(v - table >= 0).argmax()), len(table) - 2)
+        w = np.clip((table[low] - v) / (table[low] - table[low + 1]), 0, 1)
+        times.append(float((1 - w) * low + w * (low + 1)))
+    return np.asarray(times, dtype=np.float32).astype(np.float64)
+
+
 def _lcm(cfg, n):
     if cfg["clip_sample"]:
         raise ValueError("clip_sample: LCM clips x0 before its boundary mix; fastdiff's clamp acts after it "
@@ -497,7 +541,7 @@ _MAPPERS = {
     "DDIMScheduler": _ddim, "DDPMScheduler": _ddpm, "DPMSolverMultistepScheduler": _dpm,
     "EulerDiscreteScheduler": _euler, "EulerAncestralDiscreteScheduler": lambda c, n: _euler(c, n, "euler_ancestral"),
     "HeunDiscreteScheduler": lambda c, n: _euler(c, n, "heun"),
-    "LMSDiscreteScheduler": lambda c, n: _euler(c, n, "lms"),
+    "LMSDiscreteScheduler": lambda c, n: _euler(c, n, "lms"), "KDPM2DiscreteScheduler": _kdpm2,
     "LCMScheduler": _lcm, "FlowMatchEulerDiscreteScheduler": _flow, "UniPCMultistepScheduler": _unipc,
     "PNDMScheduler": _pndm, "DPMSolverSinglestepScheduler": _dpm_singlestep, "DEISMultistepScheduler": _deis,
     # FlowMatchHeun's grid is FlowMatchEuler's with its options at their defaults
