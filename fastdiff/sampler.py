@@ -34,10 +34,10 @@ from fastdiff.ops.solver_step import solver_step
 from fastdiff.profiling import nvtx_range
 from fastdiff.reference.solvers import PREDICTIONS, SOLVERS
 from fastdiff.schedules import MODEL_TIMES, Schedule, get_schedule
-from fastdiff.solvers import Churn, SolverTable, build_table, deis_table, dpmpp_2s_table, flow_heun_table, heun_table, kdpm2_table, lms_table, pndm_table
+from fastdiff.solvers import Churn, SolverTable, build_table, deis_table, dpmpp_2s_table, flow_heun_table, heun_table, kdpm2_table, tcd_table, lms_table, pndm_table
 
 BACKENDS = ("auto", "reference", "cuda", "triton", "cpu")
-_ETA_SOLVERS = ("ddim", "euler_ancestral", "flow_sde")
+_ETA_SOLVERS = ("ddim", "euler_ancestral", "flow_sde", "tcd")
 _FLOW_SOLVERS = ("flow_euler", "flow_sde", "flow_heun")
 _VE_SOLVERS = ("euler", "euler_ancestral", "heun", "lms", "kdpm2")  # they work in sigma/alpha
 
@@ -48,7 +48,7 @@ class Sampler:
     Args:
         solver: one of `fastdiff.SOLVERS` ("ddpm", "ddim", "dpmpp_1m", "dpmpp_2m", "dpmpp_3m",
             "dpmpp_2m_sde", "euler", "euler_ancestral", "heun", "flow_euler", "flow_sde", "consistency",
-            "unipc", "pndm", "lms", "flow_heun", "dpmpp_2s", "deis_2m", "deis_3m", "kdpm2").
+            "unipc", "pndm", "lms", "flow_heun", "dpmpp_2s", "deis_2m", "deis_3m", "kdpm2", "tcd").
         steps: number of grid steps (>= 1; at most the schedule's training timesteps); default 20,
             or the length of an explicit grid. Every solver calls the model once per step but
             "heun", "flow_heun" and "kdpm2", which take 2N - 1 calls (2N with final="min"), and "pndm" (PLMS, diffusers'
@@ -66,7 +66,8 @@ class Sampler:
             flow), "t" (continuous in [0, 1]) or "karras_sigma" (sigma/alpha, EDM/k-diffusion).
         final: "zero" (last step jumps to the clean sample) or "min" (stop at the smallest
             training noise level; no first-order jump).
-        eta: noise fraction for "ddim" (default 0), "euler_ancestral" and "flow_sde" (default 1).
+        eta: noise fraction for "ddim" (default 0), "euler_ancestral" and "flow_sde" (default 1); for
+            "tcd" its gamma (default 0.3: each step goes back to s = floor((1 - gamma) t') first).
         lower_order_final: DPM-Solver++ and UniPC: True caps the order at N - i near the end
             (steadier at few steps), False does not; "last" (DPM-Solver++ only) makes only the last
             step first order. A step to sigma = 0 (or of size zero) is always first order.
@@ -188,8 +189,8 @@ class Sampler:
             raise ValueError("prediction: an 'epsilon' model carries no information about x0 at zero SNR "
                              "(alpha = 0 at the first step); use a v- or sample-predicting model, or a spacing "
                              "that starts below the last timestep")
-        if solver == "pndm" and (self.schedule.kind == "flow" or prediction == "flow"):
-            raise ValueError("solver: 'pndm' transfers along a variance-preserving schedule's noise prediction; "
+        if solver in ("pndm", "tcd") and (self.schedule.kind == "flow" or prediction == "flow"):
+            raise ValueError(f"solver: {solver!r} transfers along a variance-preserving schedule's noise prediction; "
                              "use flow_euler for a flow schedule")
         if solver in _VE_SOLVERS and (model_alpha == 0).any():
             raise ValueError(f"solver: {solver!r} works in sigma/alpha, which is infinite at zero SNR; "
@@ -229,6 +230,9 @@ class Sampler:
             self.table = deis_table(self.grid, prediction, int(solver[5]), lower_order_final)
         elif solver == "dpmpp_2s":
             self.table = dpmpp_2s_table(self.grid, prediction, lower_order_final)
+        elif solver == "tcd":
+            self._solver_args["schedule"] = self.schedule
+            self.table = tcd_table(self.grid, self.schedule, prediction, 0.3 if eta is None else float(eta))
         elif solver == "kdpm2":
             mids = _check_mid_timesteps(mid_timesteps, self.grid)
             self._solver_args.update(schedule=self.schedule, model_time=model_time, mid_times=mids)

@@ -390,6 +390,24 @@ def kdpm2_table(grid: Grid, schedule, model_time: str, prediction: str, mid_time
                        step_state=np.tile([1.0, 0.0], (len(coef), 1)))
 
 
+def tcd_table(grid: Grid, schedule, prediction: str, gamma: float) -> SolverTable:
+    """TCD (`fastdiff.reference.solvers.TCD`) as rows: the DDIM step to s = floor((1 - gamma) tau')
+    in x and D, x_s = (sigma_s / sigma) x + (alpha_s - sigma_s alpha / sigma) D, scaled by
+    k = alpha' / alpha_s, plus noise sqrt(1 - k^2) z but on the last row."""
+    n, al, sg = grid.steps, grid.alpha, grid.sigma
+    coef = np.zeros((n, 8))
+    for i in range(n):
+        if sg[i + 1] == 0.0:  # a step to sigma = 0 ends there: x' = D
+            a_s, s_s = al[i + 1], 0.0
+        else:
+            a_s, s_s = (float(v) for v in schedule.alpha_sigma(math.floor((1.0 - gamma) * grid.tau[i + 1])))
+        k = al[i + 1] / a_s
+        c = 0.0 if i == n - 1 else math.sqrt(max(1.0 - k * k, 0.0))
+        coef[i] = (*_data_prediction(al[i], sg[i], prediction), k * s_s / sg[i],
+                   k * (a_s - s_s * al[i] / sg[i]), 0.0, 0.0, 0.0, c)
+    return _one_row_per_step(coef, np.full((n, 4), -1, dtype=np.int64), 0, grid)
+
+
 def dpmpp_2s_table(grid: Grid, prediction: str, lower_order_final) -> SolverTable:
     """DPM-Solver++(2S) (`fastdiff.reference.solvers.DPMSolverPP2S`) as rows. A first-order row
     is dpmpp_1m's and stores D_s. The second-order row runs at the intermediate point u with

@@ -16,7 +16,7 @@ OP = "solver_step"  # the conftest `backend` fixture: cpu, triton-interp, refere
 
 F64 = torch.float64
 VP_SOLVERS = ["ddpm", "ddim", "dpmpp_1m", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "euler", "euler_ancestral",
-              "consistency", "unipc", "pndm", "lms", "dpmpp_2s", "deis_2m", "deis_3m", "kdpm2"]
+              "consistency", "unipc", "pndm", "lms", "dpmpp_2s", "deis_2m", "deis_3m", "kdpm2", "tcd"]
 FLOW_SOLVERS = ["flow_euler", "flow_sde", "flow_heun", "dpmpp_2m", "dpmpp_3m", "unipc"]
 LOOP_TOL = 2e-6
 # PLMS multiplies the fp32 model outputs' rounding by its Adams-Bashforth weights (sum of |w|
@@ -50,7 +50,7 @@ def _pair(mixture, backend_name, device, *, schedule="linear", prediction="epsil
 @pytest.mark.parametrize("solver", VP_SOLVERS)
 def test_vp_solvers_match_the_textbook_reference(mixture, backend, solver, prediction):
     be, device = backend
-    if device == "cuda" and solver in ("ddpm", "dpmpp_2m_sde", "euler_ancestral", "consistency"):
+    if device == "cuda" and solver in ("ddpm", "dpmpp_2m_sde", "euler_ancestral", "consistency", "tcd"):
         pytest.skip("CUDA draws different noise than the CPU generator: stochastic solvers are checked "
                     "on CPU backends")
     out, ref = _pair(mixture, be, device, solver=solver, prediction=prediction)

@@ -414,6 +414,35 @@ class Consistency(ReferenceSolver):
         return out if z is None else out + self.s[i + 1] * z
 
 
+class TCD(ReferenceSolver):
+    """Trajectory consistency distillation's strategic stochastic sampling (Zheng et al. 2024),
+    as diffusers' TCDScheduler: from point i, the model's x0 and eps take the DDIM step to the
+    earlier noise level s = floor((1 - gamma) tau_{i+1}) (the schedule's discrete time), then
+    forward noise brings it to point i + 1: x_s = alpha_s x0 + sigma_s eps,
+    x' = (alpha'/alpha_s) x_s + sqrt(1 - (alpha'/alpha_s)^2) z, with no noise on the last step.
+    gamma is `eta` (default 0.3); gamma = 0 is DDIM."""
+
+    stochastic = True
+    default_eta = 0.3
+
+    def __init__(self, grid, prediction, *, schedule, **kw):
+        super().__init__(grid, prediction, **kw)
+        # (a step to sigma = 0 ends there: x' = x0)
+        self.mid = [(self.a[i + 1], self.s[i + 1]) if self.s[i + 1] == 0 else
+                    tuple(float(v) for v in schedule.alpha_sigma(math.floor((1.0 - self.eta) * grid.tau[i + 1])))
+                    for i in range(grid.steps)]
+
+    def noise_scale(self, i):
+        if i == self.grid.steps - 1:
+            return 0.0
+        return math.sqrt(max(1.0 - (self.a[i + 1] / self.mid[i][0]) ** 2, 0.0))
+
+    def step(self, i, x, m, z):
+        alpha_s, sigma_s = self.mid[i]
+        out = (self.a[i + 1] / alpha_s) * (alpha_s * self.x0(i, x, m) + sigma_s * self.eps(i, x, m))
+        return out if z is None else out + self.noise_scale(i) * z
+
+
 class Heun(ReferenceSolver):
     """Karras et al. 2022, Algorithm 2 (EDM's stochastic Heun sampler), in the VE coordinates
     y = x / alpha, t = sigma / alpha, with D(y; t) the data prediction. Per step i:
@@ -611,6 +640,7 @@ SOLVERS = {
     "lms": (LMS, {}),
     "flow_heun": (FlowHeun, {}),
     "kdpm2": (KDPM2, {}),
+    "tcd": (TCD, {}),
     "dpmpp_2s": (DPMSolverPP2S, {}),
     "deis_2m": (DEIS, {"order": 2}),
     "deis_3m": (DEIS, {"order": 3}),

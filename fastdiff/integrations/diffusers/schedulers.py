@@ -80,6 +80,9 @@ DEFAULTS = {
                                "solver_type": "logrho"},
     "KDPM2DiscreteScheduler": {k: v for k, v in _merge(_SPACED, _SIGMA_KINDS, beta_start=0.00085,
                                                        beta_end=0.012).items() if k != "rescale_betas_zero_snr"},
+    "TCDScheduler": _merge(_SPACED, _THRESHOLD, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         original_inference_steps=50, clip_sample=False, clip_sample_range=1.0,
+                         set_alpha_to_one=True, timestep_spacing="leading", timestep_scaling=10.0),
     "PNDMScheduler": {k: v for k, v in _merge(_SPACED, skip_prk_steps=False, set_alpha_to_one=False,
                                               timestep_spacing="leading").items() if k != "rescale_betas_zero_snr"},
     "LCMScheduler": _merge(_SPACED, _THRESHOLD, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -106,7 +109,6 @@ NOT_SUPPORTED = {
     "KDPM2AncestralDiscreteScheduler": f"not yet ({_NOT_YET})",
     "EDMEulerScheduler": f"not yet ({_NOT_YET})",
     "EDMDPMSolverMultistepScheduler": f"not yet ({_NOT_YET})",
-    "TCDScheduler": f"not yet ({_NOT_YET})",
 }
 _PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v", "sample": "sample"}
 # Every key any scheduler's __init__ takes: a config key outside its own scheduler's __init__ but
@@ -491,14 +493,26 @@ def _lcm(cfg, n):
     if cfg["clip_sample"]:
         raise ValueError("clip_sample: LCM clips x0 before its boundary mix; fastdiff's clamp acts after it "
                          "(not supported with LCM)")
-    sched = _schedule(cfg)
+    return dict(solver="consistency", schedule=_schedule(cfg), prediction=_prediction(cfg),
+                timesteps=_consistency_times(cfg, n, "LCM"), boundary_scaling=float(cfg["timestep_scaling"]))
+
+
+def _consistency_times(cfg, n, name) -> np.ndarray:
+    """LCM's and TCD's model times: N of the original_inference_steps training times, evenly
+    indexed from the top."""
     T, orig = cfg["num_train_timesteps"], cfg["original_inference_steps"]
     if not 1 <= n <= orig <= T:
-        raise ValueError(f"steps: LCM takes 1 <= steps <= original_inference_steps ({orig}) <= {T}, got {n}")
+        raise ValueError(f"steps: {name} takes 1 <= steps <= original_inference_steps ({orig}) <= {T}, got {n}")
     origin = (np.arange(1, orig + 1) * (T // orig) - 1)[::-1]
-    times = origin[np.floor(np.linspace(0, orig, n, endpoint=False)).astype(np.int64)].astype(np.float64)
-    return dict(solver="consistency", schedule=sched, prediction=_prediction(cfg), timesteps=times,
-                boundary_scaling=float(cfg["timestep_scaling"]))
+    return origin[np.floor(np.linspace(0, orig, n, endpoint=False)).astype(np.int64)].astype(np.float64)
+
+
+def _tcd(cfg, n):
+    if cfg["clip_sample"]:
+        raise ValueError("clip_sample: TCD clips x0 before its noise estimate is taken; not supported by fastdiff")
+    # (the last step ends at training time 0's noise level, as TCDScheduler's does)
+    return dict(solver="tcd", schedule=_schedule(cfg), prediction=_prediction(cfg),
+                timesteps=_consistency_times(cfg, n, "TCD"), final="min")
 
 
 def _flow(cfg, n, mu=None, sigmas=None, timesteps=None):
@@ -541,7 +555,7 @@ _MAPPERS = {
     "DDIMScheduler": _ddim, "DDPMScheduler": _ddpm, "DPMSolverMultistepScheduler": _dpm,
     "EulerDiscreteScheduler": _euler, "EulerAncestralDiscreteScheduler": lambda c, n: _euler(c, n, "euler_ancestral"),
     "HeunDiscreteScheduler": lambda c, n: _euler(c, n, "heun"),
-    "LMSDiscreteScheduler": lambda c, n: _euler(c, n, "lms"), "KDPM2DiscreteScheduler": _kdpm2,
+    "LMSDiscreteScheduler": lambda c, n: _euler(c, n, "lms"), "KDPM2DiscreteScheduler": _kdpm2, "TCDScheduler": _tcd,
     "LCMScheduler": _lcm, "FlowMatchEulerDiscreteScheduler": _flow, "UniPCMultistepScheduler": _unipc,
     "PNDMScheduler": _pndm, "DPMSolverSinglestepScheduler": _dpm_singlestep, "DEISMultistepScheduler": _deis,
     # FlowMatchHeun's grid is FlowMatchEuler's with its options at their defaults
