@@ -1,9 +1,9 @@
 """Per-call host overhead of `solver_step()` (the Python wrapper: argument checks, the overlap
 check, backend choice) over the raw compiled op, on a tensor so small that the kernel costs
-nothing, and the wrapper's parts alone (indented). One thread, medians of repeated loops; not a
-pytest-benchmark suite.
+nothing, and the wrapper's parts alone (indented). One thread, medians of repeated loops; a
+script, not a pytest-benchmark suite (so not named bench_*.py, which gpu_check runs as suites).
 
-    PYTHONPATH=. python benchmarks/bench_overhead.py
+    PYTHONPATH=. python benchmarks/host_overhead.py
 """
 from __future__ import annotations
 
