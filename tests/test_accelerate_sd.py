@@ -24,8 +24,8 @@ SCHEDULERS = {
     "euler": lambda: diffusers.EulerDiscreteScheduler(**SD),
     "pndm": lambda: diffusers.PNDMScheduler(**SD, skip_prk_steps=True),
     "unipc": lambda: diffusers.UniPCMultistepScheduler(**SD),
+    "tcd": lambda: diffusers.TCDScheduler(**SD),  # the pipeline's eta (0) is TCD's gamma
 }
-# what waits for the scheduler-config issue (19): Euler's start at init_noise_sigma, PNDM's plan
 TOL = 1e-4  # float32, relative: a few roundings per step through the fused kernels and blocks
 
 

@@ -127,9 +127,10 @@ def make_plan(pipe, a: dict, options: Options, **grid) -> Sampler:
     (sigmas, timesteps, mu), passed on when given; as diffusers' retrieve_timesteps, given sigmas
     or timesteps replace num_inference_steps."""
     plan = dict(options.plan)
-    eta = a.get("eta", 0.0)
-    if eta and "eta" in inspect.signature(pipe.scheduler.step).parameters:  # as prepare_extra_step_kwargs
-        plan["eta"] = eta
+    # as prepare_extra_step_kwargs: the call's eta (default 0) goes to every step that takes one;
+    # TCD's gamma included, whose step defaults to 0.3 when called without it
+    if "eta" in inspect.signature(pipe.scheduler.step).parameters:
+        plan.setdefault("eta", a.get("eta", 0.0))
     grid = {k: v for k, v in grid.items() if v is not None}
     steps = None if "sigmas" in grid or "timesteps" in grid else a["num_inference_steps"]
     return Sampler.from_scheduler(pipe.scheduler, steps, backend=options.backend, **grid, **plan)
