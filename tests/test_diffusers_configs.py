@@ -4,7 +4,6 @@ of diffusers' set_timesteps and its sampled result, or raises the scheduler's sp
 
 The model is the analytic Gaussian mixture (closed-form model output); diffusers' loop starts
 from noise * init_noise_sigma and calls scheduler.step, as its pipelines do."""
-import math
 import warnings
 
 import numpy as np
@@ -17,6 +16,7 @@ from fastdiff.testing import GaussianMixture
 
 from conftest import require
 from diffusers_configs import FLOW_CONFIGS, FLOW_SCHEDULERS, VP_CONFIGS, VP_SCHEDULERS
+from test_diffusers_schedulers import _diffusers_loop
 
 diffusers = require("diffusers", "diffusers")
 
@@ -51,17 +51,6 @@ def _set_timesteps_args(config, scheduler_name="FlowMatchEulerDiscreteScheduler"
     return dict(mu=flux_mu(config, 1024)) if dynamic else {}
 
 
-def _diffusers_loop(sch, model, noise, seed):
-    x = noise * getattr(sch, "init_noise_sigma", 1.0)
-    gen = torch.Generator().manual_seed(seed)
-    for t in sch.timesteps:
-        m = model(sch.scale_model_input(x, t) if hasattr(type(sch), "scale_model_input") else x,
-                  t.float().expand(x.shape[0]))
-        kw = dict(generator=gen) if "generator" in sch.step.__code__.co_varnames else {}
-        x = sch.step(m, t, x, **kw).prev_sample
-    return x
-
-
 @pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)).replace("Scheduler", "") for c in CASES])
 def test_real_config_gives_diffusers_plan_and_result_or_its_specific_error(case):
     config_name, scheduler_name, n = case
@@ -83,7 +72,7 @@ def test_real_config_gives_diffusers_plan_and_result_or_its_specific_error(case)
     model = gm.model(sampler.schedule, prediction=sampler.prediction)
     noise = torch.randn(3, 2, 3, 3, generator=torch.Generator().manual_seed(0))
     ours = sampler.sample(model, noise, generator=torch.Generator().manual_seed(5))
-    theirs = _diffusers_loop(sch, model, noise, seed=5)
+    theirs = _diffusers_loop(sch, model, noise, n, {}, seed=5, **args)
     scale = theirs.abs().max().item()
     assert (ours - theirs).abs().max().item() <= 1e-4 * scale, (ours - theirs).abs().max().item() / scale
 

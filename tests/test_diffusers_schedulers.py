@@ -5,7 +5,6 @@ its tables in float32, fastdiff in float64: levels agree to 5e-5 in alpha and si
 times exactly). Sampling: on the analytic Gaussian-mixture model, fastdiff's reference and fused
 (cpu) loops equal diffusers' own scheduler.step loop to float32 tolerance."""
 import inspect
-import math
 
 import numpy as np
 import pytest
@@ -119,8 +118,9 @@ def test_grid_equals_set_timesteps(case):
         np.testing.assert_allclose(g.sigma, sigma, atol=5e-5)
 
 
-def _diffusers_loop(sch, model, noise, n, step_kw, seed):
-    sch.set_timesteps(n)
+def _diffusers_loop(sch, model, noise, n, step_kw, seed, **set_timesteps_args):
+    """diffusers' own loop, as its pipelines run it (also tests/test_diffusers_configs.py)."""
+    sch.set_timesteps(n, **set_timesteps_args)
     gen = torch.Generator().manual_seed(seed)
     x = noise * getattr(sch, "init_noise_sigma", 1.0)  # as diffusers' pipelines start
     for t in sch.timesteps:
