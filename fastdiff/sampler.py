@@ -34,7 +34,8 @@ from fastdiff.ops.solver_step import solver_step
 from fastdiff.profiling import nvtx_range
 from fastdiff.reference.solvers import PREDICTIONS, SOLVERS
 from fastdiff.schedules import MODEL_TIMES, Schedule, get_schedule
-from fastdiff.solvers import Churn, SolverTable, build_table, deis_table, dpmpp_2s_table, flow_heun_table, heun_table, kdpm2_table, tcd_table, lms_table, pndm_table
+from fastdiff.solvers import (Churn, SolverTable, build_table, deis_table, dpmpp_2s_table, flow_heun_table, heun_table,
+                              kdpm2_table, lms_table, pndm_table, tcd_table)
 
 BACKENDS = ("auto", "reference", "cuda", "triton", "cpu")
 _ETA_SOLVERS = ("ddim", "euler_ancestral", "flow_sde", "tcd")
@@ -51,8 +52,9 @@ class Sampler:
             "unipc", "pndm", "lms", "flow_heun", "dpmpp_2s", "deis_2m", "deis_3m", "kdpm2", "tcd").
         steps: number of grid steps (>= 1; at most the schedule's training timesteps); default 20,
             or the length of an explicit grid. Every solver calls the model once per step but
-            "heun", "flow_heun" and "kdpm2", which take 2N - 1 calls (2N with final="min"), and "pndm" (PLMS, diffusers'
-            PNDMScheduler with skip_prk_steps), N + 1: `model_calls` says how many.
+            "heun", "flow_heun" and "kdpm2", which take 2N - 1 calls (2N with final="min"), and
+            "pndm" (PLMS, diffusers' PNDMScheduler with skip_prk_steps), N + 1: `model_calls`
+            says how many.
         schedule: "linear", "scaled_linear", "cosine", "flow", or a VPSchedule/FlowSchedule.
         spacing: "leading", "trailing" (default), "linspace", "karras" or "logsnr", or a
             coarse-to-fine `fastdiff.TwoStage(coarse, split_sigma, ...)` (see `fastdiff.grid`).
@@ -232,7 +234,8 @@ class Sampler:
             self.table = dpmpp_2s_table(self.grid, prediction, lower_order_final)
         elif solver == "tcd":
             self._solver_args["schedule"] = self.schedule
-            self.table = tcd_table(self.grid, self.schedule, prediction, 0.3 if eta is None else float(eta))
+            gamma = cls.default_eta if eta is None else float(eta)  # the reference's default: one place
+            self.table = tcd_table(self.grid, self.schedule, prediction, gamma)
         elif solver == "kdpm2":
             mids = _check_mid_timesteps(mid_timesteps, self.grid)
             self._solver_args.update(schedule=self.schedule, model_time=model_time, mid_times=mids)

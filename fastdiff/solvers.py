@@ -77,10 +77,16 @@ class SolverTable:
         return out.clone() if e == 0.0 and k == 1.0 else k * out + e * z
 
 
+def _table(coef, slots, history: int, times, ends) -> SolverTable:
+    """A table from its rows (lists or arrays) whose outputs are the completed steps' own states
+    (no churn to undo: step_state (1, 0))."""
+    return SolverTable(coef=np.array(coef, dtype=np.float64), slots=np.array(slots, dtype=np.int64),
+                       history=history, model_time=np.array(times, dtype=np.float64),
+                       ends_step=np.array(ends, dtype=bool), step_state=np.tile([1.0, 0.0], (len(coef), 1)))
+
+
 def _one_row_per_step(coef, slots, history, grid: Grid) -> SolverTable:
-    n = len(coef)
-    return SolverTable(coef=coef, slots=slots, history=history, model_time=grid.model_time.copy(),
-                       ends_step=np.ones(n, dtype=bool), step_state=np.tile([1.0, 0.0], (n, 1)))
+    return _table(coef, slots, history, grid.model_time, np.ones(len(coef), dtype=bool))
 
 
 @dataclass(frozen=True)
@@ -315,9 +321,7 @@ def flow_heun_table(grid: Grid, schedule, model_time: str, prediction: str) -> S
         slots.append([-1, 0, -1, -1])
         times.append(grid.model_time[j + 1] if j + 1 < n else end_time)
         ends.append(True)
-    return SolverTable(coef=np.array(coef, dtype=np.float64), slots=np.array(slots, dtype=np.int64), history=1,
-                       model_time=np.array(times, dtype=np.float64), ends_step=np.array(ends),
-                       step_state=np.tile([1.0, 0.0], (len(coef), 1)))
+    return _table(coef, slots, 1, times, ends)
 
 
 def deis_table(grid: Grid, prediction: str, order: int, lower_order_final) -> SolverTable:
@@ -385,9 +389,7 @@ def kdpm2_table(grid: Grid, schedule, model_time: str, prediction: str, mid_time
         times.append(float(schedule.model_time(np.array([tau]), model_time)[0]) if mid_times is None
                      else float(mid_times[i]))
         ends.append(True)
-    return SolverTable(coef=np.array(coef, dtype=np.float64), slots=np.array(slots, dtype=np.int64), history=1,
-                       model_time=np.array(times, dtype=np.float64), ends_step=np.array(ends),
-                       step_state=np.tile([1.0, 0.0], (len(coef), 1)))
+    return _table(coef, slots, 1, times, ends)
 
 
 def tcd_table(grid: Grid, schedule, prediction: str, gamma: float) -> SolverTable:
@@ -475,13 +477,8 @@ def pndm_table(grid: Grid, prediction: str) -> SolverTable:
         coef.append([0.0, 1.0, p] + [q * wl for wl in w] + [0.0] * (4 - k) + [0.0])
         slots.append([i % slots_n] + [(i - l) % slots_n if l < k else -1 for l in range(1, 4)])
         times.append(grid.model_time[i])
-    rows = len(coef)
-    ends = np.ones(rows, dtype=bool)
-    if n > 1:
-        ends[0] = False
-    return SolverTable(coef=np.array(coef, dtype=np.float64), slots=np.array(slots, dtype=np.int64),
-                       history=slots_n, model_time=np.array(times, dtype=np.float64), ends_step=ends,
-                       step_state=np.tile([1.0, 0.0], (rows, 1)))
+    ends = [n == 1] + [True] * (len(coef) - 1)  # row 0 of two or more steps is the predictor
+    return _table(coef, slots, slots_n, times, ends)
 
 
 def _third_order_weights(a_s, phi, h, r0, r1, d2_weight=2.0):
