@@ -25,6 +25,17 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "plot"
 
 
+def _save(fig, ax, path: Path) -> Path:
+    """Legend, layout, write and close one figure; -> its path."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def make_plots(entries: Sequence[Entry], outdir: str | os.PathLike) -> Optional[List[Path]]:
     """Write PNGs into `outdir`; None when matplotlib is not installed."""
     if not _have_matplotlib():
@@ -62,12 +73,7 @@ def make_plots(entries: Sequence[Entry], outdir: str | os.PathLike) -> Optional[
         ax.set_ylabel("median time (ms)")
         ax.set_title(f"{op}: time vs size")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = outdir / f"{_slug(op)}_time_vs_size.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, ax, outdir / f"{_slug(op)}_time_vs_size.png"))
 
     samples = [e for e in entries if e.op in SAMPLE_OPS and e.ms_per_image is not None]
     for size in sorted({e.size for e in samples}, key=_natural_key):
@@ -88,10 +94,5 @@ def make_plots(entries: Sequence[Entry], outdir: str | os.PathLike) -> Optional[
         ax.set_ylabel("ms / image")
         ax.set_title(f"sampling, size {size}: ms/image vs steps")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = outdir / f"sample_{_slug(str(size))}_ms_per_image_vs_steps.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, ax, outdir / f"sample_{_slug(str(size))}_ms_per_image_vs_steps.png"))
     return written
