@@ -89,13 +89,18 @@ def sdxl(scheduler, folder):
     return pipe
 
 
-def sd3(scheduler):
-    """SD3-shaped MMDiT; no text encoders (prompt and pooled embeddings are given)."""
+def sd3_transformer(**overrides):
+    """SD3-shaped MMDiT (the last block context_pre_only); SD3.5's qk_norm / dual attention as overrides."""
     torch.manual_seed(0)
-    transformer = randomise(diffusers.SD3Transformer2DModel(
+    return randomise(diffusers.SD3Transformer2DModel(**{**dict(
         sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16,
-        pos_embed_max_size=8))
+        pos_embed_max_size=8), **overrides}))
+
+
+def sd3(scheduler):
+    """SD3-shaped MMDiT; no text encoders (prompt and pooled embeddings are given)."""
+    transformer = sd3_transformer()
     vae = randomise(diffusers.AutoencoderKL(**VAE, shift_factor=0.06, scaling_factor=1.5), 3)
     pipe = diffusers.StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=None,
                                               tokenizer=None, text_encoder_2=None, tokenizer_2=None,
@@ -104,13 +109,18 @@ def sd3(scheduler):
     return pipe
 
 
+def flux_transformer(guidance_embeds=True):
+    """Flux-shaped: one double-stream and one single-stream block, rotary embedding over 3 axes."""
+    torch.manual_seed(0)
+    return randomise(diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8)))
+
+
 def flux(scheduler, guidance_embeds=True):
     """Flux-shaped: double- and single-stream blocks, rotary ids, packed latents (4 channels in
     2x2 patches); no text encoders."""
-    torch.manual_seed(0)
-    transformer = randomise(diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8)))
+    transformer = flux_transformer(guidance_embeds)
     vae = randomise(diffusers.AutoencoderKL(**VAE, shift_factor=0.06, scaling_factor=1.5), 3)
     pipe = diffusers.FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
                                   text_encoder_2=None, tokenizer_2=None, transformer=transformer)

@@ -80,3 +80,18 @@ def test_flux(dynamic, true_cfg):
     assert ours.images.shape == (1, 3, 16, 24)
     assert rel(ours.images, theirs.images) < TOL
     assert seen == [1] * (12 if true_cfg > 1 else 6)  # true CFG: two calls per step, as the pipeline makes
+
+
+@pytest.mark.parametrize("build", [pipes.sd3, pipes.flux], ids=["sd3", "flux"])
+def test_the_transformers_attention_runs_fused_until_restore(build):
+    """The comparisons above run fastdiff's joint-attention processor; restore() gives diffusers' back."""
+    import fastdiff
+    from fastdiff.integrations.diffusers.transformer_models import FastdiffJointAttnProcessor
+
+    pipe = build(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+    attns = [m for m in pipe.transformer.modules() if hasattr(m, "set_processor")]
+    theirs = [m.processor for m in attns]
+    fastdiff.accelerate(pipe)
+    assert attns and all(isinstance(m.processor, FastdiffJointAttnProcessor) for m in attns)
+    fastdiff.restore(pipe)
+    assert [m.processor for m in attns] == theirs

@@ -12,7 +12,7 @@ import torch.nn as nn
 import fastdiff
 from conftest import run_without_extension, setup_backend, require
 from fastdiff.nn import functional as FD
-from tolerances import REL_TOL, assert_close, rel_err
+from tolerances import assert_as_close_as, assert_close, rel_err
 
 diffusers = require("diffusers", "diffusers")
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
@@ -111,10 +111,8 @@ def test_optimized_unet_in_half_precision(model_name, dtype, monkeypatch):
     half_args = [a.to(dtype) if a.is_floating_point() else a for a in args]
     half = copy.deepcopy(model).to(dtype)
     with torch.no_grad():
-        diffusers_err = rel_err(_run(half, half_args), ref)
-        out = _run(fastdiff.optimize(half, backend=be), half_args)
-    assert out.dtype == dtype
-    assert rel_err(out, ref) <= diffusers_err + REL_TOL[dtype], (rel_err(out, ref), diffusers_err)
+        theirs = _run(half, half_args)
+        assert_as_close_as(_run(fastdiff.optimize(half, backend=be), half_args), theirs, ref, dtype, what=model_name)
 
 
 def test_what_is_fused_and_the_report():

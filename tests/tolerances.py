@@ -47,3 +47,14 @@ def assert_close_each(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, 
         i = tuple(int(v) for v in bad.nonzero()[0])
         raise AssertionError(f"{what} {int(bad.sum())} of {bad.numel()} elements off ({dtype}), first at {i}: "
                              f"{float(out[i])!r} vs {float(ref[i])!r}")
+
+
+def assert_as_close_as(out: torch.Tensor, theirs: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
+                       what: str = "") -> None:
+    """For whole models in half precision: every layer rounds, so the original model's own run
+    (`theirs`) is off the float64 `ref` by many table rows already; `out` may be off by at most
+    that plus one table tolerance."""
+    assert out.dtype == theirs.dtype == dtype, (out.dtype, theirs.dtype, dtype)
+    err, their_err = rel_err(out, ref), rel_err(theirs, ref)
+    assert err <= their_err + REL_TOL[dtype], \
+        f"{what} relative error {err:.3e} > the original's {their_err:.3e} + {REL_TOL[dtype]:.1e} ({dtype})"

@@ -18,6 +18,7 @@ Parameter objects under the same names):
   not). Modules with features the processor does not implement (spatial_norm, norm_cross, q/k
   norms, added KV projections, grouped KV heads, no output projection, scale_qk=False) or with
   any other processor (LoRA, IP-Adapter, fused projections, a user's own) keep theirs.
+* SD3 / Flux transformers' joint attention and adaLN: `transformer_models` (the rules there run first).
 """
 from __future__ import annotations
 
@@ -182,6 +183,11 @@ _ROOT_BLOCK = "it is the model passed to optimize() itself and cannot be replace
 def transform(parent: Optional[nn.Module], name: str, child: nn.Module, backend: str) -> bool:
     """Fuse `child` (named `name` in `parent`; parent None: the model itself) if diffusers-specific.
     True: handled, do not descend."""
+    from fastdiff.integrations.diffusers import transformer_models  # SD3 / Flux (it imports this module)
+
+    handled = transformer_models.transform(parent, name, child, backend)
+    if handled is not None:
+        return handled
     if isinstance(child, FusedResnetBlock2D):
         return True  # already fused; optimize() points its norms at `backend`
     if type(child) is ResnetBlock2D:  # a subclass may change forward: not recognised
@@ -206,6 +212,11 @@ def transform(parent: Optional[nn.Module], name: str, child: nn.Module, backend:
 
 def describe(module: nn.Module) -> Optional[Tuple[str, str, bool]]:
     """(report list, what, descend) for a diffusers-specific module, else None."""
+    from fastdiff.integrations.diffusers import transformer_models
+
+    entry = transformer_models.describe(module)
+    if entry is not None:
+        return entry
     if isinstance(module, FusedResnetBlock2D):
         return ("replaced", "ResnetBlock2D: norm1 + SiLU one fused op; time-embedding add + norm2 + SiLU one fused "
                             "op (the add before the statistics)", False)
