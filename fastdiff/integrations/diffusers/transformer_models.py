@@ -4,13 +4,13 @@
 * SD3's `Attention` with `JointAttnProcessor2_0` (joint image + context attention, and the
   image-only `attn2` of SD3.5's dual-attention blocks) and Flux's `FluxAttention` with
   `FluxAttnProcessor` (double-stream blocks: image + context; single-stream blocks: one stream,
-  no output projection) get `FastdiffJointAttnProcessor`: one packed QKV GEMM per stream, both
+  no output projection) get `FastdiffJointAttnProcessor`: one packed QKV GEMM per stream (Flux
+  after `fuse_qkv_projections()`: its packed layers, else the weights concatenated per call), both
   streams' projections side by side in one (B, L, 3, H, D) buffer, q/k RMSNorm (SD3 with
   qk_norm="rms_norm", Flux always) and Flux's rotary embedding applied to q and k together, in
   float32, rounded once, on their way into that buffer; then `fastdiff::attention` reads head-split
   views of it and writes the (B, L, H*D) layout the output projections take (no transposes).
-  Modules with q/k norms other than RMSNorm, fused projections (`fuse_qkv_projections()`) or
-  any other processor (IP-Adapter, a user's own, a subclass) keep theirs, and the report says why.
+  Modules with q/k norms other than RMSNorm or any other processor (IP-Adapter, a user's own, a subclass) keep theirs, and the report says why.
 * adaLN (LayerNorm without affine, then x * (1 + scale) + shift, gates in the block's forward):
   runs as in diffusers, reported as not fused: fastdiff has no adaLN-modulation op yet.
 """
@@ -69,8 +69,6 @@ def joint_attention_unsupported(attn: nn.Module) -> Optional[str]:
     if type(proc) not in (_THEIRS[type(attn)], FastdiffJointAttnProcessor):  # a subclass may change it
         return (f"processor {type(proc).__name__} is not diffusers' plain {_THEIRS[type(attn)].__name__} (it may add "
                 "behaviour fastdiff's processor does not reproduce)")
-    if getattr(attn, "fused_projections", False):
-        return "fused projections (fuse_qkv_projections()): not fused by fastdiff"
     if not attn.to_q.out_features == attn.to_k.out_features == attn.to_v.out_features:
         return "q, k and v projections of different widths (grouped KV heads): not fused"
     for norm_q, norm_k in _norm_pairs(attn):
@@ -78,6 +76,14 @@ def joint_attention_unsupported(attn: nn.Module) -> Optional[str]:
         if why is not None:
             return f"q/k norms: {why}"
     return None
+
+
+def _projections(attn: nn.Module, context: bool) -> tuple:
+    """The linear layer(s) giving one stream's [q | k | v]: Flux's processor uses the packed layers
+    `fuse_qkv_projections()` made (no weight concatenation per call); SD3's ignores them."""
+    if isinstance(attn, FluxAttention) and attn.fused_projections:
+        return (attn.to_added_qkv,) if context else (attn.to_qkv,)
+    return (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj) if context else (attn.to_q, attn.to_k, attn.to_v)
 
 
 def _rms_and_rope(qk: torch.Tensor, norm_q, norm_k, rope) -> torch.Tensor:
@@ -112,7 +118,7 @@ def _joint_qkv(streams, pairs, rope, heads: int, head_dim: int) -> torch.Tensor:
     """The streams' packed projections side by side in token order, (B, L, 3 * H * D) with
     features [q | k | v]: each written once into the joint buffer, q and k normalised and rotated
     on the way (slice assignment rather than in-place updates, so autograd differentiates it)."""
-    parts = [packed_linear(x, *linears) for x, linears in streams]
+    parts = [linears[0](x) if len(linears) == 1 else packed_linear(x, *linears) for x, linears in streams]
     if len(parts) == 1 and pairs[0][0] is None and rope is None:
         return parts[0]  # already the layout the attention reads
     tokens = [p.shape[1] for p in parts]
@@ -149,9 +155,9 @@ class FastdiffJointAttnProcessor:
                              "(added_kv_proj_dim=None): expected None")
         heads = attn.heads
         head_dim = attn.to_q.out_features // heads
-        streams = [(hidden_states, (attn.to_q, attn.to_k, attn.to_v))]
+        streams = [(hidden_states, _projections(attn, False))]
         if encoder_hidden_states is not None:
-            context = (encoder_hidden_states, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            context = (encoder_hidden_states, _projections(attn, True))
             streams = [context] + streams if flux else streams + [context]  # Flux: context tokens first
         pairs = _norm_pairs(attn)
         if flux and encoder_hidden_states is not None:
