@@ -10,7 +10,8 @@ What it recognises (everything else is left alone, and reported when it looks fu
   parent applies in `forward` code cannot be seen, so it stays a separate op (the report says so).
 * diffusers models (`UNet2DModel`, `UNet2DConditionModel`, ...): their ResNet blocks, output
   GroupNorm + SiLU and attention processors, by `fastdiff.integrations.diffusers.models` (imported only
-  when the model contains diffusers modules; see there).
+  when the model contains diffusers modules; see there); SD3 / Flux transformers' joint attention by
+  its `transformer_models`.
 * attention of other types (`nn.MultiheadAttention`, third-party blocks): not replaced, reported.
 
 The new modules share the original Parameter objects (weights are kept, not copied), so
@@ -122,7 +123,7 @@ def _describe(name: str, module: nn.Module, adapter, report: OptimizeReport) -> 
         report.fused.append((shown, f"{type(module).__name__} on backend {module.backend!r}"))
     elif isinstance(module, nn.MultiheadAttention) or "attention" in type(module).__name__.lower():
         report.not_replaced.append((shown, f"{type(module).__name__}: only fastdiff.nn.AttentionBlock and "
-                                           "diffusers Attention are fused"))
+                                           "diffusers Attention / FluxAttention are fused"))
     for child_name, child in module.named_children():
         _describe(_join(name, child_name), child, adapter, report)
 
