@@ -83,6 +83,7 @@
 #   bench:sampling     fastdiff's own U-Net sampling: eager vs fused vs graph                    45
 #   bench:attention    attention and linear_residual                                             35
 #   bench:unet         U-Net forward: eager vs fused                                             20
+#   bench:transformers diffusers SD3 / Flux transformer forward: diffusers vs fastdiff.optimize    45
 #   bench:generate     fastdiff.generate vs a plain sample() loop (digits model)                 20
 #   compile:unet       torch.compile of the U-Net forward, largest workload (bench_unet)        150
 #   compile:sample     torch.compile(mode="max-autotune") sampling, largest workload            390
@@ -114,14 +115,14 @@ PY=${PYTHON:-python3}
 # ---------------------------------------------------------------- the plan
 # Phases in priority order; DEFAULT=0: only when named in --phases.
 PHASES=(versions build tests bench:diffusers sanitize:memcheck sanitize:racecheck tests:triton bench:copy
-        bench:solver_step bench:group_norm_silu bench:sampling bench:attention bench:unet bench:generate
-        compile compile:unet compile:sample ncu)
+        bench:solver_step bench:group_norm_silu bench:sampling bench:attention bench:unet bench:transformers
+        bench:generate compile compile:unet compile:sample ncu)
 declare -A CAP=([setup]=20 [versions]=10 [build]=90 [tests]=45 [bench:diffusers]=80 [sanitize:memcheck]=50
   [sanitize:racecheck]=35 [tests:triton]=60 [bench:copy]=15 [bench:solver_step]=25 [bench:group_norm_silu]=25
-  [bench:sampling]=45 [bench:attention]=35 [bench:unet]=20 [bench:generate]=20 [compile]=25 [compile:unet]=150
+  [bench:sampling]=45 [bench:attention]=35 [bench:unet]=20 [bench:transformers]=45 [bench:generate]=20 [compile]=25 [compile:unet]=150
   [compile:sample]=390 [ncu]=45 [report]=15)
-declare -A DEFAULT=([bench:sampling]=0 [bench:attention]=0 [bench:unet]=0 [bench:generate]=0 [compile:unet]=0
-  [compile:sample]=0)
+declare -A DEFAULT=([bench:sampling]=0 [bench:attention]=0 [bench:unet]=0 [bench:transformers]=0 [bench:generate]=0
+  [compile:unet]=0 [compile:sample]=0)
 declare -A WHAT=([setup]="GPU probe and result naming (always runs)"
   [versions]="driver, toolkit and library versions, carried wheels; commit"
   [build]="carried wheels; pip install -e . with the CUDA kernels for this GPU"
@@ -133,6 +134,7 @@ declare -A WHAT=([setup]="GPU probe and result naming (always runs)"
   [bench:copy]="copy/add bandwidth baselines" [bench:solver_step]="fused solver step"
   [bench:group_norm_silu]="fused GroupNorm+SiLU" [bench:sampling]="sampling: eager vs fused vs graph"
   [bench:attention]="attention and linear_residual" [bench:unet]="U-Net forward: eager vs fused"
+  [bench:transformers]="diffusers SD3 / Flux transformer forward: diffusers vs fastdiff.optimize"
   [bench:generate]="fastdiff.generate vs a plain sample() loop (digits model)"
   [compile]="torch.compile providers of the kernel benchmarks, largest size (after a probe)"
   [compile:unet]="torch.compile U-Net forward, largest workload (after a probe)"
@@ -141,7 +143,7 @@ declare -A WHAT=([setup]="GPU probe and result naming (always runs)"
   [report]="markdown report, plots, phase table (always runs)")
 # Python modules a phase imports that the GPU machine gets only from .whl/: without them the
 # phase is skipped, saying so (instead of pytest skipping every benchmark quietly).
-declare -A NEEDS=([bench:diffusers]=diffusers)
+declare -A NEEDS=([bench:diffusers]=diffusers [bench:transformers]=diffusers)
 
 usage() { sed -n '2,/^$/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
 PLAN_ONLY=0

@@ -207,8 +207,8 @@ def describe(module: nn.Module) -> Optional[Tuple[str, str, bool]]:
             return "not_replaced", f"{kind} left as is: {why}", False
         norms = " + q/k RMSNorm" if module.norm_q is not None else ""
         rope = " + rotary embedding" if isinstance(module, FluxAttention) else ""
-        return ("replaced", f"{kind}: FastdiffJointAttnProcessor (packed QKV GEMM per stream{norms}{rope} in place, "
-                            f"fastdiff::attention) on backend {module.processor.backend!r}", False)
+        return ("replaced", f"{kind}: FastdiffJointAttnProcessor (packed QKV GEMM per stream{norms}{rope} into one "
+                            f"joint buffer, fastdiff::attention) on backend {module.processor.backend!r}", False)
     if isinstance(module, _ADALN):
         return "not_replaced", f"{type(module).__name__} {_ADALN_WHY}", False
     if type(module) is nn.LayerNorm and not module.elementwise_affine:
