@@ -188,7 +188,7 @@ class _UsersFluxProcessor(FluxAttnProcessor):
 
 def _attention_zoo():
     """Single attention modules as SD3 and Flux configure them, at awkward sizes (batch 3, odd
-    token counts, head_dim 40 and 24), and two that keep their processors."""
+    token counts, head_dim 40 and 24), and three that keep their processors."""
     torch.manual_seed(0)
     joint = dict(query_dim=48, heads=2, dim_head=24, out_dim=48, added_kv_proj_dim=48, bias=True, eps=1e-6)
     return pipes.randomise(nn.ModuleDict({
@@ -201,6 +201,8 @@ def _attention_zoo():
         "flux_single": FluxAttention(query_dim=80, heads=2, dim_head=40, out_dim=80, bias=True, pre_only=True,
                                      eps=1e-6, elementwise_affine=False),
         "sd3_layer_norm": Attention(**joint, qk_norm="layer_norm", processor=JointAttnProcessor2_0()),
+        "across_heads": Attention(query_dim=48, heads=2, kv_heads=2, dim_head=24, qk_norm="rms_norm_across_heads",
+                                  processor=JointAttnProcessor2_0()),
         "users_processor": FluxAttention(query_dim=80, heads=2, dim_head=40, out_dim=80, bias=True, pre_only=True,
                                          processor=_UsersFluxProcessor()),
         # fuse_qkv_projections(): Flux's processor then uses the packed layers (to_qkv, to_added_qkv)
@@ -252,6 +254,7 @@ def test_attention_processor_equals_diffusers(backend_name, monkeypatch):
     assert all(zoo[name].processor is originals[name] for name in set(zoo) - fused)
     why = dict(fastdiff.optimize_report(zoo).not_replaced)
     assert "LayerNorm" in why["sd3_layer_norm"] and "_UsersFluxProcessor" in why["users_processor"]
+    assert "each head's 24 features" in why["across_heads"]
     with torch.no_grad():
         for name, x in inputs.items():
             out = _call(zoo[name], x, torch.float32)

@@ -10,7 +10,8 @@
   qk_norm="rms_norm", Flux always) and Flux's rotary embedding applied to q and k together, in
   float32, rounded once, on their way into that buffer; then `fastdiff::attention` reads head-split
   views of it and writes the (B, L, H*D) layout the output projections take (no transposes).
-  Modules with q/k norms other than RMSNorm or any other processor (IP-Adapter, a user's own, a subclass) keep theirs, and the report says why.
+  Modules with q/k norms other than per-head RMSNorm or with any other processor (IP-Adapter,
+  a user's own, a subclass) keep theirs, and the report says why.
 * adaLN (LayerNorm without affine, then x * (1 + scale) + shift, gates in the block's forward):
   runs as in diffusers, reported as not fused: fastdiff has no adaLN-modulation op yet.
 """
@@ -35,11 +36,14 @@ _ADALN_WHY = ("runs as in diffusers: LayerNorm + adaLN modulation (x * (1 + scal
               "has no adaLN op yet")
 
 
-def _norm_unsupported(norm: Optional[nn.Module]) -> Optional[str]:
+def _norm_unsupported(norm: Optional[nn.Module], head_dim: int) -> Optional[str]:
     if norm is None:
         return None
     if type(norm) not in (RMSNorm, nn.RMSNorm):
         return f"{type(norm).__name__}: only RMSNorm q/k norms are fused"
+    dims = tuple(norm.dim if type(norm) is RMSNorm else norm.normalized_shape)
+    if dims != (head_dim,):
+        return f"RMSNorm over {dims}, not over each head's {head_dim} features: not fused"
     if getattr(norm, "bias", None) is not None:
         return "RMSNorm with a bias: not fused"
     return None
@@ -53,8 +57,8 @@ def _norm_pairs(attn: nn.Module) -> List[Tuple[Optional[nn.Module], Optional[nn.
     return pairs
 
 
-def _pair_unsupported(norm_q, norm_k) -> Optional[str]:
-    why = _norm_unsupported(norm_q) or _norm_unsupported(norm_k)
+def _pair_unsupported(norm_q, norm_k, head_dim: int) -> Optional[str]:
+    why = _norm_unsupported(norm_q, head_dim) or _norm_unsupported(norm_k, head_dim)
     if why is None and (norm_q is None) != (norm_k is None):
         why = "a q norm without a k norm (or the reverse): not fused"
     if why is None and norm_q is not None and (
@@ -72,7 +76,7 @@ def joint_attention_unsupported(attn: nn.Module) -> Optional[str]:
     if not attn.to_q.out_features == attn.to_k.out_features == attn.to_v.out_features:
         return "q, k and v projections of different widths (grouped KV heads): not fused"
     for norm_q, norm_k in _norm_pairs(attn):
-        why = _pair_unsupported(norm_q, norm_k)
+        why = _pair_unsupported(norm_q, norm_k, attn.to_q.out_features // attn.heads)
         if why is not None:
             return f"q/k norms: {why}"
     return None
