@@ -19,7 +19,7 @@ from fastdiff.sampler import BACKENDS, Sampler
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 WRAPPERS = "_fastdiff_wrappers"  # the attribute of a denoiser holding its wrappers (see `wrapper`)
 # Sampler options a call decides (the grid) or that accelerate() takes on its own
-_CALL_OWNED = ("self", "steps", "sigmas", "timesteps", "backend")
+_CALL_OWNED = ("self", "steps", "sigmas", "timesteps", "backend", "first_step")
 PLAN_OPTIONS = tuple(p for p in inspect.signature(Sampler.__init__).parameters if p not in _CALL_OWNED)
 _WHY = {
     "callback_on_step_end": "a step-end callback needs the host between steps and may edit the loop's tensors; "
@@ -27,7 +27,19 @@ _WHY = {
     "callback": "a per-step callback needs the host between steps; fastdiff runs the loop as one unit",
     "ip_adapter_image": "IP-Adapter image conditioning is not wired into fastdiff's loop",
     "denoising_end": "ending the loop early (SDXL base + refiner) is not supported",
+    "denoising_start": "starting from a base pipeline's partly denoised latents (SDXL refiner) is not supported; "
+                       "strength= starts part-way from an image",
     "skip_guidance_layers": "skip-layer guidance needs a third model call on some steps",
+}
+
+
+# Schedulers whose diffusers img2img (strength < 1) start differs from a plan begun afresh at the
+# first kept step, which is what fastdiff runs
+_NO_PARTWAY_START = {
+    "LMSDiscreteScheduler": "diffusers' LMS starts part-way at full order with one stored derivative: it "
+                            "weights that derivative by the order-4 coefficient alone",
+    "PNDMScheduler": "diffusers' PNDM (PLMS) takes its second model call as the corrector of the first step, "
+                     "which part-way is a call at the next timestep",
 }
 
 
@@ -46,8 +58,8 @@ class Options:
             raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {self.backend!r}")
         for name in self.plan:
             if name in _CALL_OWNED:
-                raise ValueError(f"{name}: set by the pipeline call (num_inference_steps, sigmas, timesteps) or by "
-                                 "backend=")
+                raise ValueError(f"{name}: set by the pipeline call (num_inference_steps, sigmas, timesteps, "
+                                 "strength) or by backend=")
             if name not in PLAN_OPTIONS:
                 raise ValueError(f"{name}: not a fastdiff.Sampler option (expected one of {list(PLAN_OPTIONS)})")
 
@@ -104,6 +116,9 @@ def check_common(a: dict) -> None:
     for name in ("guidance_scale", "true_cfg_scale"):
         if name in a:
             check_guidance_scale(a[name])
+    if "strength" in a and (isinstance(a["strength"], bool) or not isinstance(a["strength"], (int, float))
+                            or not 0.0 <= a["strength"] <= 1.0):
+        raise ValueError(f"strength: expected a number in [0, 1], got {a['strength']!r}")
     r = a.get("guidance_rescale", 0.0)
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r <= 1.0:
         raise ValueError(f"guidance_rescale: expected a number in [0, 1], got {r!r}")
@@ -122,10 +137,12 @@ def batch_size(a: dict) -> int:
     return n * a["num_images_per_prompt"]
 
 
-def make_plan(pipe, a: dict, options: Options, **grid) -> Sampler:
+def make_plan(pipe, a: dict, options: Options, strength: Optional[float] = None, **grid) -> Sampler:
     """The plan of `pipe.scheduler` for this call. `grid`: the scheduler's set_timesteps arguments
     (sigmas, timesteps, mu), passed on when given; as diffusers' retrieve_timesteps, given sigmas
-    or timesteps replace num_inference_steps."""
+    or timesteps replace num_inference_steps. `strength` (img2img): as the img2img pipelines'
+    get_timesteps, the plan of N steps keeps its last int(N * strength) steps (Sampler's
+    first_step); the scheduler's multistep warm-up starts at the first kept step there too."""
     plan = dict(options.plan)
     # as prepare_extra_step_kwargs: the call's eta (default 0) goes to every step that takes one;
     # TCD's gamma included, whose step defaults to 0.3 when called without it
@@ -133,6 +150,17 @@ def make_plan(pipe, a: dict, options: Options, **grid) -> Sampler:
         plan.setdefault("eta", a.get("eta", 0.0))
     grid = {k: v for k, v in grid.items() if v is not None}
     steps = None if "sigmas" in grid or "timesteps" in grid else a["num_inference_steps"]
+    if strength is not None:
+        n = steps if steps is not None else len(grid.get("sigmas", grid.get("timesteps")))
+        kept = min(int(n * strength), n)
+        if kept == 0:
+            raise ValueError(f"strength: {strength} of {n} steps keeps no denoising step (int(steps * strength) = 0); "
+                             "raise strength or num_inference_steps")
+        plan["first_step"] = n - kept
+        why = _NO_PARTWAY_START.get(type(pipe.scheduler).__name__)
+        if kept < n and why:
+            raise ValueError(f"strength: {strength} < 1 starts part-way; {why}, which fastdiff does not reproduce "
+                             "(strength=1 or another scheduler)")
     return Sampler.from_scheduler(pipe.scheduler, steps, backend=options.backend, **grid, **plan)
 
 
@@ -162,14 +190,24 @@ def initial_noise(shape, generator, device, dtype, latents: Optional[torch.Tenso
     return latents.to(device=device, dtype=dtype)
 
 
-def denoise(sampler: Sampler, model, noise: torch.Tensor, options: Options, *, guidance_scale: float, cond: dict,
-            uncond: Optional[dict], generator, cfg: str = "batched") -> torch.Tensor:
+def denoise(pipe, sampler: Sampler, model, noise: torch.Tensor, options: Options, *, guidance_scale: float,
+            cond: dict, uncond: Optional[dict], generator, cfg: str = "batched",
+            x0: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The fused loop from `noise` (in the pipeline's latents dtype, which the model is called
-    in; the solver state is float32); the final latents in that dtype. `uncond` None: no CFG."""
+    in; the solver state is float32); the final latents in that dtype. `uncond` None: no CFG.
+    `x0`: img2img's clean image latents, noised to the plan's first level (Sampler.sample's x0).
+    The pipeline's progress bar (`pipe.progress_bar`, as pipe.set_progress_bar_config sets it)
+    counts the steps: one update per step, or all at once after a loop run as one CUDA graph."""
     dtype = noise.dtype
-    x = sampler.sample(model, noise.float(), generator=generator if sampler.table.noise_draws else None,
-                       guidance_scale=guidance_scale if uncond is not None else 1.0, cond=cond, uncond=uncond,
-                       cfg=cfg, model_dtype=dtype if dtype != torch.float32 else None, cuda_graph=options.cuda_graph)
+    graphed = options.cuda_graph is not False and noise.device.type == "cuda" and sampler.backend != "reference"
+    with pipe.progress_bar(total=sampler.steps) as bar:
+        x = sampler.sample(model, noise.float(), generator=generator if sampler.table.noise_draws else None,
+                           guidance_scale=guidance_scale if uncond is not None else 1.0, cond=cond, uncond=uncond,
+                           cfg=cfg, model_dtype=dtype if dtype != torch.float32 else None,
+                           cuda_graph=options.cuda_graph, x0=None if x0 is None else x0.float(),
+                           progress=False if graphed else lambda done, total: bar.update(1))
+        if graphed:
+            bar.update(sampler.steps)
     return x.to(dtype)
 
 
