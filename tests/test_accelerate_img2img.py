@@ -128,27 +128,49 @@ def test_sdxl_img2img_aesthetic_score(tmp_path, name):
     assert rel(theirs.images, plain.images) > 1e-3  # the score reaches the model
 
 
+@pytest.mark.parametrize("name", ["euler", "dpmpp_2m"])
+def test_sdxl_img2img_from_given_latents_and_denoising_start(tmp_path, name):
+    """diffusers' loop state given as `latents` (Euler's in sigma/alpha coordinates: fastdiff's
+    state is it times alpha), and the refiner's denoising_start: the plan cut at T (1 - start),
+    the image latents taken as that state, no noise added."""
+    pipe = pipes.sdxl(SCHEDULERS[name](), tmp_path, diffusers.StableDiffusionXLImg2ImgPipeline)
+    latents = 3 * torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    kw = dict(prompt="a cat", negative_prompt="dog", num_inference_steps=6, guidance_scale=4.0, output_type="pt")
+    theirs, ours = both(pipe, image=_image(), latents=latents, strength=0.5, **kw)
+    assert rel(ours.images, theirs.images) < TOL
+    seen = calls(pipe.unet)
+    theirs, ours = both(pipe, image=latents, denoising_start=0.6, strength=0.9, **kw)  # strength ignored
+    assert rel(ours.images, theirs.images) < TOL
+    pipe.scheduler.set_timesteps(6)
+    kept = int((pipe.scheduler.timesteps < 400).sum())  # diffusers' cut: below T (1 - 0.6)
+    assert 0 < kept < 6 and len(seen) == 2 * kept  # (both runs)
+
+
 def test_img2img_bad_input_is_named_before_any_model_call(tmp_path):
     sd = fastdiff.accelerate(pipes.sd_img2img(SCHEDULERS["ddim"]()))
     xl = fastdiff.accelerate(pipes.sdxl(SCHEDULERS["ddim"](), tmp_path, diffusers.StableDiffusionXLImg2ImgPipeline))
+    xl_heun = fastdiff.accelerate(pipes.sdxl(diffusers.HeunDiscreteScheduler(**SD), tmp_path / "heun",
+                                             diffusers.StableDiffusionXLImg2ImgPipeline))
     lms = fastdiff.accelerate(pipes.sd_img2img(diffusers.LMSDiscreteScheduler(**SD)))
     pndm = fastdiff.accelerate(pipes.sd_img2img(diffusers.PNDMScheduler(**SD, skip_prk_steps=True)))
     seen = calls(sd.unet), calls(sd.vae), calls(xl.unet), calls(xl.vae), calls(xl.text_encoder), calls(lms.vae)
     cases = [
         (sd, dict(strength=1.5), "strength: expected a number in \\[0, 1\\]"),
         (sd, dict(strength="0.5"), "strength: expected a number in \\[0, 1\\]"),
-        (sd, dict(strength=0.1), "strength: 0.1 of 4 steps keeps no denoising step"),
+        (sd, dict(strength=0.1), "strength: 0.1 keeps none of the 4 steps"),
         (sd, dict(image=None), "image: the image .* is required"),
         (sd, dict(image=_image(3)), "image: 3 images for 2 images"),
-        (lms, dict(strength=0.5), "strength: 0.5 < 1 starts part-way; diffusers' LMS"),
-        (pndm, dict(strength=0.5), "strength: 0.5 < 1 starts part-way; diffusers' PNDM"),
-        (xl, dict(denoising_start=0.5), "denoising_start: not supported by fastdiff"),
+        (lms, dict(strength=0.5), "strength: 0.5 starts part-way; diffusers' LMS"),
+        (pndm, dict(strength=0.5), "strength: 0.5 starts part-way; diffusers' PNDM"),
+        (xl, dict(denoising_start=1), "denoising_start: expected a float in \\(0, 1\\)"),
+        (xl, dict(denoising_start=0.999), "denoising_start: 0.999 keeps none of the 4 steps"),
+        (xl_heun, dict(denoising_start=0.5), "denoising_start: HeunDiscreteScheduler makes two model calls"),
         (xl, dict(denoising_end=0.5), "denoising_end: not supported by fastdiff"),
-        (xl, dict(latents=torch.zeros(1, 4, 8, 8)), "latents: not supported by fastdiff"),
+        (xl, dict(latents=torch.zeros(1, 4, 8, 8)), "latents: expected shape \\(2, 4, height, width\\)"),
     ]
     for pipe, kw, match in cases:
         call = dict(image=_image(), prompt="a cat", num_inference_steps=4, num_images_per_prompt=2)
-        if pipe is not xl:
+        if pipe not in (xl, xl_heun):
             call.pop("prompt")
             call.update(prompt_embeds=torch.randn(1, 7, 32))
         with pytest.raises(ValueError, match=match):

@@ -27,8 +27,6 @@ _WHY = {
     "callback": "a per-step callback needs the host between steps; fastdiff runs the loop as one unit",
     "ip_adapter_image": "IP-Adapter image conditioning is not wired into fastdiff's loop",
     "denoising_end": "ending the loop early (SDXL base + refiner) is not supported",
-    "denoising_start": "starting from a base pipeline's partly denoised latents (SDXL refiner) is not supported; "
-                       "strength= starts part-way from an image",
     "skip_guidance_layers": "skip-layer guidance needs a third model call on some steps",
 }
 
@@ -41,6 +39,10 @@ _NO_PARTWAY_START = {
     "PNDMScheduler": "diffusers' PNDM (PLMS) takes its second model call as the corrector of the first step, "
                      "which part-way is a call at the next timestep",
 }
+
+
+_VE_STATE = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+             "LMSDiscreteScheduler", "KDPM2DiscreteScheduler")
 
 
 @dataclass(frozen=True)
@@ -137,31 +139,54 @@ def batch_size(a: dict) -> int:
     return n * a["num_images_per_prompt"]
 
 
-def make_plan(pipe, a: dict, options: Options, strength: Optional[float] = None, **grid) -> Sampler:
+def make_plan(pipe, a: dict, options: Options, strength: Optional[float] = None,
+              denoising_start: Optional[float] = None, from_state: bool = False, **grid) -> Sampler:
     """The plan of `pipe.scheduler` for this call. `grid`: the scheduler's set_timesteps arguments
     (sigmas, timesteps, mu), passed on when given; as diffusers' retrieve_timesteps, given sigmas
-    or timesteps replace num_inference_steps. `strength` (img2img): as the img2img pipelines'
-    get_timesteps, the plan of N steps keeps its last int(N * strength) steps (Sampler's
-    first_step); the scheduler's multistep warm-up starts at the first kept step there too."""
+    or timesteps replace num_inference_steps. img2img's cut, as its get_timesteps cuts: `strength`
+    keeps the last int(N * strength) of the N steps, `denoising_start` (instead) the steps whose
+    model time is below T (1 - denoising_start); the plan starts at the first kept step (Sampler's
+    first_step: the scheduler's multistep warm-up starts there too). `from_state`: the loop starts
+    from a given state, not from noise times the scheduler's init_noise_sigma."""
     plan = dict(options.plan)
     # as prepare_extra_step_kwargs: the call's eta (default 0) goes to every step that takes one;
     # TCD's gamma included, whose step defaults to 0.3 when called without it
     if "eta" in inspect.signature(pipe.scheduler.step).parameters:
         plan.setdefault("eta", a.get("eta", 0.0))
+    if from_state:
+        plan["noise_scale"] = 1.0
     grid = {k: v for k, v in grid.items() if v is not None}
     steps = None if "sigmas" in grid or "timesteps" in grid else a["num_inference_steps"]
-    if strength is not None:
-        n = steps if steps is not None else len(grid.get("sigmas", grid.get("timesteps")))
+    sampler = Sampler.from_scheduler(pipe.scheduler, steps, backend=options.backend, **grid, **plan)
+    if strength is None and denoising_start is None:
+        return sampler
+    n = sampler.steps
+    if denoising_start is not None:
+        name, value = "denoising_start", denoising_start
+        if getattr(pipe.scheduler, "order", 1) != 1:
+            raise ValueError(f"denoising_start: {type(pipe.scheduler).__name__} makes two model calls per step, which "
+                             "diffusers' cut by denoising_start may split; not reproduced by fastdiff")
+        T = pipe.scheduler.config.num_train_timesteps
+        kept = int((sampler.grid.model_time < int(round(T - denoising_start * T))).sum())
+    else:
+        name, value = "strength", strength
         kept = min(int(n * strength), n)
-        if kept == 0:
-            raise ValueError(f"strength: {strength} of {n} steps keeps no denoising step (int(steps * strength) = 0); "
-                             "raise strength or num_inference_steps")
-        plan["first_step"] = n - kept
-        why = _NO_PARTWAY_START.get(type(pipe.scheduler).__name__)
-        if kept < n and why:
-            raise ValueError(f"strength: {strength} < 1 starts part-way; {why}, which fastdiff does not reproduce "
-                             "(strength=1 or another scheduler)")
-    return Sampler.from_scheduler(pipe.scheduler, steps, backend=options.backend, **grid, **plan)
+    if kept == 0:
+        raise ValueError(f"{name}: {value} keeps none of the {n} steps; raise num_inference_steps or start earlier")
+    why = _NO_PARTWAY_START.get(type(pipe.scheduler).__name__)
+    if kept < n and why:
+        raise ValueError(f"{name}: {value} starts part-way; {why}, which fastdiff does not reproduce "
+                         "(start at the first step or use another scheduler)")
+    if kept == n:
+        return sampler
+    return Sampler.from_scheduler(pipe.scheduler, steps, backend=options.backend, first_step=n - kept, **grid, **plan)
+
+
+def diffusers_state_scale(pipe, sampler: Sampler) -> float:
+    """fastdiff's (variance-preserving) state is diffusers' loop state times this at the plan's
+    first point: alpha_0 for the schedulers whose loop state is x0 + (sigma / alpha) noise
+    (Euler-type: init_noise_sigma > 1, scale_model_input divides by sqrt(1 + (sigma/alpha)^2)), else 1."""
+    return float(sampler.grid.alpha[0]) if type(pipe.scheduler).__name__ in _VE_STATE else 1.0
 
 
 def check_generator(sampler: Sampler, generator, batch: int, device: torch.device) -> None:

@@ -31,7 +31,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img impo
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 
 from fastdiff.integrations.diffusers.pipeline_parts import (Family, batch_size, check_generator, check_latents, denoise,
-                                                       initial_noise, make_plan, wrapper)
+                                                       diffusers_state_scale, initial_noise, make_plan, wrapper)
 
 _COMMON = ("prompt", "height", "width", "num_inference_steps", "timesteps", "sigmas", "guidance_scale",
            "negative_prompt", "num_images_per_prompt", "eta", "generator", "latents", "prompt_embeds",
@@ -87,19 +87,22 @@ def _size(pipe, a):
 
 
 def _from_noise(pipe, a, batch, height, width):
-    """Text-to-image's start: `start(dtype)` -> (the initial noise, no image latents); the shape
-    of a given `latents` checked now, before any model runs."""
+    """Text-to-image's start: `start(sampler, dtype)` -> (the initial noise, no image latents);
+    the shape of a given `latents` checked now, before any model runs."""
     shape = (batch, pipe.unet.config.in_channels, int(height) // pipe.vae_scale_factor,
              int(width) // pipe.vae_scale_factor)
     check_latents(a["latents"], shape)
-    return lambda dtype: (initial_noise(shape, a["generator"], pipe._execution_device, dtype, a["latents"]), None)
+    return lambda sampler, dtype: (initial_noise(shape, a["generator"], pipe._execution_device, dtype, a["latents"]),
+                                   None)
 
 
-def _from_image(pipe, a, batch, encode_image):
-    """Image-to-image's start: `start(dtype)` -> (noise, the image's clean latents), drawn as the
-    img2img pipelines' prepare_latents draws them: the VAE's latent sample first, then the noise,
-    from the call's generator. The image is preprocessed and its batch checked now, before any
-    model runs. `encode_image(image, dtype)` -> the clean latents, repeated to `batch`.
+def _from_image(pipe, a, batch, encode_image, add_noise=True):
+    """Image-to-image's start: `start(sampler, dtype)` -> (noise, the image's clean latents), drawn
+    as the img2img pipelines' prepare_latents draws them: the VAE's latent sample first, then the
+    noise, from the call's generator. Without `add_noise` (SDXL's denoising_start), or from given
+    `latents`, the loop starts from that state itself (diffusers' loop state, in fastdiff's
+    terms): -> (the state, None). The image is preprocessed and its batch checked now, before
+    any model runs. `encode_image(image, dtype)` -> the clean latents, repeated to `batch`.
     -> (start, the preprocessed image's shape)."""
     if a["image"] is None:
         raise ValueError("image: the image (or image latents) to start from is required")
@@ -107,10 +110,21 @@ def _from_image(pipe, a, batch, encode_image):
     if image.shape[0] > batch or batch % image.shape[0]:
         raise ValueError(f"image: {image.shape[0]} images for {batch} images (prompts x num_images_per_prompt); "
                          "expected one image, or a number dividing the images")
+    given = a.get("latents")
+    if given is not None and (not isinstance(given, torch.Tensor) or given.dim() != 4 or given.shape[0] != batch
+                              or given.shape[1] != pipe.unet.config.in_channels):
+        got = tuple(given.shape) if isinstance(given, torch.Tensor) else type(given).__name__
+        raise ValueError(f"latents: expected shape ({batch}, {pipe.unet.config.in_channels}, height, width), got {got}")
 
-    def start(dtype):
-        x0 = encode_image(image, dtype)
-        return randn_tensor(tuple(x0.shape), generator=a["generator"], device=x0.device, dtype=dtype), x0
+    def start(sampler, dtype):
+        if given is not None:
+            state = given.to(pipe._execution_device, dtype)
+        else:
+            state = encode_image(image, dtype)
+            if add_noise:
+                return randn_tensor(tuple(state.shape), generator=a["generator"], device=state.device,
+                                    dtype=dtype), state
+        return state * diffusers_state_scale(pipe, sampler), None
 
     return start, tuple(image.shape)
 
@@ -134,19 +148,20 @@ def _image_latents(pipe, image, batch, generator, dtype):
     return latents.repeat(batch // latents.shape[0], 1, 1, 1)
 
 
-def _loop(pipe, a, options, batch, encode, start, strength=None):
+def _loop(pipe, a, options, batch, encode, start, **cut):
     """What SD and SDXL share: plan, conditioning, the loop. `encode(do_cfg)` -> (cond, uncond)
-    of the prompt (uncond None without CFG); `start(dtype)` -> (noise, image latents or None)
-    (`_from_noise`, `_from_image`); `strength`: img2img's. -> the final latents, their dtype
-    the prompt embeddings' (as the pipelines keep them)."""
+    of the prompt (uncond None without CFG); `start(sampler, dtype)` -> (noise or the initial
+    state, image latents or None) (`_from_noise`, `_from_image`); `cut`: img2img's (make_plan's
+    strength, denoising_start, from_state). -> the final latents, their dtype the prompt
+    embeddings' (as the pipelines keep them)."""
     device = pipe._execution_device
     w = a["guidance_scale"]
     do_cfg = w > 1 and pipe.unet.config.time_cond_proj_dim is None
-    sampler = make_plan(pipe, a, options, strength, timesteps=a["timesteps"], sigmas=a["sigmas"])
+    sampler = make_plan(pipe, a, options, timesteps=a["timesteps"], sigmas=a["sigmas"], **cut)
     check_generator(sampler, a["generator"], batch, device)
     cond, uncond = encode(do_cfg)
     dtype = cond["encoder_hidden_states"].dtype
-    noise, x0 = start(dtype)
+    noise, x0 = start(sampler, dtype)
     extra = {}
     if pipe.unet.config.time_cond_proj_dim is not None:  # a guidance-distilled U-Net (LCM): w as an embedding
         extra["timestep_cond"] = pipe.get_guidance_scale_embedding(
@@ -208,7 +223,7 @@ def run_sd_img2img(pipe, a, options):
     batch = batch_size(a)
     start, _ = _from_image(pipe, a, batch, lambda image, dtype: _image_latents(pipe, image, batch, a["generator"],
                                                                               dtype))
-    latents = _loop(pipe, a, options, batch, _sd_encoder(pipe, a), start, a["strength"])
+    latents = _loop(pipe, a, options, batch, _sd_encoder(pipe, a), start, strength=a["strength"])
     return _sd_output(pipe, a, latents)
 
 
@@ -298,10 +313,17 @@ def run_sdxl_img2img(pipe, a, options):
     pipe.check_inputs(a["prompt"], a["prompt_2"], a["strength"], a["num_inference_steps"], a["callback_steps"],
                       a["negative_prompt"], a["negative_prompt_2"], a["prompt_embeds"], a["negative_prompt_embeds"],
                       None, None, a["callback_on_step_end_tensor_inputs"])
+    start_at = a["denoising_start"]
+    if start_at is not None and (not isinstance(start_at, float) or not 0 < start_at < 1):
+        raise ValueError(f"denoising_start: expected a float in (0, 1) (the fraction of the plan already done), "
+                         f"got {start_at!r}")
     device, batch, per_prompt = pipe._execution_device, batch_size(a), a["num_images_per_prompt"]
     start, shape = _from_image(pipe, a, batch, lambda image, dtype: pipe.prepare_latents(
-        image, None, batch // per_prompt, per_prompt, dtype, device, a["generator"], add_noise=False))
-    # the size conditioning's default: the image latents' size in pixels (4 channels: latents already)
+        image, None, batch // per_prompt, per_prompt, dtype, device, a["generator"], add_noise=False),
+        add_noise=start_at is None)
+    # the size conditioning's default: the latents' size in pixels (a 4-channel image: latents already)
+    if a["latents"] is not None:
+        shape = tuple(a["latents"].shape)
     scale = pipe.vae_scale_factor if shape[1] == 4 else 1
     height, width = shape[-2] * scale, shape[-1] * scale
 
@@ -315,15 +337,16 @@ def run_sdxl_img2img(pipe, a, options):
         return _sdxl_cond(pipe, text, neg, pooled, neg_pooled, ids.to(device).repeat(batch, 1),
                           neg_ids.to(device).repeat(batch, 1), do_cfg)
 
-    latents = _loop(pipe, a, options, batch, encode, start, a["strength"])
+    latents = _loop(pipe, a, options, batch, encode, start, strength=a["strength"], denoising_start=start_at,
+                    from_state=start_at is not None or a["latents"] is not None)
     return _sdxl_output(pipe, a, latents)
 
 
 FAMILIES = (
     Family(StableDiffusionPipeline, "unet", frozenset(_COMMON), run_sd),
     Family(StableDiffusionXLPipeline, "unet", frozenset(_COMMON + _SDXL), run_sdxl),
-    # (the img2img pipelines take no height/width; SDXL's takes `latents` as the noised start, not honoured)
+    # (the img2img pipelines take no height/width; SDXL's `latents` are the loop's start, noised already)
     Family(StableDiffusionImg2ImgPipeline, "unet", frozenset(_COMMON + _IMG2IMG), run_sd_img2img),
-    Family(StableDiffusionXLImg2ImgPipeline, "unet", frozenset(_COMMON + _SDXL + _IMG2IMG) - {"latents"},
+    Family(StableDiffusionXLImg2ImgPipeline, "unet", frozenset(_COMMON + _SDXL + _IMG2IMG + ("denoising_start",)),
            run_sdxl_img2img),
 )
