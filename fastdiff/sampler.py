@@ -18,6 +18,7 @@ Example (the analytic Gaussian-mixture model shipped for tests and benchmarks)::
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from typing import Callable, Mapping, Optional, Sequence
@@ -116,6 +117,10 @@ class Sampler:
             the end as before; `steps`, progress and callback count the remaining steps). With
             `sample(..., x0=)` it is img2img / SDEdit: diffusers' img2img pipelines drop
             N - int(N * strength) steps.
+        last_step: stop after this many steps of the plan (1 <= last_step <= its steps, counted
+            after first_step; default: all): those steps exactly as the whole plan runs them
+            (lower_order_final still counts to the plan's end), the result the state at grid
+            point last_step, still noisy (SDXL's denoising_end, a refiner's input).
     """
 
     def __init__(self, solver: str = "dpmpp_2m", steps: Optional[int] = None, schedule="linear",
@@ -129,7 +134,7 @@ class Sampler:
                  variant: Optional[str] = None, corrector: Optional[bool] = None,
                  s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
                  noise_scale: float = 1.0, d2_weight: Optional[float] = None, mid_timesteps=None,
-                 first_step: int = 0):
+                 first_step: int = 0, last_step: Optional[int] = None):
         for name, value, choices in (("solver", solver, sorted(SOLVERS)), ("prediction", prediction, list(PREDICTIONS)),
                                      ("model_time", model_time, sorted(MODEL_TIMES)), ("backend", backend, BACKENDS)):
             if value not in choices:
@@ -261,6 +266,19 @@ class Sampler:
             self.table = build_table(solver, self.grid, prediction, eta=eta, lower_order_final=lower_order_final,
                                      variance=variance, boundary_scaling=boundary_scaling,
                                      d2_weight=2.0 if d2_weight is None else float(d2_weight), **unipc)
+        self._last_step = self.grid.steps
+        if last_step is not None:
+            if isinstance(last_step, bool) or not isinstance(last_step, (int, np.integer)) or not (
+                    1 <= last_step <= self.grid.steps):
+                raise ValueError(f"last_step: expected an integer in [1, {self.grid.steps}] (the plan's steps"
+                                 f"{' after first_step' if first_step else ''}), got {last_step!r}")
+            self._last_step = int(last_step)
+            rows = int(np.flatnonzero(self.table.ends_step)[self._last_step - 1]) + 1  # the row ending that step
+            t = self.table
+            self.table = dataclasses.replace(t, coef=t.coef[:rows], slots=t.slots[:rows],
+                                             model_time=t.model_time[:rows], ends_step=t.ends_step[:rows],
+                                             step_state=t.step_state[:rows])
+        self.options["last_step"] = last_step
 
     @classmethod
     def from_scheduler(cls, scheduler, steps: Optional[int] = None, *, scheduler_class=None, mu=None, sigmas=None,
@@ -280,8 +298,9 @@ class Sampler:
 
     @property
     def steps(self) -> int:
-        """Grid steps (callback and progress fire once per step)."""
-        return self.grid.steps
+        """Grid steps the plan runs (callback and progress fire once per step); the result is the
+        state at grid point `steps` (the clean end unless last_step stops earlier)."""
+        return self._last_step
 
     @property
     def model_calls(self) -> int:

@@ -146,6 +146,22 @@ def test_sdxl_img2img_from_given_latents_and_denoising_start(tmp_path, name):
     assert 0 < kept < 6 and len(seen) == 2 * kept  # (both runs)
 
 
+@pytest.mark.parametrize("name", ["euler", "dpmpp_2m"])
+def test_sdxl_base_and_refiner_with_denoising_end(tmp_path, name):
+    """The ensemble of experts: the base stops at denoising_end (the state there, still noisy; the
+    steps before as in the whole plan), the refiner starts from it at denoising_start; an
+    img2img call can stop early too. Euler's loop state is x0 + (sigma/alpha) noise there."""
+    base = pipes.sdxl(SCHEDULERS[name](), tmp_path / "base")
+    refiner = pipes.sdxl(SCHEDULERS[name](), tmp_path / "refiner", diffusers.StableDiffusionXLImg2ImgPipeline)
+    kw = dict(prompt="a cat", negative_prompt="dog", num_inference_steps=6, guidance_scale=4.0)
+    theirs, ours = both(base, denoising_end=0.7, output_type="latent", **kw)
+    assert rel(ours.images, theirs.images) < TOL
+    theirs_img, ours_img = both(refiner, image=theirs.images, denoising_start=0.7, output_type="pt", **kw)
+    assert rel(ours_img.images, theirs_img.images) < TOL
+    theirs, ours = both(refiner, image=_image(), strength=0.8, denoising_end=0.8, output_type="pt", **kw)
+    assert rel(ours.images, theirs.images) < TOL
+
+
 def test_img2img_bad_input_is_named_before_any_model_call(tmp_path):
     sd = fastdiff.accelerate(pipes.sd_img2img(SCHEDULERS["ddim"]()))
     xl = fastdiff.accelerate(pipes.sdxl(SCHEDULERS["ddim"](), tmp_path, diffusers.StableDiffusionXLImg2ImgPipeline))
@@ -165,7 +181,9 @@ def test_img2img_bad_input_is_named_before_any_model_call(tmp_path):
         (xl, dict(denoising_start=1), "denoising_start: expected a float in \\(0, 1\\)"),
         (xl, dict(denoising_start=0.999), "denoising_start: 0.999 keeps none of the 4 steps"),
         (xl_heun, dict(denoising_start=0.5), "denoising_start: HeunDiscreteScheduler makes two model calls"),
-        (xl, dict(denoising_end=0.5), "denoising_end: not supported by fastdiff"),
+        (xl, dict(denoising_end=0.5, denoising_start=0.6), "denoising_end: expected more than denoising_start"),
+        (xl, dict(denoising_end=1.0), "denoising_end: expected a float in \\(0, 1\\)"),
+        (xl, dict(denoising_end=0.01), "denoising_end: 0.01 ends before the first of the 1 steps"),
         (xl, dict(latents=torch.zeros(1, 4, 8, 8)), "latents: expected shape \\(2, 4, height, width\\)"),
     ]
     for pipe, kw, match in cases:

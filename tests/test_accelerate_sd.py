@@ -262,3 +262,13 @@ def test_progress_bar_like_diffusers():
     pipe(**kw)
     fastdiff.restore(pipe)
     assert out.getvalue() == ""
+
+
+@pytest.mark.parametrize("karras", [False, True])
+def test_euler_ending_at_sigma_min_returns_diffusers_loop_state(karras):
+    """Euler's loop state is x0 + (sigma/alpha) noise: ending at sigma_min (not 0), the latents
+    are fastdiff's state / alpha_min, as diffusers returns them (4e-4 apart otherwise)."""
+    pipe = pipes.sd(diffusers.EulerDiscreteScheduler(**SD, final_sigmas_type="sigma_min", use_karras_sigmas=karras))
+    text = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(1))
+    theirs, ours = both(pipe, prompt_embeds=text, num_inference_steps=4, guidance_scale=1.0, output_type="latent")
+    assert rel(ours.images, theirs.images) < TOL

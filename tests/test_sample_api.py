@@ -251,3 +251,19 @@ def test_progress_callable_is_called_per_step():
     seen = []
     fastdiff.sample(TwoWayModel(), _noise(), steps=5, first_step=2, progress=lambda done, n: seen.append((done, n)))
     assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "unipc", "heun", "dpmpp_2m_sde"])
+def test_last_step_stops_where_the_whole_plan_passes(solver, backend):
+    """last_step=j: the whole plan's state after its step j (its callback's), not a plan ending
+    there (lower_order_final still counts to the whole plan's end); with first_step too."""
+    plan = dict(solver=solver, steps=7, schedule="scaled_linear", spacing="karras", backend=backend, first_step=1)
+    states = []
+    seed = dict(generator=torch.Generator().manual_seed(3)) if solver.endswith("sde") else {}
+    fastdiff.Sampler(**plan).sample(TwoWayModel(), _noise(), callback=lambda i, x: states.append(x), **seed)
+    seed = dict(generator=torch.Generator().manual_seed(3)) if seed else {}
+    cut = fastdiff.Sampler(**plan, last_step=4)
+    assert cut.steps == 4 and cut.model_calls < fastdiff.Sampler(**plan).model_calls
+    torch.testing.assert_close(cut.sample(TwoWayModel(), _noise(), **seed), states[3], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(states[3], states[-1], atol=1e-3)

@@ -278,6 +278,15 @@ def _sdxl_output(pipe, a, latents):
     return StableDiffusionXLPipelineOutput(images=image) if a["return_dict"] else (image,)
 
 
+def _fraction(a, name):
+    """SDXL's denoising_start / denoising_end: None or a float in (0, 1) (diffusers ignores
+    other values, or half-applies them)."""
+    value = a[name]
+    if value is not None and (not isinstance(value, float) or not 0 < value < 1):
+        raise ValueError(f"{name}: expected a float in (0, 1) (a fraction of the plan), got {value!r}")
+    return value
+
+
 def run_sdxl(pipe, a, options):
     height = a["height"] or pipe.default_sample_size * pipe.vae_scale_factor
     width = a["width"] or pipe.default_sample_size * pipe.vae_scale_factor
@@ -305,7 +314,8 @@ def run_sdxl(pipe, a, options):
         pairs = torch.cat([neg_ids, ids]).repeat(batch, 1)
         return _sdxl_cond(pipe, text, neg, pooled, neg_pooled, pairs[batch:], pairs[:batch], do_cfg)
 
-    latents = _loop(pipe, a, options, batch, encode, _from_noise(pipe, a, batch, height, width))
+    latents = _loop(pipe, a, options, batch, encode, _from_noise(pipe, a, batch, height, width),
+                    denoising_end=_fraction(a, "denoising_end"))
     return _sdxl_output(pipe, a, latents)
 
 
@@ -313,10 +323,9 @@ def run_sdxl_img2img(pipe, a, options):
     pipe.check_inputs(a["prompt"], a["prompt_2"], a["strength"], a["num_inference_steps"], a["callback_steps"],
                       a["negative_prompt"], a["negative_prompt_2"], a["prompt_embeds"], a["negative_prompt_embeds"],
                       None, None, a["callback_on_step_end_tensor_inputs"])
-    start_at = a["denoising_start"]
-    if start_at is not None and (not isinstance(start_at, float) or not 0 < start_at < 1):
-        raise ValueError(f"denoising_start: expected a float in (0, 1) (the fraction of the plan already done), "
-                         f"got {start_at!r}")
+    start_at, end_at = _fraction(a, "denoising_start"), _fraction(a, "denoising_end")
+    if start_at is not None and end_at is not None and start_at >= end_at:
+        raise ValueError(f"denoising_end: expected more than denoising_start ({start_at}), got {end_at}")
     device, batch, per_prompt = pipe._execution_device, batch_size(a), a["num_images_per_prompt"]
     start, shape = _from_image(pipe, a, batch, lambda image, dtype: pipe.prepare_latents(
         image, None, batch // per_prompt, per_prompt, dtype, device, a["generator"], add_noise=False),
@@ -338,15 +347,15 @@ def run_sdxl_img2img(pipe, a, options):
                           neg_ids.to(device).repeat(batch, 1), do_cfg)
 
     latents = _loop(pipe, a, options, batch, encode, start, strength=a["strength"], denoising_start=start_at,
-                    from_state=start_at is not None or a["latents"] is not None)
+                    denoising_end=end_at, from_state=start_at is not None or a["latents"] is not None)
     return _sdxl_output(pipe, a, latents)
 
 
 FAMILIES = (
     Family(StableDiffusionPipeline, "unet", frozenset(_COMMON), run_sd),
-    Family(StableDiffusionXLPipeline, "unet", frozenset(_COMMON + _SDXL), run_sdxl),
+    Family(StableDiffusionXLPipeline, "unet", frozenset(_COMMON + _SDXL + ("denoising_end",)), run_sdxl),
     # (the img2img pipelines take no height/width; SDXL's `latents` are the loop's start, noised already)
     Family(StableDiffusionImg2ImgPipeline, "unet", frozenset(_COMMON + _IMG2IMG), run_sd_img2img),
-    Family(StableDiffusionXLImg2ImgPipeline, "unet", frozenset(_COMMON + _SDXL + _IMG2IMG + ("denoising_start",)),
-           run_sdxl_img2img),
+    Family(StableDiffusionXLImg2ImgPipeline, "unet",
+           frozenset(_COMMON + _SDXL + _IMG2IMG + ("denoising_start", "denoising_end")), run_sdxl_img2img),
 )
