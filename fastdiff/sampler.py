@@ -18,6 +18,7 @@ Example (the analytic Gaussian-mixture model shipped for tests and benchmarks)::
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from typing import Callable, Mapping, Optional, Sequence
@@ -110,6 +111,16 @@ class Sampler:
             `from_scheduler` sets it for diffusers' Euler schedulers, whose pipelines start from
             noise * init_noise_sigma: sigma_max / sqrt(1 + sigma_max^2) in fastdiff's (VP)
             state with "linspace"/"trailing" spacing, about 0.2 % below 1.
+        first_step: drop the grid's first `first_step` steps (0 <= first_step < N): the plan runs
+            the remaining N - first_step steps from grid point tau_first_step, as a plan made for
+            that grid alone would (multistep solvers warm up there; lower_order_final counts to
+            the end as before; `steps`, progress and callback count the remaining steps). With
+            `sample(..., x0=)` it is img2img / SDEdit: diffusers' img2img pipelines drop
+            N - int(N * strength) steps.
+        last_step: stop after this many steps of the plan (1 <= last_step <= its steps, counted
+            after first_step; default: all): those steps exactly as the whole plan runs them
+            (lower_order_final still counts to the plan's end), the result the state at grid
+            point last_step, still noisy (SDXL's denoising_end, a refiner's input).
     """
 
     def __init__(self, solver: str = "dpmpp_2m", steps: Optional[int] = None, schedule="linear",
@@ -122,7 +133,8 @@ class Sampler:
                  boundary_scaling: Optional[float] = None, order: Optional[int] = None,
                  variant: Optional[str] = None, corrector: Optional[bool] = None,
                  s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
-                 noise_scale: float = 1.0, d2_weight: Optional[float] = None, mid_timesteps=None):
+                 noise_scale: float = 1.0, d2_weight: Optional[float] = None, mid_timesteps=None,
+                 first_step: int = 0, last_step: Optional[int] = None):
         for name, value, choices in (("solver", solver, sorted(SOLVERS)), ("prediction", prediction, list(PREDICTIONS)),
                                      ("model_time", model_time, sorted(MODEL_TIMES)), ("backend", backend, BACKENDS)):
             if value not in choices:
@@ -186,6 +198,15 @@ class Sampler:
             if steps is not None and steps != self.grid.steps:
                 raise ValueError(f"steps: {steps} differs from the explicit grid's {self.grid.steps} steps")
             steps = self.grid.steps
+        mids = _check_mid_timesteps(mid_timesteps, self.grid)
+        if isinstance(first_step, bool) or not isinstance(first_step, (int, np.integer)) or not (
+                0 <= first_step < self.grid.steps):
+            raise ValueError(f"first_step: expected an integer in [0, {self.grid.steps}) (the grid's steps), "
+                             f"got {first_step!r}")
+        if first_step:
+            g, k = self.grid, int(first_step)
+            self.grid = Grid(tau=g.tau[k:], alpha=g.alpha[k:], sigma=g.sigma[k:], model_time=g.model_time[k:])
+            mids = None if mids is None else mids[k:]  # every dropped step has a midpoint (none ends at 0)
         model_alpha = self.grid.alpha[:-1]
         if prediction == "epsilon" and (model_alpha == 0).any():
             raise ValueError("prediction: an 'epsilon' model carries no information about x0 at zero SNR "
@@ -207,7 +228,7 @@ class Sampler:
                             boundary_scaling=boundary_scaling,
                             schedule=schedule if isinstance(schedule, str) else repr(schedule),
                             order=unipc.get("order"), variant=unipc.get("variant"), corrector=unipc.get("corrector"),
-                            noise_scale=self.noise_scale, d2_weight=d2_weight)
+                            noise_scale=self.noise_scale, d2_weight=d2_weight, first_step=int(first_step))
         cls, fixed = SOLVERS[solver]
         self._solver_args = dict(fixed, eta=eta, lower_order_final=lower_order_final, variance=variance,
                                  clamp=clamp, **unipc)
@@ -237,7 +258,6 @@ class Sampler:
             gamma = cls.default_eta if eta is None else float(eta)  # the reference's default: one place
             self.table = tcd_table(self.grid, self.schedule, prediction, gamma)
         elif solver == "kdpm2":
-            mids = _check_mid_timesteps(mid_timesteps, self.grid)
             self._solver_args.update(schedule=self.schedule, model_time=model_time, mid_times=mids)
             self.table = kdpm2_table(self.grid, self.schedule, model_time, prediction, mids)
         elif solver == "flow_heun":
@@ -246,6 +266,19 @@ class Sampler:
             self.table = build_table(solver, self.grid, prediction, eta=eta, lower_order_final=lower_order_final,
                                      variance=variance, boundary_scaling=boundary_scaling,
                                      d2_weight=2.0 if d2_weight is None else float(d2_weight), **unipc)
+        self._last_step = self.grid.steps
+        if last_step is not None:
+            if isinstance(last_step, bool) or not isinstance(last_step, (int, np.integer)) or not (
+                    1 <= last_step <= self.grid.steps):
+                raise ValueError(f"last_step: expected an integer in [1, {self.grid.steps}] (the plan's steps"
+                                 f"{' after first_step' if first_step else ''}), got {last_step!r}")
+            self._last_step = int(last_step)
+            rows = int(np.flatnonzero(self.table.ends_step)[self._last_step - 1]) + 1  # the row ending that step
+            t = self.table
+            self.table = dataclasses.replace(t, coef=t.coef[:rows], slots=t.slots[:rows],
+                                             model_time=t.model_time[:rows], ends_step=t.ends_step[:rows],
+                                             step_state=t.step_state[:rows])
+        self.options["last_step"] = last_step
 
     @classmethod
     def from_scheduler(cls, scheduler, steps: Optional[int] = None, *, scheduler_class=None, mu=None, sigmas=None,
@@ -265,8 +298,9 @@ class Sampler:
 
     @property
     def steps(self) -> int:
-        """Grid steps (callback and progress fire once per step)."""
-        return self.grid.steps
+        """Grid steps the plan runs (callback and progress fire once per step); the result is the
+        state at grid point `steps` (the clean end unless last_step stops earlier)."""
+        return self._last_step
 
     @property
     def model_calls(self) -> int:
@@ -296,7 +330,7 @@ class Sampler:
                cond: Optional[Mapping] = None, uncond: Optional[Mapping] = None, cfg: str = "batched",
                model_dtype: Optional[torch.dtype] = None, check_finite: bool = False, progress: bool = False,
                callback: Optional[Callable] = None, dtype: torch.dtype = torch.float32,
-               cuda_graph=False) -> torch.Tensor:
+               cuda_graph=False, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run the plan. Returns the final state (in `dtype`).
 
         Args:
@@ -312,7 +346,8 @@ class Sampler:
                 "separate" (two calls).
             model_dtype: cast the state to this dtype for the model call (the solver state stays fp32).
             check_finite: raise if the model returns NaN/inf (synchronises with the host each step).
-            progress: print a progress bar to stderr.
+            progress: True prints a progress bar to stderr; a callable `progress(done, total)`
+                is called after each step instead (a tqdm bar's update, ...).
             callback: `callback(i, x)` after each grid step i, with the new state (a copy).
             dtype: the solver state's dtype: float32 (default; keep it even for fp16/bf16 models,
                 a half-precision state loses about an order of magnitude of accuracy) or float64.
@@ -320,6 +355,11 @@ class Sampler:
                 CUDA graph, cached, and replays it (see `fastdiff.graphs`); "auto" does so when
                 the inputs are on a GPU and the model can be captured, else runs the eager fused
                 loop (with a warning when capture failed). Needs a fused backend.
+            x0: a clean sample (shaped like the noise) to start from instead of pure noise: the
+                loop starts at the grid's first point from alpha_0 x0 + sigma_0 noise, the
+                forward-noised x0 (img2img / SDEdit, with `first_step`; `noise_scale` does not
+                apply). diffusers' add_noise gives the same state, for Euler-type schedulers in
+                their sigma/alpha coordinates: x0 + (sigma_0 / alpha_0) noise = that / alpha_0.
         """
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype: the solver state must be float32 or float64, got {dtype}")
@@ -328,9 +368,15 @@ class Sampler:
             raise ValueError(f"dtype: the fused backends keep the state in float32; {dtype} is for backend='reference'")
         if callback is not None and not callable(callback):
             raise TypeError(f"callback: expected a callable callback(i, x) or None, got {type(callback).__name__}")
+        if not (isinstance(progress, bool) or callable(progress)):
+            raise TypeError(f"progress: expected True, False or a callable progress(done, total), got "
+                            f"{type(progress).__name__}")
         check_guidance_scale(guidance_scale)
         x = _initial_state(noise, shape, generator, device, dtype)
-        if self.noise_scale != 1.0:
+        if x0 is not None:
+            _check_x0(x0, x)
+            x.mul_(float(self.grid.sigma[0])).add_(x0.to(x.dtype), alpha=float(self.grid.alpha[0]))
+        elif self.noise_scale != 1.0:
             x.mul_(self.noise_scale)
         if cuda_graph not in CUDA_GRAPH_MODES:
             raise ValueError(f"cuda_graph: expected one of {CUDA_GRAPH_MODES}, got {cuda_graph!r}")
@@ -404,7 +450,7 @@ class Sampler:
             if callback is not None:
                 callback(i, table.completed_state(r, x, z))  # x is updated in place: hand out a copy
             if progress:
-                _progress(i + 1, n)
+                _report(progress, i + 1, n)
             i += 1
 
     def _run_reference(self, caller, x, generator, check_finite, progress, callback) -> torch.Tensor:
@@ -426,7 +472,7 @@ class Sampler:
             if callback is not None:
                 callback(i, x.clone())  # the same contract as the fused loop: a copy to keep or change
             if progress:
-                _progress(i + 1, n)
+                _report(progress, i + 1, n)
         return x
 
 
@@ -488,12 +534,12 @@ def _check_finite(i, time, *outputs) -> None:
 def sample(model: Callable, noise: Optional[torch.Tensor] = None, *, shape=None, generator=None, device=None,
            guidance_scale: float = 1.0, cond=None, uncond=None, cfg: str = "batched", model_dtype=None,
            check_finite: bool = False, progress: bool = False, callback=None, dtype=torch.float32,
-           cuda_graph=False, **plan) -> torch.Tensor:
+           cuda_graph=False, x0=None, **plan) -> torch.Tensor:
     """Sample in one call: `Sampler(**plan).sample(model, noise, ...)`. See `Sampler`."""
     return Sampler(**plan).sample(model, noise, shape=shape, generator=generator, device=device,
                                   guidance_scale=guidance_scale, cond=cond, uncond=uncond, cfg=cfg,
                                   model_dtype=model_dtype, check_finite=check_finite, progress=progress,
-                                  callback=callback, dtype=dtype, cuda_graph=cuda_graph)
+                                  callback=callback, dtype=dtype, cuda_graph=cuda_graph, x0=x0)
 
 
 def _initial_state(noise, shape, generator, device, dtype) -> torch.Tensor:
@@ -525,6 +571,19 @@ def _initial_state(noise, shape, generator, device, dtype) -> torch.Tensor:
         raise ValueError(f"device: {device} differs from noise.device {noise.device}")
     check_generator(generator, where, noise.shape[0])
     return noise.to(dtype, copy=True)
+
+
+def _check_x0(x0, x: torch.Tensor) -> None:
+    if not isinstance(x0, torch.Tensor) or not x0.is_floating_point():
+        raise TypeError(f"x0: expected a floating-point tensor, got {type(x0).__name__}")
+    if x0.shape != x.shape or x0.device != x.device:
+        raise ValueError(f"x0: expected the noise's shape {tuple(x.shape)} on {x.device}, got {tuple(x0.shape)} on "
+                         f"{x0.device}")
+
+
+def _report(progress, done: int, total: int) -> None:
+    """`progress` (True or a callable, see `Sampler.sample`) after `done` of `total` steps."""
+    (progress if callable(progress) else _progress)(done, total)
 
 
 def _progress(done: int, total: int) -> None:

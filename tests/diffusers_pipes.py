@@ -70,21 +70,30 @@ def sd(scheduler, folder=None, cross_dim=32):
     return pipe
 
 
-def sdxl(scheduler, folder):
-    """SDXL-shaped: text_time added conditioning, two CLIP encoders (the second with projection)."""
+def sd_img2img(scheduler, folder=None):
+    """StableDiffusionImg2ImgPipeline on `sd`'s components."""
+    pipe = diffusers.StableDiffusionImg2ImgPipeline(**sd(scheduler, folder).components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sdxl(scheduler, folder, cls=diffusers.StableDiffusionXLPipeline, **pipe_kw):
+    """SDXL-shaped: text_time added conditioning, two CLIP encoders (the second with projection).
+    `cls`: StableDiffusionXLImg2ImgPipeline for img2img; with requires_aesthetics_score=True its
+    time ids hold an aesthetic score in place of the target size (5 ids, as the refiner's)."""
+    ids = 5 if pipe_kw.get("requires_aesthetics_score") else 6
     torch.manual_seed(0)
     unet = randomise(diffusers.UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=64, norm_num_groups=32, attention_head_dim=(2, 4), use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=6 * 8 + CLIP["projection_dim"]))
+        projection_class_embeddings_input_dim=ids * 8 + CLIP["projection_dim"]))
     vae = randomise(diffusers.AutoencoderKL(**VAE), 3)
     enc, tok = clip(folder / "one")
     enc2, tok2 = clip(folder / "two", with_projection=True, seed=4)
-    pipe = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=enc, text_encoder_2=enc2, tokenizer=tok,
-                                               tokenizer_2=tok2, unet=unet, scheduler=scheduler,
-                                               add_watermarker=False)
+    pipe = cls(vae=vae, text_encoder=enc, text_encoder_2=enc2, tokenizer=tok, tokenizer_2=tok2, unet=unet,
+               scheduler=scheduler, add_watermarker=False, **pipe_kw)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -44,6 +44,18 @@ def test_sdxl_embeddings_and_images_per_prompt(tmp_path):
     assert rel(ours.images, theirs.images) < TOL
 
 
+@pytest.mark.parametrize("per_prompt", [2, 3])
+def test_sdxl_negative_size_conditioning_with_several_images(tmp_path, per_prompt):
+    """diffusers repeats the [negative, positive] time ids pair over the doubled batch: beyond one
+    image the two halves mix them (unet_pipelines' module doc); fastdiff pairs them the same way."""
+    pipe = pipes.sdxl(diffusers.DPMSolverMultistepScheduler(**SD), tmp_path)
+    theirs, ours = both(pipe, prompt="a cat", negative_prompt="dog", num_inference_steps=3, guidance_scale=5.0,
+                        output_type="pt", num_images_per_prompt=per_prompt, original_size=(24, 16),
+                        negative_original_size=(8, 8), negative_target_size=(48, 32),
+                        negative_crops_coords_top_left=(4, 4), seeds=list(range(per_prompt)))
+    assert rel(ours.images, theirs.images) < TOL
+
+
 def _sd3_inputs():
     text, neg, pooled, neg_pooled = _embeds((1, 5, 32), (1, 5, 32), (1, 16), (1, 16))
     return dict(prompt_embeds=text, negative_prompt_embeds=neg, pooled_prompt_embeds=pooled,

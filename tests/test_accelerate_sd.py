@@ -229,3 +229,46 @@ def test_half_precision(dtype):
     assert ours.images.dtype == dtype
     assert rel(ours.images.float(), theirs.images.float()) < HALF_TOL[dtype]
     assert rel(ours.images.float(), exact.images) <= 1.25 * rel(theirs.images.float(), exact.images)
+
+
+def _bar_counts(text):
+    """The step counters a tqdm bar printed ("k/N"), in order."""
+    import re
+
+    return [int(k) for k in re.findall(r"(\d+)/\d+ \[", text)]
+
+
+def test_progress_bar_like_diffusers():
+    """The pipeline's own tqdm bar (pipe.progress_bar) counts the steps, one update per step as
+    diffusers' loop makes; set_progress_bar_config(disable=True) silences it."""
+    import io
+
+    pipe = pipes.sd(SCHEDULERS["dpmpp_2m"]())
+    text = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(1))
+    kw = dict(prompt_embeds=text, num_inference_steps=4, guidance_scale=1.0, output_type="latent")
+    printed = []
+    for accelerated in (False, True):
+        out = io.StringIO()
+        pipe.set_progress_bar_config(disable=False, file=out, mininterval=0)
+        if accelerated:
+            fastdiff.accelerate(pipe)
+        pipe(**kw)
+        printed.append(out.getvalue())
+    # diffusers' own: the bar opens at 0, one update per step, the last state again at close
+    assert _bar_counts(printed[0]) == [0, 1, 2, 3, 4, 4]
+    assert _bar_counts(printed[1]) == _bar_counts(printed[0])
+    out = io.StringIO()
+    pipe.set_progress_bar_config(disable=True, file=out)
+    pipe(**kw)
+    fastdiff.restore(pipe)
+    assert out.getvalue() == ""
+
+
+@pytest.mark.parametrize("karras", [False, True])
+def test_euler_ending_at_sigma_min_returns_diffusers_loop_state(karras):
+    """Euler's loop state is x0 + (sigma/alpha) noise: ending at sigma_min (not 0), the latents
+    are fastdiff's state / alpha_min, as diffusers returns them (4e-4 apart otherwise)."""
+    pipe = pipes.sd(diffusers.EulerDiscreteScheduler(**SD, final_sigmas_type="sigma_min", use_karras_sigmas=karras))
+    text = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(1))
+    theirs, ours = both(pipe, prompt_embeds=text, num_inference_steps=4, guidance_scale=1.0, output_type="latent")
+    assert rel(ours.images, theirs.images) < TOL

@@ -208,3 +208,62 @@ def test_four_threads_sharing_a_sampler_equal_single_threaded_results():
         t.join()
     for k in range(4):
         assert len(got[k]) == 3 and all(torch.equal(g, expected[k]) for g in got[k])
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m", "unipc", "euler", "dpmpp_3m", "kdpm2"])
+def test_first_step_with_x0_equals_the_plan_of_the_remaining_grid(solver, backend):
+    """img2img / SDEdit: first_step=k on an N-step grid runs what a plan made for grid points
+    k..N alone runs (the multistep warm-up starts at point k), from alpha_k x0 + sigma_k noise."""
+    k, n = 3, 8
+    full = fastdiff.Sampler(solver=solver, steps=n, schedule="scaled_linear", spacing="karras", backend=backend)
+    cut = fastdiff.Sampler(solver=solver, steps=n, schedule="scaled_linear", spacing="karras", backend=backend,
+                           first_step=k)
+    rest = fastdiff.Sampler(solver=solver, schedule="scaled_linear", backend=backend,
+                            sigmas=full.grid.karras_sigma[k:], timesteps=full.grid.model_time[k:])
+    assert cut.steps == rest.steps == n - k and cut.model_calls == rest.model_calls
+    x0, noise = _noise(1), _noise(2)
+    alpha, sigma = float(full.grid.alpha[k]), float(full.grid.sigma[k])
+    ours = cut.sample(TwoWayModel(), noise, x0=x0)
+    ref = rest.sample(TwoWayModel(), (alpha * x0.double() + sigma * noise.double()).float())
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours, full.sample(TwoWayModel(), noise), atol=1e-3)  # the cut plan is another plan
+
+
+def test_x0_start_replaces_noise_scale_and_leaves_the_inputs_alone():
+    """noise_scale (diffusers' init_noise_sigma for text-to-image) does not apply from x0."""
+    x0, noise = _noise(1), _noise(2)
+    keep = x0.clone(), noise.clone()
+    seen = []
+
+    def model(x, t):
+        seen.append(x.clone())
+        return 0.1 * x
+
+    plan = dict(solver="euler", steps=4, schedule="scaled_linear", first_step=1)
+    fastdiff.sample(model, noise, x0=x0, noise_scale=0.5, **plan)
+    grid = fastdiff.Sampler(**plan).grid
+    torch.testing.assert_close(seen[0], grid.alpha[0] * x0 + grid.sigma[0] * noise)
+    assert torch.equal(x0, keep[0]) and torch.equal(noise, keep[1])
+
+
+def test_progress_callable_is_called_per_step():
+    seen = []
+    fastdiff.sample(TwoWayModel(), _noise(), steps=5, first_step=2, progress=lambda done, n: seen.append((done, n)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "unipc", "heun", "dpmpp_2m_sde"])
+def test_last_step_stops_where_the_whole_plan_passes(solver, backend):
+    """last_step=j: the whole plan's state after its step j (its callback's), not a plan ending
+    there (lower_order_final still counts to the whole plan's end); with first_step too."""
+    plan = dict(solver=solver, steps=7, schedule="scaled_linear", spacing="karras", backend=backend, first_step=1)
+    states = []
+    seed = dict(generator=torch.Generator().manual_seed(3)) if solver.endswith("sde") else {}
+    fastdiff.Sampler(**plan).sample(TwoWayModel(), _noise(), callback=lambda i, x: states.append(x), **seed)
+    seed = dict(generator=torch.Generator().manual_seed(3)) if seed else {}
+    cut = fastdiff.Sampler(**plan, last_step=4)
+    assert cut.steps == 4 and cut.model_calls < fastdiff.Sampler(**plan).model_calls
+    torch.testing.assert_close(cut.sample(TwoWayModel(), _noise(), **seed), states[3], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(states[3], states[-1], atol=1e-3)

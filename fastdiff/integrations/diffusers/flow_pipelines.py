@@ -103,8 +103,8 @@ def run_sd3(pipe, a, options):
     noise = _noise(pipe, a, batch, pipe.transformer.config.in_channels, height, width, text.dtype)
     cond = {"encoder_hidden_states": text, "pooled_projections": pooled, **joint}
     uncond = {"encoder_hidden_states": neg, "pooled_projections": neg_pooled, **joint} if do_cfg else None
-    latents = denoise(sampler, wrapper(pipe.transformer, SD3Denoiser), noise, options, guidance_scale=w, cond=cond,
-                      uncond=uncond, generator=a["generator"])
+    latents = denoise(pipe, sampler, wrapper(pipe.transformer, SD3Denoiser), noise, options, guidance_scale=w,
+                      cond=cond, uncond=uncond, generator=a["generator"])
     image = _decode(pipe, a, latents)
     pipe.maybe_free_model_hooks()
     return StableDiffusion3PipelineOutput(images=image) if a["return_dict"] else (image,)
@@ -156,7 +156,7 @@ def run_flux(pipe, a, options):
     extra = {"img_ids": img_ids.expand(batch, *img_ids.shape)}
     if pipe.transformer.config.guidance_embeds:
         extra["guidance"] = torch.full((batch,), a["guidance_scale"], device=device, dtype=torch.float32)
-    latents = denoise(sampler, wrapper(pipe.transformer, FluxDenoiser), noise, options,
+    latents = denoise(pipe, sampler, wrapper(pipe.transformer, FluxDenoiser), noise, options,
                       guidance_scale=a["true_cfg_scale"], cond={**cond, **extra},
                       uncond={**uncond, **extra} if do_cfg else None, generator=a["generator"], cfg="separate")
     if a["output_type"] != "latent":

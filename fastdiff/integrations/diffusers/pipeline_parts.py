@@ -19,16 +19,28 @@ from fastdiff.sampler import BACKENDS, Sampler
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 WRAPPERS = "_fastdiff_wrappers"  # the attribute of a denoiser holding its wrappers (see `wrapper`)
 # Sampler options a call decides (the grid) or that accelerate() takes on its own
-_CALL_OWNED = ("self", "steps", "sigmas", "timesteps", "backend")
+_CALL_OWNED = ("self", "steps", "sigmas", "timesteps", "backend", "first_step", "last_step")
 PLAN_OPTIONS = tuple(p for p in inspect.signature(Sampler.__init__).parameters if p not in _CALL_OWNED)
 _WHY = {
     "callback_on_step_end": "a step-end callback needs the host between steps and may edit the loop's tensors; "
                             "fastdiff runs the loop as one unit (one CUDA graph on a GPU)",
     "callback": "a per-step callback needs the host between steps; fastdiff runs the loop as one unit",
     "ip_adapter_image": "IP-Adapter image conditioning is not wired into fastdiff's loop",
-    "denoising_end": "ending the loop early (SDXL base + refiner) is not supported",
     "skip_guidance_layers": "skip-layer guidance needs a third model call on some steps",
 }
+
+
+# Schedulers whose part-way start in diffusers (img2img's strength < 1, denoising_start) differs
+# from a plan begun afresh at the first kept step, which is what fastdiff runs
+_NO_PARTWAY_START = {
+    "LMSDiscreteScheduler": "diffusers' LMS starts part-way at full order with one stored derivative: it "
+                            "weights that derivative by the order-4 coefficient alone",
+    "PNDMScheduler": "diffusers' PNDM (PLMS) takes its second model call as the corrector of the first step, "
+                     "which part-way is a call at the next timestep",
+}
+# Schedulers whose loop state is x0 + (sigma / alpha) noise (diffusers_state_scale)
+_VE_STATE = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+             "LMSDiscreteScheduler", "KDPM2DiscreteScheduler")
 
 
 @dataclass(frozen=True)
@@ -46,8 +58,8 @@ class Options:
             raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {self.backend!r}")
         for name in self.plan:
             if name in _CALL_OWNED:
-                raise ValueError(f"{name}: set by the pipeline call (num_inference_steps, sigmas, timesteps) or by "
-                                 "backend=")
+                raise ValueError(f"{name}: set by the pipeline call (num_inference_steps, sigmas, timesteps, "
+                                 "strength, denoising_start, denoising_end) or by backend=")
             if name not in PLAN_OPTIONS:
                 raise ValueError(f"{name}: not a fastdiff.Sampler option (expected one of {list(PLAN_OPTIONS)})")
 
@@ -104,6 +116,9 @@ def check_common(a: dict) -> None:
     for name in ("guidance_scale", "true_cfg_scale"):
         if name in a:
             check_guidance_scale(a[name])
+    if "strength" in a and (isinstance(a["strength"], bool) or not isinstance(a["strength"], (int, float))
+                            or not 0.0 <= a["strength"] <= 1.0):
+        raise ValueError(f"strength: expected a number in [0, 1], got {a['strength']!r}")
     r = a.get("guidance_rescale", 0.0)
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r <= 1.0:
         raise ValueError(f"guidance_rescale: expected a number in [0, 1], got {r!r}")
@@ -122,18 +137,66 @@ def batch_size(a: dict) -> int:
     return n * a["num_images_per_prompt"]
 
 
-def make_plan(pipe, a: dict, options: Options, **grid) -> Sampler:
+def make_plan(pipe, a: dict, options: Options, strength: Optional[float] = None,
+              denoising_start: Optional[float] = None, denoising_end: Optional[float] = None,
+              from_state: bool = False, **grid) -> Sampler:
     """The plan of `pipe.scheduler` for this call. `grid`: the scheduler's set_timesteps arguments
     (sigmas, timesteps, mu), passed on when given; as diffusers' retrieve_timesteps, given sigmas
-    or timesteps replace num_inference_steps."""
+    or timesteps replace num_inference_steps. The cuts SDXL and the img2img pipelines make, as
+    diffusers makes them: `strength` keeps the last int(N * strength) of the N steps,
+    `denoising_start` (instead) the steps whose model time is below T (1 - denoising_start), the
+    plan starting at the first kept step (Sampler's first_step: the scheduler's multistep warm-up
+    starts there too); `denoising_end` stops before the first model time below T (1 -
+    denoising_end) (Sampler's last_step: the steps before run as in the whole plan).
+    `from_state`: the loop starts from a given state, not from noise times init_noise_sigma."""
     plan = dict(options.plan)
     # as prepare_extra_step_kwargs: the call's eta (default 0) goes to every step that takes one;
     # TCD's gamma included, whose step defaults to 0.3 when called without it
     if "eta" in inspect.signature(pipe.scheduler.step).parameters:
         plan.setdefault("eta", a.get("eta", 0.0))
+    if from_state:
+        plan["noise_scale"] = 1.0
     grid = {k: v for k, v in grid.items() if v is not None}
     steps = None if "sigmas" in grid or "timesteps" in grid else a["num_inference_steps"]
-    return Sampler.from_scheduler(pipe.scheduler, steps, backend=options.backend, **grid, **plan)
+    sampler = Sampler.from_scheduler(pipe.scheduler, steps, backend=options.backend, **grid, **plan)
+    if strength is None and denoising_start is None and denoising_end is None:
+        return sampler
+    n, times = sampler.steps, sampler.grid.model_time
+    T = pipe.scheduler.config.num_train_timesteps
+    for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+        if value is not None and getattr(pipe.scheduler, "order", 1) != 1:
+            raise ValueError(f"{name}: {type(pipe.scheduler).__name__} makes two model calls per step, which "
+                             f"diffusers' cut by {name} may split; not reproduced by fastdiff")
+    if denoising_start is not None:
+        name, value = "denoising_start", denoising_start
+        kept = int((times < int(round(T - denoising_start * T))).sum())
+    else:
+        name, value = "strength", strength
+        kept = n if strength is None else min(int(n * strength), n)
+    if kept == 0:
+        raise ValueError(f"{name}: {value} keeps none of the {n} steps; raise num_inference_steps or start earlier")
+    why = _NO_PARTWAY_START.get(type(pipe.scheduler).__name__)
+    if kept < n and why:
+        raise ValueError(f"{name}: {value} starts part-way; {why}, which fastdiff does not reproduce "
+                         "(start at the first step or use another scheduler)")
+    last = kept
+    if denoising_end is not None:
+        last = int((times[n - kept:] >= int(round(T - denoising_end * T))).sum())
+        if last == 0:
+            raise ValueError(f"denoising_end: {denoising_end} ends before the first of the {kept} steps "
+                             f"(model time {times[n - kept]:g})")
+    if kept == n and last == kept:
+        return sampler
+    return Sampler.from_scheduler(pipe.scheduler, steps, backend=options.backend, first_step=n - kept,
+                                  last_step=last, **grid, **plan)
+
+
+def diffusers_state_scale(pipe, sampler: Sampler, point: int = 0) -> float:
+    """fastdiff's (variance-preserving) state is diffusers' loop state times this at grid point
+    `point` of the plan: alpha there for the schedulers whose loop state is x0 + (sigma / alpha)
+    noise (Euler-type: init_noise_sigma > 1, scale_model_input divides by
+    sqrt(1 + (sigma/alpha)^2)), else 1."""
+    return float(sampler.grid.alpha[point]) if type(pipe.scheduler).__name__ in _VE_STATE else 1.0
 
 
 def check_generator(sampler: Sampler, generator, batch: int, device: torch.device) -> None:
@@ -162,15 +225,28 @@ def initial_noise(shape, generator, device, dtype, latents: Optional[torch.Tenso
     return latents.to(device=device, dtype=dtype)
 
 
-def denoise(sampler: Sampler, model, noise: torch.Tensor, options: Options, *, guidance_scale: float, cond: dict,
-            uncond: Optional[dict], generator, cfg: str = "batched") -> torch.Tensor:
+def denoise(pipe, sampler: Sampler, model, noise: torch.Tensor, options: Options, *, guidance_scale: float,
+            cond: dict, uncond: Optional[dict], generator, cfg: str = "batched",
+            x0: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The fused loop from `noise` (in the pipeline's latents dtype, which the model is called
-    in; the solver state is float32); the final latents in that dtype. `uncond` None: no CFG."""
+    in; the solver state is float32); the final latents in that dtype. `uncond` None: no CFG.
+    `x0`: img2img's clean image latents, noised to the plan's first level (Sampler.sample's x0).
+    The pipeline's progress bar (`pipe.progress_bar`, as pipe.set_progress_bar_config sets it)
+    counts the steps: one update per step, or all at once after a loop run as one CUDA graph.
+    The result is diffusers' loop state at the plan's end (`diffusers_state_scale`: an
+    Euler-type scheduler's, stopped short of the clean end by denoising_end, is x / alpha)."""
     dtype = noise.dtype
-    x = sampler.sample(model, noise.float(), generator=generator if sampler.table.noise_draws else None,
-                       guidance_scale=guidance_scale if uncond is not None else 1.0, cond=cond, uncond=uncond,
-                       cfg=cfg, model_dtype=dtype if dtype != torch.float32 else None, cuda_graph=options.cuda_graph)
-    return x.to(dtype)
+    graphed = options.cuda_graph is not False and noise.device.type == "cuda" and sampler.backend != "reference"
+    with pipe.progress_bar(total=sampler.steps) as bar:
+        x = sampler.sample(model, noise.float(), generator=generator if sampler.table.noise_draws else None,
+                           guidance_scale=guidance_scale if uncond is not None else 1.0, cond=cond, uncond=uncond,
+                           cfg=cfg, model_dtype=dtype if dtype != torch.float32 else None,
+                           cuda_graph=options.cuda_graph, x0=None if x0 is None else x0.float(),
+                           progress=False if graphed else lambda done, total: bar.update(1))
+        if graphed:
+            bar.update(sampler.steps)
+    scale = diffusers_state_scale(pipe, sampler, sampler.steps)
+    return (x if scale == 1.0 else x / scale).to(dtype)
 
 
 def wrapper(module, cls):

@@ -16,7 +16,8 @@ diffusers' semantics: guidance_scale <= 1 (Flux: true_cfg_scale <= 1 or no negat
 runs no CFG, one model call per step. An argument fastdiff cannot honour (step-end callbacks,
 IP-Adapter, ...) raises ValueError naming it, before any model runs; every other argument of
 the pipeline's signature must keep its default. The families (`unet_pipelines`: SD 1.x/2.x,
-SDXL; `flow_pipelines`: SD3, Flux) say which arguments they honour. No progress bar is shown.
+SDXL and their img2img pipelines; `flow_pipelines`: SD3, Flux) say which arguments they honour.
+The pipeline's progress bar counts the steps (`pipeline_parts.denoise`).
 Stochastic schedulers (DDPM, LCM, ancestral) draw their step noise from `generator` in the
 order diffusers does on the eager path; in a CUDA graph it is drawn before the loop, all at once.
 """
