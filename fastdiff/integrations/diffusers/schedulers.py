@@ -5,12 +5,16 @@ Reads a scheduler instance's `.config` or the config dict itself (`_class_name` 
 here, so a dict needs no diffusers import; keys the scheduler's __init__ does not take are inert,
 as in diffusers). The plan is an explicit grid (`fastdiff.grid.explicit_grid`) holding exactly the model
 times and noise levels of the scheduler's `set_timesteps(steps)`, computed here in float64.
+The EDM schedulers' plans measure the data in units of sigma_data, where their model input
+x / sqrt(sigma^2 + sigma_data^2) is fastdiff's VP state (`_edm`): output type "edm", and the
+result scaled back by `output_scale`.
 
 Where fastdiff differs from diffusers on purpose (each warned once, as a
 DiffusersDifferenceWarning, when a plan contains it):
 
-* DPMSolverMultistep solver_order=3 runs fastdiff's dpmpp_3m, which is third order; diffusers'
-  third-order update weights the second difference by half (measured order ~2.2, README).
+* DPMSolverMultistep and EDMDPMSolverMultistep solver_order=3 run fastdiff's dpmpp_3m, which is
+  third order; diffusers' third-order update weights the second difference by half (measured
+  order ~2.2, README).
 * A zero-size last step (use_karras_sigmas with final_sigmas_type="sigma_min": the model runs
   at sigma_min, then steps to sigma_min) is the identity here; diffusers' third-order update
   divides by that zero step and returns NaN at >= 15 steps.
