@@ -247,6 +247,31 @@ def test_karras_sigma_min_third_order_zero_last_step_is_the_identity_not_nan():
     torch.testing.assert_close(fused, ours, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"])
+def test_edm_state_is_the_model_input(name):
+    """fastdiff's EDM plan keeps the state diffusers hands the model (x / sqrt(sigma^2 +
+    sigma_data^2), precondition_inputs): both loops call the model with the same inputs at the
+    same times, with no scaling pass in fastdiff's."""
+    sch = _scheduler(name, dict(sigma_data=0.7, final_sigmas_type="sigma_min"))
+    sampler = fastdiff.Sampler.from_scheduler(sch, 5, backend="cpu")
+    model = ideal_model(GaussianMixture.random(shape=(2, 3, 3), seed=1), sampler, sch)
+    noise = torch.randn(3, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    seen = {"ours": [], "theirs": []}
+
+    def recording(key):
+        def call(x, t):
+            seen[key].append((x.clone(), t.clone()))
+            return model(x, t)
+        return call
+    ours = sampler.sample(recording("ours"), noise)
+    theirs = _diffusers_loop(sch, recording("theirs"), noise, 5, {}, seed=0)
+    assert len(seen["ours"]) == len(seen["theirs"]) == 5
+    for (x, t), (x_d, t_d) in zip(seen["ours"], seen["theirs"]):
+        torch.testing.assert_close(x, x_d, rtol=1e-5, atol=1e-6)
+        assert torch.equal(t, t_d.float())
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)  # in the data's units, at sigma_min
+
+
 def test_ddim_steps_to_the_next_model_time_where_diffusers_does_not():
     """trailing with T % N != 0: diffusers' DDIM steps to t - T // N, not to the next timestep;
     fastdiff's grid goes through every model time."""
