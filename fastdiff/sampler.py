@@ -40,8 +40,8 @@ from fastdiff.solvers import (Churn, SolverTable, build_table, deis_table, dpmpp
 BACKENDS = ("auto", "reference", "cuda", "triton", "cpu")
 _ETA_SOLVERS = ("ddim", "euler_ancestral", "flow_sde", "tcd", "kdpm2_ancestral")
 _FLOW_SOLVERS = ("flow_euler", "flow_sde", "flow_heun")
-_VE_SOLVERS = ("euler", "euler_ancestral", "heun", "lms", "kdpm2", "kdpm2_ancestral")
-_KDPM2 = ("kdpm2", "kdpm2_ancestral")  # they work in sigma/alpha
+_VE_SOLVERS = ("euler", "euler_ancestral", "heun", "lms", "kdpm2", "kdpm2_ancestral")  # they work in sigma/alpha
+_KDPM2 = ("kdpm2", "kdpm2_ancestral")
 
 
 class Sampler:
@@ -54,9 +54,9 @@ class Sampler:
             "tcd").
         steps: number of grid steps (>= 1; at most the schedule's training timesteps); default 20,
             or the length of an explicit grid. Every solver calls the model once per step but
-            "heun", "flow_heun", "kdpm2" and "kdpm2_ancestral", which take 2N - 1 calls (2N with final="min"), and
-            "pndm" (PLMS, diffusers' PNDMScheduler with skip_prk_steps), N + 1: `model_calls`
-            says how many.
+            "heun", "flow_heun", "kdpm2" and "kdpm2_ancestral", which take 2N - 1 calls (2N with
+            final="min"), and "pndm" (PLMS, diffusers' PNDMScheduler with skip_prk_steps), N + 1:
+            `model_calls` says how many.
         schedule: "linear", "scaled_linear", "cosine", "flow", or a VPSchedule/FlowSchedule.
         spacing: "leading", "trailing" (default), "linspace", "karras" or "logsnr", or a
             coarse-to-fine `fastdiff.TwoStage(coarse, split_sigma, ...)` (see `fastdiff.grid`).
@@ -72,9 +72,9 @@ class Sampler:
             flow), "t" (continuous in [0, 1]) or "karras_sigma" (sigma/alpha, EDM/k-diffusion).
         final: "zero" (last step jumps to the clean sample) or "min" (stop at the smallest
             training noise level; no first-order jump).
-        eta: noise fraction for "ddim" (default 0), "euler_ancestral", "kdpm2_ancestral" and "flow_sde"
-            (default 1); for
-            "tcd" its gamma (default 0.3: each step goes back to s = floor((1 - gamma) t') first).
+        eta: noise fraction for "ddim" (default 0), "euler_ancestral", "kdpm2_ancestral" and
+            "flow_sde" (default 1); for "tcd" its gamma (default 0.3: each step goes back to
+            s = floor((1 - gamma) t') first).
         lower_order_final: DPM-Solver++ and UniPC: True caps the order at N - i near the end
             (steadier at few steps), False does not; "last" (DPM-Solver++ only) makes only the last
             step first order. A step to sigma = 0 (or of size zero) is always first order.
@@ -109,8 +109,9 @@ class Sampler:
             2 (the default) is the Taylor coefficient, which makes the step third order; 1 is the
             widely copied form (diffusers' DPMSolverMultistepScheduler, k-diffusion), second
             order but measured more accurate at 6-15 steps on Karras grids (benchmarks/NOTES.md).
-        mid_timesteps: "kdpm2" and "kdpm2_ancestral" only: the model times at their midpoints (default: the schedule's
-            time of each midpoint's noise level; `from_scheduler` passes diffusers' own).
+        mid_timesteps: "kdpm2" and "kdpm2_ancestral" only: the model times at their midpoints
+            (default: the schedule's time of each midpoint's noise level; `from_scheduler` passes
+            diffusers' own).
         noise_scale: the loop starts from noise_scale * noise (1: from the noise as given).
             `from_scheduler` sets it for diffusers' Euler schedulers, whose pipelines start from
             noise * init_noise_sigma: sigma_max / sqrt(1 + sigma_max^2) in fastdiff's (VP)

@@ -201,7 +201,8 @@ def test_third_order_is_fastdiffs_and_closer_to_the_exact_solution_than_diffuser
     ("DPMSolverMultistepScheduler", dict(solver_order=3, timestep_spacing="trailing"), 12),
     ("DPMSolverMultistepScheduler", dict(solver_order=3, use_karras_sigmas=True, **SL), 10),
     ("EDMDPMSolverMultistepScheduler", dict(solver_order=3), 10),
-    ("EDMDPMSolverMultistepScheduler", dict(solver_order=3, prediction_type="v_prediction", lower_order_final=False), 25)])
+    ("EDMDPMSolverMultistepScheduler", dict(solver_order=3, prediction_type="v_prediction", lower_order_final=False),
+     25)])
 def test_third_order_with_d2_weight_1_is_diffusers_own(name, cfg, n):
     """d2_weight=1 (the common form) gives diffusers' third-order numbers, for a user chasing a
     regression (the deliberate difference's warning names the option)."""

@@ -16,7 +16,8 @@ OP = "solver_step"  # the conftest `backend` fixture: cpu, triton-interp, refere
 
 F64 = torch.float64
 VP_SOLVERS = ["ddpm", "ddim", "dpmpp_1m", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "euler", "euler_ancestral",
-              "consistency", "unipc", "pndm", "lms", "dpmpp_2s", "deis_2m", "deis_3m", "kdpm2", "kdpm2_ancestral", "tcd"]
+              "consistency", "unipc", "pndm", "lms", "dpmpp_2s", "deis_2m", "deis_3m", "kdpm2", "kdpm2_ancestral",
+              "tcd"]
 FLOW_SOLVERS = ["flow_euler", "flow_sde", "flow_heun", "dpmpp_2m", "dpmpp_3m", "unipc"]
 LOOP_TOL = 2e-6
 # PLMS multiplies the fp32 model outputs' rounding by its Adams-Bashforth weights (sum of |w|
