@@ -39,9 +39,10 @@ from fastdiff.solvers import (Churn, SolverTable, build_table, deis_table, dpmpp
                               kdpm2_table, lms_table, pndm_table, tcd_table)
 
 BACKENDS = ("auto", "reference", "cuda", "triton", "cpu")
-_ETA_SOLVERS = ("ddim", "euler_ancestral", "flow_sde", "tcd")
+_ETA_SOLVERS = ("ddim", "euler_ancestral", "flow_sde", "tcd", "kdpm2_ancestral")
 _FLOW_SOLVERS = ("flow_euler", "flow_sde", "flow_heun")
-_VE_SOLVERS = ("euler", "euler_ancestral", "heun", "lms", "kdpm2")  # they work in sigma/alpha
+_VE_SOLVERS = ("euler", "euler_ancestral", "heun", "lms", "kdpm2", "kdpm2_ancestral")  # they work in sigma/alpha
+_KDPM2 = ("kdpm2", "kdpm2_ancestral")
 
 
 class Sampler:
@@ -50,12 +51,13 @@ class Sampler:
     Args:
         solver: one of `fastdiff.SOLVERS` ("ddpm", "ddim", "dpmpp_1m", "dpmpp_2m", "dpmpp_3m",
             "dpmpp_2m_sde", "euler", "euler_ancestral", "heun", "flow_euler", "flow_sde", "consistency",
-            "unipc", "pndm", "lms", "flow_heun", "dpmpp_2s", "deis_2m", "deis_3m", "kdpm2", "tcd").
+            "unipc", "pndm", "lms", "flow_heun", "dpmpp_2s", "deis_2m", "deis_3m", "kdpm2", "kdpm2_ancestral",
+            "tcd").
         steps: number of grid steps (>= 1; at most the schedule's training timesteps); default 20,
             or the length of an explicit grid. Every solver calls the model once per step but
-            "heun", "flow_heun" and "kdpm2", which take 2N - 1 calls (2N with final="min"), and
-            "pndm" (PLMS, diffusers' PNDMScheduler with skip_prk_steps), N + 1: `model_calls`
-            says how many.
+            "heun", "flow_heun", "kdpm2" and "kdpm2_ancestral", which take 2N - 1 calls (2N with
+            final="min"), and "pndm" (PLMS, diffusers' PNDMScheduler with skip_prk_steps), N + 1:
+            `model_calls` says how many.
         schedule: "linear", "scaled_linear", "cosine", "flow", or a VPSchedule/FlowSchedule.
         spacing: "leading", "trailing" (default), "linspace", "karras" or "logsnr", or a
             coarse-to-fine `fastdiff.TwoStage(coarse, split_sigma, ...)` (see `fastdiff.grid`).
@@ -63,14 +65,17 @@ class Sampler:
             `sigmas` the N + 1 noise levels (sigma/alpha for VP schedules, t for flow; diffusers'
             convention), `timesteps` the N model times (alone: the grid ends at tau_min, with
             `final`). `Sampler.from_scheduler` builds these from a diffusers scheduler.
-        prediction: what the model outputs: "epsilon", "v", "sample" (x0) or "flow" (velocity
-            noise - x0 of rectified flow; needs a flow schedule).
+        prediction: what the model outputs: "epsilon", "v", "sample" (x0), "flow" (velocity
+            noise - x0 of rectified flow; needs a flow schedule) or "edm" (the network F of EDM's
+            preconditioning with sigma_data = 1: x0 = c_skip x / alpha + c_out F, c_skip =
+            1 / (1 + s^2), c_out = s / sqrt(1 + s^2), s = sigma / alpha; on a VP schedule F = -v).
         model_time: how the model takes time: "timestep" (diffusers: 0..T-1, or 1000*t for
             flow), "t" (continuous in [0, 1]) or "karras_sigma" (sigma/alpha, EDM/k-diffusion).
         final: "zero" (last step jumps to the clean sample) or "min" (stop at the smallest
             training noise level; no first-order jump).
-        eta: noise fraction for "ddim" (default 0), "euler_ancestral" and "flow_sde" (default 1); for
-            "tcd" its gamma (default 0.3: each step goes back to s = floor((1 - gamma) t') first).
+        eta: noise fraction for "ddim" (default 0), "euler_ancestral", "kdpm2_ancestral" and
+            "flow_sde" (default 1); for "tcd" its gamma (default 0.3: each step goes back to
+            s = floor((1 - gamma) t') first).
         lower_order_final: DPM-Solver++ and UniPC: True caps the order at N - i near the end
             (steadier at few steps), False does not; "last" (DPM-Solver++ only) makes only the last
             step first order. A step to sigma = 0 (or of size zero) is always first order.
@@ -105,8 +110,9 @@ class Sampler:
             2 (the default) is the Taylor coefficient, which makes the step third order; 1 is the
             widely copied form (diffusers' DPMSolverMultistepScheduler, k-diffusion), second
             order but measured more accurate at 6-15 steps on Karras grids (benchmarks/NOTES.md).
-        mid_timesteps: "kdpm2" only: the model times at its midpoints (default: the schedule's
-            time of each midpoint's noise level; `from_scheduler` passes diffusers' own).
+        mid_timesteps: "kdpm2" and "kdpm2_ancestral" only: the model times at their midpoints
+            (default: the schedule's time of each midpoint's noise level; `from_scheduler` passes
+            diffusers' own).
         noise_scale: the loop starts from noise_scale * noise (1: from the noise as given).
             `from_scheduler` sets it for diffusers' Euler schedulers, whose pipelines start from
             noise * init_noise_sigma: sigma_max / sqrt(1 + sigma_max^2) in fastdiff's (VP)
@@ -121,6 +127,9 @@ class Sampler:
             after first_step; default: all): those steps exactly as the whole plan runs them
             (lower_order_final still counts to the plan's end), the result the state at grid
             point last_step, still noisy (SDXL's denoising_end, a refiner's input).
+        output_scale: `sample()` returns output_scale * the loop's final state (1: the state
+            itself; callbacks see the states unscaled). `from_scheduler` sets it for the EDM
+            schedulers, whose state fastdiff keeps in units of sigma_data (their model input).
     """
 
     def __init__(self, solver: str = "dpmpp_2m", steps: Optional[int] = None, schedule="linear",
@@ -134,7 +143,7 @@ class Sampler:
                  variant: Optional[str] = None, corrector: Optional[bool] = None,
                  s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
                  noise_scale: float = 1.0, d2_weight: Optional[float] = None, mid_timesteps=None,
-                 first_step: int = 0, last_step: Optional[int] = None):
+                 first_step: int = 0, last_step: Optional[int] = None, output_scale: float = 1.0):
         for name, value, choices in (("solver", solver, sorted(SOLVERS)), ("prediction", prediction, list(PREDICTIONS)),
                                      ("model_time", model_time, sorted(MODEL_TIMES)), ("backend", backend, BACKENDS)):
             if value not in choices:
@@ -149,18 +158,18 @@ class Sampler:
         if variance not in ("small", "large"):
             raise ValueError(f"variance: expected 'small' or 'large', got {variance!r}")
         unipc = _unipc_options(solver, order, variant, corrector)
-        if isinstance(noise_scale, bool) or not isinstance(noise_scale, (int, float)) or not (
-                0 < noise_scale < math.inf):
-            raise ValueError(f"noise_scale: expected a finite number > 0, got {noise_scale!r}")
-        self.noise_scale = float(noise_scale)
+        for name, value in (("noise_scale", noise_scale), ("output_scale", output_scale)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+        self.noise_scale, self.output_scale = float(noise_scale), float(output_scale)
         if clamp is not None and (isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not clamp > 0):
             raise ValueError(f"clamp: expected a positive bound or None, got {clamp!r}")
         if not (isinstance(lower_order_final, bool) or lower_order_final == "last"):
             raise ValueError(f"lower_order_final: expected True, False or 'last', got {lower_order_final!r}")
         if lower_order_final == "last" and not solver.startswith("dpmpp_"):
             raise ValueError(f"lower_order_final: 'last' is for the dpmpp_* solvers, not {solver!r}")
-        if mid_timesteps is not None and solver != "kdpm2":
-            raise ValueError(f"mid_timesteps: only 'kdpm2' takes it, not {solver!r}")
+        if mid_timesteps is not None and solver not in _KDPM2:
+            raise ValueError(f"mid_timesteps: only {list(_KDPM2)} take it, not {solver!r}")
         if d2_weight is not None:
             if solver != "dpmpp_3m":
                 raise ValueError(f"d2_weight: only 'dpmpp_3m' takes it, not {solver!r}")
@@ -228,7 +237,8 @@ class Sampler:
                             boundary_scaling=boundary_scaling,
                             schedule=schedule if isinstance(schedule, str) else repr(schedule),
                             order=unipc.get("order"), variant=unipc.get("variant"), corrector=unipc.get("corrector"),
-                            noise_scale=self.noise_scale, d2_weight=d2_weight, first_step=int(first_step))
+                            noise_scale=self.noise_scale, d2_weight=d2_weight, output_scale=self.output_scale,
+                            first_step=int(first_step))
         cls, fixed = SOLVERS[solver]
         self._solver_args = dict(fixed, eta=eta, lower_order_final=lower_order_final, variance=variance,
                                  clamp=clamp, **unipc)
@@ -257,9 +267,10 @@ class Sampler:
             self._solver_args["schedule"] = self.schedule
             gamma = cls.default_eta if eta is None else float(eta)  # the reference's default: one place
             self.table = tcd_table(self.grid, self.schedule, prediction, gamma)
-        elif solver == "kdpm2":
+        elif solver in _KDPM2:
             self._solver_args.update(schedule=self.schedule, model_time=model_time, mid_times=mids)
-            self.table = kdpm2_table(self.grid, self.schedule, model_time, prediction, mids)
+            eta = 0.0 if solver == "kdpm2" else cls.default_eta if eta is None else float(eta)
+            self.table = kdpm2_table(self.grid, self.schedule, model_time, prediction, mids, eta)
         elif solver == "flow_heun":
             self.table = flow_heun_table(self.grid, self.schedule, model_time, prediction)
         else:
@@ -279,6 +290,8 @@ class Sampler:
                                              model_time=t.model_time[:rows], ends_step=t.ends_step[:rows],
                                              step_state=t.step_state[:rows])
         self.options["last_step"] = last_step
+        if self.output_scale != 1.0:
+            self.table = self.table.scaled_output(self.output_scale)
 
     @classmethod
     def from_scheduler(cls, scheduler, steps: Optional[int] = None, *, scheduler_class=None, mu=None, sigmas=None,
@@ -331,7 +344,7 @@ class Sampler:
                model_dtype: Optional[torch.dtype] = None, check_finite: bool = False, progress: bool = False,
                callback: Optional[Callable] = None, dtype: torch.dtype = torch.float32,
                cuda_graph=False, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Run the plan. Returns the final state (in `dtype`).
+        """Run the plan. Returns the final state (in `dtype`; times output_scale).
 
         Args:
             model: `model(x, t, **cond)`; returns a tensor shaped like x.
@@ -375,7 +388,8 @@ class Sampler:
         x = _initial_state(noise, shape, generator, device, dtype)
         if x0 is not None:
             _check_x0(x0, x)
-            x.mul_(float(self.grid.sigma[0])).add_(x0.to(x.dtype), alpha=float(self.grid.alpha[0]))
+            # the state is in units of output_scale (EDM: sigma_data): x0 enters it divided by that
+            x.mul_(float(self.grid.sigma[0])).add_(x0.to(x.dtype), alpha=float(self.grid.alpha[0]) / self.output_scale)
         elif self.noise_scale != 1.0:
             x.mul_(self.noise_scale)
         if cuda_graph not in CUDA_GRAPH_MODES:
@@ -473,7 +487,7 @@ class Sampler:
                 callback(i, x.clone())  # the same contract as the fused loop: a copy to keep or change
             if progress:
                 _report(progress, i + 1, n)
-        return x
+        return x if self.output_scale == 1.0 else x * self.output_scale
 
 
 def _check_churn(solver, s_churn, s_tmin, s_tmax, s_noise, round_timesteps) -> Churn:

@@ -37,12 +37,12 @@ s^_j = s_j (1 + gamma_j), gamma_j = min(s_churn / N, sqrt 2 - 1) where s_tmin <=
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from fastdiff.grid import Grid
-from fastdiff.reference.solvers import singlestep_orders
+from fastdiff.reference.solvers import ancestral_split, singlestep_orders
 
 
 @dataclass(frozen=True)
@@ -71,10 +71,20 @@ class SolverTable:
         """How many standard-normal tensors one run draws (the initial one first, then one per noisy row)."""
         return int(self.initial_noise != 0.0) + int(np.count_nonzero(self.coef[:, 7]))
 
+    def scaled_output(self, k: float) -> "SolverTable":
+        """This table with its last row writing k times its state (`Sampler`'s output_scale, for
+        free: no extra pass); `completed_state` still gives the unscaled state."""
+        coef, state = self.coef.copy(), self.step_state.copy()
+        coef[-1, 2:] *= k  # a, b0..b3, c
+        state[-1, 0] /= k
+        return replace(self, coef=coef, step_state=state)
+
     def completed_state(self, r: int, out, z):
         """The grid step's state after row r (an ends_step row) as a new tensor, from its output `out`."""
         k, e = self.step_state[r]
-        return out.clone() if e == 0.0 and k == 1.0 else k * out + e * z
+        if e == 0.0:  # (no noise drawn for the row: z may be None)
+            return out.clone() if k == 1.0 else k * out
+        return k * out + e * z
 
 
 def _table(coef, slots, history: int, times, ends) -> SolverTable:
@@ -112,6 +122,9 @@ def _data_prediction(alpha: float, sigma: float, prediction: str):
         return alpha / n2, -sigma / n2
     if prediction == "sample":
         return 0.0, 1.0
+    if prediction == "edm":  # EDM's F with sigma_data = 1: D = c_skip x / alpha + c_out F
+        n2 = alpha * alpha + sigma * sigma
+        return alpha / n2, sigma / math.sqrt(n2)
     return 1.0, -sigma  # flow velocity: x0 = x - t v
 
 
@@ -358,13 +371,17 @@ def deis_table(grid: Grid, prediction: str, order: int, lower_order_final) -> So
     return _one_row_per_step(coef, slots, order, grid)
 
 
-def kdpm2_table(grid: Grid, schedule, model_time: str, prediction: str, mid_times=None) -> SolverTable:
+def kdpm2_table(grid: Grid, schedule, model_time: str, prediction: str, mid_times=None,
+                eta: float = 0.0) -> SolverTable:
     """DPM-Solver-2 (`fastdiff.reference.solvers.KDPM2`) as rows, two per step (Heun's pattern,
-    module doc), in y = x / alpha, s = sigma / alpha with the midpoint s_m = sqrt(s s'):
+    module doc), in y = x / alpha, s = sigma / alpha. The step goes to d = s' (eta = 0) or, for
+    the ancestral form (eta > 0, `KDPM2Ancestral`), to d = sigma_down and then adds alpha' sigma_up z;
+    the midpoint is s_m = sqrt(s d):
       row A (model at s, x): Euler to s_m, x_m = (sigma_m / sigma) x + alpha_m (1 - s_m / s) D,
             stores D;
-      row B (model at s_m, x_m): y' = y + (s' - s) d_m with y recovered from y_m and D:
-            x' = (sigma' / sigma_m) x_m + alpha' (s_m - s) / s_m D - alpha' (s' - s) / s_m D_m;
+      row B (model at s_m, x_m): y' = y + (d - s) d_m with y recovered from y_m and D:
+            x' = (alpha' d / (alpha_m s_m)) x_m + alpha' (s_m - s) / s_m D - alpha' (d - s) / s_m D_m
+            (+ alpha' sigma_up z); for d = s' the first weight is sigma' / sigma_m;
     a step to s = 0 is row A with s_m = 0 (Euler's), 2N - 1 calls."""
     n, al, sg, ks = grid.steps, grid.alpha, grid.sigma, grid.karras_sigma
     coef, slots, times, ends = [], [], [], []
@@ -376,15 +393,16 @@ def kdpm2_table(grid: Grid, schedule, model_time: str, prediction: str, mid_time
             slots.append([-1, -1, -1, -1])
             ends.append(True)
             continue
-        s_mid = math.sqrt(ks[i] * ks[i + 1])
+        up, down = ancestral_split(ks[i], ks[i + 1], eta)
+        s_mid = math.sqrt(ks[i] * down)
         tau = float(schedule.tau_from_karras_sigma(s_mid))
         a_m, s_m = (float(v) for v in schedule.alpha_sigma(tau))
         coef.append([p, q, s_m / sg[i], a_m * (1.0 - s_mid / ks[i]), 0.0, 0.0, 0.0, 0.0])
         slots.append([0, -1, -1, -1])
         ends.append(False)
         k = al[i + 1] / s_mid
-        coef.append([*_data_prediction(a_m, s_m, prediction), sg[i + 1] / s_m, -k * (ks[i + 1] - ks[i]),
-                     k * (s_mid - ks[i]), 0.0, 0.0, 0.0])
+        coef.append([*_data_prediction(a_m, s_m, prediction), k * down / a_m, -k * (down - ks[i]),
+                     k * (s_mid - ks[i]), 0.0, 0.0, al[i + 1] * up])
         slots.append([-1, 0, -1, -1])
         times.append(float(schedule.model_time(np.array([tau]), model_time)[0]) if mid_times is None
                      else float(mid_times[i]))
@@ -455,7 +473,8 @@ def pndm_table(grid: Grid, prediction: str) -> SolverTable:
             over the stored outputs, order min(k, 4), x' = P x + Q sum_l w_l m_{-l}."""
     n, al, sg = grid.steps, grid.alpha, grid.sigma
     e_x, e_m = {"epsilon": (lambda a, s: 0.0, lambda a, s: 1.0), "v": (lambda a, s: s, lambda a, s: a),
-                "sample": (lambda a, s: 1.0 / s, lambda a, s: -a / s)}[prediction]
+                "sample": (lambda a, s: 1.0 / s, lambda a, s: -a / s),
+                "edm": (lambda a, s: s, lambda a, s: -a)}[prediction]  # D = a x + s F on a VP schedule
     transfer = []
     for i in range(n):
         c = sg[i + 1] - al[i + 1] * sg[i] / al[i]

@@ -77,6 +77,9 @@ class GaussianMixture:
             return a * eps - s * x0
         if prediction == "flow":
             return eps - x0
+        if prediction == "edm":  # x0 = alpha x / n2 + sigma F / sqrt(n2) (fastdiff.reference.to_x0)
+            n2 = a * a + s * s
+            return (x0 - a * x / n2) * n2.sqrt() / s
         raise ValueError(f"prediction: expected one of {list(PREDICTIONS)}, got {prediction!r}")
 
     def model(self, schedule, prediction: str = "epsilon", model_time: str = "timestep", dtype=torch.float32,

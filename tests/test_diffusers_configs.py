@@ -16,7 +16,7 @@ from fastdiff.testing import GaussianMixture
 
 from conftest import require
 from diffusers_configs import FLOW_CONFIGS, FLOW_SCHEDULERS, VP_CONFIGS, VP_SCHEDULERS
-from test_diffusers_schedulers import _diffusers_loop
+from test_diffusers_schedulers import _diffusers_loop, ideal_model
 
 diffusers = require("diffusers", "diffusers")
 
@@ -69,7 +69,7 @@ def test_real_config_gives_diffusers_plan_and_result_or_its_specific_error(case)
     # the model times diffusers computes, float32 rounding included
     np.testing.assert_array_equal(sampler.table.model_time.astype(np.float32), sch.timesteps.float().numpy())
     gm = GaussianMixture.random(shape=(2, 3, 3), seed=1)
-    model = gm.model(sampler.schedule, prediction=sampler.prediction)
+    model = ideal_model(gm, sampler, sch)
     noise = torch.randn(3, 2, 3, 3, generator=torch.Generator().manual_seed(0))
     ours = sampler.sample(model, noise, generator=torch.Generator().manual_seed(5))
     theirs = _diffusers_loop(sch, model, noise, n, {}, seed=5, **args)
@@ -125,6 +125,7 @@ def test_set_timesteps_arguments():
 
 @pytest.mark.parametrize("config, steps, difference", [
     ({"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3}, 6, "solver_order=3 runs fastdiff's dpmpp_3m"),
+    ({"_class_name": "EDMDPMSolverMultistepScheduler", "solver_order": 3}, 6, "solver_order=3 runs fastdiff's dpmpp_3m"),
     ({"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3, "use_karras_sigmas": True,
       "final_sigmas_type": "sigma_min"}, 16, "the last step has size zero"),
     ({"_class_name": "UniPCMultistepScheduler", "lower_order_final": False}, 5, "lower_order_final=False"),

@@ -63,6 +63,17 @@ CASES = [
     ("KDPM2DiscreteScheduler", dict(prediction_type="v_prediction", timestep_spacing="trailing", **SL), 5),
     ("PNDMScheduler", dict(skip_prk_steps=True, steps_offset=1, prediction_type="v_prediction", **SL), 6),
     ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0), 5),
+    ("KDPM2AncestralDiscreteScheduler", dict(use_karras_sigmas=True, **SL), 6),
+    ("KDPM2AncestralDiscreteScheduler", dict(prediction_type="v_prediction", timestep_spacing="trailing", **SL), 5),
+    ("KDPM2AncestralDiscreteScheduler", dict(timestep_spacing="leading", steps_offset=1), 4),
+    ("EDMEulerScheduler", dict(), 6),
+    ("EDMEulerScheduler", dict(prediction_type="v_prediction", sigma_data=1.0, final_sigmas_type="sigma_min"), 5),
+    ("EDMEulerScheduler", dict(sigma_schedule="exponential", sigma_max=20.0, rho=5.0), 4),
+    ("EDMDPMSolverMultistepScheduler", dict(), 7),
+    ("EDMDPMSolverMultistepScheduler", dict(solver_order=1, sigma_schedule="exponential",
+                                            final_sigmas_type="sigma_min"), 5),
+    ("EDMDPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++", prediction_type="v_prediction"), 6),
+    ("EDMDPMSolverMultistepScheduler", dict(euler_at_final=True, final_sigmas_type="sigma_min", sigma_data=0.8), 16),
     ("FlowMatchEulerDiscreteScheduler", dict(stochastic_sampling=True), 4),
 ]
 IDS = [f"{n.replace('Scheduler', '')}-{i}" for i, (n, _, _) in enumerate(CASES)]
@@ -73,6 +84,20 @@ TRUNCATED = ("use_exponential_sigmas", "use_beta_sigmas")
 
 def _scheduler(name, cfg):
     return getattr(diffusers, name)(**cfg)
+
+
+def ideal_model(gm, sampler, sch):
+    """The Gaussian mixture's exact model output for the plan (also tests/test_diffusers_configs.py).
+    An EDM scheduler's model takes time log(sigma) / 4 (sigma in the data's units) and fastdiff's
+    plan measures the data in units of sigma_data: its level sigma/alpha is sigma / sigma_data."""
+    if not type(sch).__name__.startswith("EDM"):
+        return gm.model(sampler.schedule, prediction=sampler.prediction)
+
+    def model(x, t):
+        s = (4.0 * t.double()).exp() / sch.config.sigma_data
+        alpha = 1.0 / (1.0 + s * s).sqrt()
+        return gm.prediction(x, alpha, s * alpha, sampler.prediction).float()
+    return model
 
 
 def test_tabulated_defaults_are_diffusers_defaults():
@@ -90,7 +115,8 @@ def test_grid_equals_set_timesteps(case):
         sampler = fastdiff.Sampler.from_scheduler(source, n)
         g = sampler.grid
         times = sch.timesteps.double().numpy()
-        if name in ("HeunDiscreteScheduler", "PNDMScheduler", "KDPM2DiscreteScheduler"):  # one time per model call
+        if name in ("HeunDiscreteScheduler", "PNDMScheduler", "KDPM2DiscreteScheduler",
+                    "KDPM2AncestralDiscreteScheduler"):  # one time per model call
             np.testing.assert_allclose(sampler.table.model_time, times, atol=1e-2)
             continue
         if name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
@@ -104,6 +130,9 @@ def test_grid_equals_set_timesteps(case):
             ref = sch.sigmas.double().numpy()
             if name.startswith("FlowMatch"):
                 alpha, sigma = 1 - ref, ref
+            elif name.startswith("EDM"):  # fastdiff's levels are in units of sigma_data
+                alpha = 1 / np.sqrt(1 + (ref / sch.config.sigma_data) ** 2)
+                sigma = np.sqrt(1 - alpha**2)
             else:
                 alpha = 1 / np.sqrt(1 + ref**2)
                 sigma = ref * alpha
@@ -139,7 +168,7 @@ def test_sampling_equals_the_diffusers_loop(case, backend):
     sch = _scheduler(name, cfg)
     sampler = fastdiff.Sampler.from_scheduler(sch, n, backend=backend)
     gm = GaussianMixture.random(shape=(2, 3, 3), seed=1)
-    model = gm.model(sampler.schedule, prediction=sampler.prediction)
+    model = ideal_model(gm, sampler, sch)
     noise = torch.randn(3, 2, 3, 3, generator=torch.Generator().manual_seed(0))
     step_kw = dict(use_clipped_model_output=True) if name == "DDIMScheduler" else {}
     ours = sampler.sample(model, noise, generator=torch.Generator().manual_seed(5))
@@ -168,15 +197,20 @@ def test_third_order_is_fastdiffs_and_closer_to_the_exact_solution_than_diffuser
     assert (ours - exact).norm() < (theirs - exact).norm()
 
 
-@pytest.mark.parametrize("cfg, n", [(dict(solver_order=3, timestep_spacing="trailing"), 12),
-                                    (dict(solver_order=3, use_karras_sigmas=True, **SL), 10)])
-def test_third_order_with_d2_weight_1_is_diffusers_own(cfg, n):
+@pytest.mark.parametrize("name, cfg, n", [
+    ("DPMSolverMultistepScheduler", dict(solver_order=3, timestep_spacing="trailing"), 12),
+    ("DPMSolverMultistepScheduler", dict(solver_order=3, use_karras_sigmas=True, **SL), 10),
+    ("EDMDPMSolverMultistepScheduler", dict(solver_order=3), 10),
+    ("EDMDPMSolverMultistepScheduler", dict(solver_order=3, prediction_type="v_prediction", lower_order_final=False),
+     25)])
+def test_third_order_with_d2_weight_1_is_diffusers_own(name, cfg, n):
     """d2_weight=1 (the common form) gives diffusers' third-order numbers, for a user chasing a
     regression (the deliberate difference's warning names the option)."""
-    sch = _scheduler("DPMSolverMultistepScheduler", cfg)
+    sch = _scheduler(name, cfg)
     sampler = fastdiff.Sampler.from_scheduler(sch, n, d2_weight=1, backend="cpu")
+    assert sampler.solver == "dpmpp_3m"
     gm = GaussianMixture.random(shape=(2, 3, 3), seed=1)
-    model = gm.model(sampler.schedule, prediction=sampler.prediction)
+    model = ideal_model(gm, sampler, sch)
     noise = torch.randn(3, 2, 3, 3, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(sampler.sample(model, noise), _diffusers_loop(sch, model, noise, n, {}, seed=0),
                                rtol=2e-4, atol=2e-4)
@@ -214,6 +248,31 @@ def test_karras_sigma_min_third_order_zero_last_step_is_the_identity_not_nan():
     torch.testing.assert_close(fused, ours, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"])
+def test_edm_state_is_the_model_input(name):
+    """fastdiff's EDM plan keeps the state diffusers hands the model (x / sqrt(sigma^2 +
+    sigma_data^2), precondition_inputs): both loops call the model with the same inputs at the
+    same times, with no scaling pass in fastdiff's."""
+    sch = _scheduler(name, dict(sigma_data=0.7, final_sigmas_type="sigma_min"))
+    sampler = fastdiff.Sampler.from_scheduler(sch, 5, backend="cpu")
+    model = ideal_model(GaussianMixture.random(shape=(2, 3, 3), seed=1), sampler, sch)
+    noise = torch.randn(3, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    seen = {"ours": [], "theirs": []}
+
+    def recording(key):
+        def call(x, t):
+            seen[key].append((x.clone(), t.clone()))
+            return model(x, t)
+        return call
+    ours = sampler.sample(recording("ours"), noise)
+    theirs = _diffusers_loop(sch, recording("theirs"), noise, 5, {}, seed=0)
+    assert len(seen["ours"]) == len(seen["theirs"]) == 5
+    for (x, t), (x_d, t_d) in zip(seen["ours"], seen["theirs"]):
+        torch.testing.assert_close(x, x_d, rtol=1e-5, atol=1e-6)
+        assert torch.equal(t, t_d.float())
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)  # in the data's units, at sigma_min
+
+
 def test_ddim_steps_to_the_next_model_time_where_diffusers_does_not():
     """trailing with T % N != 0: diffusers' DDIM steps to t - T // N, not to the next timestep;
     fastdiff's grid goes through every model time."""
@@ -245,6 +304,15 @@ BAD = [
     ("FlowMatchEulerDiscreteScheduler", dict(invert_sigmas=True), "invert_sigmas"),
     ("FlowMatchEulerDiscreteScheduler", dict(shift_terminal=0.1), "shift_terminal"),
     ("FlowMatchEulerDiscreteScheduler", dict(use_karras_sigmas=True), "use_karras_sigmas"),
+    ("KDPM2AncestralDiscreteScheduler", dict(prediction_type="sample"), "prediction_type"),
+    ("EDMEulerScheduler", dict(sigma_data=0.0), "sigma_data"),
+    ("EDMEulerScheduler", dict(sigma_min=90.0), "sigma_max"),
+    ("EDMDPMSolverMultistepScheduler", dict(prediction_type="sample"), "prediction_type"),
+    ("EDMDPMSolverMultistepScheduler", dict(thresholding=True), "thresholding"),
+    ("EDMDPMSolverMultistepScheduler", dict(solver_type="heun"), "solver_type"),
+    ("EDMDPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++", solver_order=1), "solver_order"),
+    ("EDMDPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++", solver_order=3), "solver_order"),
+    ("EDMDPMSolverMultistepScheduler", dict(sigma_schedule="linear"), "sigma_schedule"),
 ]
 
 

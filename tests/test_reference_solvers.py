@@ -78,6 +78,30 @@ def test_pndm_order_as_diffusers_runs_it(mixture, ode_case, prediction, lo, hi):
     assert lo <= slope <= hi, f"pndm {prediction}: observed order {slope:.2f}, errors {errs}"
 
 
+@pytest.mark.parametrize("solver, lo, hi", [("euler", 0.9, 1.15), ("dpmpp_2m", 1.8, 2.2), ("dpmpp_3m", 2.7, 3.5),
+                                           ("kdpm2", 1.8, 2.2)])
+def test_edm_output_converges_with_the_solvers_order(mixture, ode_case, solver, lo, hi):
+    """EDM's network output F (prediction="edm", what EDMEuler / EDMDPMSolverMultistep models give)
+    is one more way to the data prediction: each solver keeps its order."""
+    slope, errs = _observed_order(mixture, *ode_case, "edm", STEPS, solver=solver)
+    assert lo <= slope <= hi, f"{solver} edm: observed order {slope:.2f}, errors {errs}"
+
+
+@pytest.mark.parametrize("solver", ["euler", "dpmpp_2m", "kdpm2_ancestral"])
+def test_edm_output_is_minus_v_on_a_vp_schedule(mixture, solver):
+    """With sigma_data = 1 on a VP state EDM's preconditioning is x0 = alpha x + sigma F, and v is
+    alpha eps - sigma x0: F = -v. Two independent conversions (to_x0's c_skip/c_out and the
+    mixture's own v) agree to rounding."""
+    edm = _run(mixture, solver, prediction="edm")
+    model = mixture.model(fastdiff.get_schedule("linear"), "v", dtype=F64)
+    noise = torch.randn(8, 2, 2, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    minus_v = fastdiff.sample(lambda x, t: -model(x, t), noise, solver=solver, steps=12, prediction="edm",
+                              generator=torch.Generator().manual_seed(1), dtype=F64, backend="reference")
+    v = fastdiff.sample(model, noise, solver=solver, steps=12, prediction="v",
+                        generator=torch.Generator().manual_seed(1), dtype=F64, backend="reference")
+    assert _rel(edm, minus_v) < 1e-12 and _rel(edm, v) < 1e-12
+
+
 @pytest.mark.parametrize("prediction", ["epsilon", "v", "sample"])
 def test_lms_converges_with_order_4(mixture, ode_case, prediction):
     """LMS-4 (Lagrange weights in s = sigma/alpha) is fourth order once its three lower-order
@@ -147,6 +171,12 @@ def test_dpmpp_order1_equals_ddim_eta0(mixture, spacing):
     assert _rel(a, b) < 1e-12
 
 
+def test_kdpm2_ancestral_at_eta_0_is_kdpm2(mixture):
+    a = _run(mixture, "kdpm2_ancestral", eta=0.0, spacing="karras")
+    b = _run(mixture, "kdpm2", spacing="karras")
+    assert _rel(a, b) < 1e-12
+
+
 def test_euler_equals_ddim_eta0(mixture):
     """DDIM is Euler in x/alpha vs sigma/alpha: a known identity that checks both."""
     assert _rel(_run(mixture, "euler"), _run(mixture, "ddim")) < 1e-12
@@ -199,7 +229,7 @@ def _sliced_w1(a, b, n_proj=64, seed=0):
 
 @pytest.mark.parametrize("solver, kw", [
     ("ddpm", {}), ("ddpm", {"variance": "large"}), ("ddim", {"eta": 1.0}), ("dpmpp_2m_sde", {}),
-    ("euler_ancestral", {}), ("dpmpp_2m", {}),
+    ("euler_ancestral", {}), ("dpmpp_2m", {}), ("kdpm2_ancestral", {}), ("kdpm2_ancestral", {"eta": 0.5}),
 ])
 def test_samplers_produce_the_mixture(mixture, solver, kw):
     """Moments and sliced Wasserstein-1 distance to fresh exact samples. The bound: 2x the

@@ -16,7 +16,8 @@ OP = "solver_step"  # the conftest `backend` fixture: cpu, triton-interp, refere
 
 F64 = torch.float64
 VP_SOLVERS = ["ddpm", "ddim", "dpmpp_1m", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "euler", "euler_ancestral",
-              "consistency", "unipc", "pndm", "lms", "dpmpp_2s", "deis_2m", "deis_3m", "kdpm2", "tcd"]
+              "consistency", "unipc", "pndm", "lms", "dpmpp_2s", "deis_2m", "deis_3m", "kdpm2", "kdpm2_ancestral",
+              "tcd"]
 FLOW_SOLVERS = ["flow_euler", "flow_sde", "flow_heun", "dpmpp_2m", "dpmpp_3m", "unipc"]
 LOOP_TOL = 2e-6
 # PLMS multiplies the fp32 model outputs' rounding by its Adams-Bashforth weights (sum of |w|
@@ -50,7 +51,8 @@ def _pair(mixture, backend_name, device, *, schedule="linear", prediction="epsil
 @pytest.mark.parametrize("solver", VP_SOLVERS)
 def test_vp_solvers_match_the_textbook_reference(mixture, backend, solver, prediction):
     be, device = backend
-    if device == "cuda" and solver in ("ddpm", "dpmpp_2m_sde", "euler_ancestral", "consistency", "tcd"):
+    if device == "cuda" and solver in ("ddpm", "dpmpp_2m_sde", "euler_ancestral", "consistency", "tcd",
+                                       "kdpm2_ancestral"):
         pytest.skip("CUDA draws different noise than the CPU generator: stochastic solvers are checked "
                     "on CPU backends")
     out, ref = _pair(mixture, be, device, solver=solver, prediction=prediction)
@@ -79,7 +81,10 @@ def test_flow_solvers_match_the_textbook_reference(mixture, backend, solver, pre
                                 # no multistep point; clamp: the corrector uses the clamped D
                                 dict(solver="unipc", order=3, spacing="karras", lower_order_final=False),
                                 dict(solver="unipc", order=3, zero_terminal_snr=True, prediction="v"),
-                                dict(solver="unipc", clamp=1.0, final="min"), dict(steps=2, solver="unipc", order=3)])
+                                dict(solver="unipc", clamp=1.0, final="min"), dict(steps=2, solver="unipc", order=3),
+                                # EDM's network output F; output_scale folds into the last row
+                                dict(prediction="edm"), dict(solver="euler", prediction="edm", output_scale=2.5),
+                                dict(solver="pndm", prediction="edm"), dict(solver="dpmpp_2m_sde", output_scale=0.5)])
 def test_plan_options_match_the_reference(mixture, backend, kw):
     be, device = backend
     kw = dict(kw)
@@ -207,3 +212,20 @@ def test_a_model_returning_its_input_does_not_alias_the_state(backend):
     ref = fastdiff.sample(lambda x, t: x, noise, backend="reference", steps=3, prediction="sample")
     out = fastdiff.sample(lambda x, t: x, noise.to(device), backend=be, steps=3, prediction="sample")
     assert rel_err(out.cpu(), ref) < LOOP_TOL
+
+
+def test_output_scale_scales_the_result_not_the_callbacks(mixture, backend):
+    """output_scale folds into the last row of the fused table (no extra pass); callbacks see
+    the unscaled states in both loops."""
+    be, device = backend
+    model = mixture.model(fastdiff.get_schedule("linear"), "epsilon")
+    noise = torch.randn(2, 2, 3, 5, generator=torch.Generator().manual_seed(5))
+    seen, out = {}, {}
+    for name, kw in (("ref", dict(backend="reference", dtype=F64)), ("fused", dict(backend=be))):
+        states = seen.setdefault(name, [])
+        out[name] = fastdiff.sample(model, noise.to(device), steps=5, solver="dpmpp_2m", output_scale=3.0,
+                                    callback=lambda i, x: states.append(x.cpu()), **kw).cpu()
+    for a, b in zip(seen["fused"], seen["ref"]):
+        assert rel_err(a, b) < LOOP_TOL
+    assert rel_err(out["fused"], out["ref"]) < LOOP_TOL
+    assert rel_err(out["ref"], 3.0 * seen["ref"][-1]) < 1e-15

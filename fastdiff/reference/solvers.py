@@ -20,7 +20,7 @@ import numpy as np
 
 from fastdiff.grid import Grid
 
-PREDICTIONS = ("epsilon", "v", "sample", "flow")
+PREDICTIONS = ("epsilon", "v", "sample", "flow", "edm")
 
 
 def to_x0(x, m, alpha, sigma, prediction):
@@ -31,6 +31,12 @@ def to_x0(x, m, alpha, sigma, prediction):
         return (alpha * x - sigma * m) / (alpha * alpha + sigma * sigma)
     if prediction == "sample":
         return m
+    if prediction == "edm":
+        # EDM's preconditioned network F (Karras et al. 2022, sigma_data = 1) on the VE state
+        # x / alpha at s = sigma / alpha: x0 = c_skip x / alpha + c_out F with c_skip = 1 / (1 + s^2)
+        # = alpha^2 / n2 and c_out = s / sqrt(1 + s^2) = sigma / sqrt(n2), n2 = alpha^2 + sigma^2
+        n2 = alpha * alpha + sigma * sigma
+        return alpha * x / n2 + sigma / n2**0.5 * m
     # flow velocity v = eps - x0 on x = (1 - t) x0 + t eps
     return x - sigma * m
 
@@ -43,6 +49,8 @@ def to_eps(x, m, alpha, sigma, prediction):
         return (sigma * x + alpha * m) / (alpha * alpha + sigma * sigma)
     if prediction == "sample":
         return (x - alpha * m) / sigma
+    if prediction == "edm":
+        return (x - alpha * to_x0(x, m, alpha, sigma, prediction)) / sigma
     return x + alpha * m
 
 
@@ -283,6 +291,13 @@ class Euler(ReferenceSolver):
         return self.a[i + 1] * (xt + (ks_next - ks) * d)
 
 
+def ancestral_split(s, s_next, eta):
+    """k-diffusion's ancestral step from s to s' (VE levels): (sigma_up, sigma_down) with
+    sigma_up = min(s', eta sqrt(s'^2 (s^2 - s'^2) / s^2)), sigma_down = sqrt(s'^2 - sigma_up^2)."""
+    up = min(s_next, eta * math.sqrt(s_next**2 * (s**2 - s_next**2) / s**2))
+    return up, math.sqrt(s_next**2 - up**2)
+
+
 class EulerAncestral(Euler):
     """k-diffusion's ancestral Euler: step down to sigma_down by Euler, add sigma_up noise,
     with sigma_up = min(s', eta * sqrt(s'^2 (s^2 - s'^2) / s^2)) in VE coordinates."""
@@ -291,9 +306,7 @@ class EulerAncestral(Euler):
     default_eta = 1.0
 
     def _up_down(self, i):
-        ks, ks_next = self._ks(i), self._ks(i + 1)
-        up = min(ks_next, self.eta * math.sqrt(ks_next**2 * (ks**2 - ks_next**2) / ks**2))
-        return up, math.sqrt(ks_next**2 - up**2)
+        return ancestral_split(self._ks(i), self._ks(i + 1), self.eta)
 
     def noise_scale(self, i):
         return float(self.a[i + 1] * self._up_down(i)[0])
@@ -337,8 +350,13 @@ class KDPM2(ReferenceSolver):
         x0 = to_x0(x, call_model(x, time), alpha, sigma, self.prediction)
         return (y - (x0 if self.clamp is None else x0.clamp(-self.clamp, self.clamp))) / s
 
+    def _up_down(self, i):
+        """(noise level added after the step, level the step goes to): no noise here."""
+        return 0.0, self.t[i + 1]
+
     def sample_step(self, i, x, call_model, draw_noise):
-        s, s_next = self.t[i], self.t[i + 1]
+        s = self.t[i]
+        up, s_next = self._up_down(i)
         y = x / self.a[i]
         d = self._derivative(y, s, self.a[i], self.s[i], self.grid.model_time[i], call_model)
         if s_next == 0:
@@ -349,7 +367,20 @@ class KDPM2(ReferenceSolver):
         time = (float(self.schedule.model_time(np.array([tau]), self.time_convention)[0])
                 if self.mid_times is None else float(self.mid_times[i]))
         d_mid = self._derivative(y + (s_mid - s) * d, s_mid, alpha, sigma, time, call_model)
-        return self.a[i + 1] * (y + (s_next - s) * d_mid)
+        y_next = y + (s_next - s) * d_mid
+        return self.a[i + 1] * (y_next if up == 0 else y_next + up * draw_noise())
+
+
+class KDPM2Ancestral(KDPM2):
+    """k-diffusion's sample_dpm_2_ancestral (diffusers' KDPM2AncestralDiscreteScheduler): KDPM2's
+    step goes to sigma_down (midpoint sqrt(s sigma_down)) instead of s_{i+1}, then adds sigma_up
+    noise (`ancestral_split`; eta = 0 is KDPM2). A step to s = 0 is Euler's, without noise."""
+
+    stochastic = True
+    default_eta = 1.0
+
+    def _up_down(self, i):
+        return ancestral_split(self.t[i], self.t[i + 1], self.eta)
 
 
 class FlowHeun(ReferenceSolver):
@@ -640,6 +671,7 @@ SOLVERS = {
     "lms": (LMS, {}),
     "flow_heun": (FlowHeun, {}),
     "kdpm2": (KDPM2, {}),
+    "kdpm2_ancestral": (KDPM2Ancestral, {}),
     "tcd": (TCD, {}),
     "dpmpp_2s": (DPMSolverPP2S, {}),
     "deis_2m": (DEIS, {"order": 2}),

@@ -5,12 +5,16 @@ Reads a scheduler instance's `.config` or the config dict itself (`_class_name` 
 here, so a dict needs no diffusers import; keys the scheduler's __init__ does not take are inert,
 as in diffusers). The plan is an explicit grid (`fastdiff.grid.explicit_grid`) holding exactly the model
 times and noise levels of the scheduler's `set_timesteps(steps)`, computed here in float64.
+The EDM schedulers' plans measure the data in units of sigma_data, where their model input
+x / sqrt(sigma^2 + sigma_data^2) is fastdiff's VP state (`_edm`): output type "edm", and the
+result scaled back by `output_scale`.
 
 Where fastdiff differs from diffusers on purpose (each warned once, as a
 DiffusersDifferenceWarning, when a plan contains it):
 
-* DPMSolverMultistep solver_order=3 runs fastdiff's dpmpp_3m, which is third order; diffusers'
-  third-order update weights the second difference by half (measured order ~2.2, README).
+* DPMSolverMultistep and EDMDPMSolverMultistep solver_order=3 run fastdiff's dpmpp_3m, which is
+  third order; diffusers' third-order update weights the second difference by half (measured
+  order ~2.2, README).
 * A zero-size last step (use_karras_sigmas with final_sigmas_type="sigma_min": the model runs
   at sigma_min, then steps to sigma_min) is the identity here; diffusers' third-order update
   divides by that zero step and returns NaN at >= 15 steps.
@@ -66,6 +70,8 @@ def _without(defaults: dict, *keys: str) -> dict:
 
 
 _K_DIFFUSION = _without(_merge(_SPACED, _SIGMA_KINDS), "rescale_betas_zero_snr")  # LMS, Heun, KDPM2
+_EDM = dict(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, sigma_schedule="karras", num_train_timesteps=1000,
+            prediction_type="epsilon", rho=7.0, final_sigmas_type="zero")
 
 # diffusers 0.42 defaults of every key fastdiff reads (tests/test_diffusers_schedulers.py checks them)
 DEFAULTS = {
@@ -81,6 +87,11 @@ DEFAULTS = {
                                   clip_sample_range=1.0),
     "LMSDiscreteScheduler": _K_DIFFUSION,
     "KDPM2DiscreteScheduler": _merge(_K_DIFFUSION, beta_start=0.00085, beta_end=0.012),
+    "KDPM2AncestralDiscreteScheduler": _merge(_K_DIFFUSION, beta_start=0.00085, beta_end=0.012),
+    "EDMEulerScheduler": _EDM,
+    "EDMDPMSolverMultistepScheduler": _merge(
+        _without(_EDM, "final_sigmas_type"), _THRESHOLD, solver_order=2, algorithm_type="dpmsolver++",
+        solver_type="midpoint", lower_order_final=True, euler_at_final=False, final_sigmas_type="zero"),
     "FlowMatchHeunDiscreteScheduler": dict(num_train_timesteps=1000, shift=1.0),
     "DPMSolverSinglestepScheduler": _merge(
         _without(_DPM, "timestep_spacing", "steps_offset", "rescale_betas_zero_snr", "euler_at_final",
@@ -112,10 +123,6 @@ NOT_SUPPORTED = {
     "DPMSolverSDEScheduler": "its noise comes from a Brownian tree (torchsde), which the fused step's per-step "
                              "Gaussian noise cannot reproduce; use DPMSolverMultistepScheduler with "
                              "algorithm_type='sde-dpmsolver++'",
-    "KDPM2AncestralDiscreteScheduler": f"not yet ({_NOT_YET})",
-    **{name: "not yet (an EDM schedule: the model's input is x / sqrt(sigma^2 + sigma_data^2) and its time "
-             "log(sigma) / 4, which fastdiff's plans do not describe yet)"
-       for name in ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")},
 }
 _PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v", "sample": "sample"}
 # Every key any scheduler's __init__ takes: a config key outside its own scheduler's __init__ but
@@ -161,7 +168,7 @@ _WARNED: set = set()
 def _differences(name, cfg, n, options) -> list:
     """The listed deliberate differences (module doc) that this plan contains."""
     found = []
-    if name == "DPMSolverMultistepScheduler" and cfg["solver_order"] == 3:
+    if name in ("DPMSolverMultistepScheduler", "EDMDPMSolverMultistepScheduler") and cfg["solver_order"] == 3:
         found.append("solver_order=3 runs fastdiff's dpmpp_3m, which is third order; diffusers weights the second "
                      "difference by half (measured order ~2.2; from_scheduler(..., d2_weight=1) gives its numbers)")
     sigmas = options.get("sigmas")
@@ -362,20 +369,23 @@ def _require_dpm_solver(cfg, *algorithms):
 def _dpm(cfg, n):
     _require_dpm_solver(cfg, "dpmsolver++", "sde-dpmsolver++")
     _require(cfg, "use_lu_lambdas", False)
+    sched, times, sigmas = _multistep_grid(cfg, n)
+    return dict(_dpm_multistep(cfg, n), schedule=sched, prediction=_prediction(cfg), sigmas=sigmas, timesteps=times)
+
+
+def _dpm_multistep(cfg, n) -> dict:
+    """The solver and lower_order_final of DPMSolverMultistep's (and EDMDPMSolverMultistep's) step."""
     _require(cfg, "solver_order", 1, 2, 3)
     sde = cfg["algorithm_type"] == "sde-dpmsolver++"
     if sde and cfg["solver_order"] != 2:
         raise ValueError(f"solver_order: sde-dpmsolver++ is supported with solver_order 2, got {cfg['solver_order']}")
-    sched, times, sigmas = _multistep_grid(cfg, n)
     # diffusers' lower_order_final acts below 15 steps only (last step first order, the one
     # before at most second); euler_at_final makes the last step first order at any count
     if cfg["lower_order_final"] and n < 15:
         lof = True
     else:
         lof = "last" if cfg["euler_at_final"] else False
-    solver = "dpmpp_2m_sde" if sde else f"dpmpp_{cfg['solver_order']}m"
-    return dict(solver=solver, schedule=sched, prediction=_prediction(cfg), sigmas=sigmas, timesteps=times,
-                lower_order_final=lof)
+    return dict(solver="dpmpp_2m_sde" if sde else f"dpmpp_{cfg['solver_order']}m", lower_order_final=lof)
 
 
 def _dpm_singlestep(cfg, n):
@@ -453,20 +463,23 @@ def _euler(cfg, n, solver="euler"):
     return options
 
 
-def _kdpm2(cfg, n):
+def _kdpm2(cfg, n, solver="kdpm2"):
+    """KDPM2Discrete and KDPM2AncestralDiscrete (the same grid; the ancestral step goes to
+    sigma_down, its midpoints between s and sigma_down)."""
     _require(cfg, "prediction_type", "epsilon", "v_prediction")
-    options = _euler(cfg, n, "kdpm2")
+    options = _euler(cfg, n, solver)
     if cfg["use_karras_sigmas"]:
         options["timesteps"] = np.round(options["timesteps"])
-    options["mid_timesteps"] = _kdpm2_mid_times(cfg, n)
+    options["mid_timesteps"] = _kdpm2_mid_times(cfg, n, ancestral=solver == "kdpm2_ancestral")
     return options
 
 
-def _kdpm2_mid_times(cfg, n) -> np.ndarray:
+def _kdpm2_mid_times(cfg, n, ancestral: bool = False) -> np.ndarray:
     """KDPM2's midpoint model times as diffusers computes them: its grid from its float32 sigma
-    table, the midpoints exp of the mean of float32 logs, the linear-in-log-sigma interpolation
-    weight in float32 (within a float32 ulp or two of diffusers', whose mixed numpy/torch types
-    round a few differently)."""
+    table, the midpoints exp of the mean of float32 logs (of s and s', or for the ancestral form
+    of s and its float32 sigma_down), the linear-in-log-sigma interpolation weight in float32
+    (within a float32 ulp or two of diffusers', whose mixed numpy/torch types round a few
+    differently)."""
     import torch
 
     T = cfg["num_train_timesteps"]
@@ -487,7 +500,13 @@ def _kdpm2_mid_times(cfg, n) -> np.ndarray:
     if kind is not None:
         sigmas = _converted_sigmas(kind, sigmas[-1], sigmas[0], n)
     s = torch.tensor(np.append(sigmas, 0.0).astype(np.float32))
-    mids = s.log().lerp(s.roll(1).log(), 0.5).exp().numpy()[1:n]  # the last step, to 0, has none
+    if ancestral:
+        after = s.roll(-1)
+        up = (after**2 * (s**2 - after**2) / s**2) ** 0.5  # eta = 1
+        down = (after**2 - up**2) ** 0.5
+        mids = s.log().lerp(down.log(), 0.5).exp().numpy()[:n - 1]
+    else:
+        mids = s.log().lerp(s.roll(1).log(), 0.5).exp().numpy()[1:n]  # the last step, to 0, has none
     times = []
     for v in np.log(np.maximum(mids, np.float32(1e-10))):
         low = min(int(np.cumsum(v - table >= 0).argmax()), len(table) - 2)
@@ -558,11 +577,59 @@ def _flow(cfg, n, mu=None, sigmas=None, timesteps=None):
                 prediction="flow", sigmas=np.append(t, 0.0), timesteps=times)
 
 
+def _edm(cfg, n, multistep: bool = False):
+    """EDMEuler and EDMDPMSolverMultistep. The model sees x_in = x / sqrt(s^2 + sigma_data^2) at
+    time log(s) / 4 and D = c_skip x + c_out F (Karras et al. 2022): with the data measured in units
+    of sigma_data, x_in is a VP state (alpha = sigma_data / sqrt(s^2 + sigma_data^2), sigma/alpha
+    = s / sigma_data) and D / sigma_data = alpha x_in +- sigma F, fastdiff's "edm" output
+    (epsilon) or its "v" (v_prediction). So fastdiff runs that state: no extra pass per model
+    call; it starts from diffusers' noise * init_noise_sigma (noise_scale) and is scaled back to
+    the data's units by the last row (output_scale)."""
+    _require(cfg, "prediction_type", "epsilon", "v_prediction")
+    _require(cfg, "sigma_schedule", "karras", "exponential")
+    _require(cfg, "final_sigmas_type", "zero", "sigma_min")
+    import torch
+
+    lo, hi, sd = float(cfg["sigma_min"]), float(cfg["sigma_max"]), float(cfg["sigma_data"])
+    if not 0 < sd < math.inf:
+        raise ValueError(f"sigma_data: expected a finite number > 0, got {sd}")
+    if not 0 < lo < hi < math.inf:
+        raise ValueError(f"sigma_max: expected finite levels 0 < sigma_min < sigma_max, got sigma_min={lo}, "
+                         f"sigma_max={hi}")
+
+    def levels(ramp):  # diffusers' _compute_karras_sigmas / _compute_exponential_sigmas
+        if cfg["sigma_schedule"] == "exponential":
+            return torch.linspace(math.log(lo), math.log(hi), len(ramp)).exp().flip(0)
+        return (hi ** (1 / cfg["rho"]) + ramp * (lo ** (1 / cfg["rho"]) - hi ** (1 / cfg["rho"]))) ** cfg["rho"]
+
+    sigmas = levels(torch.linspace(0, 1, n, dtype=torch.float32 if multistep else torch.float64)).to(torch.float32)
+    times = (0.25 * sigmas.log()).numpy().astype(np.float64)
+    sigmas = sigmas.numpy().astype(np.float64)
+    last = 0.0
+    if cfg["final_sigmas_type"] == "sigma_min":
+        # (an ulp above the last level in float32: diffusers' tiny step up there is the identity here)
+        last = min(float(np.float32(lo)), sigmas[-1]) if multistep else sigmas[-1]
+    # a VP schedule over the scheduler's own training levels (it only places tau: the grid is explicit)
+    table = levels(torch.linspace(0, 1, cfg["num_train_timesteps"], dtype=torch.float64)).numpy()[::-1] / sd
+    options = dict(schedule=VPSchedule(1.0 / (1.0 + table**2), name="edm"), sigmas=np.append(sigmas, last) / sd,
+                   timesteps=times, prediction="edm" if cfg["prediction_type"] == "epsilon" else "v",
+                   noise_scale=math.sqrt(hi * hi + 1.0) / math.sqrt(sigmas[0] ** 2 + sd * sd),
+                   output_scale=math.sqrt(last * last + sd * sd))
+    if not multistep:
+        return dict(options, solver="euler")
+    _require(cfg, "thresholding", False)
+    _require(cfg, "algorithm_type", "dpmsolver++", "sde-dpmsolver++")
+    _require(cfg, "solver_type", "midpoint")
+    return dict(options, **_dpm_multistep(cfg, n))
+
+
 _MAPPERS = {
     "DDIMScheduler": _ddim, "DDPMScheduler": _ddpm, "DPMSolverMultistepScheduler": _dpm,
     "EulerDiscreteScheduler": _euler, "EulerAncestralDiscreteScheduler": lambda c, n: _euler(c, n, "euler_ancestral"),
     "HeunDiscreteScheduler": lambda c, n: _euler(c, n, "heun"),
     "LMSDiscreteScheduler": lambda c, n: _euler(c, n, "lms"), "KDPM2DiscreteScheduler": _kdpm2, "TCDScheduler": _tcd,
+    "KDPM2AncestralDiscreteScheduler": lambda c, n: _kdpm2(c, n, "kdpm2_ancestral"),
+    "EDMEulerScheduler": _edm, "EDMDPMSolverMultistepScheduler": lambda c, n: _edm(c, n, multistep=True),
     "LCMScheduler": _lcm, "FlowMatchEulerDiscreteScheduler": _flow, "UniPCMultistepScheduler": _unipc,
     "PNDMScheduler": _pndm, "DPMSolverSinglestepScheduler": _dpm_singlestep, "DEISMultistepScheduler": _deis,
     # FlowMatchHeun's grid is FlowMatchEuler's with its options at their defaults
