@@ -1,6 +1,9 @@
 """Launches, bytes and FLOPs of one SD-1.5 U-Net call (diffusers' UNet2DConditionModel, SD-1.5
 config, fp16, 64x64 latent, 77x768 context) at batch 2 and 8 (CFG at 1 and 4 images), counted
-on meta tensors: no GPU and no weights needed. The numbers behind NOTES' H100 prediction.
+on meta tensors: no GPU and no weights needed; and what one DPM-Solver++ 2M step with CFG
+launches and moves outside the model in fastdiff's loop and in diffusers' pipeline loop (CPU
+tensors, a model that returns its input, 20 steps, per-step mean). The numbers behind NOTES'
+H100 prediction.
 
     PYTHONPATH=. python benchmarks/unet_traffic.py
 
@@ -12,6 +15,7 @@ torch.utils.flop_counter on the same call.
 from __future__ import annotations
 
 import contextlib
+import types
 from collections import Counter
 
 import diffusers
@@ -19,7 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+import fastdiff
 from fastdiff.bench.traffic import OpTraffic, span
+from bench_diffusers import _scheduler, diffusers_loop  # benchmarks/, the script's folder
+
+STEPS = 20
 
 
 @contextlib.contextmanager
@@ -39,7 +47,33 @@ def flash_attention(traffic: OpTraffic):
         F.scaled_dot_product_attention = sdpa
 
 
+def loop_rows(images: int) -> None:
+    latents = torch.randn(images, 4, 64, 64)
+    text, empty = torch.randn(images, 77, 768, dtype=torch.float16), torch.zeros(images, 77, 768, dtype=torch.float16)
+    traffic = OpTraffic()
+
+    def unet(x, t, encoder_hidden_states):  # diffusers' call convention; its (no) work is not counted
+        with traffic.pause():
+            return types.SimpleNamespace(sample=x.half())
+
+    sampler = fastdiff.Sampler.from_scheduler(_scheduler(), STEPS)
+    runs = {
+        "fastdiff": lambda: sampler.sample(unet, latents, guidance_scale=7.5, model_dtype=torch.float16,
+                                           cond={"encoder_hidden_states": text},
+                                           uncond={"encoder_hidden_states": empty}),
+        "diffusers": lambda: diffusers_loop(unet, _scheduler(), latents.half(), text, empty, STEPS),
+    }
+    for name, run in runs.items():
+        traffic.ops = []
+        with torch.no_grad(), traffic:
+            run()
+        print(f"{images} image(s), {name} loop outside the model: {traffic.launches / STEPS:.1f} launches, "
+              f"{traffic.bytes / STEPS / 1e6:.2f} MB per step")
+
+
 def main() -> None:
+    for images in (1, 4):
+        loop_rows(images)
     with torch.device("meta"):
         unet = diffusers.UNet2DConditionModel(sample_size=64, cross_attention_dim=768).half().eval()
     weights = sum(p.numel() * p.element_size() for p in unet.parameters())
