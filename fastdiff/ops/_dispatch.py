@@ -170,17 +170,22 @@ def import_kernel(name: str):
 # --- validate once, run many --------------------------------------------------------------------
 
 
-def direct(*tensors) -> bool:
+_PLAIN = frozenset((torch.Tensor, type(None)))
+
+
+def direct(x, *tensors) -> bool:
     """Whether an op's wrapper may call its implementation straight instead of through torch.ops,
     whose dispatcher round trip back into the Python implementation costs ~15 us a call. Only
     plain eager calls: not traced by torch.compile, no dispatch or function mode (FakeTensorMode,
-    an op counter), no functorch transform, plain non-meta tensors. Everything else takes the
+    an op counter), no functorch transform, plain tensors (or None), x not a meta tensor (the
+    op's checks reject any other tensor not on x's device). Everything else takes the
     registered op (its fake implementation, the modes)."""
-    C = torch._C
-    if (torch.compiler.is_compiling() or C._len_torch_dispatch_stack() or C._is_torch_function_mode_enabled()
-            or C._are_functorch_transforms_active()):
+    if torch.compiler.is_compiling():  # first: torch.compile must not trace the calls below
         return False
-    return all(t is None or (type(t) is torch.Tensor and not t.is_meta) for t in tensors)
+    C = torch._C
+    if C._len_torch_dispatch_stack() or C._is_torch_function_mode_enabled() or C._are_functorch_transforms_active():
+        return False
+    return type(x) is torch.Tensor and set(map(type, tensors)) <= _PLAIN and not x.is_meta
 
 
 def tensor_key(t) -> Optional[tuple]:
