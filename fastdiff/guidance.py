@@ -34,9 +34,10 @@ def state_layout(x: torch.Tensor) -> torch.memory_format:
                      f"{x.stride()}; call .contiguous() first")
 
 
-def new_slots(n: int, x: torch.Tensor) -> torch.Tensor:
-    """An uninitialised (n, *x.shape) buffer whose every slot [k] has x's dtype and dense layout."""
-    flat = torch.empty((n * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device,
+def new_slots(n: int, x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """An uninitialised (n, *x.shape) buffer whose every slot [k] has x's dense layout and
+    dtype (or `dtype`)."""
+    flat = torch.empty((n * x.shape[0],) + tuple(x.shape[1:]), dtype=dtype or x.dtype, device=x.device,
                        memory_format=state_layout(x))
     return flat.view((n,) + tuple(x.shape))
 
@@ -86,7 +87,7 @@ class ModelCaller:
         self.mode = "plain" if not self.guided else cfg
         self.model, self.model_dtype, self.combine = model, model_dtype, combine
         self.batch, self.state_dtype = x.shape[0], x.dtype
-        self.state_ptr = x.untyped_storage().data_ptr()
+        self.state, self.state_ptr = x, x.untyped_storage().data_ptr()
         self.layout = state_layout(x)
         self._check_batches()
         if self.guided:
@@ -115,23 +116,26 @@ class ModelCaller:
                 raise ValueError(f"cond[{k!r}]: non-tensor arguments must be equal in cond and uncond for "
                                  "cfg='batched'; use cfg='separate'")
 
-    def _run(self, x: torch.Tensor, t: torch.Tensor, kwargs, is_state: bool = True) -> torch.Tensor:
-        # The model gets the solver state itself when nothing else copies it (no model_dtype
-        # cast, no CFG doubling): no copy per step. A model that writes into its input would
-        # corrupt the state, so that is detected (version counter) and is an error.
-        arg = x if self.model_dtype is None else x.to(self.model_dtype)
-        guard = is_state and arg is x
-        version = x._version if guard and not x.is_inference() else None
-        if guard and version is None:
-            arg = x.clone()  # inference tensors have no version counter: pay the copy instead
+    def _run(self, x: torch.Tensor, t: torch.Tensor, kwargs, arg: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The model's output on `arg` (the CFG-doubled input, already in the model's dtype) or,
+        when None, on x itself: with no model_dtype cast nothing else copies it, so the model
+        gets the solver state, no copy per step. A model that writes into its input would then
+        corrupt the state, so that is detected (version counter) and is an error."""
+        version = None
+        if arg is None:
+            arg = x if self.model_dtype is None else x.to(self.model_dtype)
+            if arg is x and x.is_inference():
+                arg = x.clone()  # inference tensors have no version counter: pay the copy instead
+            elif arg is x:
+                version = x._version
         out = model_output_tensor(self.model(arg, t, **kwargs))
         if version is not None and x._version != version:
             raise RuntimeError("model: modified its input x in place; fastdiff passes the solver state itself "
                                "(no copy), so the model must not write into it (use out-of-place ops, or "
                                "x = x.clone() at the top of forward)")
-        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        if not isinstance(out, torch.Tensor) or out.shape != arg.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"model: expected an output of shape {tuple(x.shape)}, got {got}")
+            raise ValueError(f"model: expected an output of shape {tuple(arg.shape)}, got {got}")
         if out.dtype not in MODEL_DTYPES and not (out.dtype == torch.float64 == self.state_dtype):
             raise TypeError(f"model: returned {out.dtype}; expected a float32, float16 or bfloat16 output")
         if self.combine:
@@ -141,20 +145,31 @@ class ModelCaller:
             out = out.clone()  # a model returning (a view of) its input: the fused step updates x in place
         return out
 
+    @property
+    def model_batch(self) -> int:
+        """The batch of each model call: x's, doubled for cfg='batched'."""
+        return 2 * self.batch if self.mode == "batched" else self.batch
+
     def _pair(self, m_u: torch.Tensor, m_c: torch.Tensor):
         return (m_u + self.w * (m_c - m_u), None) if self.combine else (m_c, m_u)
 
     def bind(self) -> Callable:
-        """The per-step call. For cfg='batched' the doubled inputs are concatenated here, once."""
+        """The per-step call `(x, t) -> (m, m_uncond)`, t the model time at `model_batch`. For
+        cfg='batched' the doubled conditioning is concatenated here, once, and the doubled input
+        is one buffer, refilled each step by one copy that writes both halves straight in the
+        model's dtype."""
         if self.mode == "plain":
             return lambda x, t: (self._run(x, t, self.cond), None)
         if self.mode == "separate":
             return lambda x, t: self._pair(self._run(x, t, self.uncond), self._run(x, t, self.cond))
         doubled = {k: torch.cat([self.uncond[k], c]) if isinstance(c, torch.Tensor) else c
                    for k, c in self.cond.items()}
+        pair = new_slots(2, self.state, self.model_dtype)  # (2, *x.shape): [uncond half, cond half]
+        model_input = pair.view((2 * self.batch,) + tuple(pair.shape[2:]))
 
         def batched(x, t):
-            m = self._run(torch.cat([x, x]), torch.cat([t, t]), doubled, is_state=False)  # a copy already
+            pair.copy_(x)  # both halves (x broadcast), cast on the fly: one kernel
+            m = self._run(x, t, doubled, arg=model_input)
             if not self.combine:
                 return m, None  # solver_step splits the doubled batch (unconditional half first)
             m_u, m_c = m.chunk(2)

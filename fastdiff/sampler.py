@@ -248,7 +248,7 @@ class Sampler:
             self._solver_args["d2_weight"] = float(d2_weight)
         self._solver_cls = cls
         self.clamp = clamp
-        self._times = {}
+        self._times, self._row_args = {}, None
         # Heun: its churn options (checked here), its own rows and reference arguments
         churn = _check_churn(solver, s_churn, s_tmin, s_tmax, s_noise, round_timesteps)
         if solver == "heun":
@@ -427,6 +427,14 @@ class Sampler:
             self._times[device] = torch.tensor(self.table.model_time, dtype=torch.float32).to(device)
         return self._times[device]
 
+    def _rows(self) -> list:
+        """Per table row (coef, slots, noisy, ends_step) as the loop passes them, made once per plan."""
+        if self._row_args is None:
+            t = self.table
+            self._row_args = [(t.coef[r].tolist(), t.slots[r].tolist(), bool(t.noisy(r)), bool(t.ends_step[r]))
+                              for r in range(t.rows)]
+        return self._row_args
+
     def new_history(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The ring buffer of earlier data predictions the table needs (None if none), each slot
         in x's layout (the fused step reads every tensor in one layout)."""
@@ -443,23 +451,24 @@ class Sampler:
         (default: `model_times(x.device)`)."""
         table, n = self.table, self.steps
         call, t_all = caller.bind(), self.model_times(x.device) if times is None else times
+        t_rows = t_all.view(-1, 1).expand(-1, caller.model_batch)  # row r: its time at the model's batch, a view
         op_backend = "auto" if self.backend == "auto" else self.backend
         clamp = 0.0 if self.clamp is None else float(self.clamp)
         draws = iter(range(table.noise_draws))
         if table.initial_noise:  # Heun's churn of step 0 (fastdiff.solvers): no row comes before it
             x.mul_(table.initial_scale).add_(draw_noise(next(draws)), alpha=table.initial_noise)
         i = 0  # the grid step
-        for r in range(table.rows):
+        for r, (coef, slots, noisy, ends_step) in enumerate(self._rows()):
             with nvtx_range("fastdiff/step"):
                 with nvtx_range("fastdiff/model"):
-                    m_c, m_u = call(x, t_all[r].expand(x.shape[0]))
+                    m_c, m_u = call(x, t_rows[r])
                 if check_finite:
                     _check_finite(i, table.model_time[r], m_c, m_u)
-                z = draw_noise(next(draws)) if table.noisy(r) else None
+                z = draw_noise(next(draws)) if noisy else None
                 with nvtx_range("fastdiff/solver_step"):
-                    solver_step(x, m_c, m_u, hist, z, coef=table.coef[r].tolist(), slots=table.slots[r].tolist(),
-                                guidance=guidance, clamp=clamp, out=x, backend=op_backend)
-            if not table.ends_step[r]:
+                    solver_step(x, m_c, m_u, hist, z, coef=coef, slots=slots, guidance=guidance, clamp=clamp, out=x,
+                                backend=op_backend)
+            if not ends_step:
                 continue
             if callback is not None:
                 callback(i, table.completed_state(r, x, z))  # x is updated in place: hand out a copy
@@ -472,7 +481,7 @@ class Sampler:
         i = 0
 
         def call_model(state, time):
-            m, _ = call(state, torch.full((state.shape[0],), time, dtype=torch.float32, device=state.device))
+            m, _ = call(state, torch.full((caller.model_batch,), time, dtype=torch.float32, device=state.device))
             if check_finite:
                 _check_finite(i, time, m, None)
             return m

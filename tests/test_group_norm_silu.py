@@ -339,17 +339,26 @@ def _err_cases():
 ERR_CASES = _err_cases()
 
 
+def _call_case(case):
+    return group_norm_silu(case["x"], case["groups"], case["weight"], case["bias"], eps=case["eps"],
+                           silu=case["silu"], temb=case["temb"], residual=case["residual"], out=case["out"],
+                           backend=case["backend"], num_splits=case["num_splits"])
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "after-a-good-call"])
 @pytest.mark.parametrize("name", [c[0] for c in ERR_CASES])
-def test_bad_input_errors(name):
+def test_bad_input_errors(name, warm):
+    """warm: a valid call on the very same tensors ran first, so the op knows that signature;
+    every error must still be raised."""
     _, mutate, exc, pattern = next(c for c in ERR_CASES if c[0] == name)
     case = make_case((2, 8, 4, 4), 4, torch.float32, "cpu", _seed("err"), temb=True, residual=True)
     case.update(out=torch.randn(2, 8, 4, 4), backend="auto", num_splits=0)
+    if warm:
+        _call_case(case)
     mutate(case)
     snapshot = {k: v.clone() for k, v in case.items() if isinstance(v, torch.Tensor) and v.device.type != "meta"}
     with pytest.raises(exc, match=pattern):
-        group_norm_silu(case["x"], case["groups"], case["weight"], case["bias"], eps=case["eps"], silu=case["silu"],
-                        temb=case["temb"], residual=case["residual"], out=case["out"], backend=case["backend"],
-                        num_splits=case["num_splits"])
+        _call_case(case)
     for k, v in snapshot.items():
         assert torch.equal(case[k].isnan(), v.isnan()) and torch.equal(case[k].nan_to_num(), v.nan_to_num()), \
             f"{k} was modified by a call that raised"

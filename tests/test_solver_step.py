@@ -382,16 +382,18 @@ def _err_cases():
 ERR_CASES = _err_cases()
 
 
-@pytest.mark.parametrize("warm", [False, True], ids=["cold", "after-a-good-call"])
+@pytest.mark.parametrize("warm", ["cold", "after-a-good-call", "after-the-same-tensors"])
 @pytest.mark.parametrize("name", [c[0] for c in ERR_CASES])
 def test_bad_input_errors(name, warm):
-    """warm: a valid call with the same shapes ran first, so the op's cache of checked tensor
-    metadata holds them; every error must still be raised."""
+    """warm: a valid call with the same shapes (or the very same tensors) ran first, so the op
+    knows that signature; every error must still be raised."""
     _, mutate, exc, pattern = next(c for c in ERR_CASES if c[0] == name)
     case = _base()
     case.update(out=torch.randn_like(case["x"]), backend="auto")
-    if warm:
+    if warm == "after-a-good-call":
         call(dict(case, history=case["history"].clone()), "auto", out=torch.empty_like(case["x"]))
+    elif warm == "after-the-same-tensors":
+        call(case, "auto", out=case["out"])
     mutate(case)
     snapshot = {k: v.clone() for k, v in case.items() if isinstance(v, torch.Tensor) and v.device.type != "meta"}
     with pytest.raises(exc, match=pattern):

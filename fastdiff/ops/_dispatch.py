@@ -8,6 +8,7 @@ Each op builds one `Dispatcher` from an ordered list of `Provider`s, always in t
                                    example=lambda device_type: ...))
     DISPATCH.select(args, backend)     # -> Provider
     DISPATCH.run(args, backend)        # select + run
+    DISPATCH.known(key) / DISPATCH.learn(key, provider)   # validate once, run many (below)
 
 `supports(args)` returns None when the provider can run these arguments, else a short reason
 why not (not built, no GPU, Triton missing, wrong device, ...). `backend="auto"` takes the first
@@ -21,8 +22,11 @@ any tensor.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
 
 BACKENDS: Tuple[str, ...] = ("cuda", "triton", "cpu", "reference")
 AUTO = "auto"
@@ -53,6 +57,7 @@ class Dispatcher:
         self.providers: List[Provider] = list(providers)
         self._by_name: Dict[str, Provider] = {p.name: p for p in providers}
         self.example = example
+        self._known: Dict[tuple, Provider] = {}
 
     @property
     def backends(self) -> Tuple[str, ...]:
@@ -89,6 +94,20 @@ class Dispatcher:
         p.run(args)
         return p.name
 
+    def known(self, key: tuple) -> Optional[Provider]:
+        """The provider chosen for a signature that passed the op's checks before, or None.
+
+        A sampling loop calls an op with the same shapes, strides, dtypes, devices, pointers and
+        numbers at every step (or a few sets of them): everything the checks and the backend
+        choice read is in `key` (built by the op, ending with `signature_env()`), so a known key
+        skips them. Bounded: forgotten when full."""
+        return self._known.get(key)
+
+    def learn(self, key: tuple, provider: Provider) -> None:
+        if len(self._known) >= KNOWN_SIGNATURES:
+            self._known.clear()
+        self._known[key] = provider
+
     def plan(self, device_type: str) -> Dict[str, Any]:
         """What auto would pick for typical inputs on `device_type`, and why the others not."""
         if self.example is None:
@@ -104,6 +123,7 @@ class Dispatcher:
         return {"backend": chosen, "skipped": skipped}
 
 
+KNOWN_SIGNATURES = 256
 _REGISTRY: Dict[str, Dispatcher] = {}
 
 
@@ -147,6 +167,37 @@ def import_kernel(name: str):
     return importlib.import_module(full)
 
 
+# --- validate once, run many --------------------------------------------------------------------
+
+
+_PLAIN = frozenset((torch.Tensor, type(None)))
+
+
+def direct(x, *tensors) -> bool:
+    """Whether an op's wrapper may call its implementation straight instead of through torch.ops,
+    whose dispatcher round trip back into the Python implementation costs ~15 us a call. Only
+    plain eager calls: not traced by torch.compile, no dispatch or function mode (FakeTensorMode,
+    an op counter), no functorch transform, plain tensors (or None), x not a meta tensor (the
+    op's checks reject any other tensor not on x's device). Everything else takes the
+    registered op (its fake implementation, the modes)."""
+    if torch.compiler.is_compiling():  # first: torch.compile must not trace the calls below
+        return False
+    C = torch._C
+    if C._len_torch_dispatch_stack() or C._is_torch_function_mode_enabled() or C._are_functorch_transforms_active():
+        return False
+    return type(x) is torch.Tensor and set(map(type, tensors)) <= _PLAIN and not x.is_meta
+
+
+def tensor_key(t) -> Optional[tuple]:
+    """What an op's checks read of a tensor (its pointer too: the overlap checks)."""
+    return None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
+
+
+def signature_env() -> Optional[str]:
+    """What the backend choice reads from the environment (Triton's interpreter mode)."""
+    return os.environ.get("TRITON_INTERPRET")
+
+
 # --- what every op's providers check -------------------------------------------------------------
 
 _TRITON_ERROR: List[Optional[str]] = []  # cached import result: [None] ok, [msg] missing/broken
@@ -166,15 +217,11 @@ def triton_missing() -> Optional[str]:
 
 def triton_interpret() -> bool:
     """TRITON_INTERPRET is set: Triton kernels run on CPU tensors, interpreted."""
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def triton_unsupported(device_type: str) -> Optional[str]:
     """Why the Triton backend cannot run tensors of `device_type` here, or None."""
-    import torch
-
     if device_type == "cuda":
         if not torch.cuda.is_available():
             return "CUDA is not available (no GPU or no driver)"

@@ -274,7 +274,7 @@ def _check_overlaps(x, weight, bias, temb, residual, out) -> None:
                                 f"out=residual")
 
 
-@dataclass
+@dataclass(slots=True)
 class GroupNormSiluArgs:
     """Validated arguments, as the providers see them."""
 
@@ -366,10 +366,17 @@ _LIB.define(
 
 
 def _impl(x, num_groups, weight, bias, eps, silu, temb, residual, num_splits, out, backend):
-    check_group_norm_silu_args(x, num_groups, weight, bias, eps, silu, temb, residual, num_splits, out)
-    _check_overlaps(x, weight, bias, temb, residual, out)
-    DISPATCH.run(GroupNormSiluArgs(x, num_groups, weight, bias, float(eps), silu, temb, residual, num_splits, out),
-                 backend)
+    # validate once, run many (as solver_step): a known signature goes straight to its backend
+    key = (tuple(map(_dispatch.tensor_key, (x, weight, bias, temb, residual, out))), num_groups, eps, silu,
+           num_splits, backend, _dispatch.signature_env())
+    provider = DISPATCH.known(key)
+    args = GroupNormSiluArgs(x, num_groups, weight, bias, float(eps), silu, temb, residual, num_splits, out)
+    if provider is None:
+        check_group_norm_silu_args(x, num_groups, weight, bias, eps, silu, temb, residual, num_splits, out)
+        _check_overlaps(x, weight, bias, temb, residual, out)
+        provider = DISPATCH.select(args, backend)
+        DISPATCH.learn(key, provider)
+    provider.run(args)
 
 
 _LIB.impl("group_norm_silu", _impl, "CompositeExplicitAutograd")
@@ -423,6 +430,7 @@ def group_norm_silu(
         if not isinstance(x, torch.Tensor) or layout_of(x) is None or x.dtype not in DTYPES:
             check_group_norm_silu_args(x, num_groups, weight, bias, eps, silu, temb, residual, num_splits, x)
         out = torch.empty_like(x)  # keeps x's dense layout (contiguous or channels_last)
-    torch.ops.fastdiff.group_norm_silu(x, num_groups, weight, bias, float(eps), silu, temb, residual, num_splits,
-                                       out, backend)
+    call = _impl if _dispatch.direct(x, weight, bias, temb, residual, out) else (
+        torch.ops.fastdiff.group_norm_silu)  # the registered op: torch.compile, modes, fake tensors
+    call(x, num_groups, weight, bias, float(eps), silu, temb, residual, num_splits, out, backend)
     return out

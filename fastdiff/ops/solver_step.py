@@ -285,7 +285,7 @@ def _check_overlaps(x, model_out, uncond, history, noise, slots, out) -> None:
                                     f"a history write slot equal to a read slot")
 
 
-@dataclass
+@dataclass(slots=True)
 class SolverStepArgs:
     """Validated arguments, as the providers see them."""
 
@@ -379,34 +379,19 @@ _LIB.define(
 )
 
 
-# Metadata of tensor sets that passed _check_tensors: a sampling loop calls the op with the same
-# shapes, strides, dtypes and devices every step, so those checks run once (the numbers and the
-# pointers, for the overlaps, are checked at every call). Bounded: cleared when full.
-_CHECKED_TENSORS: set = set()
-_CHECKED_TENSORS_MAX = 256
-
-
-def _meta(t):
-    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
-
-
-def _check_tensors_cached(x, model_out, uncond, history, noise, out, guidance_t) -> None:
-    key = tuple(map(_meta, (x, model_out, uncond, history, noise, out, guidance_t)))
-    if key in _CHECKED_TENSORS:
-        return
-    _check_tensors(x, model_out, uncond, history, noise, out, guidance_t)
-    if len(_CHECKED_TENSORS) >= _CHECKED_TENSORS_MAX:
-        _CHECKED_TENSORS.clear()
-    _CHECKED_TENSORS.add(key)
-
-
 def _solver_step_impl(x, model_out, uncond, history, noise, coef, slots, guidance, guidance_t, clamp, out, backend):
-    _check_tensors_cached(x, model_out, uncond, history, noise, out, guidance_t)
-    _check_values(uncond, history, noise, coef, slots, guidance, clamp, guidance_t)
-    _check_overlaps(x, model_out, uncond, history, noise, slots, out)
-    args = SolverStepArgs(x, model_out, uncond, history, noise, list(coef), list(slots), guidance, clamp, out,
-                          guidance_t)
-    DISPATCH.run(args, backend)
+    # validate once, run many: a signature that passed the checks and chose a backend before
+    # (everything they read: tensor metadata and pointers, the numbers) goes straight to it
+    key = (tuple(map(_dispatch.tensor_key, (x, model_out, uncond, history, noise, out, guidance_t))),
+           tuple(coef), tuple(slots), guidance, clamp, backend, _dispatch.signature_env())
+    provider = DISPATCH.known(key)
+    args = SolverStepArgs(x, model_out, uncond, history, noise, coef, slots, guidance, clamp, out, guidance_t)
+    if provider is None:
+        check_solver_step_args(x, model_out, uncond, history, noise, coef, slots, guidance, clamp, out, guidance_t)
+        _check_overlaps(x, model_out, uncond, history, noise, slots, out)
+        provider = DISPATCH.select(args, backend)
+        DISPATCH.learn(key, provider)
+    provider.run(args)
 
 
 _LIB.impl("solver_step", _solver_step_impl, "CompositeExplicitAutograd")
@@ -483,16 +468,16 @@ def solver_step(
         if isinstance(v, torch.Tensor):
             raise _fail(TypeError, f"{name} must be a Python number (a host scalar baked into the launch), got a "
                                    f"tensor; reading a device tensor would synchronise (and break CUDA graph capture)")
-        if not isinstance(v, numbers.Real) or isinstance(v, bool):
+        if type(v) is not float and (not isinstance(v, numbers.Real) or isinstance(v, bool)):
             raise _fail(TypeError, f"{name} must be a Python number, got {type(v).__name__}")
-    if (uncond is None and x.dim() >= 1 and model_out.dim() == x.dim() and x.shape[0] > 0
-            and model_out.shape[0] == 2 * x.shape[0] and model_out.shape[1:] == x.shape[1:]):
-        b = x.shape[0]
-        uncond, model_out = model_out[:b], model_out[b:]  # diffusers order: (uncond, cond)
+    xs, ms = x.shape, model_out.shape
+    if uncond is None and len(ms) == len(xs) >= 1 and xs[0] > 0 and ms[0] == 2 * xs[0] and ms[1:] == xs[1:]:
+        uncond, model_out = model_out.chunk(2)  # diffusers order: (uncond, cond)
     if out is None:
         if x.dim() == 0 or not _is_dense(x):  # report it as x's problem, before allocating
             check_solver_step_args(x, model_out, uncond, history, noise, coef, slots, guidance, clamp, x)
         out = torch.empty_like(x)  # keeps x's dense layout (contiguous or channels_last)
-    torch.ops.fastdiff.solver_step(x, model_out, uncond, history, noise, coef, slots, float(guidance), guidance_t,
-                                   float(clamp), out, backend)
+    call = _solver_step_impl if _dispatch.direct(x, model_out, uncond, history, noise, out, guidance_t) else (
+        torch.ops.fastdiff.solver_step)  # the registered op: torch.compile, modes, fake tensors
+    call(x, model_out, uncond, history, noise, coef, slots, float(guidance), guidance_t, float(clamp), out, backend)
     return out
