@@ -173,6 +173,18 @@ def test_unsupported_blocks_are_left_and_reported(monkeypatch):
         assert_close(_run(model, args), ref, torch.float32, what="scale_shift U-Net optimized")
 
 
+def test_output_scale_factors(monkeypatch):
+    """ResNet blocks with output_scale_factor != 1 (the mid block's here) divide; at 1 the division is skipped."""
+    be, _ = setup_backend("cpu", OP, monkeypatch)
+    model = unet2d(mid_block_scale_factor=1.5)
+    args = _inputs(model)
+    ref = _float64_reference(model, args)
+    fastdiff.optimize(model, backend=be)
+    assert {m.output_scale_factor for m in model.modules() if isinstance(m, FusedResnetBlock2D)} == {1.0, 1.5}
+    with torch.no_grad():
+        assert_close(_run(model, args), ref, torch.float32, what="mid_block_scale_factor=1.5")
+
+
 class _UsersProcessor(AttnProcessor2_0):
     """A processor subclass (as LoRA / IP-Adapter processors are): may change the computation."""
 

@@ -36,6 +36,11 @@ from fastdiff.nn import functional as FD
 from fastdiff.nn.layers import GroupNormSiLU
 
 
+def _scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """x / factor, without the kernel when factor is 1 (the default: x / 1.0 is x exactly)."""
+    return x if factor == 1 else x / factor
+
+
 # --- ResnetBlock2D ---------------------------------------------------------------------------
 
 def resnet_unsupported(block: ResnetBlock2D) -> Optional[str]:
@@ -88,7 +93,7 @@ class FusedResnetBlock2D(nn.Module):
         h = self.conv2(self.dropout(self.norm2(h, add=add)))  # (h + temb) -> GroupNorm -> SiLU, one op
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        return (x + h) / self.output_scale_factor
+        return _scaled(x + h, self.output_scale_factor)
 
 
 # --- Attention -------------------------------------------------------------------------------
@@ -240,7 +245,7 @@ class FastdiffAttnProcessor:
                 y = y + residual
         if x.dim() == 4:
             y = y.transpose(1, 2).reshape(x.shape)
-        return y / attn.rescale_output_factor
+        return _scaled(y, attn.rescale_output_factor)
 
 
 # --- the adapter interface fastdiff.optimize calls -------------------------------------------
