@@ -456,3 +456,35 @@ def test_save_pretrained_round_trip(tmp_path, monkeypatch):
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in original.state_dict().items())
     with torch.no_grad():
         assert torch.equal(_run(loaded, args), _run(original, args))
+
+
+def test_channels_last_end_to_end(monkeypatch):
+    """optimize(memory_format=channels_last) makes the convolutions NHWC; sampled from channels_last
+    noise, every U-Net call gets and returns NHWC maps and the sample stays NHWC: equal to the
+    contiguous run."""
+    be, _ = setup_backend("cpu", OP, monkeypatch)
+    original = unet2d_condition()
+    flat = fastdiff.optimize(original, backend=be, inplace=False)
+    nhwc = fastdiff.optimize(original, backend=be, inplace=False, memory_format=torch.channels_last)
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in nhwc.modules()
+               if isinstance(m, nn.Conv2d))
+    x, _, ctx = _inputs(original)
+    seen = []
+
+    def denoiser(unet):
+        def call(x, t, encoder_hidden_states):
+            out = unet(x, t, encoder_hidden_states=encoder_hidden_states).sample
+            seen.append((unet is nhwc, x.is_contiguous(memory_format=torch.channels_last),
+                         out.is_contiguous(memory_format=torch.channels_last)))
+            return out
+        return call
+
+    kw = dict(guidance_scale=7.5, cond={"encoder_hidden_states": ctx}, steps=3, backend=be,
+              uncond={"encoder_hidden_states": torch.zeros_like(ctx)})
+    ref = fastdiff.sample(denoiser(flat), x, **kw)
+    out = fastdiff.sample(denoiser(nhwc), x.contiguous(memory_format=torch.channels_last), **kw)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert all(x_cl and out_cl for is_nhwc, x_cl, out_cl in seen if is_nhwc) and len(seen) == 6
+    assert rel_err(out, ref) < 1e-5, rel_err(out, ref)  # fp32: the convolutions' summation order differs
+    back = fastdiff.optimize(nhwc, backend=be, memory_format=torch.contiguous_format)
+    assert all(m.weight.is_contiguous() for m in back.modules() if isinstance(m, nn.Conv2d))
