@@ -16,9 +16,10 @@ Parameter objects under the same names):
   `attn.set_processor(FastdiffAttnProcessor(backend))`, diffusers' own per-module extension point
   (`set_attn_processor` on the model calls it; not every model has that method, UNet2DModel has
   not); its q/k/v (or k/v) weights are packed into one buffer, the parameters becoming views of
-  it (`PackedProjections`: state_dict keys and save_pretrained unchanged). Modules with features the processor does not implement (spatial_norm, norm_cross, q/k
-  norms, added KV projections, grouped KV heads, no output projection, scale_qk=False) or with
-  any other processor (LoRA, IP-Adapter, fused projections, a user's own) keep theirs.
+  it (`PackedProjections`: state_dict keys and save_pretrained unchanged). Modules with features
+  the processor does not implement (spatial_norm, norm_cross, q/k norms, added KV projections,
+  grouped KV heads, no output projection, scale_qk=False) or with any other processor (LoRA,
+  IP-Adapter, fused projections, a user's own) keep theirs.
 """
 from __future__ import annotations
 
