@@ -2,8 +2,8 @@
 
 Providers: `eager` (diffusers' JointAttnProcessor2_0 / FluxAttnProcessor, SDPA), `fused`
 (`fastdiff.optimize(model)`: packed QKV per stream, q/k RMSNorm + RoPE written into one joint
-buffer, `fastdiff::attention`), `fused-packed` (Flux only: after `fuse_qkv_projections()`, so
-no per-call weight concatenation). adaLN and MLPs are diffusers' in every provider.
+buffer, `fastdiff::attention`), `fused-packed` (Flux only: after `fuse_qkv_projections()`, its
+own packed layers). adaLN and MLPs are diffusers' in every provider.
 
 GPU (bf16): the released models' widths at 1024x1024 (4096 image tokens), fewer blocks (random
 weights, built on the GPU): Flux.1-dev (dim 3072, 24 heads of 128, 512 text tokens, batch 1,

@@ -29,6 +29,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
+import torch
 import torch.nn as nn
 
 from fastdiff.nn.layers import AttentionBlock, GroupNormSiLU
@@ -138,15 +139,29 @@ def _adapter_for(model: nn.Module):
     return None
 
 
-def optimize(model: nn.Module, backend: str = "auto", *, inplace: bool = True, verbose: bool = False) -> nn.Module:
+MEMORY_FORMATS = (torch.contiguous_format, torch.channels_last)
+
+
+def optimize(model: nn.Module, backend: str = "auto", *, inplace: bool = True, verbose: bool = False,
+             memory_format: Optional[torch.memory_format] = None) -> nn.Module:
     """Swap fusable blocks of `model` for fused ones (see the module docstring). Returns the
-    model (a deep copy when inplace=False); `optimize_report(model)` says what changed."""
+    model (a deep copy when inplace=False); `optimize_report(model)` says what changed.
+
+    memory_format: None keeps the weights' layout; torch.channels_last converts the model's 4-D
+    weights (convolutions) to NHWC, the layout GPU convolutions prefer, so feature maps stay NHWC
+    from a channels_last input on (give the sampler channels_last noise: its state follows the
+    noise's layout); torch.contiguous_format converts back."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a backend name (auto, cuda, triton, cpu, reference), got {backend!r}")
+    if memory_format is not None and memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"memory_format: expected None, torch.contiguous_format or torch.channels_last, got "
+                         f"{memory_format!r}")
     if not inplace:
         model = copy.deepcopy(model)
+    if memory_format is not None:
+        model.to(memory_format=memory_format)
     adapter = _adapter_for(model)
     if adapter is None or not adapter.transform(None, "", model, backend):
         _swap(model, "", backend, adapter)

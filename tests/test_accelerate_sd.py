@@ -3,6 +3,7 @@ encoder; nothing downloaded): `pipe(...)` as diffusers calls it gives the untouc
 images within 1e-4 relative (float32), with diffusers' semantics (guidance <= 1: no CFG, one
 model call per step; num_images_per_prompt, generator lists, output types, return_dict), and
 fastdiff.restore(pipe) gives the pipeline's own loop back."""
+import copy
 import inspect
 
 import numpy as np
@@ -272,3 +273,42 @@ def test_euler_ending_at_sigma_min_returns_diffusers_loop_state(karras):
     text = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(1))
     theirs, ours = both(pipe, prompt_embeds=text, num_inference_steps=4, guidance_scale=1.0, output_type="latent")
     assert rel(ours.images, theirs.images) < TOL
+
+
+def test_weight_changes_reach_the_unet_accelerated_and_restored():
+    """accelerate() packs the U-Net's q/k/v weights into one buffer (the parameters become views
+    of it); weight changes made while accelerated or after restore() reach the next U-Net call,
+    as on a U-Net that was never accelerated."""
+    pipe = pipes.sd(SCHEDULERS["ddim"]())
+    plain = copy.deepcopy(pipe.unet)
+    g = torch.Generator().manual_seed(5)
+    args = (torch.randn(2, 4, 8, 8, generator=g), torch.tensor(700.0), torch.randn(2, 7, 32, generator=g))
+
+    def change(unet, seed, assign):
+        with torch.no_grad():
+            for name, p in sorted(unet.named_parameters()):
+                if ".to_k." in name or ".to_q." in name:
+                    delta = 0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed))
+                    if assign:
+                        p.data = p.data + delta  # a new tensor (peft's safe merge)
+                    else:
+                        p.data += delta  # in place (peft's merge)
+
+    def agree():
+        with torch.no_grad():
+            assert rel(pipe.unet(*args).sample, plain(*args).sample) < TOL
+
+    fastdiff.accelerate(pipe)
+    agree()
+    for seed, assign in ((1, False), (2, True)):
+        for unet in (pipe.unet, plain):
+            change(unet, seed, assign)
+        agree()
+    fastdiff.restore(pipe)
+    for seed, assign in ((3, False), (4, True)):
+        for unet in (pipe.unet, plain):
+            change(unet, seed, assign)
+        agree()
+    fastdiff.accelerate(pipe)
+    agree()
+    fastdiff.restore(pipe)

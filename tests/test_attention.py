@@ -197,7 +197,7 @@ def test_qkv_attention_packed(backend, dtype, monkeypatch):
     real = attn_mod.attention
 
     def spy(q, k, v, **kw):
-        seen.append((q, k, v, kw["out"]))
+        seen.append((q, k, v, kw.get("out")))
         return real(q, k, v, **kw)
 
     monkeypatch.setattr(attn_mod, "attention", spy)
@@ -218,6 +218,39 @@ def test_qkv_attention_packed(backend, dtype, monkeypatch):
         assert err <= 2 * e, f"relative error {err:.3e} > 2 x {name} ({e:.3e})"
     # allocated output, same numbers
     assert torch.equal(qkv_attention(qkv, heads, backend=be), out)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_allocated_result_is_heads_last_and_not_copied(backend, dtype, monkeypatch):
+    """Without `out` the result is (B, H, L, D) over (B, L, H, D) memory, so the tokens the
+    output projection reads are a view of it; on SDPA's backends it is SDPA's own output (no
+    copy) wherever SDPA produced that layout. Same numbers as the out= form."""
+    be, device, interp = backend
+    dt = DTYPES[dtype]
+    b, n, heads, d = 3, 21, 2, 40
+    qkv = torch.randn(b, n, 3 * heads * d, generator=torch.Generator().manual_seed(_seed("alloc", dtype)))
+    qkv = qkv.to(dt).to(device)
+    sdpa_outs = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kw):
+        sdpa_outs.append(real_sdpa(*args, **kw))
+        return sdpa_outs[-1]
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unflatten(-1, (3, heads, d)).unbind(2))
+    if be == "triton" and device == "cuda" and dt == torch.float32:
+        return  # no fp32 GPU config (check() tests that refusal)
+    res = attention(q, k, v, backend=be)
+    assert res.shape == q.shape and res.transpose(1, 2).is_contiguous()
+    out = torch.full(q.shape, NAN, dtype=dt, device=device)
+    assert torch.equal(res, attention(q, k, v, out=out, backend=be))
+    tokens = qkv_attention(qkv, heads, backend=be)
+    assert torch.equal(tokens, res.transpose(1, 2).reshape(b, n, heads * d))
+    assert tokens._is_view(), "the tokens were copied out of the heads-last result"
+    if be in ("cpu", "cuda"):  # SDPA's fused kernels (CPU flash, CUDA flash/efficient) write heads-last
+        assert sdpa_outs[0].transpose(1, 2).is_contiguous()
+        assert res.data_ptr() == sdpa_outs[0].data_ptr(), "SDPA's output was copied"
 
 
 def test_kv_attention_cross(backend):

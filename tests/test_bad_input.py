@@ -238,6 +238,8 @@ def test_channels_last_noise_works_with_history_and_sde_solvers():
 OPTIMIZE_ROWS = [
     ("model-not-module", dict(model=lambda x: x), TypeError, "model"),
     ("backend-not-string", dict(backend=3), TypeError, "backend"),
+    ("memory-format-unknown", dict(memory_format=torch.channels_last_3d), ValueError, "memory_format"),
+    ("memory-format-not-a-format", dict(memory_format="channels_last"), ValueError, "memory_format"),
 ]
 
 

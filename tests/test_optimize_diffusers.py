@@ -171,6 +171,18 @@ def test_unsupported_blocks_are_left_and_reported(monkeypatch):
         assert_close(_run(model, args), ref, torch.float32, what="scale_shift U-Net optimized")
 
 
+def test_output_scale_factors(monkeypatch):
+    """ResNet blocks with output_scale_factor != 1 (the mid block's here) divide; at 1 the division is skipped."""
+    be, _ = setup_backend("cpu", OP, monkeypatch)
+    model = unet2d(mid_block_scale_factor=1.5)
+    args = _inputs(model)
+    ref = _float64_reference(model, args)
+    fastdiff.optimize(model, backend=be)
+    assert {m.output_scale_factor for m in model.modules() if isinstance(m, FusedResnetBlock2D)} == {1.0, 1.5}
+    with torch.no_grad():
+        assert_close(_run(model, args), ref, torch.float32, what="mid_block_scale_factor=1.5")
+
+
 class _UsersProcessor(AttnProcessor2_0):
     """A processor subclass (as LoRA / IP-Adapter processors are): may change the computation."""
 
@@ -313,3 +325,164 @@ def test_the_core_does_not_import_diffusers():
         "m = fastdiff.optimize(torch.nn.Sequential(torch.nn.GroupNorm(2, 4), torch.nn.SiLU()), backend='reference')\n"
         "assert 'diffusers' not in sys.modules, 'diffusers imported'\n"
         "print('ok')\n")
+
+
+# --- the packed QKV / KV weights follow every change of the parameters ------------------------
+
+def _projection_params(model):
+    """{name: parameter} of every attention's to_q / to_k / to_v."""
+    return {n: p for n, p in model.named_parameters() if any(f".{s}." in n for s in ("to_q", "to_k", "to_v"))}
+
+
+def _delta(p, seed):
+    return 0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)).to(p.dtype)
+
+
+def _each_projection(fn):
+    """A change applied to every q/k/v parameter of a model, by name (the same on both models)."""
+    def change(model):
+        with torch.no_grad():
+            for i, (name, p) in enumerate(sorted(_projection_params(model).items())):
+                fn(model, name, p, _delta(p, i))
+    return change
+
+
+def _set(model, name, value):
+    module_name, attr = name.rsplit(".", 1)
+    setattr(model.get_submodule(module_name), attr, value)
+
+
+def _fresh_state(model):
+    return {k: v + _delta(v, 7) if k in _projection_params(model) else v.clone() for k, v in model.state_dict().items()}
+
+
+CHANGES = {  # how weights are changed in practice
+    "add_": _each_projection(lambda m, n, p, d: p.add_(d)),
+    "data+=": _each_projection(lambda m, n, p, d: p.data.__iadd__(d)),  # peft's merge: base.weight.data += delta
+    "safe_merge": _each_projection(lambda m, n, p, d: setattr(p, "data", p.data.clone() + d)),  # peft safe_merge
+    "new_parameter": _each_projection(lambda m, n, p, d: _set(m, n, nn.Parameter(p + d))),  # fuse_lora-style
+    "load_state_dict": lambda m: m.load_state_dict(_fresh_state(m)),
+    "load_state_dict_assign": lambda m: m.load_state_dict(_fresh_state(m), assign=True),
+}
+
+
+def _count_cats(model, args):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Cats(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Cats.n += func.overloadpacket is torch.ops.aten.cat
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Cats():
+        _run(model, args)
+    return Cats.n
+
+
+def test_projections_are_views_of_one_packed_buffer(monkeypatch):
+    be, _ = setup_backend("cpu", OP, monkeypatch)
+    original = unet2d_condition()
+    model = fastdiff.optimize(copy.deepcopy(original), backend=be)
+    for attn in (m for m in model.modules() if isinstance(m, Attention)):
+        packed = [attn.to_k, attn.to_v] if attn.is_cross_attention else [attn.to_q, attn.to_k, attn.to_v]
+        assert len({lin.weight.untyped_storage().data_ptr() for lin in packed}) == 1
+        assert all(lin.weight.is_contiguous() for lin in packed)
+    args = _inputs(model)
+    assert _count_cats(model, args) == _count_cats(original, args)  # the U-Net's own skip concatenations only
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_weight_changes_take_effect_on_the_next_call(change, monkeypatch):
+    """Each change, made after the optimized model has run, to the optimized model and to an
+    unoptimized copy: the next call of each agrees (and differs from before the change)."""
+    be, _ = setup_backend("cpu", OP, monkeypatch)
+    original = unet2d_condition()
+    model = fastdiff.optimize(copy.deepcopy(original), backend=be)
+    args = _inputs(model)
+    with torch.no_grad():
+        before = _run(model, args)
+    for m in (original, model):
+        CHANGES[change](m)
+    with torch.no_grad():
+        ref, out = _run(original, args), _run(model, args)
+    assert rel_err(ref, before) > 1e-2, "the change does not move the output: the test could not fail"
+    assert_close(out, ref, torch.float32, what=f"after {change}")
+
+
+def test_lora_fuse_and_unfuse_and_dtype_moves(monkeypatch):
+    """peft's merge and unmerge (in place, through .data), then .to(float16) and back: each takes
+    effect on the next call."""
+    be, _ = setup_backend("cpu", OP, monkeypatch)
+    original = unet2d_condition()
+    model = fastdiff.optimize(copy.deepcopy(original), backend=be)
+    args = _inputs(model)
+    fuse = _each_projection(lambda m, n, p, d: p.data.__iadd__(d))
+    unfuse = _each_projection(lambda m, n, p, d: p.data.__isub__(d))
+    with torch.no_grad():
+        plain = _run(model, args)
+        for m in (original, model):
+            fuse(m)
+        assert_close(_run(model, args), _run(original, args), torch.float32, what="fused LoRA")
+        for m in (original, model):
+            unfuse(m)
+        assert_close(_run(model, args), plain, torch.float32, what="unfused LoRA")
+        ref = _float64_reference(original, args)
+        half_args = [a.half() if a.is_floating_point() else a for a in args]
+        for m in (original, model):
+            m.to(torch.float16)
+        assert all(p.dtype == torch.float16 for p in _projection_params(model).values())
+        diffusers_err = rel_err(_run(original, half_args), ref)
+        assert rel_err(_run(model, half_args), ref) <= diffusers_err + REL_TOL[torch.float16]
+        for m in (original, model):
+            m.to(torch.float32)
+        assert_close(_run(model, args), _run(original, args), torch.float32, what="back to float32")
+
+
+def test_save_pretrained_round_trip(tmp_path, monkeypatch):
+    """The packed views save (safetensors) and load back into a plain diffusers U-Net."""
+    be, _ = setup_backend("cpu", OP, monkeypatch)
+    original = unet2d_condition()
+    model = fastdiff.optimize(copy.deepcopy(original), backend=be)
+    args = _inputs(model)
+    for m in (original, model):
+        CHANGES["data+="](m)
+    model.save_pretrained(tmp_path)
+    loaded = diffusers.UNet2DConditionModel.from_pretrained(tmp_path).eval()
+    assert loaded.state_dict().keys() == original.state_dict().keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in original.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(_run(loaded, args), _run(original, args))
+
+
+def test_channels_last_end_to_end(monkeypatch):
+    """optimize(memory_format=channels_last) makes the convolutions NHWC; sampled from channels_last
+    noise, every U-Net call gets and returns NHWC maps and the sample stays NHWC: equal to the
+    contiguous run."""
+    be, _ = setup_backend("cpu", OP, monkeypatch)
+    original = unet2d_condition()
+    flat = fastdiff.optimize(original, backend=be, inplace=False)
+    nhwc = fastdiff.optimize(original, backend=be, inplace=False, memory_format=torch.channels_last)
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in nhwc.modules()
+               if isinstance(m, nn.Conv2d))
+    x, _, ctx = _inputs(original)
+    seen = []
+
+    def denoiser(unet):
+        def call(x, t, encoder_hidden_states):
+            out = unet(x, t, encoder_hidden_states=encoder_hidden_states).sample
+            seen.append((unet is nhwc, x.is_contiguous(memory_format=torch.channels_last),
+                         out.is_contiguous(memory_format=torch.channels_last)))
+            return out
+        return call
+
+    kw = dict(guidance_scale=7.5, cond={"encoder_hidden_states": ctx}, steps=3, backend=be,
+              uncond={"encoder_hidden_states": torch.zeros_like(ctx)})
+    ref = fastdiff.sample(denoiser(flat), x, **kw)
+    out = fastdiff.sample(denoiser(nhwc), x.contiguous(memory_format=torch.channels_last), **kw)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert all(x_cl and out_cl for is_nhwc, x_cl, out_cl in seen if is_nhwc) and len(seen) == 6
+    assert rel_err(out, ref) < 1e-5, rel_err(out, ref)  # fp32: the convolutions' summation order differs
+    back = fastdiff.optimize(nhwc, backend=be, memory_format=torch.contiguous_format)
+    assert all(m.weight.is_contiguous() for m in back.modules() if isinstance(m, nn.Conv2d))

@@ -176,7 +176,7 @@ class AttentionArgs:
     k: torch.Tensor
     v: torch.Tensor
     scale: float
-    out: torch.Tensor
+    out: Optional[torch.Tensor]  # None: the provider returns a new heads-last result (`_out`)
 
     @property
     def device_type(self) -> str:
@@ -233,24 +233,46 @@ def _cpu_supports(a) -> Optional[str]:
     return None
 
 
-def _run_sdpa(a: AttentionArgs) -> None:
-    a.out.copy_(F.scaled_dot_product_attention(a.q, a.k, a.v, scale=a.scale))
+def heads_last_empty(q: torch.Tensor) -> torch.Tensor:
+    """An uninitialised (B, H, Lq, D) result over (B, Lq, H, D) memory: `.transpose(1, 2)` of
+    it is contiguous, i.e. the (B, Lq, H*D) tokens the output projection reads."""
+    b, h, lq, d = q.shape
+    return torch.empty((b, lq, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
 
 
-def _run_triton(a: AttentionArgs) -> None:
-    _dispatch.import_kernel("attention").attention_triton(a.q, a.k, a.v, a.out, a.scale)
+def is_heads_last(t: torch.Tensor) -> bool:
+    return t.transpose(1, 2).is_contiguous()
+
+
+def _out(a: AttentionArgs) -> torch.Tensor:
+    return a.out if a.out is not None else heads_last_empty(a.q)
+
+
+def _run_sdpa(a: AttentionArgs) -> torch.Tensor:
+    o = F.scaled_dot_product_attention(a.q, a.k, a.v, scale=a.scale)
+    if a.out is None and is_heads_last(o):
+        return o  # SDPA's flash / memory-efficient kernels (CUDA and CPU) write (B, Lq, H, D): no copy
+    return _out(a).copy_(o)
+
+
+def _run_triton(a: AttentionArgs) -> torch.Tensor:
+    out = _out(a)
+    _dispatch.import_kernel("attention").attention_triton(a.q, a.k, a.v, out, a.scale)
+    return out
 
 
 REFERENCE_CHUNK_ELEMENTS = 1 << 24  # fp32 scores per chunk of queries (64 MiB)
 
 
-def _run_reference(a: AttentionArgs) -> None:
+def _run_reference(a: AttentionArgs) -> torch.Tensor:
+    out = _out(a)
     b, h, lq, _ = a.q.shape
     lk = a.k.shape[2]
     rows = max(1, REFERENCE_CHUNK_ELEMENTS // max(1, b * h * lk))
     k, v = a.k.float(), a.v.float()
     for i in range(0, lq, rows):
-        a.out[:, :, i:i + rows].copy_(attention_reference(a.q[:, :, i:i + rows], k, v, a.scale, torch.float32))
+        out[:, :, i:i + rows].copy_(attention_reference(a.q[:, :, i:i + rows], k, v, a.scale, torch.float32))
+    return out
 
 
 DISPATCH = _dispatch.register(_dispatch.Dispatcher(
@@ -267,6 +289,8 @@ DISPATCH = _dispatch.register(_dispatch.Dispatcher(
 
 _LIB = torch.library.Library("fastdiff", "FRAGMENT")  # noqa: TOR901 (kept alive at module scope)
 _LIB.define("attention(Tensor q, Tensor k, Tensor v, float? scale, Tensor(a!) out, str backend) -> ()")
+# the functional form: a new result in the heads-last layout (SDPA's own output where it has it)
+_LIB.define("attention_heads_last(Tensor q, Tensor k, Tensor v, float? scale, str backend) -> Tensor")
 
 
 def _resolve_scale(q, scale) -> float:
@@ -283,7 +307,17 @@ def _attention_impl(q, k, v, scale, out, backend):
     provider.run(args)
 
 
+def _attention_heads_last_impl(q, k, v, scale, backend):
+    check_attention_args(q, k, v, scale, None)
+    args = AttentionArgs(q, k, v, _resolve_scale(q, scale), None)
+    provider = DISPATCH.select(args, backend)
+    if q.numel() == 0:
+        return heads_last_empty(q)
+    return provider.run(args)
+
+
 _LIB.impl("attention", _attention_impl, "CompositeExplicitAutograd")
+_LIB.impl("attention_heads_last", _attention_heads_last_impl, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fastdiff::attention", lib=_LIB)
@@ -291,6 +325,13 @@ def _attention_fake(q, k, v, scale, out, backend):
     check_attention_args(q, k, v, scale, out)
     DISPATCH.select(AttentionArgs(q, k, v, _resolve_scale(q, scale), out), backend)
     return None
+
+
+@torch.library.register_fake("fastdiff::attention_heads_last", lib=_LIB)
+def _attention_heads_last_fake(q, k, v, scale, backend):
+    check_attention_args(q, k, v, scale, None)
+    DISPATCH.select(AttentionArgs(q, k, v, _resolve_scale(q, scale), None), backend)
+    return heads_last_empty(q)
 
 
 def attention(
@@ -302,7 +343,9 @@ def attention(
     out: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """softmax(scale * q k^T) v per (batch, head); returns `out` (allocated if None).
+    """softmax(scale * q k^T) v per (batch, head); returns `out`, or without `out` a new result
+    in the heads-last layout ((B, H, Lq, D) over (B, Lq, H, D) memory, what SDPA's fused
+    kernels produce, returned as they produce it: no copy).
 
     q        (B, H, Lq, D) float32/float16/bfloat16, any strides.
     k, v     (B, H, Lk, D), q's dtype and device, any strides (may be views of one buffer); Lk >= 1.
@@ -318,9 +361,10 @@ def attention(
             scale is None or _is_number(scale)):
         # before the op's schema would reject it with a less helpful message, or before allocating
         check_attention_args(q, k, v, scale, out)
+    scale = None if scale is None else float(scale)
     if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    torch.ops.fastdiff.attention(q, k, v, None if scale is None else float(scale), out, backend)
+        return torch.ops.fastdiff.attention_heads_last(q, k, v, scale, backend)
+    torch.ops.fastdiff.attention(q, k, v, scale, out, backend)
     return out
 
 
@@ -352,15 +396,17 @@ def _check_tokens(fn, name, t, like=None):
             raise ValueError(f"fastdiff.{fn}: {name} must be on {other_name}'s device {other.device}, got {t.device}")
 
 
-def _heads_out(fn, out, like, b, n, heads, d):
-    """`out` (B, N, H*D) -> its (B, H, N, D) view; allocated (contiguous) when None."""
+def _attend_tokens(fn, q, k, v, out, like, scale, backend):
+    """Attention of (B, H, N, D) head views into (B, N, H*D) tokens: into `out` when given, else
+    the heads-last result viewed as tokens (no copy)."""
+    b, heads, n, d = q.shape
     if out is None:
-        out = torch.empty((b, n, heads * d), dtype=like.dtype, device=like.device)
-    else:
-        _check_tokens(fn, "out", out, like=(like, "q" if fn == "kv_attention" else "qkv"))
-        if tuple(out.shape) != (b, n, heads * d):
-            raise ValueError(f"fastdiff.{fn}: out must have shape ({b}, {n}, {heads * d}), got {tuple(out.shape)}")
-    return out, out.unflatten(-1, (heads, d)).transpose(1, 2)
+        return attention(q, k, v, scale=scale, backend=backend).transpose(1, 2).reshape(b, n, heads * d)
+    _check_tokens(fn, "out", out, like=(like, "q" if fn == "kv_attention" else "qkv"))
+    if tuple(out.shape) != (b, n, heads * d):
+        raise ValueError(f"fastdiff.{fn}: out must have shape ({b}, {n}, {heads * d}), got {tuple(out.shape)}")
+    attention(q, k, v, scale=scale, out=out.unflatten(-1, (heads, d)).transpose(1, 2), backend=backend)
+    return out
 
 
 def qkv_attention(
@@ -376,18 +422,17 @@ def qkv_attention(
     The features of `qkv` are ordered [q | k | v], each split into `heads` heads of D
     contiguous features (a (B, L, 3, H, D) layout: what `nn.Linear(C, 3C)` produces with the
     weight rows stacked q, k, v). q, k and v are passed to the kernel as strided (B, H, L, D)
-    views of `qkv`, and the result is written straight into `out` viewed as (B, H, L, D), so
-    the (B, L, H*D) result is ready for the output projection: no transpose is copied.
+    views of `qkv`; the result is written straight into `out` viewed as (B, H, L, D), or
+    without `out` is the attention's heads-last result viewed as (B, L, H*D) (SDPA's own output
+    on its fused kernels): ready for the output projection, no transpose or copy.
     `out` (B, L, H*D) in qkv's dtype may be given (e.g. a static buffer).
     """
     _check_tokens("qkv_attention", "qkv", qkv)
-    b, n, f = qkv.shape
+    f = qkv.shape[-1]
     _check_heads("qkv_attention", heads, f, 3, "qkv")
     d = f // (3 * heads)
     q, k, v = (t.transpose(1, 2) for t in qkv.unflatten(-1, (3, heads, d)).unbind(2))
-    out, o = _heads_out("qkv_attention", out, qkv, b, n, heads, d)
-    attention(q, k, v, scale=scale, out=o, backend=backend)
-    return out
+    return _attend_tokens("qkv_attention", q, k, v, out, qkv, scale, backend)
 
 
 def kv_attention(
@@ -404,7 +449,7 @@ def kv_attention(
     `qkv_attention`."""
     _check_tokens("kv_attention", "q", q)
     _check_tokens("kv_attention", "kv", kv, like=(q, "q"))
-    b, n, f = q.shape
+    b, _, f = q.shape
     _check_heads("kv_attention", heads, f, 1, "q")
     d = f // heads
     if kv.shape[0] != b or kv.shape[2] != 2 * f:
@@ -412,6 +457,4 @@ def kv_attention(
                          f"features), got {tuple(kv.shape)}")
     qh = q.unflatten(-1, (heads, d)).transpose(1, 2)
     k, v = (t.transpose(1, 2) for t in kv.unflatten(-1, (2, heads, d)).unbind(2))
-    out, o = _heads_out("kv_attention", out, q, b, n, heads, d)
-    attention(qh, k, v, scale=scale, out=o, backend=backend)
-    return out
+    return _attend_tokens("kv_attention", qh, k, v, out, q, scale, backend)

@@ -15,9 +15,11 @@ Parameter objects under the same names):
 * `Attention` modules running diffusers' plain processor (`AttnProcessor2_0` / `AttnProcessor`):
   `attn.set_processor(FastdiffAttnProcessor(backend))`, diffusers' own per-module extension point
   (`set_attn_processor` on the model calls it; not every model has that method, UNet2DModel has
-  not). Modules with features the processor does not implement (spatial_norm, norm_cross, q/k
-  norms, added KV projections, grouped KV heads, no output projection, scale_qk=False) or with
-  any other processor (LoRA, IP-Adapter, fused projections, a user's own) keep theirs.
+  not); its q/k/v (or k/v) weights are packed into one buffer, the parameters becoming views of
+  it (`PackedProjections`: state_dict keys and save_pretrained unchanged). Modules with features
+  the processor does not implement (spatial_norm, norm_cross, q/k norms, added KV projections,
+  grouped KV heads, no output projection, scale_qk=False) or with any other processor (LoRA,
+  IP-Adapter, fused projections, a user's own) keep theirs.
 * SD3 / Flux transformers' joint attention and adaLN: `transformer_models` (the rules there run first).
 """
 from __future__ import annotations
@@ -34,6 +36,11 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 from fastdiff.nn import functional as FD
 from fastdiff.nn.layers import GroupNormSiLU
+
+
+def _scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """x / factor, without the kernel when factor is 1 (the default: x / 1.0 is x exactly)."""
+    return x if factor == 1 else x / factor
 
 
 # --- ResnetBlock2D ---------------------------------------------------------------------------
@@ -88,7 +95,7 @@ class FusedResnetBlock2D(nn.Module):
         h = self.conv2(self.dropout(self.norm2(h, add=add)))  # (h + temb) -> GroupNorm -> SiLU, one op
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        return (x + h) / self.output_scale_factor
+        return _scaled(x + h, self.output_scale_factor)
 
 
 # --- Attention -------------------------------------------------------------------------------
@@ -114,20 +121,92 @@ def attention_unsupported(attn: Attention) -> Optional[str]:
     return None
 
 
-def packed_linear(x: torch.Tensor, *linears: nn.Linear) -> torch.Tensor:
-    """One GEMM for several projections of x, outputs side by side ([q | k | v], [k | v]).
+def _slots(linears) -> tuple:
+    """What each projection's weight and bias are now: (data_ptr, shape, dtype, device) or None."""
+    return tuple((t.data_ptr(), t.shape, t.dtype, t.device) if t is not None else None
+                 for lin in linears for t in (lin.weight, lin.bias))
 
-    The packed weight is concatenated at every call rather than cached: a cache keyed on the
-    parameters' version counters would miss writes through `.data` (EMA updates, some loaders)
-    and silently use stale weights. The copy is one pass over the projection weights, small next
-    to the activations at the resolutions where attention costs time; the concatenation is
-    differentiable, so gradients reach each projection's own parameters."""
-    weight = torch.cat([lin.weight for lin in linears])
-    bias = None
-    if any(lin.bias is not None for lin in linears):
-        bias = torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
-                          for lin in linears])
-    return F.linear(x, weight, bias)
+
+class PackedProjections:
+    """The weights (and biases) of several nn.Linear of one Attention, side by side in one buffer
+    ([q | k | v] or [k | v] rows), for one GEMM per call.
+
+    The parameters themselves become views of the buffer (each a contiguous block of rows), so any
+    in-place write to them (`param.add_`, `param.data += delta` as peft's LoRA merge does,
+    load_state_dict's copy_) lands in the buffer: nothing to detect. A parameter replaced by a
+    new tensor (`.to()`, `weight.data = new`, fuse_lora assigning a new weight,
+    load_state_dict(assign=True)) no longer points at its slot: the next call packs again, once.
+    Per call: one comparison of data pointers, shapes, dtypes and devices.
+
+    Not copied by deepcopy or pickling (the copy's parameters are separate clones: it packs anew)."""
+
+    def __init__(self):
+        self.weight = self.bias = self.slots = None
+
+    def __deepcopy__(self, memo):
+        return PackedProjections()
+
+    def __reduce__(self):
+        return PackedProjections, ()
+
+    def get(self, linears) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """(weight, bias) of the packed projections; None where they cannot share one buffer
+        (different dtypes or devices)."""
+        if self.slots != _slots(linears) and not self.pack(linears):
+            return None
+        return self.weight, self.bias
+
+    def pack(self, linears) -> bool:
+        if len({(p.dtype, p.device) for lin in linears for p in lin.parameters()}) != 1:
+            self.weight = self.bias = self.slots = None
+            return False
+        with torch.no_grad():
+            weight = torch.cat([lin.weight.detach() for lin in linears])
+            bias = None
+            if any(lin.bias is not None for lin in linears):
+                bias = torch.cat([lin.bias.detach() if lin.bias is not None else weight.new_zeros(lin.out_features)
+                                  for lin in linears])
+        row = 0
+        for lin in linears:  # the parameters become views of their rows
+            rows = slice(row, row + lin.weight.shape[0])
+            lin.weight.data = weight[rows]
+            if lin.bias is not None:
+                lin.bias.data = bias[rows]
+            row = rows.stop
+        self.weight, self.bias, self.slots = weight, bias, _slots(linears)
+        return True
+
+
+_PACKED = "_fastdiff_packed_projections"
+
+
+def packed_projections(attn: nn.Module, stream: str = "") -> PackedProjections:
+    """The attention module's packed projections (created on first use); `stream` names another
+    set of them (SD3/Flux: "context", the add_q/k/v projections)."""
+    packed = attn.__dict__.get(_PACKED + stream)
+    if packed is None:
+        packed = attn.__dict__[_PACKED + stream] = PackedProjections()
+    return packed
+
+
+def projections(attn: Attention) -> Tuple[nn.Linear, ...]:
+    """The projections packed into one GEMM: q, k, v (self-attention) or k, v (cross-attention)."""
+    return (attn.to_k, attn.to_v) if attn.is_cross_attention else (attn.to_q, attn.to_k, attn.to_v)
+
+
+def packed_linear(x: torch.Tensor, packed: PackedProjections, *linears: nn.Linear) -> torch.Tensor:
+    """One GEMM for several projections of x, outputs side by side ([q | k | v], [k | v]), on the
+    packed weights. When autograd records into the parameters, the weights are concatenated
+    instead (differentiable: gradients reach each projection's own parameters)."""
+    wb = None
+    if not (torch.is_grad_enabled() and any(p.requires_grad for lin in linears for p in lin.parameters())):
+        wb = packed.get(linears)
+    if wb is None:
+        wb = (torch.cat([lin.weight for lin in linears]),
+              None if all(lin.bias is None for lin in linears) else
+              torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
+                         for lin in linears]))
+    return F.linear(x, *wb)
 
 
 class FastdiffAttnProcessor:
@@ -153,10 +232,12 @@ class FastdiffAttnProcessor:
         if attn.group_norm is not None:
             tokens = attn.group_norm(residual.transpose(1, 2)).transpose(1, 2)
         head_dim = attn.to_q.out_features // attn.heads
+        packed = packed_projections(attn)
         if encoder_hidden_states is None:
-            o = FD.qkv_attention(packed_linear(tokens, attn.to_q, attn.to_k, attn.to_v), head_dim, self.backend)
+            o = FD.qkv_attention(packed_linear(tokens, packed, attn.to_q, attn.to_k, attn.to_v), head_dim,
+                                 self.backend)
         else:
-            o = FD.kv_attention(attn.to_q(tokens), packed_linear(encoder_hidden_states, attn.to_k, attn.to_v),
+            o = FD.kv_attention(attn.to_q(tokens), packed_linear(encoder_hidden_states, packed, attn.to_k, attn.to_v),
                                 head_dim, self.backend)
         proj, dropout = attn.to_out
         if attn.residual_connection and not (dropout.training and dropout.p > 0):
@@ -167,7 +248,7 @@ class FastdiffAttnProcessor:
                 y = y + residual
         if x.dim() == 4:
             y = y.transpose(1, 2).reshape(x.shape)
-        return y / attn.rescale_output_factor
+        return _scaled(y, attn.rescale_output_factor)
 
 
 # --- the adapter interface fastdiff.optimize calls -------------------------------------------
@@ -201,6 +282,7 @@ def transform(parent: Optional[nn.Module], name: str, child: nn.Module, backend:
             child.processor.backend = backend
         else:
             child.set_processor(FastdiffAttnProcessor(backend))
+        packed_projections(child).get(projections(child))  # the parameters become views of one buffer now
         return False  # its group_norm is fused by the generic rule
     if (isinstance(parent, _UNETS) and name == "conv_norm_out" and type(child) is nn.GroupNorm
             and type(parent.conv_act) is nn.SiLU):

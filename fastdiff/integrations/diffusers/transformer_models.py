@@ -5,7 +5,8 @@
   image-only `attn2` of SD3.5's dual-attention blocks) and Flux's `FluxAttention` with
   `FluxAttnProcessor` (double-stream blocks: image + context; single-stream blocks: one stream,
   no output projection) get `FastdiffJointAttnProcessor`: one packed QKV GEMM per stream (Flux
-  after `fuse_qkv_projections()`: its packed layers, else the weights concatenated per call), both
+  after `fuse_qkv_projections()`: its packed layers, else the weights packed once into one buffer
+  per stream, the parameters views of it: `models.PackedProjections`), both
   streams' projections side by side in one (B, L, 3, H, D) buffer, q/k RMSNorm (SD3 with
   qk_norm="rms_norm", Flux always) and Flux's rotary embedding applied to q and k together, in
   float32, rounded once, on their way into that buffer; then `fastdiff::attention` reads head-split
@@ -26,7 +27,7 @@ from diffusers.models.normalization import (AdaLayerNormContinuous, AdaLayerNorm
                                             RMSNorm, SD35AdaLayerNormZeroX)
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 
-from fastdiff.integrations.diffusers.models import packed_linear
+from fastdiff.integrations.diffusers.models import packed_linear, packed_projections
 from fastdiff.nn import functional as FD
 
 # the processors whose computation FastdiffJointAttnProcessor reproduces, by module type
@@ -122,7 +123,8 @@ def _joint_qkv(streams, pairs, rope, heads: int, head_dim: int) -> torch.Tensor:
     """The streams' packed projections side by side in token order, (B, L, 3 * H * D) with
     features [q | k | v]: each written once into the joint buffer, q and k normalised and rotated
     on the way (slice assignment rather than in-place updates, so autograd differentiates it)."""
-    parts = [linears[0](x) if len(linears) == 1 else packed_linear(x, *linears) for x, linears in streams]
+    parts = [linears[0](x) if len(linears) == 1 else packed_linear(x, packed, *linears)
+             for x, linears, packed in streams]
     if len(parts) == 1 and pairs[0][0] is None and rope is None:
         return parts[0]  # already the layout the attention reads
     tokens = [p.shape[1] for p in parts]
@@ -159,14 +161,14 @@ class FastdiffJointAttnProcessor:
                              "(added_kv_proj_dim=None): expected None")
         heads = attn.heads
         head_dim = attn.to_q.out_features // heads
-        streams = [(hidden_states, _projections(attn, False))]
+        streams = [(hidden_states, _projections(attn, False), packed_projections(attn))]
         if encoder_hidden_states is not None:
-            context = (encoder_hidden_states, _projections(attn, True))
+            context = (encoder_hidden_states, _projections(attn, True), packed_projections(attn, "context"))
             streams = [context] + streams if flux else streams + [context]  # Flux: context tokens first
         pairs = _norm_pairs(attn)
         if flux and encoder_hidden_states is not None:
             pairs = pairs[::-1]
-        tokens = [x.shape[1] for x, _ in streams]
+        tokens = [x.shape[1] for x, _, _ in streams]
         rope = _rope_arg(image_rotary_emb, sum(tokens))
         o = FD.qkv_attention(_joint_qkv(streams, pairs, rope, heads, head_dim), head_dim, self.backend)
         if encoder_hidden_states is None:
