@@ -1,0 +1,157 @@
+"""fastdiff.evaluation's metrics against plain, independent computations on small random or
+constructed inputs whose answer is known; compare under torchrun (two gloo processes) against
+the one-process table."""
+import itertools
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fastdiff.evaluation import Manifolds, inception_score, path_lengths, perceptual_distance, slerp
+
+from conftest import require
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _is_plain(p, splits):
+    """exp(E KL(p(y|x) || p(y))) per split, by the textbook sum (numpy, 0 log 0 = 0)."""
+    scores = []
+    for part in np.array_split(p, splits):
+        marginal = part.mean(0)
+        kl = [sum(q * math.log(q / m) for q, m in zip(row, marginal) if q > 0) for row in part]
+        scores.append(math.exp(np.mean(kl)))
+    return np.mean(scores), np.std(scores)
+
+
+def test_inception_score_of_uniform_one_hot_and_random_probabilities():
+    assert inception_score(torch.full((12, 10), 0.1), splits=3) == pytest.approx((1.0, 0.0), abs=1e-12)
+    one_hot = torch.nn.functional.one_hot(torch.arange(40) % 10, 10).double()
+    assert inception_score(one_hot, splits=4) == pytest.approx((10.0, 0.0))  # each split holds every class once
+    assert inception_score(one_hot[:5], splits=1)[0] == pytest.approx(5.0)  # 5 classes, one image each
+    torch.manual_seed(0)
+    p = torch.distributions.Dirichlet(torch.full((7,), 0.3)).sample((23,))
+    p[0, :3] = 0  # exact zeros: 0 log 0 = 0
+    p = p / p.sum(1, keepdim=True)
+    for splits in (1, 3, 23):
+        assert inception_score(p, splits) == pytest.approx(_is_plain(p.double().numpy(), splits), rel=1e-10)
+
+
+def _pr_plain(real, fake, k, source):
+    """Precision and recall by loops: a ball per point, radius its k-th nearest neighbour among
+    the points of another source."""
+    def radius(points, src, i):
+        d = sorted(float(np.linalg.norm(points[i] - points[j])) for j in range(len(points)) if src[j] != src[i])
+        return d[k - 1] if len(d) >= k else math.inf
+
+    r_real = [radius(real, list(range(len(real))), i) for i in range(len(real))]
+    r_fake = [radius(fake, source, j) for j in range(len(fake))]
+    precision = np.mean([any(np.linalg.norm(f - real[i]) <= r_real[i] for i in range(len(real))) for f in fake])
+    recall = np.mean([any(np.linalg.norm(r - fake[j]) <= r_fake[j] for j in range(len(fake))) for r in real])
+    return precision, recall
+
+
+def test_precision_and_recall_of_identical_disjoint_and_random_sets():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(30, 5, generator=g, dtype=torch.float64)
+    assert Manifolds(x, x.clone()).precision_recall() == (1.0, 1.0)
+    assert Manifolds(x, x + 1e3).precision_recall() == (0.0, 0.0)
+    half = Manifolds(x, torch.cat([x[:10], x[:10] + 1e3]))  # half the fakes are real points, 10 of 30 reals covered
+    p, r = half.precision_recall()
+    assert p == 0.5 and r >= 10 / 30
+    real, fake = torch.randn(9, 3, generator=g), torch.randn(11, 3, generator=g) + 0.5
+    for k in (1, 3):
+        m = Manifolds(real, fake, k=k)
+        assert m.precision_recall() == pytest.approx(_pr_plain(real.double().numpy(), fake.double().numpy(), k,
+                                                               list(range(11))))
+        index = torch.tensor([0, 0, 3, 3, 3, 5, 7, 8, 8, 9, 10])  # a bootstrap resample: copies are not neighbours
+        assert m.precision_recall(index) == pytest.approx(
+            _pr_plain(real.double().numpy(), fake[index].double().numpy(), k, index.tolist()))
+
+
+def test_perceptual_distance_is_the_plain_per_position_sum():
+    from fastdiff.demo.classifier import DigitClassifier
+
+    torch.manual_seed(2)
+    c = DigitClassifier(width=3, feature_dim=4).double().eval()
+    a, b = torch.rand(3, 1, 16, 16, dtype=torch.float64) * 2 - 1, torch.rand(3, 1, 16, 16, dtype=torch.float64) * 2 - 1
+    got = perceptual_distance(c, a, b)
+    want = np.zeros(3)
+    with torch.no_grad():
+        layers = list(zip(c.activations(a), c.activations(b)))
+    for fa, fb in layers:
+        fa, fb = fa.numpy(), fb.numpy()
+        for n, y, x in itertools.product(range(3), range(fa.shape[2]), range(fa.shape[3])):
+            u, v = fa[n, :, y, x], fb[n, :, y, x]
+            u, v = u / (np.sqrt((u * u).sum()) + 1e-10), v / (np.sqrt((v * v).sum()) + 1e-10)
+            want[n] += ((u - v) ** 2).sum() / (fa.shape[2] * fa.shape[3])
+    assert got.numpy() == pytest.approx(want, rel=1e-10)
+    assert perceptual_distance(c, a, a).abs().max() == 0 and (got > 0).all()
+
+
+def test_ppl_of_the_identity_map_on_a_sphere_is_the_squared_arc_speed():
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(4, 2, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    b = b * (a.flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1))[:, None, None]  # equal norms: an arc of radius |a|
+    t = torch.tensor([0.0, 0.3, 0.5, 0.9], dtype=torch.float64)
+    assert torch.allclose(slerp(a, b, torch.zeros(4)), a.flatten(1)) and torch.allclose(slerp(a, b, torch.ones(4)),
+                                                                                       b.flatten(1))
+    r = a.flatten(1).norm(dim=1)
+    omega = torch.arccos((a.flatten(1) * b.flatten(1)).sum(1) / r ** 2)
+    lengths = path_lengths(lambda z: z, a, b, t, lambda x, y: (x - y).pow(2).flatten(1).sum(1))
+    assert torch.allclose(lengths, (r * omega) ** 2, rtol=1e-6)
+    assert torch.allclose(slerp(a, b, t).norm(dim=1), r)
+
+
+def test_evaluate_real_digits_and_a_paired_copy(tmp_path):
+    require("safetensors", "demo")
+    from fastdiff.demo.data import load_split
+    from fastdiff.evaluation import Samples, evaluate, load_reference
+
+    x, labels = load_split("train")
+    images = ((x[:100] + 1) * 127.5).round().to(torch.uint8)
+    s = Samples(images, labels[:100])
+    r = evaluate(s, load_reference("digits"), bootstrap=10, paired=Samples(images.clone(), labels[:100]),
+                 is_splits=1)
+    assert r["perceptual"] == 0 and r["perceptual_ci"] == [0, 0]
+    assert 8 < r["is"] <= 10 and r["precision"] > 0.8 and r["recall"] > 0.5 and r["acc"] > 0.9
+    for key in ("is", "precision", "recall", "acc"):
+        assert r[f"{key}_ci"][0] <= r[key] <= r[f"{key}_ci"][1], key
+
+
+def _table_without_timings(out):
+    return [re.sub(r"^(\|[^|]*\|[^|]*\|)[^|]*", r"\1", line) for line in (out / "table.md").read_text().splitlines()]
+
+
+def test_compare_under_torchrun_finishes_with_the_one_process_table(tmp_path):
+    """Two gloo processes (the hang of issue 23: rank 0 in a metric's sync, rank 1 in generate's
+    broadcast) against one process run here (one thread, like each rank): the same table but for
+    the ms column. The reference images are random (the ranks need not load the digits data)."""
+    require("safetensors", "demo")
+    from fastdiff.cli import main
+
+    reference = tmp_path / "ref.npz"
+    np.savez(reference, images=np.random.default_rng(0).integers(0, 256, (8, 1, 16, 16), dtype=np.uint8))
+    args = ["compare", "--configs", "ddim:1", "dpmpp_2m:2", "--num-images", "6", "--batch-size", "3", "--bootstrap",
+            "3", "--perceptual-reference", "ddim:3", "--ppl-pairs", "2", "--reference", str(reference), "--device",
+            "cpu", "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "fastdiff", *args, "--out", str(tmp_path / "two")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=150)
+    assert two.returncode == 0, two.stderr
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    table = _table_without_timings(tmp_path / "two")
+    assert table == _table_without_timings(tmp_path / "one")
+    assert [line.split(" |")[0] for line in table if line.startswith("| ") and "|---" not in line][1:] == \
+        ["| ddim:1", "| dpmpp_2m:2"]
