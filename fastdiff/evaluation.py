@@ -21,8 +21,9 @@ shifted back by the replicates' mean excess over the point estimate (the bootstr
 estimate). Two samplers evaluated on equal numbers of images against the same reference differ
 beyond noise when their intervals do not overlap.
 
-An Inception feature space needs torch-fidelity's FID Inception weights, which torchmetrics
-downloads on first use; fastdiff never downloads, so it is reported as not available.
+`features="inception" | "lpips" | "clip"` adds the real Inception FID/KID/IS, LPIPS or CLIP
+score (`fastdiff.external_metrics`) when their weights are on this machine; fastdiff never
+downloads, so otherwise the options check names what to download and where it goes.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 
 DIGITS_REFERENCES = ("digits", "digits-train")  # the bundled held-out split (360 images) / training split
-FEATURE_SPACES = ("classifier", "inception")
+FEATURE_SPACES = ("classifier", "inception", "lpips", "clip")
 
 
 class EvaluationError(ValueError):
@@ -94,9 +95,12 @@ def check_options(features: str, bootstrap: int, is_splits: int = 10) -> None:
     """The feature space, the bootstrap count and IS's splits (the commands check them before any sampling)."""
     if features not in FEATURE_SPACES:
         raise EvaluationError(f"--features: expected one of {FEATURE_SPACES}, got {features!r}")
-    if features == "inception":
-        raise EvaluationError("--features inception: not available: torchmetrics' Inception extractor downloads "
-                              "its weights on first use, and fastdiff never downloads; use --features classifier")
+    if features != "classifier":
+        from fastdiff.external_metrics import missing
+
+        why = missing(features)
+        if why:
+            raise EvaluationError(why)
     if not isinstance(bootstrap, int) or isinstance(bootstrap, bool) or bootstrap < 0:
         raise EvaluationError(f"--bootstrap: expected >= 0 replicates, got {bootstrap}")
     if not isinstance(is_splits, int) or isinstance(is_splits, bool) or is_splits < 1:
@@ -110,12 +114,13 @@ def evaluate(samples: Samples, reference: torch.Tensor, *, features: str = "clas
     (the many-step reference run from the same seed: image i from the same noise and condition),
     each with a 95 % bootstrap interval `<name>_ci`. Raises EvaluationError on input that does not fit."""
     check_options(features, bootstrap, is_splits)
-    check_pair(samples, reference, paired)
+    check_pair(samples, reference, paired, features)
     with _one_thread():
         return _evaluate(samples, reference, features, bootstrap, seed, device, paired, is_splits)
 
 
-def check_pair(samples: Samples, reference: torch.Tensor, paired: Optional[Samples] = None) -> None:
+def check_pair(samples: Samples, reference: torch.Tensor, paired: Optional[Samples] = None,
+               features: str = "classifier") -> None:
     """The samples fit the feature space, the reference and the paired run."""
     if tuple(samples.images.shape[1:]) != (1, 16, 16):
         raise EvaluationError(f"SAMPLES: the digits classifier's feature space needs 1x16x16 images, got "
@@ -127,6 +132,11 @@ def check_pair(samples: Samples, reference: torch.Tensor, paired: Optional[Sampl
         raise EvaluationError(f"--reference: needs at least 2 images, got {reference.shape[0]}")
     if paired is not None:
         _check_paired(samples, paired)
+    if features == "lpips" and paired is None:
+        raise EvaluationError("--features lpips: LPIPS compares each image with the paired many-step run's: give "
+                              "--paired (compare: --perceptual-reference SOLVER:STEPS)")
+    if features == "clip" and samples.labels is None:
+        raise EvaluationError("--features clip: the CLIP score needs the samples' cond_class_labels")
 
 
 def _check_paired(samples: Samples, paired: Samples) -> None:
@@ -182,6 +192,11 @@ def _evaluate(samples, reference, features, bootstrap, seed, device, paired, is_
         c64 = load_classifier(device=device, dtype=torch.float64)
         per_image["perceptual"] = perceptual_distance(c64, fake.double(), to_float(paired.images).to(device).double())
         out["perceptual"] = float(per_image["perceptual"].mean())
+    if features != "classifier":
+        from fastdiff.external_metrics import compute
+
+        out.update(compute(features, samples.images, reference, samples.labels,
+                           None if paired is None else paired.images, splits))
     if bootstrap:
         out["fd_ci"], out["kid_ci"] = _bootstrap(f_fake, f_real, bootstrap, seed, metrics.kid_subset_size,
                                                  metrics.kid_subsets)
@@ -369,5 +384,8 @@ def format_value(r: dict, key: str, scale: float = 1, fmt: str = ".2f") -> str:
 
 def format_result(name: str, r: dict) -> str:
     """One line: every metric present, with its interval."""
-    metrics = ", ".join(f"{label} {format_value(r, key, scale, fmt)}" for key, label, scale, fmt in COLUMNS if key in r)
+    from fastdiff.external_metrics import COLUMNS as EXTERNAL
+
+    metrics = ", ".join(f"{label} {format_value(r, key, scale, fmt)}" for key, label, scale, fmt in COLUMNS + EXTERNAL
+                        if key in r)
     return f"{name}: {metrics} ({r['num_samples']} samples vs {r['num_reference']} reference images)"

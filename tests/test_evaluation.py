@@ -155,3 +155,30 @@ def test_compare_under_torchrun_finishes_with_the_one_process_table(tmp_path):
     assert table == _table_without_timings(tmp_path / "one")
     assert [line.split(" |")[0] for line in table if line.startswith("| ") and "|---" not in line][1:] == \
         ["| ddim:1", "| dpmpp_2m:2"]
+
+
+def test_the_missing_weights_line_names_the_file_where_the_check_looks(tmp_path, monkeypatch):
+    """fastdiff never downloads: the one line says what to put where, and putting it there is enough."""
+    from huggingface_hub import constants
+
+    from fastdiff import external_metrics
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(external_metrics, "_importable", lambda name: True)  # the packages, not the weights
+    for features, name in (("inception", "weights-inception-2015-12-05-6726825d.pth"),
+                           ("lpips", "alexnet-owt-7be5be79.pth")):
+        path = tmp_path / "torch" / "hub" / "checkpoints" / name
+        line = external_metrics.missing(features)
+        assert f"saved as {path}" in line and "https://" in line and "\n" not in line
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+        assert external_metrics.missing(features) is None
+    line = external_metrics.missing("clip")
+    assert f"Hugging Face cache {tmp_path / 'hf'}" in line and "never downloads" in line
+    snapshot = tmp_path / "hf" / "models--openai--clip-vit-large-patch14"
+    (snapshot / "snapshots" / "abc").mkdir(parents=True)
+    (snapshot / "snapshots" / "abc" / "config.json").write_text("{}")
+    (snapshot / "refs").mkdir()
+    (snapshot / "refs" / "main").write_text("abc")
+    assert external_metrics.missing("clip") is None

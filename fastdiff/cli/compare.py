@@ -68,6 +68,9 @@ def _check_args(args):
         reference = load_reference(args.reference)
     except EvaluationError as e:
         raise UsageError(str(e)) from e
+    if args.features == "lpips" and not perceptual:
+        raise UsageError("--features lpips: LPIPS compares each image with the --perceptual-reference run's, "
+                         "which is 'none'")
     return configs, perceptual, run_dirs, ref_dir, reference
 
 
@@ -133,8 +136,10 @@ def _evaluate_row(args, reference, r, w, paired, device) -> dict:
 
 def format_table(rows, args) -> str:
     from fastdiff.evaluation import COLUMNS, format_value
+    from fastdiff.external_metrics import COLUMNS as EXTERNAL
 
-    head = ["method", "model calls", "ms per image"] + [label for _, label, _, _ in COLUMNS]
+    columns = COLUMNS + tuple(c for c in EXTERNAL if any(c[0] in r for r in rows))
+    head = ["method", "model calls", "ms per image"] + [label for _, label, _, _ in columns]
     lines = [f"{args.num_images} images per row, seed {args.seed}, reference {args.reference}; 95 % bootstrap "
              f"intervals ({args.bootstrap} replicates); perceptual distance to {args.perceptual_reference} from the "
              f"same noise; PPL over {args.ppl_pairs} noise pairs; ms per image: sampling only", "",
@@ -142,6 +147,6 @@ def format_table(rows, args) -> str:
     for r in rows:
         ms = f"{r['ms_per_image']:.2f}" if r["ms_per_image"] else "- (resumed)"
         cells = [f"{r['solver']}:{r['steps']}", str(r["model_calls"]), ms] + \
-            [format_value(r, key, scale, fmt) for key, _, scale, fmt in COLUMNS]
+            [format_value(r, key, scale, fmt) for key, _, scale, fmt in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -28,7 +28,9 @@ def register(subparsers) -> None:
 def evaluation_args(p) -> None:
     p.add_argument("--reference", default="digits", metavar="REF",
                    help="'digits' (held-out split, default), 'digits-train', or a .npz with uint8 'images'")
-    p.add_argument("--features", default="classifier", help="feature space: classifier (default) or inception")
+    p.add_argument("--features", default="classifier",
+                   help="classifier (default): the bundled digits classifier's metrics; inception, lpips or clip: "
+                        "also torchmetrics' Inception FID/KID/IS, LPIPS or CLIP score, when their weights are here")
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap replicates for the 95%% intervals (0: none)")
     p.add_argument("--is-splits", type=int, default=10, help="IS: the mean over this many splits (default: 10)")
 
@@ -45,7 +47,7 @@ def _evaluate(args) -> int:
         samples = load_samples(args.samples)
         reference = load_reference(args.reference)
         paired = load_samples(args.paired, what="--paired") if args.paired else None
-        check_pair(samples, reference, paired)
+        check_pair(samples, reference, paired, args.features)
         if rank() != 0:
             return 0
         print(f"evaluate: {args.samples} ({samples.images.shape[0]} images), {args.bootstrap} bootstrap replicates "
