@@ -190,7 +190,8 @@ def _evaluate(samples, reference, features, bootstrap, seed, device, paired, is_
         per_image["acc"] = (probs.argmax(1).cpu() == samples.labels).double()
     if paired is not None:
         c64 = load_classifier(device=device, dtype=torch.float64)
-        per_image["perceptual"] = perceptual_distance(c64, fake.double(), to_float(paired.images).to(device).double())
+        per_image["perceptual"] = perceptual_distance(c64, fake.double(),
+                                                      to_float(paired.images).to(device).double()).cpu()
         out["perceptual"] = float(per_image["perceptual"].mean())
     if features != "classifier":
         from fastdiff.external_metrics import compute
@@ -203,7 +204,8 @@ def _evaluate(samples, reference, features, bootstrap, seed, device, paired, is_
         replicates = [torch.randint(n, (n,), generator=g) for _ in range(bootstrap)]
         # IS and recall measure the set's diversity, which repeated images lower (IS) or raise
         # (recall: fewer distinct points, larger k-NN balls); precision is a mean over images
-        out["is_ci"] = _debiased_interval([inception_score(probs[i], splits)[0] for i in replicates], out["is"], 1.0)
+        out["is_ci"] = _debiased_interval([inception_score(probs[i], splits)[0] for i in replicates], out["is"],
+                                          1.0, probs.shape[1])  # 1 <= IS <= the number of classes
         pr = [manifolds.precision_recall(i) for i in replicates]
         out["precision_ci"] = _interval([p for p, _ in pr])
         out["recall_ci"] = _debiased_interval([r for _, r in pr], out["recall"], 0.0, 1.0)
@@ -295,7 +297,7 @@ def path_lengths(sample, noise_a: torch.Tensor, noise_b: torch.Tensor, t: torch.
 
 
 def sampler_ppl(workload, pairs: int, seed: int = 0, device="cpu", bootstrap: int = 100, eps: float = 1e-4) -> dict:
-    """PPL of a `fastdiff.Workload`'s noise-to-image map: the mean of `path_lengths` over `pairs`
+    """PPL of a `fastdiff.Workload`'s noise-to-image map: the `trimmed_mean` of `path_lengths` over `pairs`
     noise pairs (seeded by `seed`; pair p conditioned as image p, its SDE step noise, if any, the
     same at both ends), measured with `perceptual_distance` on the images clamped to [-1, 1] and
     not quantised (eps-sized changes are far below one uint8 level); 95 % bootstrap interval
@@ -315,11 +317,20 @@ def sampler_ppl(workload, pairs: int, seed: int = 0, device="cpu", bootstrap: in
 
     with _one_thread():
         lengths = path_lengths(sample, noise_a, noise_b, t, lambda a, b: perceptual_distance(classifier, a, b), eps)
-    out = {"ppl": float(lengths.mean()), "ppl_pairs": pairs}
+    out = {"ppl": trimmed_mean(lengths), "ppl_pairs": pairs}
     if bootstrap:
-        out["ppl_ci"] = _interval([float(lengths[torch.randint(pairs, (pairs,), generator=g)].mean())
+        out["ppl_ci"] = _interval([trimmed_mean(lengths[torch.randint(pairs, (pairs,), generator=g)])
                                    for _ in range(bootstrap)])
     return out
+
+
+def trimmed_mean(values: torch.Tensor) -> float:
+    """The mean of the values between their 1st and 99th percentiles, taken as the nearest values
+    outward (PPL's convention, Karras et al. 2019: a pair that straddles a jump between two images
+    would otherwise dominate). Below 102 values nothing is dropped."""
+    v = values.double().cpu().numpy()
+    low, high = np.percentile(v, 1, method="lower"), np.percentile(v, 99, method="higher")
+    return float(v[(v >= low) & (v <= high)].mean())
 
 
 def _bootstrap(f_fake, f_real, replicates, seed, kid_subset_size, kid_subsets):
