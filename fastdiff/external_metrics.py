@@ -1,6 +1,7 @@
-"""The literature's metrics with their own networks, through torchmetrics, when the package and
-the weights are already on this machine (`--features inception|lpips|clip`): Inception FID, KID
-and IS; LPIPS (AlexNet) to the paired many-step run; CLIP score against "a handwritten digit K".
+"""The literature's metrics with their own networks, when the package and the weights are already
+on this machine (`--features inception|lpips|clip`): Inception FID, KID and IS and LPIPS
+(AlexNet, to the paired many-step run) through torchmetrics; the CLIP score against "a
+handwritten digit K" through transformers (torchmetrics 1.9's CLIPScore fails on transformers 5).
 
 fastdiff never downloads: `missing(features)` names what to fetch and where it goes, and the
 commands refuse with that one line. The networks see the digits upsampled (gray as RGB); their
@@ -69,7 +70,7 @@ def compute(features: str, images: torch.Tensor, reference: torch.Tensor, labels
             is_splits: int = 10) -> dict:
     """Point estimates (no intervals: each replicate would run the network again) of `features`'
     metrics for uint8 images against uint8 reference images / the paired run's images / labels.
-    Every metric is computed here, on this process (sync_on_compute=False)."""
+    Every metric is computed here, on this process (torchmetrics' sync_on_compute=False)."""
     local = dict(sync_on_compute=False)
     if features == "inception":
         from torchmetrics.image.fid import FrechetInceptionDistance
@@ -92,12 +93,24 @@ def compute(features: str, images: torch.Tensor, reference: torch.Tensor, labels
         lpips = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True, **local)
         lpips.update(_rgb(images, 64), _rgb(paired, 64))  # AlexNet's pooling needs more than 16x16
         return {"lpips": float(lpips.compute())}
-    from torchmetrics.multimodal.clip_score import CLIPScore
+    return {"clip_score": clip_score(images, [f"a handwritten digit {int(k)}" for k in labels])}
+
+
+def clip_score(images: torch.Tensor, captions) -> float:
+    """The CLIP score (Hessel et al. 2021; torchmetrics' definition: the mean of 100 max(cos, 0)
+    between each image's and its caption's CLIP embeddings), computed with transformers itself:
+    torchmetrics 1.9's CLIPScore fails on transformers 5 (its image features come back as an
+    output object). The model and processor are read from the cache `missing` checked, never
+    fetched."""
+    from huggingface_hub import constants
     from transformers import CLIPModel, CLIPProcessor
 
-    clip = CLIPScore(model_name_or_path=lambda: (CLIPModel.from_pretrained(CLIP_MODEL, local_files_only=True),
-                                                 CLIPProcessor.from_pretrained(CLIP_MODEL, local_files_only=True)),
-                     **local)
-    pixels = (_rgb(images, 224) * 255).round().to(torch.uint8)  # CLIP's processor rescales 0..255 itself
-    clip.update(list(pixels), [f"a handwritten digit {int(k)}" for k in labels])
-    return {"clip_score": float(clip.compute())}
+    here = dict(cache_dir=constants.HF_HUB_CACHE, local_files_only=True)
+    model, processor = CLIPModel.from_pretrained(CLIP_MODEL, **here).eval(), CLIPProcessor.from_pretrained(CLIP_MODEL,
+                                                                                                        **here)
+    pixels = (_rgb(images, 224) * 255).round().to(torch.uint8)  # the processor resizes and rescales 0..255 itself
+    inputs = processor(text=list(captions), images=list(pixels), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model(**inputs)
+    cos = torch.nn.functional.cosine_similarity(out.image_embeds.double(), out.text_embeds.double())
+    return float((100 * cos.clamp(min=0)).mean())

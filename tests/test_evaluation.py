@@ -189,3 +189,43 @@ def test_the_missing_weights_line_names_the_file_where_the_check_looks(tmp_path,
     (snapshot / "refs").mkdir()
     (snapshot / "refs" / "main").write_text("abc")
     assert external_metrics.missing("clip") is None
+
+
+def test_clip_score_with_a_tiny_clip_in_the_cache(tmp_path, monkeypatch):
+    """The weights-present path of --features clip, with a tiny random CLIP saved where `missing`
+    looks (no network): 100 max(cos, 0), checked against CLIP's own logits / logit scale."""
+    transformers = require("transformers", "diffusers")
+    from huggingface_hub import constants
+
+    from fastdiff import external_metrics
+
+    snapshot = tmp_path / "hf" / "models--openai--clip-vit-large-patch14"
+    (snapshot / "refs").mkdir(parents=True)
+    (snapshot / "refs" / "main").write_text("abc")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    torch.manual_seed(0)
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    model = transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(vocab_size=8, max_position_embeddings=77, **small),
+        vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=8)).eval()
+    processor = transformers.CLIPProcessor(tokenizer=transformers.CLIPTokenizer(),
+                                           image_processor=transformers.CLIPImageProcessor(
+                                               size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}))
+    images = torch.randint(0, 256, (10, 1, 16, 16), dtype=torch.uint8)
+    labels = torch.randperm(10)
+    captions = [f"a handwritten digit {k}" for k in labels.tolist()]
+    rgb = torch.nn.functional.interpolate(images.float().expand(-1, 3, -1, -1), size=(224, 224), mode="bilinear")
+    inputs = processor(text=captions, images=list(rgb.clamp(0, 255).round().to(torch.uint8)), return_tensors="pt",
+                       padding=True)
+    scores = []
+    for sign in (1, -1):  # the text projection negated flips every cosine: both sides of the clamp
+        with torch.no_grad():
+            model.text_projection.weight.mul_(sign)
+            cos = model(**inputs).logits_per_image.diagonal().double() / model.logit_scale.exp().double()
+        for part in (model, processor):
+            part.save_pretrained(snapshot / "snapshots" / "abc")
+        assert external_metrics.missing("clip") is None
+        got = external_metrics.compute("clip", images, images, labels)["clip_score"]
+        assert got == pytest.approx(float((100 * cos.clamp(min=0)).mean()), rel=1e-4, abs=1e-9)
+        scores.append(got)
+    assert min(scores) == 0 < max(scores)
