@@ -229,3 +229,16 @@ def test_clip_score_with_a_tiny_clip_in_the_cache(tmp_path, monkeypatch):
         assert got == pytest.approx(float((100 * cos.clamp(min=0)).mean()), rel=1e-4, abs=1e-9)
         scores.append(got)
     assert min(scores) == 0 < max(scores)
+
+
+def test_evaluate_on_a_rank_other_than_0_checks_then_leaves_the_work_to_rank_0(tmp_path, monkeypatch, capsys):
+    """Under torchrun `evaluate` enters no collective: rank 0 evaluates, the others only check."""
+    require("sklearn", "demo")  # the digits reference
+    from fastdiff.cli import main
+
+    path = tmp_path / "s.npz"
+    np.savez(path, images=np.zeros((4, 1, 16, 16), np.uint8))
+    monkeypatch.setenv("RANK", "1")
+    assert main(["evaluate", str(path), "--bootstrap", "2"]) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["evaluate", str(path), "--is-splits", "0"]) == 2  # but every rank checks
