@@ -1,18 +1,29 @@
-"""FD and KID of a `samples.npz` against reference images, with bootstrap confidence intervals.
+"""The metrics of a `samples.npz` against reference images, with bootstrap confidence intervals.
 
 Feature space: the bundled digits classifier's (the demo's metric, `fastdiff.demo.evaluate`;
-1x16x16 images). The point estimates are exactly the demo table's (torchmetrics FID/KID with
-the classifier as feature extractor). The 95 % intervals come from a percentile bootstrap over
-the generated samples (the reference set is held fixed, as it is when two samplers are
-compared against it): each replicate resamples the samples' features with replacement and
-recomputes FD, and KID on `kid_subsets` random subsets. A resample repeats images, which
-biases both upwards if left alone: KID leaves pairs of copies of one image out of its
-unbiased estimate, and the FD replicates are shifted back by their mean excess over the
-point estimate (the bootstrap bias estimate). Two samplers evaluated on equal numbers of
-images against the same reference differ beyond noise when their intervals do not overlap.
+1x16x16 images), in place of Inception's:
+* FD and KID: the demo table's point estimates (torchmetrics FID/KID with the classifier as
+  feature extractor).
+* IS: the Inception score's formula on the classifier's class probabilities (mean over splits).
+* precision and recall: k-nearest-neighbour manifolds of the features (Kynkaanniemi et al. 2019).
+* class agreement (`acc`): how often the classifier finds the class an image was generated for,
+  the class-conditional counterpart of a CLIP score.
+* perceptual distance: from each image to the image a many-step reference run made from the
+  same noise and condition, with unit-normalised activations of the classifier's four
+  convolution layers, spatially averaged (LPIPS's form, unlearned weights: not LPIPS).
+* PPL (`sampler_ppl`): that distance along slerps between noises, through the sampler.
 
-An Inception feature space needs torch-fidelity's FID Inception weights, which torchmetrics
-downloads on first use; fastdiff never downloads, so it is reported as not available.
+The 95 % intervals are percentile bootstraps over the generated samples (the reference set is
+held fixed, as it is when two samplers are compared against it). A resample repeats images:
+KID leaves pairs of copies of one image out of its unbiased estimate, precision and recall
+never count a copy as a neighbour, and the statistics of the set's spread (FD, IS, recall) are
+shifted back by the replicates' mean excess over the point estimate (the bootstrap bias
+estimate). Two samplers evaluated on equal numbers of images against the same reference differ
+beyond noise when their intervals do not overlap.
+
+`features="inception" | "lpips" | "clip"` adds the real Inception FID/KID/IS, LPIPS or CLIP
+score (`fastdiff.external_metrics`) when their weights are on this machine; fastdiff never
+downloads, so otherwise the options check names what to download and where it goes.
 """
 from __future__ import annotations
 
@@ -26,7 +37,7 @@ import numpy as np
 import torch
 
 DIGITS_REFERENCES = ("digits", "digits-train")  # the bundled held-out split (360 images) / training split
-FEATURE_SPACES = ("classifier", "inception")
+FEATURE_SPACES = ("classifier", "inception", "lpips", "clip")
 
 
 class EvaluationError(ValueError):
@@ -80,29 +91,37 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1.0
 
 
-def check_options(features: str, bootstrap: int) -> None:
-    """The feature space and the bootstrap count (the commands check them before any sampling)."""
+def check_options(features: str, bootstrap: int, is_splits: int = 10) -> None:
+    """The feature space, the bootstrap count and IS's splits (the commands check them before any sampling)."""
     if features not in FEATURE_SPACES:
         raise EvaluationError(f"--features: expected one of {FEATURE_SPACES}, got {features!r}")
-    if features == "inception":
-        raise EvaluationError("--features inception: not available: torchmetrics' Inception extractor downloads "
-                              "its weights on first use, and fastdiff never downloads; use --features classifier")
+    if features != "classifier":
+        from fastdiff.external_metrics import missing
+
+        why = missing(features)
+        if why:
+            raise EvaluationError(why)
     if not isinstance(bootstrap, int) or isinstance(bootstrap, bool) or bootstrap < 0:
         raise EvaluationError(f"--bootstrap: expected >= 0 replicates, got {bootstrap}")
+    if not isinstance(is_splits, int) or isinstance(is_splits, bool) or is_splits < 1:
+        raise EvaluationError(f"--is-splits: expected >= 1 splits, got {is_splits}")
 
 
 def evaluate(samples: Samples, reference: torch.Tensor, *, features: str = "classifier", bootstrap: int = 100,
-             seed: int = 0, device="cpu") -> dict:
-    """FD, KID (+ std over subsets), acc (when samples carry class labels) and 95 % bootstrap
-    intervals fd_ci, kid_ci. Raises EvaluationError on input that does not fit."""
-    check_options(features, bootstrap)
-    check_pair(samples, reference)
+             seed: int = 0, device="cpu", paired: Optional[Samples] = None, is_splits: int = 10) -> dict:
+    """FD, KID (+ std over subsets), IS (+ std over splits), precision and recall, the class
+    agreement `acc` (when samples carry class labels) and the perceptual distance to `paired`
+    (the many-step reference run from the same seed: image i from the same noise and condition),
+    each with a 95 % bootstrap interval `<name>_ci`. Raises EvaluationError on input that does not fit."""
+    check_options(features, bootstrap, is_splits)
+    check_pair(samples, reference, paired, features)
     with _one_thread():
-        return _evaluate(samples, reference, features, bootstrap, seed, device)
+        return _evaluate(samples, reference, features, bootstrap, seed, device, paired, is_splits)
 
 
-def check_pair(samples: Samples, reference: torch.Tensor) -> None:
-    """The samples fit the feature space and the reference."""
+def check_pair(samples: Samples, reference: torch.Tensor, paired: Optional[Samples] = None,
+               features: str = "classifier") -> None:
+    """The samples fit the feature space, the reference and the paired run."""
     if tuple(samples.images.shape[1:]) != (1, 16, 16):
         raise EvaluationError(f"SAMPLES: the digits classifier's feature space needs 1x16x16 images, got "
                               f"{'x'.join(map(str, samples.images.shape[1:]))}")
@@ -111,6 +130,27 @@ def check_pair(samples: Samples, reference: torch.Tensor) -> None:
                               f"{'x'.join(map(str, samples.images.shape[1:]))}")
     if reference.shape[0] < 2:
         raise EvaluationError(f"--reference: needs at least 2 images, got {reference.shape[0]}")
+    if paired is not None:
+        _check_paired(samples, paired)
+    if features == "lpips" and paired is None:
+        raise EvaluationError("--features lpips: LPIPS compares each image with the paired many-step run's: give "
+                              "--paired (compare: --perceptual-reference SOLVER:STEPS)")
+    if features == "clip" and samples.labels is None:
+        raise EvaluationError("--features clip: the CLIP score needs the samples' cond_class_labels")
+
+
+def _check_paired(samples: Samples, paired: Samples) -> None:
+    """`paired` holds image i of `samples` sampled from the same noise and condition."""
+    if paired.images.shape != samples.images.shape:
+        raise EvaluationError(f"--paired: {tuple(paired.images.shape)} images, the samples "
+                              f"{tuple(samples.images.shape)}: expected the same images from another sampler")
+    if (paired.labels is None) != (samples.labels is None) or (
+            samples.labels is not None and not torch.equal(paired.labels, samples.labels)):
+        raise EvaluationError("--paired: its cond_class_labels differ from the samples': not the same conditions")
+    for key in ("seed", "num_images", "model"):
+        if key in paired.meta and key in samples.meta and paired.meta[key] != samples.meta[key]:
+            raise EvaluationError(f"--paired: {key} {paired.meta[key]!r}, the samples {samples.meta[key]!r}: "
+                                  "not the same noises")
 
 
 @contextlib.contextmanager
@@ -125,7 +165,7 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
-def _evaluate(samples, reference, features, bootstrap, seed, device) -> dict:
+def _evaluate(samples, reference, features, bootstrap, seed, device, paired, is_splits) -> dict:
     from fastdiff.demo import load_classifier
     from fastdiff.demo.classifier import FeatureExtractor
     from fastdiff.demo.evaluate import FeatureMetrics
@@ -135,12 +175,162 @@ def _evaluate(samples, reference, features, bootstrap, seed, device) -> dict:
     metrics = FeatureMetrics(classifier, real, seed=seed)
     out = metrics(fake, samples.labels)
     out.update(num_samples=fake.shape[0], num_reference=real.shape[0], features=features, bootstrap=bootstrap)
+    extract = FeatureExtractor(classifier)
+    f_fake, f_real = extract(fake).double(), extract(real).double()
+    with torch.no_grad():
+        probs = torch.softmax(classifier(fake).double(), 1)
+    n, g = fake.shape[0], torch.Generator().manual_seed(seed)
+    splits = min(is_splits, n)
+    out["is"], out["is_std"] = inception_score(probs, splits)
+    manifolds = Manifolds(f_real, f_fake)
+    out["precision"], out["recall"] = manifolds.precision_recall()
+    out.update(is_splits=splits, knn=manifolds.k)
+    per_image = {}
+    if samples.labels is not None:
+        per_image["acc"] = (probs.argmax(1).cpu() == samples.labels).double()
+    if paired is not None:
+        c64 = load_classifier(device=device, dtype=torch.float64)
+        per_image["perceptual"] = perceptual_distance(c64, fake.double(),
+                                                      to_float(paired.images).to(device).double()).cpu()
+        out["perceptual"] = float(per_image["perceptual"].mean())
+    if features != "classifier":
+        from fastdiff.external_metrics import compute
+
+        out.update(compute(features, samples.images, reference, samples.labels,
+                           None if paired is None else paired.images, splits))
     if bootstrap:
-        extract = FeatureExtractor(classifier)
-        f_fake, f_real = extract(fake).double(), extract(real).double()
         out["fd_ci"], out["kid_ci"] = _bootstrap(f_fake, f_real, bootstrap, seed, metrics.kid_subset_size,
                                                  metrics.kid_subsets)
+        replicates = [torch.randint(n, (n,), generator=g) for _ in range(bootstrap)]
+        # IS and recall measure the set's diversity, which repeated images lower (IS) or raise
+        # (recall: fewer distinct points, larger k-NN balls); precision is a mean over images
+        out["is_ci"] = _debiased_interval([inception_score(probs[i], splits)[0] for i in replicates], out["is"],
+                                          1.0, probs.shape[1])  # 1 <= IS <= the number of classes
+        pr = [manifolds.precision_recall(i) for i in replicates]
+        out["precision_ci"] = _interval([p for p, _ in pr])
+        out["recall_ci"] = _debiased_interval([r for _, r in pr], out["recall"], 0.0, 1.0)
+        for name, values in per_image.items():
+            out[f"{name}_ci"] = _interval([float(values[i].mean()) for i in replicates])
     return out
+
+
+def inception_score(probs: torch.Tensor, splits: int = 10) -> tuple:
+    """(mean, std over splits) of exp(mean_x KL(p(y|x) || p(y))), p(y) the mean of p(y|x) over the
+    split: the Inception score's formula, here on the digits classifier's class probabilities
+    (N, classes). The N rows are cut into `splits` consecutive parts of (nearly) equal size."""
+    scores = []
+    for p in torch.tensor_split(probs.double(), splits):
+        kl = (torch.xlogy(p, p) - torch.xlogy(p, p.mean(0, keepdim=True))).sum(1)  # 0 log 0 = 0
+        scores.append(float(kl.mean().exp()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+class Manifolds:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) of fake features against real ones:
+    each set's manifold is the union of balls around its points, of radius the distance to the
+    point's k-th nearest neighbour in the set. Precision: the fraction of fake points inside the
+    real manifold; recall: the fraction of real points inside the fake manifold. k = 3 (the
+    paper's), fewer when a set has 3 points or less."""
+
+    def __init__(self, real: torch.Tensor, fake: torch.Tensor, k: int = 3):
+        self.k = min(k, real.shape[0] - 1, fake.shape[0] - 1)
+        self.d_ff, self.d_rf = _distances(fake, fake), _distances(real, fake)
+        self.r_real = _knn_radius(_distances(real, real), torch.arange(real.shape[0]), self.k)
+
+    def precision_recall(self, index: Optional[torch.Tensor] = None) -> tuple:
+        """(precision, recall) of the fake points `index` (a bootstrap resample: repeats allowed;
+        copies of one point are not each other's neighbours); default all of them."""
+        if index is None:
+            index = torch.arange(self.d_ff.shape[0])
+        d_rf = self.d_rf[:, index]
+        r_fake = _knn_radius(self.d_ff[index][:, index], index, self.k)
+        precision = (d_rf <= self.r_real[:, None]).any(0).double().mean()
+        recall = (d_rf <= r_fake[None, :]).any(1).double().mean()
+        return float(precision), float(recall)
+
+
+def _distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances, float64, computed directly (cdist's matrix-product form rounds a
+    point's distance to itself to a small positive number)."""
+    return torch.cdist(a.double(), b.double(), compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def _knn_radius(d: torch.Tensor, source: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row's distance to its k-th nearest point among those of another source (inf if fewer)."""
+    d = d.masked_fill(source[:, None] == source[None, :], float("inf"))
+    return d.kthvalue(k, dim=1).values
+
+
+def perceptual_distance(classifier, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per image pair (N,): the sum over the digits classifier's four convolution layers of the
+    spatial mean of |u(a) - u(b)|^2, u the activations normalised to unit length over channels at
+    each position. LPIPS's form with every channel weighted 1 (LPIPS learns the weights on human
+    judgements; this is not LPIPS). a, b: images in [-1, 1] of the classifier's dtype."""
+    with torch.no_grad():
+        total = 0
+        for x, y in zip(classifier.activations(a), classifier.activations(b)):
+            x, y = (v / (v.norm(dim=1, keepdim=True) + 1e-10) for v in (x, y))
+            total = total + (x - y).pow(2).sum(1).mean((1, 2))
+    return total
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Per row: along the great circle from a's direction to b's (fraction t of the angle), with
+    the norm interpolated linearly; a, b (N, ...), t (N,). Float64."""
+    a, b, t = a.flatten(1).double(), b.flatten(1).double(), t.double()[:, None]
+    na, nb = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)
+    ua, ub = a / na, b / nb
+    omega = torch.arccos((ua * ub).sum(1, keepdim=True).clamp(-1, 1))
+    direction = (torch.sin((1 - t) * omega) * ua + torch.sin(t * omega) * ub) / torch.sin(omega)
+    return ((1 - t) * na + t * nb) * direction
+
+
+def path_lengths(sample, noise_a: torch.Tensor, noise_b: torch.Tensor, t: torch.Tensor, distance,
+                 eps: float = 1e-4) -> torch.Tensor:
+    """Per pair (N,): the perceptual path length of the noise-to-image map `sample` (noise batch ->
+    image batch) at fraction t of the slerp from noise_a to noise_b (Karras et al. 2019):
+    distance(sample(z(t)), sample(z(t + eps))) / eps^2. t in [0, 1 - eps]."""
+    shape = noise_a.shape
+    x0 = sample(slerp(noise_a, noise_b, t).view(shape).to(noise_a.dtype))
+    x1 = sample(slerp(noise_a, noise_b, t + eps).view(shape).to(noise_a.dtype))
+    return distance(x0, x1) / eps ** 2
+
+
+def sampler_ppl(workload, pairs: int, seed: int = 0, device="cpu", bootstrap: int = 100, eps: float = 1e-4) -> dict:
+    """PPL of a `fastdiff.Workload`'s noise-to-image map: the `trimmed_mean` of `path_lengths` over `pairs`
+    noise pairs (seeded by `seed`; pair p conditioned as image p, its SDE step noise, if any, the
+    same at both ends), measured with `perceptual_distance` on the images clamped to [-1, 1] and
+    not quantised (eps-sized changes are far below one uint8 level); 95 % bootstrap interval
+    over the pairs."""
+    from fastdiff.demo import load_classifier
+    from fastdiff.generation import sample_images
+
+    g = torch.Generator().manual_seed(seed)
+    shape = (pairs, *workload.shape)
+    noise_a, noise_b = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    t = torch.rand(pairs, generator=g, dtype=torch.float64) * (1 - eps)
+    index = torch.arange(pairs)
+    classifier = load_classifier(device=device, dtype=torch.float64)
+
+    def sample(noise):
+        return sample_images(workload, index, seed, device, noise=noise)[0].double().clamp(-1, 1)
+
+    with _one_thread():
+        lengths = path_lengths(sample, noise_a, noise_b, t, lambda a, b: perceptual_distance(classifier, a, b), eps)
+    out = {"ppl": trimmed_mean(lengths), "ppl_pairs": pairs}
+    if bootstrap:
+        out["ppl_ci"] = _interval([trimmed_mean(lengths[torch.randint(pairs, (pairs,), generator=g)])
+                                   for _ in range(bootstrap)])
+    return out
+
+
+def trimmed_mean(values: torch.Tensor) -> float:
+    """The mean of the values between their 1st and 99th percentiles, taken as the nearest values
+    outward (PPL's convention, Karras et al. 2019: a pair that straddles a jump between two images
+    would otherwise dominate). Below 102 values nothing is dropped."""
+    v = values.double().cpu().numpy()
+    low, high = np.percentile(v, 1, method="lower"), np.percentile(v, 99, method="higher")
+    return float(v[(v >= low) & (v <= high)].mean())
 
 
 def _bootstrap(f_fake, f_real, replicates, seed, kid_subset_size, kid_subsets):
@@ -160,9 +350,16 @@ def _bootstrap(f_fake, f_real, replicates, seed, kid_subset_size, kid_subsets):
         kids.append(float(np.mean([_mmd_distinct(f_real[torch.randperm(m, generator=g)[:k]], f[s], idx[s])
                                    for s in subsets])))
     # FD: a resample repeats images, which shrinks the covariance and lifts every replicate's FD
-    # by about the same amount; shift the replicates back by that bootstrap bias estimate.
-    bias = float(np.mean(fds)) - float(_compute_fid(f_fake.mean(0), torch.cov(f_fake.T), mu_r, cov_r))
-    return _interval(np.maximum(np.asarray(fds) - bias, 0.0)), _interval(kids)  # FD >= 0; KID's estimate need not be
+    fd = float(_compute_fid(f_fake.mean(0), torch.cov(f_fake.T), mu_r, cov_r))
+    return _debiased_interval(fds, fd, low=0.0), _interval(kids)  # FD >= 0; KID's estimate need not be
+
+
+def _debiased_interval(values, point: float, low: float = -np.inf, high: float = np.inf) -> list:
+    """The percentile interval of replicates that repeat images, which moves a statistic of the
+    set's spread (FD, IS, recall) by about the same amount in every replicate: shifted back by
+    that bootstrap bias estimate (the replicates' mean minus the point estimate), within [low, high]."""
+    values = np.asarray(values, dtype=np.float64)
+    return _interval(np.clip(values - (values.mean() - point), low, high))
 
 
 def _mmd_distinct(real, fake, source):
@@ -181,10 +378,25 @@ def _interval(values) -> list:
     return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
 
 
+# (result key, column name, scale, format): the metrics of `evaluate` and `sampler_ppl`, in the
+# order of the comparison table
+COLUMNS = (("fd", "FD", 1, ".2f"), ("is", "IS", 1, ".2f"), ("kid", "KID x1e3", 1e3, ".2f"),
+           ("perceptual", "perceptual distance", 1, ".4f"), ("acc", "class agreement %", 100, ".1f"),
+           ("ppl", "PPL", 1, ".3g"), ("precision", "precision", 1, ".3f"), ("recall", "recall", 1, ".3f"))
+
+
+def format_value(r: dict, key: str, scale: float = 1, fmt: str = ".2f") -> str:
+    """"value [low, high]" (the 95 % interval where computed), "-" where the metric is absent."""
+    if key not in r:
+        return "-"
+    ci = f" [{scale * r[key + '_ci'][0]:{fmt}}, {scale * r[key + '_ci'][1]:{fmt}}]" if key + "_ci" in r else ""
+    return f"{scale * r[key]:{fmt}}{ci}"
+
+
 def format_result(name: str, r: dict) -> str:
-    """One line: FD [CI], KID x1e3 [CI], acc."""
-    fd = f"FD {r['fd']:.3f}" + (f" [{r['fd_ci'][0]:.3f}, {r['fd_ci'][1]:.3f}]" if "fd_ci" in r else "")
-    kid = f"KID x1e3 {1e3 * r['kid']:.2f}" + (f" [{1e3 * r['kid_ci'][0]:.2f}, {1e3 * r['kid_ci'][1]:.2f}]"
-                                              if "kid_ci" in r else "")
-    acc = f", acc {100 * r['acc']:.1f} %" if "acc" in r else ""
-    return f"{name}: {fd}, {kid}{acc} ({r['num_samples']} samples vs {r['num_reference']} reference images)"
+    """One line: every metric present, with its interval."""
+    from fastdiff.external_metrics import COLUMNS as EXTERNAL
+
+    metrics = ", ".join(f"{label} {format_value(r, key, scale, fmt)}" for key, label, scale, fmt in COLUMNS + EXTERNAL
+                        if key in r)
+    return f"{name}: {metrics} ({r['num_samples']} samples vs {r['num_reference']} reference images)"

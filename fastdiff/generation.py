@@ -119,7 +119,7 @@ def generate(model, sampler: Sampler, num_images: int, seed: int, batch_size: in
                     guidance_scale=float(guidance_scale), model=_model_fingerprint(model), name=name,
                     plan=sampler.describe())
     shard_dir = os.path.join(out_dir, "shards")
-    _on_rank0_then_everywhere(rank, world, lambda: _prepare_out_dir(out_dir, shard_dir, identity))
+    on_rank0(lambda: _prepare_out_dir(out_dir, shard_dir, identity))
     fingerprint = _fingerprint(identity)
     shards = [(s, min(s + batch_size, num_images)) for s in range(0, num_images, batch_size)]
     pending = [k for k in range(len(shards)) if not _shard_done(shard_dir, k, shards[k], fingerprint, rank == 0)]
@@ -178,13 +178,16 @@ def _rank_and_world():
     return 0, 1
 
 
-def _on_rank0_then_everywhere(rank: int, world: int, fn) -> None:
-    """Run `fn` on rank 0; a BadArgument it raises is raised on every rank (none waits forever)."""
-    error = None
+def on_rank0(fn, error_type=BadArgument):
+    """fn() on rank 0 (None on the other ranks); an `error_type` exception it raises is raised,
+    with its message, on every rank, so that none waits forever in a collective the others have
+    left. Every rank calls this (one broadcast under torch.distributed)."""
+    rank, world = _rank_and_world()
+    result, error = None, None
     if rank == 0:
         try:
-            fn()
-        except BadArgument as e:
+            result = fn()
+        except error_type as e:
             error = str(e)
     if world > 1:
         import torch.distributed as dist
@@ -193,7 +196,8 @@ def _on_rank0_then_everywhere(rank: int, world: int, fn) -> None:
         dist.broadcast_object_list(box, src=0)
         error = box[0]
     if error is not None:
-        raise BadArgument(error)
+        raise error_type(error)
+    return result
 
 
 def _barrier(world: int) -> None:
@@ -288,18 +292,29 @@ def _shard_done(shard_dir: str, k: int, span, fingerprint: str, warn: bool) -> b
 
 
 def _sample_shard(model, sampler, indices, seed, shape, device, cond, uncond, guidance_scale, decode, cuda_graph):
-    gens = image_generators(seed, indices.tolist(), device)
-    c = dict(cond(indices)) if cond else {}
-    u = _on_device(uncond(indices), device) if uncond else None
-    with torch.inference_mode():
-        x = sampler.sample(model, shape=(len(indices),) + shape, generator=gens, device=device,
-                           guidance_scale=guidance_scale, cond=_on_device(c, device) or None, uncond=u,
-                           cuda_graph=cuda_graph)
-        if decode is not None:
-            x = decode(x)
+    x, c = sample_images(Workload(model, sampler, shape, cond, uncond, guidance_scale, decode), indices, seed, device,
+                         cuda_graph=cuda_graph)
     conds = {f"cond_{k}": v.detach().cpu().numpy() for k, v in c.items()
              if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == len(indices)}
     return to_uint8(x).numpy(), conds
+
+
+def sample_images(w: Workload, indices: torch.Tensor, seed: int, device, noise: Optional[torch.Tensor] = None,
+                  cuda_graph=False):
+    """(images in the decoder's range, the model's conditioning) of images `indices`: image i
+    conditioned as index i, its noise (the initial one unless `noise` is given, and every SDE
+    step's) from its own generator (`image_seed(seed, i)`)."""
+    gens = image_generators(seed, indices.tolist(), device)
+    c = dict(w.cond(indices)) if w.cond else {}
+    u = _on_device(w.uncond(indices), device) if w.uncond else None
+    with torch.inference_mode():
+        x = w.sampler.sample(w.model, None if noise is None else noise.to(device),
+                             shape=None if noise is not None else (len(indices),) + tuple(w.shape), generator=gens,
+                             device=device, guidance_scale=w.guidance_scale, cond=_on_device(c, device) or None,
+                             uncond=u, cuda_graph=cuda_graph)
+        if w.decode is not None:
+            x = w.decode(x)
+    return x, c
 
 
 def _on_device(kwargs: Mapping, device) -> dict:

@@ -29,6 +29,15 @@ def specs(monkeypatch):
     return generate_specs
 
 
+@pytest.fixture(autouse=True)
+def no_weights(tmp_path, monkeypatch):
+    """Empty torch.hub and Hugging Face caches: --features inception|lpips|clip find no weights."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+
+
 def _samples(path, **arrays):
     np.savez(path, **{"images": np.zeros((4, 1, 16, 16), np.uint8), **arrays})
     return str(path)
@@ -54,10 +63,11 @@ def _run_dir(tmp, what):
     return str(out)
 
 
-def _broken_config_dir(tmp):
-    """A compare --out whose second configuration's run.json is cut short."""
-    (tmp / "out" / "ddim-2").mkdir(parents=True)
-    (tmp / "out" / "ddim-2" / "run.json").write_text("[1, 2")
+def _broken_config_dir(tmp, name="ddim-2"):
+    """A compare --out whose run directory `name` (a configuration's or the perceptual reference's)
+    holds a run.json cut short."""
+    (tmp / "out" / name).mkdir(parents=True)
+    (tmp / "out" / name / "run.json").write_text("[1, 2")
     return str(tmp / "out")
 
 
@@ -82,7 +92,21 @@ CASES = [
     ("evaluate-bootstrap-negative", lambda t: ["evaluate", _samples(t / "s.npz"), "--bootstrap", "-1"],
      "--bootstrap"),
     ("evaluate-features-inception", lambda t: ["evaluate", _samples(t / "s.npz"), "--features", "inception"],
-     "--features"),
+     "--features inception: needs"),
+    ("evaluate-features-lpips", lambda t: ["evaluate", _samples(t / "s.npz"), "--features", "lpips"],
+     "alexnet-owt-7be5be79.pth"),
+    ("evaluate-features-clip", lambda t: ["evaluate", _samples(t / "s.npz"), "--features", "clip"],
+     "openai/clip-vit-large-patch14 in the Hugging Face cache"),
+    ("evaluate-features-unknown", lambda t: ["evaluate", _samples(t / "s.npz"), "--features", "vgg"], "--features"),
+    ("evaluate-is-splits-0", lambda t: ["evaluate", _samples(t / "s.npz"), "--is-splits", "0"], "--is-splits"),
+    ("evaluate-paired-missing", lambda t: ["evaluate", _samples(t / "s.npz"), "--paired", str(t / "nope.npz")],
+     "--paired"),
+    ("evaluate-paired-other-count", lambda t: ["evaluate", _samples(t / "s.npz"), "--paired",
+                                               _samples(t / "p.npz", images=np.zeros((3, 1, 16, 16), np.uint8))],
+     "--paired"),
+    ("evaluate-paired-other-labels",
+     lambda t: ["evaluate", _samples(t / "s.npz", cond_class_labels=np.arange(4)), "--paired",
+                _samples(t / "p.npz", cond_class_labels=np.arange(4) + 1)], "--paired"),
     ("compare-unknown-solver-after-a-good-one",
      lambda t: ["compare", *SPEC, "--configs", "ddim:4", "bogus:8", "--out", str(t)], "bogus"),
     ("compare-one-image", lambda t: ["compare", *SPEC, "--num-images", "1", "--out", str(t)], "--num-images"),
@@ -90,6 +114,16 @@ CASES = [
      lambda t: ["compare", *SPEC, "--configs", "ddim:1", "ddim:2", "--out", _broken_config_dir(t)], "run.json"),
     ("compare-model-images-unlike-the-reference", lambda t: ["compare", *SPEC, "--configs", "ddim:1", "--out", str(t)],
      "1x4x4"),
+    ("compare-features-inception", lambda t: ["compare", *SPEC, "--features", "inception", "--out", str(t)],
+     "weights-inception-2015-12-05-6726825d.pth"),
+    ("compare-is-splits-0", lambda t: ["compare", *SPEC, "--is-splits", "0", "--out", str(t)], "--is-splits"),
+    ("compare-ppl-pairs-negative", lambda t: ["compare", *SPEC, "--ppl-pairs", "-1", "--out", str(t)],
+     "--ppl-pairs"),
+    ("compare-perceptual-reference-unknown-solver",
+     lambda t: ["compare", *SPEC, "--perceptual-reference", "bogus:3", "--out", str(t)], "--perceptual-reference"),
+    ("compare-corrupt-run-json-of-the-perceptual-reference",
+     lambda t: ["compare", *SPEC, "--configs", "ddim:1", "--perceptual-reference", "ddim:2", "--out",
+                _broken_config_dir(t, "reference-ddim-2")], "reference-ddim-2"),
     ("compare-guidance-inf", lambda t: ["compare", *SPEC, "--guidance-scale", "inf", "--out", str(t)],
      "--guidance-scale"),
 ]

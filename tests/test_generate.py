@@ -230,10 +230,15 @@ def test_evaluate_intervals_tell_real_digits_from_degraded_ones(tmp_path):
 def test_compare_writes_one_table_row_per_configuration(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", "--configs", "ddim:2", "heun:3", "--num-images", "20", "--batch-size", "10",
-                 "--bootstrap", "5", "--out", str(out)]) == 0
-    rows = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("| ")][1:]
+                 "--bootstrap", "5", "--perceptual-reference", "ddim:4", "--ppl-pairs", "3", "--out", str(out)]) == 0
+    head, *rows = [line for line in (out / "table.md").read_text().splitlines() if line.startswith("| ")]
+    assert [c.strip() for c in head.split("|")[1:-1]] == [
+        "method", "model calls", "ms per image", "FD", "IS", "KID x1e3", "perceptual distance", "class agreement %",
+        "PPL", "precision", "recall"]
     # Heun's 3 steps cost 5 model calls (2N - 1): the table says so
-    assert [r.split("|")[1:4] for r in rows] == [[" ddim ", " 2 ", " 2 "], [" heun ", " 3 ", " 5 "]]
-    assert all("[" in r for r in rows) and (out / "ddim-2" / "samples.npz").exists()
+    assert [r.split("|")[1:3] for r in rows] == [[" ddim:2 ", " 2 "], [" heun:3 ", " 5 "]]
+    # every metric with its interval
+    assert all(c.count("[") == 1 for r in rows for c in r.split("|")[4:-1])
+    assert (out / "ddim-2" / "samples.npz").exists()
     assert main(["evaluate", str(out / "ddim-2" / "samples.npz"), "--bootstrap", "5"]) == 0
     assert "FD " in capsys.readouterr().out

@@ -26,12 +26,17 @@ class DigitClassifier(nn.Module):
         self.register_buffer("feature_mean", torch.zeros(feature_dim))
         self.register_buffer("feature_std", torch.ones(feature_dim))
 
+    def activations(self, x: torch.Tensor) -> list:
+        """The four convolutions' ReLU outputs (B, C_l, H_l, W_l): the layers of the perceptual distance."""
+        out = []
+        for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
+            x = F.relu(conv(x))
+            out.append(x)
+        return out
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.conv1(x))
-        h = F.relu(self.conv2(h))
-        h = F.relu(self.conv3(h))
-        h = F.relu(self.conv4(h))
-        return self.fc(h.flatten(1))  # pre-activation: dense features, better-conditioned covariances
+        # pre-activation: dense features, better-conditioned covariances
+        return self.fc(self.activations(x)[-1].flatten(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(F.relu(self.features(x))))

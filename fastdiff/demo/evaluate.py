@@ -152,7 +152,10 @@ class FeatureMetrics:
         self.device = real.device
         self.seed = seed
         self.kid_subset_size, self.kid_subsets = kid_subset_size, kid_subsets
-        self.fid = FrechetInceptionDistance(feature=feat, normalize=True, reset_real_features=False).to(self.device)
+        # sync_on_compute=False: the images given are all the images, also under torchrun, where
+        # only rank 0 evaluates (a sync would wait for ranks that never compute)
+        self.fid = FrechetInceptionDistance(feature=feat, normalize=True, reset_real_features=False,
+                                            sync_on_compute=False).to(self.device)
         self.fid.update(real, real=True)
         self.real = real
         self.classifier = classifier
@@ -165,7 +168,7 @@ class FeatureMetrics:
         with warnings.catch_warnings():  # "will save all extracted features in buffer": a few hundred here
             warnings.simplefilter("ignore", UserWarning)
             kid = KernelInceptionDistance(feature=self._feat, normalize=True, subsets=self.kid_subsets,
-                                          subset_size=k).to(self.device)
+                                          subset_size=k, sync_on_compute=False).to(self.device)
         kid.update(self.real, real=True)
         kid.update(fake, real=False)
         with torch.random.fork_rng(devices=[]):
