@@ -49,7 +49,8 @@ and dropping points would return fewer steps than asked.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -96,10 +97,19 @@ class Grid:
     alpha: np.ndarray
     sigma: np.ndarray
     model_time: np.ndarray  # length N: what the model is called with at tau_0..tau_{N-1}
+    # (tau, alpha, sigma), length N each: where step i ends when that is not point i + 1
+    # (`with_step_ends`: diffusers' DDIM and PNDM step to t - T // N); None: the next point
+    ends: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None
 
     @property
     def steps(self) -> int:
         return len(self.tau) - 1
+
+    def step_end(self, i: int) -> Tuple[float, float, float]:
+        """(tau, alpha, sigma) where step i ends: point i + 1 unless `ends` says otherwise."""
+        if self.ends is None:
+            return self.tau[i + 1], self.alpha[i + 1], self.sigma[i + 1]
+        return tuple(float(v[i]) for v in self.ends)
 
     @property
     def lam(self) -> np.ndarray:
@@ -328,3 +338,23 @@ def _check_decreasing(name: str, values: np.ndarray) -> None:
         i = int(np.flatnonzero(np.append(steps[:-1] >= 0, steps[-1] > 0))[0]) + 1
         raise ValueError(f"{name}: expected decreasing noise levels (only the last step may have size zero); "
                          f"point {i} does not decrease")
+
+
+def with_step_ends(grid: Grid, schedule: Schedule, prev_timesteps, model_time: str = "timestep") -> Grid:
+    """`grid` whose step i ends at model time `prev_timesteps[i]` instead of point i + 1 (the
+    next step still starts at point i + 1: diffusers' DDIM and PNDM step from t to t - T // N,
+    which is not the next model time with trailing/linspace spacing when T % N != 0). A time
+    below the schedule's smallest training time ends at the grid's end point (diffusers'
+    negative prev_timestep: the final alpha)."""
+    times = _explicit_values("prev_timesteps", prev_timesteps, 1)
+    if len(times) != grid.steps:
+        raise ValueError(f"prev_timesteps: expected {grid.steps} model times (one per step), got {len(times)}")
+    tau = schedule.time_to_tau(times, model_time)
+    if not np.all(np.isfinite(tau)) or np.any(tau >= grid.tau[:-1]):
+        raise ValueError("prev_timesteps: each step must end below the time it starts at")
+    end = tau < schedule.tau_min
+    tau = np.where(end, grid.tau[-1], tau)
+    alpha, sigma = schedule.alpha_sigma(np.where(end, schedule.tau_min, tau))
+    alpha = np.where(end, grid.alpha[-1], alpha)
+    sigma = np.where(end, grid.sigma[-1], sigma)
+    return replace(grid, ends=(tau, alpha, sigma))

@@ -26,7 +26,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from fastdiff.grid import Grid, TwoStage, explicit_grid, make_grid
+from fastdiff.grid import Grid, TwoStage, explicit_grid, make_grid, with_step_ends
 from fastdiff.graphs import CUDA_GRAPH_MODES, sample_graphed
 from fastdiff._names import did_you_mean
 from fastdiff.guidance import ModelCaller, check_guidance_scale, new_slots, state_layout
@@ -35,12 +35,13 @@ from fastdiff.ops.solver_step import solver_step
 from fastdiff.profiling import nvtx_range
 from fastdiff.reference.solvers import PREDICTIONS, SOLVERS
 from fastdiff.schedules import MODEL_TIMES, Schedule, get_schedule
-from fastdiff.solvers import (Churn, SolverTable, build_table, deis_table, dpmpp_2s_table, flow_heun_table, heun_table,
-                              kdpm2_table, lms_table, pndm_table, tcd_table)
+from fastdiff.solvers import (Churn, SolverTable, build_table, deis_table, dpmpp_singlestep_table, flow_heun_table,
+                              heun_table, kdpm2_table, lms_table, pndm_table, tcd_table)
 
 BACKENDS = ("auto", "reference", "cuda", "triton", "cpu")
 _ETA_SOLVERS = ("ddim", "euler_ancestral", "flow_sde", "tcd", "kdpm2_ancestral")
 _FLOW_SOLVERS = ("flow_euler", "flow_sde", "flow_heun")
+_PREV_TIMESTEP_SOLVERS = ("ddim", "pndm", "pndm_prk")  # a step may end elsewhere than the next point
 _VE_SOLVERS = ("euler", "euler_ancestral", "heun", "lms", "kdpm2", "kdpm2_ancestral")  # they work in sigma/alpha
 _KDPM2 = ("kdpm2", "kdpm2_ancestral")
 
@@ -51,12 +52,13 @@ class Sampler:
     Args:
         solver: one of `fastdiff.SOLVERS` ("ddpm", "ddim", "dpmpp_1m", "dpmpp_2m", "dpmpp_3m",
             "dpmpp_2m_sde", "euler", "euler_ancestral", "heun", "flow_euler", "flow_sde", "consistency",
-            "unipc", "pndm", "lms", "flow_heun", "dpmpp_2s", "deis_2m", "deis_3m", "kdpm2", "kdpm2_ancestral",
-            "tcd").
+            "unipc", "pndm", "pndm_prk", "lms", "flow_heun", "dpmpp_2s", "dpmpp_3s", "deis_2m", "deis_3m", "kdpm2",
+            "kdpm2_ancestral", "tcd").
         steps: number of grid steps (>= 1; at most the schedule's training timesteps); default 20,
             or the length of an explicit grid. Every solver calls the model once per step but
             "heun", "flow_heun", "kdpm2" and "kdpm2_ancestral", which take 2N - 1 calls (2N with
-            final="min"), and "pndm" (PLMS, diffusers' PNDMScheduler with skip_prk_steps), N + 1:
+            final="min"), and "pndm" (PLMS, diffusers' PNDMScheduler with skip_prk_steps), N + 1,
+            and "pndm_prk" (its Runge-Kutta warm-up: 3 steps of 4 calls, then PLMS), N + 9:
             `model_calls` says how many.
         schedule: "linear", "scaled_linear", "cosine", "flow", or a VPSchedule/FlowSchedule.
         spacing: "leading", "trailing" (default), "linspace", "karras" or "logsnr", or a
@@ -85,7 +87,8 @@ class Sampler:
             converges with order p, UniPC-p with p + 1 (measured:
             tests/test_reference_solvers.py).
         variance: "ddpm" posterior variance, "small" (beta tilde, the default) or "large" (beta);
-            only for "ddpm".
+            only for "ddpm". Every step but one from t = 0 adds it (Ho et al., diffusers): with
+            "large" a last step from t > 0 to the clean end adds sqrt(beta) noise.
         clamp: if set, the data prediction x0 is clamped to [-clamp, clamp] (and eps recomputed
             from it), like diffusers' clip_sample.
         round_timesteps: round model times to integer training timesteps (discrete VP only);
@@ -113,6 +116,11 @@ class Sampler:
         mid_timesteps: "kdpm2" and "kdpm2_ancestral" only: the model times at their midpoints
             (default: the schedule's time of each midpoint's noise level; `from_scheduler` passes
             diffusers' own).
+        prev_timesteps: "ddim", "pndm" and "pndm_prk" only: the model time each step ends at, one
+            per step (default: the next grid point; the next step still starts there). diffusers'
+            DDIM and PNDM step from t to t - T // N, which is not the next model time with
+            "trailing"/"linspace" spacing when T % N != 0; `from_scheduler` passes those. A time
+            below the smallest training time ends at the grid's end point (`final`).
         noise_scale: the loop starts from noise_scale * noise (1: from the noise as given).
             `from_scheduler` sets it for diffusers' Euler schedulers, whose pipelines start from
             noise * init_noise_sigma: sigma_max / sqrt(1 + sigma_max^2) in fastdiff's (VP)
@@ -143,7 +151,8 @@ class Sampler:
                  variant: Optional[str] = None, corrector: Optional[bool] = None,
                  s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
                  noise_scale: float = 1.0, d2_weight: Optional[float] = None, mid_timesteps=None,
-                 first_step: int = 0, last_step: Optional[int] = None, output_scale: float = 1.0):
+                 prev_timesteps=None, first_step: int = 0, last_step: Optional[int] = None,
+                 output_scale: float = 1.0):
         for name, value, choices in (("solver", solver, sorted(SOLVERS)), ("prediction", prediction, list(PREDICTIONS)),
                                      ("model_time", model_time, sorted(MODEL_TIMES)), ("backend", backend, BACKENDS)):
             if value not in choices:
@@ -207,6 +216,10 @@ class Sampler:
             if steps is not None and steps != self.grid.steps:
                 raise ValueError(f"steps: {steps} differs from the explicit grid's {self.grid.steps} steps")
             steps = self.grid.steps
+        if prev_timesteps is not None:
+            if solver not in _PREV_TIMESTEP_SOLVERS:
+                raise ValueError(f"prev_timesteps: only {list(_PREV_TIMESTEP_SOLVERS)} take it, not {solver!r}")
+            self.grid = with_step_ends(self.grid, self.schedule, prev_timesteps, model_time)
         mids = _check_mid_timesteps(mid_timesteps, self.grid)
         if isinstance(first_step, bool) or not isinstance(first_step, (int, np.integer)) or not (
                 0 <= first_step < self.grid.steps):
@@ -214,14 +227,17 @@ class Sampler:
                              f"got {first_step!r}")
         if first_step:
             g, k = self.grid, int(first_step)
-            self.grid = Grid(tau=g.tau[k:], alpha=g.alpha[k:], sigma=g.sigma[k:], model_time=g.model_time[k:])
+            self.grid = Grid(tau=g.tau[k:], alpha=g.alpha[k:], sigma=g.sigma[k:], model_time=g.model_time[k:],
+                             ends=None if g.ends is None else tuple(v[k:] for v in g.ends))
             mids = None if mids is None else mids[k:]  # every dropped step has a midpoint (none ends at 0)
         model_alpha = self.grid.alpha[:-1]
         if prediction == "epsilon" and (model_alpha == 0).any():
             raise ValueError("prediction: an 'epsilon' model carries no information about x0 at zero SNR "
                              "(alpha = 0 at the first step); use a v- or sample-predicting model, or a spacing "
                              "that starts below the last timestep")
-        if solver in ("pndm", "tcd") and (self.schedule.kind == "flow" or prediction == "flow"):
+        if solver == "pndm_prk" and steps < 4:  # (the last Runge-Kutta step calls the model at point 3)
+            raise ValueError(f"steps: 'pndm_prk' runs 3 Runge-Kutta steps, then PLMS; expected steps >= 4, got {steps}")
+        if solver in ("pndm", "pndm_prk", "tcd") and (self.schedule.kind == "flow" or prediction == "flow"):
             raise ValueError(f"solver: {solver!r} transfers along a variance-preserving schedule's noise prediction; "
                              "use flow_euler for a flow schedule")
         if solver in _VE_SOLVERS and (model_alpha == 0).any():
@@ -255,14 +271,15 @@ class Sampler:
             self.options.update(vars(churn))
             self._solver_args.update(vars(churn), schedule=self.schedule, model_time=model_time)
             self.table: SolverTable = heun_table(self.grid, self.schedule, model_time, prediction, churn)
-        elif solver == "pndm":
-            self.table = pndm_table(self.grid, prediction)
+        elif solver in ("pndm", "pndm_prk"):
+            self._solver_args.update(schedule=self.schedule, model_time=model_time)
+            self.table = pndm_table(self.grid, self.schedule, model_time, prediction, prk=solver == "pndm_prk")
         elif solver == "lms":
             self.table = lms_table(self.grid, prediction)
         elif solver in ("deis_2m", "deis_3m"):
             self.table = deis_table(self.grid, prediction, int(solver[5]), lower_order_final)
-        elif solver == "dpmpp_2s":
-            self.table = dpmpp_2s_table(self.grid, prediction, lower_order_final)
+        elif solver in ("dpmpp_2s", "dpmpp_3s"):
+            self.table = dpmpp_singlestep_table(self.grid, prediction, int(solver[6]), lower_order_final)
         elif solver == "tcd":
             self._solver_args["schedule"] = self.schedule
             gamma = cls.default_eta if eta is None else float(eta)  # the reference's default: one place

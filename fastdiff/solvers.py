@@ -161,7 +161,8 @@ def build_table(solver: str, grid: Grid, prediction: str, *, eta: float | None =
     history = {"dpmpp_2m": 1, "dpmpp_2m_sde": 1, "dpmpp_3m": 2}.get(solver, 0)
     order = {"dpmpp_2m": 2, "dpmpp_2m_sde": 2, "dpmpp_3m": 3}.get(solver, 1)
     for i in range(n):
-        a_t, s_t, a_s, s_s = al[i], sg[i], al[i + 1], sg[i + 1]  # t: current point, s: next
+        # t: current point, s: where the step ends (the next point but for an explicit step end: ddim)
+        (a_t, s_t), (_, a_s, s_s) = (al[i], sg[i]), grid.step_end(i)
         p, q = _data_prediction(a_t, s_t, prediction)
         a = b0 = b1 = b2 = c = 0.0
         if solver in ("ddim", "euler", "flow_euler"):
@@ -176,7 +177,7 @@ def build_table(solver: str, grid: Grid, prediction: str, *, eta: float | None =
             a = math.sqrt(1.0 - beta) * (1.0 - ab_s) / (1.0 - ab_t)
             b0 = math.sqrt(ab_s) * beta / (1.0 - ab_t)
             var = (1.0 - ab_s) / (1.0 - ab_t) * beta if variance == "small" else beta
-            c = 0.0 if i == n - 1 else math.sqrt(var)
+            c = 0.0 if grid.tau[i] == 0.0 else math.sqrt(var)  # none from the first training time
         elif solver in ("dpmpp_1m", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde"):
             h = lam[i + 1] - lam[i]
             k = _dpmpp_order(i, n, order, lower_order_final, s_s == 0 or h == 0)
@@ -428,31 +429,45 @@ def tcd_table(grid: Grid, schedule, prediction: str, gamma: float) -> SolverTabl
     return _one_row_per_step(coef, np.full((n, 4), -1, dtype=np.int64), 0, grid)
 
 
-def dpmpp_2s_table(grid: Grid, prediction: str, lower_order_final) -> SolverTable:
-    """DPM-Solver++(2S) (`fastdiff.reference.solvers.DPMSolverPP2S`) as rows. A first-order row
-    is dpmpp_1m's and stores D_s. The second-order row runs at the intermediate point u with
-    state x_u = (s_u/s_s) x_s - a_u (e^{-h_u} - 1) D_s; solving that for x_s turns the block's
-    update into x_t = (s_t/s_u) x_u + [(s_t/s_u) a_u (e^{-h_u} - 1) - E (1 - 1/(2r))] D_s
-    - E/(2r) D_u, with E = a_t (e^{-h} - 1)."""
+def dpmpp_singlestep_table(grid: Grid, prediction: str, order: int, lower_order_final) -> SolverTable:
+    """DPM-Solver++(2S)/(3S) (`fastdiff.reference.solvers.DPMSolverPPSinglestep`) as rows. A
+    first-order row is dpmpp_1m's and stores D_s (slot 0). A later row of the block, at point u
+    with state x_u = (s_u/s_s) x_s + sum_k c_k D_k (the row before it: its coefficients on the
+    block's earlier D, no x term), recovers x_s = (s_s/s_u) (x_u - sum_k c_k D_k), so the block's
+    update x_t = (s_t/s_s) x_s + sum_k w_k D_k becomes
+        x_t = (s_t/s_u) x_u + sum_k (w_k - (s_t/s_u) c_k) D_k;
+    order 2: w_s = -E (1 - 1/(2r)), w_u = -E/(2r) with E = a_t (e^{-h} - 1); order 3: w_s = -E - F/r,
+    w_u = F/r with F = a_t ((e^{-h} - 1)/h + 1). With order 3 the second row stores D_u (slot 1)."""
     n, al, sg, lam = grid.steps, grid.alpha, grid.sigma, grid.lam
-    orders = singlestep_orders(n, lower_order_final is True)
+    orders = singlestep_orders(n, lower_order_final is True, order)
     coef = np.zeros((n, 8))
     slots = np.full((n, 4), -1, dtype=np.int64)
+    block = {}  # the current block's x_u expressed in x_s: its coefficients on D_k, by block position
     for i in range(n):
         coef[i, :2] = _data_prediction(al[i], sg[i], prediction)
-        coef[i, 2] = sg[i + 1] / sg[i]
         if orders[i] == 1 or sg[i + 1] == 0.0:
+            coef[i, 2] = sg[i + 1] / sg[i]
             coef[i, 3] = -al[i + 1] * np.expm1(lam[i] - lam[i + 1])
             slots[i, 0] = 0
+            block = {0: coef[i, 3]}  # x_{s+1} = (s_{s+1}/s_s) x_s + c_0 D_s
             continue
-        j = i - 1
+        k = orders[i] - 1  # this row's position in the block; the block started at point i - k
+        j = i - k
         h = lam[i + 1] - lam[j]
         r = (lam[i] - lam[j]) / h
         e = al[i + 1] * np.expm1(-h)
-        coef[i, 3] = -e * 0.5 / r
-        coef[i, 4] = (sg[i + 1] / sg[i]) * al[i] * np.expm1(lam[j] - lam[i]) - e * (1.0 - 0.5 / r)
-        slots[i, 1] = 0
-    return _one_row_per_step(coef, slots, 1, grid)
+        w = {0: -e * (1.0 - 0.5 / r), k: -e * 0.5 / r} if k == 1 else {
+            0: -e - al[i + 1] * (np.expm1(-h) / h + 1.0) / r, k: al[i + 1] * (np.expm1(-h) / h + 1.0) / r}
+        a = sg[i + 1] / sg[i]
+        coef[i, 2] = a
+        coef[i, 3] = w[k]  # D_u: this row's own
+        for pos in range(k):  # the block's earlier D: slot pos, read as b_{k - pos}
+            coef[i, 3 + k - pos] = w.get(pos, 0.0) - a * block.get(pos, 0.0)
+            slots[i, k - pos] = pos
+        if k + 1 < order and i + 1 < n and orders[i + 1] == k + 2:  # the next row continues the block
+            slots[i, 0] = k
+            block = w  # x_{u+1} = (s_{u+1}/s_s) x_s + sum_k w_k D_k
+    return _one_row_per_step(coef, slots, order - 1, grid)
 
 
 # Adams-Bashforth weights on the newest output first, by order (written out again here, apart
@@ -460,43 +475,79 @@ def dpmpp_2s_table(grid: Grid, prediction: str, lower_order_final) -> SolverTabl
 PLMS_WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -4 / 3, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -3 / 8)}
 
 
-def pndm_table(grid: Grid, prediction: str) -> SolverTable:
-    """PNDM's pseudo linear multistep (`fastdiff.reference.solvers.PNDM`) as rows: N + 1 model
-    calls for N >= 2 steps. The history holds raw model outputs (p = 0, q = 1), since PLMS
-    combines outputs, not data predictions. With e = e_x x + e_m m the noise prediction of an
-    output and the DDIM transfer x' = (a'/a) x + (s' - a' s / a) e from point i to i + 1, a
-    combined output m~ moves x to P_i x + Q_i m~ (P_i = a'/a + C e_x, Q_i = C e_m).
+def pndm_table(grid: Grid, schedule, model_time: str, prediction: str, prk: bool = False) -> SolverTable:
+    """PNDM (`fastdiff.reference.solvers.PNDM`) as rows: N + 1 model calls for N >= 2 steps, N + 9
+    with `prk`. The history holds raw model outputs (p = 0, q = 1), since PNDM combines outputs,
+    not data predictions. With e = e_x x + e_m m the noise prediction of an output at a transfer's
+    start and the DDIM transfer x' = (a'/a) x + (s' - a' s / a) e, a combined output m~ moves x
+    to P x + Q m~ (`transfer`).
       row 0 (point 0, x_0): x1* = P_0 x_0 + Q_0 m_0, stores m_0;
-      row 1 (point 1, x1*): the corrector P_0 x_0 + Q_0 (m_0 + m_1) / 2 = x1* + Q_0/2 (m_1 - m_0)
-            (x_0 is not kept: it cancels); m_1 is not stored, as diffusers does not keep it;
+      row 1 (point 1, x1*): the corrector P' x_0 + Q' (m_0 + m_1) / 2 (P', Q': the transfer of
+            step 0's length ending at point 1), with x_0 = (x1* - Q_0 m_0) / P_0; m_1 is not
+            stored, as diffusers does not keep it;
       row k >= 2 (point k - 1, whose model time row 1 already used for k = 2): Adams-Bashforth
-            over the stored outputs, order min(k, 4), x' = P x + Q sum_l w_l m_{-l}."""
+            over the stored outputs, order min(k, 4), x' = P x + Q sum_l w_l m_{-l}.
+    With `prk` steps 0-2 are four rows each, every transfer starting from x_j, which each row
+    recovers from its own state and the output that made it (x_j = (x - Q m) / P):
+      A: x_B = P_A x_j + Q_A m_A (stores m_A, kept for Adams-Bashforth);
+      B: x_C = (P_B / P_A) x_B - (P_B Q_A / P_A) m_A + Q_B m_B (stores m_B);
+      C: x_D = (P_D / P_B) x_C - (P_D Q_B / P_B) m_B + Q_D m_C (stores m_C);
+      D: x_{j+1} = x_D + Q_D (m_A + 2 m_B - 4 m_C + m_D) / 6;
+    then Adams-Bashforth of order 4 from step 3. Slots: stored output i in i % 4 (step j's m_A is
+    output j), m_B in 3 and m_C in 4 (free again when output 3 is written)."""
     n, al, sg = grid.steps, grid.alpha, grid.sigma
     e_x, e_m = {"epsilon": (lambda a, s: 0.0, lambda a, s: 1.0), "v": (lambda a, s: s, lambda a, s: a),
                 "sample": (lambda a, s: 1.0 / s, lambda a, s: -a / s),
                 "edm": (lambda a, s: s, lambda a, s: -a)}[prediction]  # D = a x + s F on a VP schedule
-    transfer = []
-    for i in range(n):
-        c = sg[i + 1] - al[i + 1] * sg[i] / al[i]
-        transfer.append((al[i + 1] / al[i] + c * e_x(al[i], sg[i]), c * e_m(al[i], sg[i])))
-    slots_n = min(4, n) if n > 1 else 0
-    coef, slots, times = [], [], []
-    p0, q0 = transfer[0]
-    coef.append([0.0, 1.0, p0, q0, 0, 0, 0, 0])
-    slots.append([0 if n > 1 else -1, -1, -1, -1])
-    times.append(grid.model_time[0])
-    if n > 1:
-        coef.append([0.0, 1.0, 1.0, 0.5 * q0, -0.5 * q0, 0, 0, 0])
-        slots.append([-1, 0, -1, -1])
-        times.append(grid.model_time[1])
-    for i in range(1, n):  # stored output j = i (output 0 is row 0's)
-        p, q = transfer[i]
+
+    def level(tau):
+        return tuple(float(v) for v in schedule.alpha_sigma(tau))
+
+    def transfer(start, end):
+        (a, s), (a2, s2) = start, end
+        c = s2 - a2 * s / a
+        return a2 / a + c * e_x(a, s), c * e_m(a, s)
+
+    def point(i):
+        return al[i], sg[i]
+
+    plms = [transfer(point(i), grid.step_end(i)[1:]) for i in range(n)]
+    coef, slots, times, ends = [], [], [], []
+
+    def row(c, s, time, end):
+        coef.append(list(c) + [0.0] * (8 - len(c)))
+        slots.append(list(s) + [-1] * (4 - len(s)))
+        times.append(time)
+        ends.append(end)
+
+    if prk:
+        for j in range(3):  # slots: m_A of step j in j (the Adams-Bashforth ring below), m_B 3, m_C 4
+            h = math.floor((grid.tau[j] - grid.step_end(j)[0]) / 2)
+            mid_time = float(schedule.model_time(grid.tau[j + 1] + h, model_time))
+            p_a, q_a = transfer(point(j), level(grid.tau[j] - h))
+            p_b, q_b = transfer(point(j), level(grid.tau[j + 1] + h))
+            p_d, q_d = transfer(point(j), point(j + 1))
+            row([0.0, 1.0, p_a, q_a], [j], grid.model_time[j], False)
+            row([0.0, 1.0, p_b / p_a, q_b, -p_b * q_a / p_a], [3, j], mid_time, False)
+            row([0.0, 1.0, p_d / p_b, q_d, -p_d * q_b / p_b], [4, 3], mid_time, False)
+            row([0.0, 1.0, 1.0, q_d / 6, q_d / 6, q_d / 3, -2 * q_d / 3], [-1, j, 3, 4], grid.model_time[j + 1], True)
+        first, slots_n = 3, 5
+    else:
+        slots_n = min(4, n) if n > 1 else 0
+        p0, q0 = plms[0]
+        row([0.0, 1.0, p0, q0], [0 if n > 1 else -1], grid.model_time[0], n == 1)
+        if n > 1:
+            start = point(0) if grid.ends is None else level(grid.tau[1] + grid.tau[0] - grid.step_end(0)[0])
+            pc, qc = transfer(start, point(1))
+            row([0.0, 1.0, pc / p0, 0.5 * qc, 0.5 * qc - pc * q0 / p0], [-1, 0], grid.model_time[1], True)
+        first = 1
+    ring = min(4, slots_n)
+    for i in range(first, n):  # stored output i (output 0 is row 0's; with prk outputs 0-2 are the m_A)
+        p, q = plms[i]
         k = min(i + 1, 4)
         w = PLMS_WEIGHTS[k]
-        coef.append([0.0, 1.0, p] + [q * wl for wl in w] + [0.0] * (4 - k) + [0.0])
-        slots.append([i % slots_n] + [(i - l) % slots_n if l < k else -1 for l in range(1, 4)])
-        times.append(grid.model_time[i])
-    ends = [n == 1] + [True] * (len(coef) - 1)  # row 0 of two or more steps is the predictor
+        row([0.0, 1.0, p] + [q * wl for wl in w], [i % ring] + [(i - l) % ring for l in range(1, k)],
+            grid.model_time[i], True)
     return _table(coef, slots, slots_n, times, ends)
 
 

@@ -312,3 +312,33 @@ def test_weight_changes_reach_the_unet_accelerated_and_restored():
     fastdiff.accelerate(pipe)
     agree()
     fastdiff.restore(pipe)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: diffusers.EDMEulerScheduler(final_sigmas_type="sigma_min", sigma_data=0.7),
+    lambda: diffusers.EDMDPMSolverMultistepScheduler(sigma_data=0.7),  # Playground v2.5's scheduler
+    lambda: diffusers.KDPM2AncestralDiscreteScheduler(**SD),
+    lambda: diffusers.DDIMScheduler(**SD, clip_sample=False, timestep_spacing="trailing"),  # t - T // N steps
+    lambda: diffusers.PNDMScheduler(**SD),  # its Runge-Kutta warm-up
+    lambda: diffusers.DPMSolverSinglestepScheduler.from_config(dict(SD, solver_order=3))],
+    ids=["edm_euler", "edm_dpmsolver", "kdpm2_ancestral", "ddim_trailing", "pndm_prk", "dpmsolver_3s"])
+def test_more_schedulers_equal_diffusers(make):
+    """The EDM schedulers' sigma_data-unit state, KDPM2 ancestral's noise, DDIM's and PNDM's
+    t - T // N steps, PNDM's warm-up and DPM-Solver++(3S) through the pipeline: its own latents."""
+    text = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(1))
+    pipe = pipes.sd(make())
+    theirs, ours = both(pipe, prompt_embeds=text, negative_prompt_embeds=torch.zeros_like(text),
+                        num_inference_steps=7, guidance_scale=7.5, output_type="latent")
+    assert rel(ours.images, theirs.images) < TOL
+
+
+def test_edm_img2img_is_refused_by_name():
+    """A part-way start is not mapped for the EDM plans: strength < 1 is refused before any call."""
+    pipe = pipes.sd_img2img(diffusers.EDMEulerScheduler())
+    fastdiff.accelerate(pipe)
+    try:
+        with pytest.raises(ValueError, match="strength: 0.5 starts part-way; EDMEulerScheduler"):
+            pipe(prompt_embeds=torch.zeros(1, 7, 32), image=torch.rand(1, 3, 32, 32), strength=0.5,
+                 num_inference_steps=4, output_type="latent")
+    finally:
+        fastdiff.restore(pipe)

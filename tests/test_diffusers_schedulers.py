@@ -28,6 +28,9 @@ CASES = [
     ("DDPMScheduler", dict(clip_sample=False), 5),
     ("DDPMScheduler", dict(timestep_spacing="trailing", variance_type="fixed_small_log"), 4),
     ("DDPMScheduler", dict(variance_type="fixed_large", clip_sample_range=1.5, beta_schedule="squaredcos_cap_v2"), 4),
+    # a last timestep > 0: diffusers adds noise on the last step, sqrt(beta) with fixed_large
+    ("DDPMScheduler", dict(variance_type="fixed_large", timestep_spacing="trailing", clip_sample=False), 4),
+    ("DDPMScheduler", dict(variance_type="fixed_large", steps_offset=1, prediction_type="v_prediction", **SL), 5),
     ("DPMSolverMultistepScheduler", dict(), 7),
     ("DPMSolverMultistepScheduler", dict(solver_order=1, timestep_spacing="leading", steps_offset=1, **SL), 6),
     ("DPMSolverMultistepScheduler", dict(timestep_spacing="trailing", prediction_type="v_prediction",
@@ -56,12 +59,22 @@ CASES = [
     ("DEISMultistepScheduler", dict(solver_order=3, use_karras_sigmas=True, prediction_type="v_prediction"), 16),
     ("DPMSolverSinglestepScheduler", dict(lower_order_final=True), 6),
     ("DPMSolverSinglestepScheduler", dict(use_karras_sigmas=True, prediction_type="sample"), 7),
+    ("DPMSolverSinglestepScheduler", dict(solver_order=3), 7),
+    ("DPMSolverSinglestepScheduler", dict(solver_order=3, lower_order_final=False, final_sigmas_type="sigma_min",
+                                          use_karras_sigmas=True, prediction_type="v_prediction", **SL), 9),
     ("LMSDiscreteScheduler", dict(use_karras_sigmas=True, **SL), 7),
     ("HeunDiscreteScheduler", dict(timestep_spacing="trailing", prediction_type="v_prediction"), 5),
     ("KDPM2DiscreteScheduler", dict(use_karras_sigmas=True, **SL), 6),
     # (not squaredcos_cap_v2: its first sigma/alpha is 2e4, where both fp32 loops lose 1e-1)
     ("KDPM2DiscreteScheduler", dict(prediction_type="v_prediction", timestep_spacing="trailing", **SL), 5),
     ("PNDMScheduler", dict(skip_prk_steps=True, steps_offset=1, prediction_type="v_prediction", **SL), 6),
+    # T % N != 0 with trailing / linspace spacing: DDIM and PNDM step to t - T // N, not the next time
+    ("DDIMScheduler", dict(clip_sample=False, timestep_spacing="trailing", set_alpha_to_one=False), 3),
+    ("DDIMScheduler", dict(clip_sample=False, timestep_spacing="linspace", prediction_type="v_prediction"), 7),
+    ("PNDMScheduler", dict(skip_prk_steps=True, timestep_spacing="linspace", set_alpha_to_one=True), 7),
+    # skip_prk_steps=False: 3 Runge-Kutta steps of 4 model calls, then PLMS
+    ("PNDMScheduler", dict(), 6),
+    ("PNDMScheduler", dict(timestep_spacing="trailing", prediction_type="v_prediction", **SL), 7),
     ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0), 5),
     ("KDPM2AncestralDiscreteScheduler", dict(use_karras_sigmas=True, **SL), 6),
     ("KDPM2AncestralDiscreteScheduler", dict(prediction_type="v_prediction", timestep_spacing="trailing", **SL), 5),
@@ -273,17 +286,22 @@ def test_edm_state_is_the_model_input(name):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)  # in the data's units, at sigma_min
 
 
-def test_ddim_steps_to_the_next_model_time_where_diffusers_does_not():
-    """trailing with T % N != 0: diffusers' DDIM steps to t - T // N, not to the next timestep;
-    fastdiff's grid goes through every model time."""
-    sch = _scheduler("DDIMScheduler", dict(timestep_spacing="trailing", clip_sample=False))
+@pytest.mark.parametrize("name", ["DDIMScheduler", "PNDMScheduler"])
+def test_ddim_and_pndm_steps_end_at_diffusers_prev_timestep(name):
+    """trailing with T % N != 0: diffusers' DDIM and PNDM step from t to t - T // N (the last to
+    the final alpha), not to the next timestep; the next step starts at its own timestep's level."""
+    sch = getattr(diffusers, name).from_config(dict(timestep_spacing="trailing", skip_prk_steps=True,
+                                                    set_alpha_to_one=False))
     sch.set_timesteps(3)
-    ratio = 1000 // 3
-    times = sch.timesteps.numpy()
-    assert times[1] - ratio != times[2]  # diffusers' own inconsistency
+    times = sch._timesteps[::-1] if name == "PNDMScheduler" else sch.timesteps.numpy()
+    prev = times - 1000 // 3
+    assert times[1] - 1000 // 3 != times[2]  # diffusers' own inconsistency
     g = fastdiff.Sampler.from_scheduler(sch, 3).grid
     np.testing.assert_array_equal(g.tau[:-1], times)
-    assert g.ends_clean
+    ac = sch.alphas_cumprod.double().numpy()
+    want = np.where(prev >= 0, ac[np.maximum(prev, 0)], sch.final_alpha_cumprod.item())
+    np.testing.assert_allclose([g.step_end(i)[1] ** 2 for i in range(3)], want, rtol=1e-6)
+    np.testing.assert_allclose(g.alpha[:-1] ** 2, ac[times], rtol=1e-6)
 
 
 BAD = [
@@ -323,6 +341,14 @@ def test_unsupported_options_raise_naming_the_option(row):
         fastdiff.Sampler.from_scheduler(dict(cfg, _class_name=name), 4)
 
 
+@pytest.mark.parametrize("variance_type, why", [("learned", "the model predicts its own variance"),
+                                                ("learned_range", "the model predicts its own variance"),
+                                                ("fixed_large_log", "diffusers. step takes the square root of log\\(beta\\).*NaN")])
+def test_ddpm_variance_types_fastdiff_does_not_run_say_why(variance_type, why):
+    with pytest.raises(ValueError, match=f"^variance_type: '{variance_type}' is not supported by fastdiff: {why}"):
+        fastdiff.Sampler.from_scheduler({"_class_name": "DDPMScheduler", "variance_type": variance_type}, 4)
+
+
 def test_config_dicts_without_diffusers_and_their_errors():
     """A plain dict is enough (missing keys: diffusers' defaults); unsupported schedulers and a
     missing step count are errors naming the cause."""
@@ -339,6 +365,9 @@ def test_config_dicts_without_diffusers_and_their_errors():
     assert fastdiff.Sampler.from_scheduler({"_class_name": "DDIMScheduler", "new_knob": 1}, 4).solver == "ddim"
     with pytest.raises(ValueError, match="^steps: "):
         fastdiff.Sampler.from_scheduler({"_class_name": "DDIMScheduler"})
+    # below 4 steps diffusers' Runge-Kutta warm-up never reaches the end of the grid
+    with pytest.raises(ValueError, match="^steps: PNDMScheduler with skip_prk_steps=False .* got 3"):
+        fastdiff.Sampler.from_scheduler({"_class_name": "PNDMScheduler"}, 3)
     with pytest.raises(TypeError, match="^scheduler: expected a diffusers scheduler"):
         fastdiff.Sampler.from_scheduler(object(), 4)
 

@@ -16,13 +16,15 @@ OP = "solver_step"  # the conftest `backend` fixture: cpu, triton-interp, refere
 
 F64 = torch.float64
 VP_SOLVERS = ["ddpm", "ddim", "dpmpp_1m", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "euler", "euler_ancestral",
-              "consistency", "unipc", "pndm", "lms", "dpmpp_2s", "deis_2m", "deis_3m", "kdpm2", "kdpm2_ancestral",
-              "tcd"]
+              "consistency", "unipc", "pndm", "pndm_prk", "lms", "dpmpp_2s", "dpmpp_3s",
+              "deis_2m", "deis_3m", "kdpm2", "kdpm2_ancestral", "tcd"]
 FLOW_SOLVERS = ["flow_euler", "flow_sde", "flow_heun", "dpmpp_2m", "dpmpp_3m", "unipc"]
 LOOP_TOL = 2e-6
 # PLMS multiplies the fp32 model outputs' rounding by its Adams-Bashforth weights (sum of |w|
 # 6.7 at order 4, against 1-3 for the others' history terms): measured up to 3.1e-6 here
-LOOP_TOL_BY_SOLVER = {"pndm": 2 * LOOP_TOL}
+LOOP_TOL_BY_SOLVER = {"pndm": 2 * LOOP_TOL, "pndm_prk": 2 * LOOP_TOL}
+# steps ending at t - T // N instead of the next model time (diffusers' DDIM and PNDM; 9 trailing steps)
+PREV_9 = fastdiff.Sampler(steps=9).grid.model_time - 1000 // 9
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +86,13 @@ def test_flow_solvers_match_the_textbook_reference(mixture, backend, solver, pre
                                 dict(solver="unipc", clamp=1.0, final="min"), dict(steps=2, solver="unipc", order=3),
                                 # EDM's network output F; output_scale folds into the last row
                                 dict(prediction="edm"), dict(solver="euler", prediction="edm", output_scale=2.5),
-                                dict(solver="pndm", prediction="edm"), dict(solver="dpmpp_2m_sde", output_scale=0.5)])
+                                dict(solver="pndm", prediction="edm"), dict(solver="dpmpp_2m_sde", output_scale=0.5),
+                                dict(solver="ddim", eta=0.5, prev_timesteps=PREV_9),
+                                dict(solver="dpmpp_3s", lower_order_final=False, final="min", spacing="karras"),
+                                # DDPM's last step from t > 0 adds noise: sqrt(beta) ("large"), beta~ (final="min")
+                                dict(solver="ddpm", variance="large"), dict(solver="ddpm", final="min"),
+                                dict(solver="pndm", prediction="v", prev_timesteps=PREV_9),
+                                dict(solver="pndm_prk", final="min", prev_timesteps=PREV_9)])
 def test_plan_options_match_the_reference(mixture, backend, kw):
     be, device = backend
     kw = dict(kw)

@@ -97,7 +97,9 @@ class ReferenceSolver:
 class DDPM(ReferenceSolver):
     """Ho et al. 2020, ancestral sampling from the posterior q(x_s | x_t, x0), for any pair of
     grid points (beta_t = 1 - abar_t / abar_s). `variance`: "small" (the posterior variance
-    beta~) or "large" (beta_t); no noise on the last step."""
+    beta~) or "large" (beta_t). Noise on every step but one from the first training time
+    (Algorithm 2's t = 1, tau = 0 here), as diffusers' DDPMScheduler: a last step from a later
+    time to the clean end adds none with "small" (beta~ = 0 there) but sqrt(beta_t) with "large"."""
 
     stochastic = True
 
@@ -108,7 +110,7 @@ class DDPM(ReferenceSolver):
 
     def noise_scale(self, i):
         ab_t, ab_s, beta = self._parts(i)
-        if i == self.grid.steps - 1:
+        if self.grid.tau[i] == 0.0:
             return 0.0
         var = (1.0 - ab_s) / (1.0 - ab_t) * beta if self.variance == "small" else beta
         return math.sqrt(var)
@@ -122,18 +124,20 @@ class DDPM(ReferenceSolver):
 
 class DDIM(ReferenceSolver):
     """Song et al. 2021, eq. 12: x_s = alpha_s x0 + sqrt(sigma_s^2 - s^2) eps + s z with
-    s = eta * sqrt((sigma_s^2 / sigma_t^2) (1 - alpha_t^2 / alpha_s^2))."""
+    s = eta * sqrt((sigma_s^2 / sigma_t^2) (1 - alpha_t^2 / alpha_s^2)). Step i goes from point i
+    to `grid.step_end(i)` (point i + 1 unless the grid says otherwise)."""
 
     stochastic = True
 
     def noise_scale(self, i):
-        a_t, s_t, a_s, s_s = self.a[i], self.s[i], self.a[i + 1], self.s[i + 1]
-        return self.eta * math.sqrt((s_s**2 / s_t**2) * (1.0 - a_t**2 / a_s**2))
+        _, a_s, s_s = self.grid.step_end(i)
+        return self.eta * math.sqrt((s_s**2 / self.s[i] ** 2) * (1.0 - self.a[i] ** 2 / a_s**2))
 
     def step(self, i, x, m, z):
         s = self.noise_scale(i)
+        _, a_s, s_s = self.grid.step_end(i)
         x0, eps = self.x0(i, x, m), self.eps(i, x, m)
-        out = self.a[i + 1] * x0 + math.sqrt(max(self.s[i + 1] ** 2 - s * s, 0.0)) * eps
+        out = a_s * x0 + math.sqrt(max(s_s**2 - s * s, 0.0)) * eps
         return out if z is None else out + s * z
 
 
@@ -213,28 +217,35 @@ class DEIS(DPMSolverPP):
         return out
 
 
-def singlestep_orders(steps: int, lower_order_final: bool) -> list:
-    """The order of each step of DPM-Solver++(2S) (diffusers' DPMSolverSinglestepScheduler's list
-    for solver_order 2): blocks (1, 2); an odd step count ends with a lone 1; with
-    lower_order_final an even one ends (1, 1); a last step to sigma = 0 is first order."""
-    orders = [1, 2] * (steps // 2) + [1] * (steps % 2)
-    if lower_order_final and steps % 2 == 0:
-        orders[-1] = 1
-    return orders
+def singlestep_orders(steps: int, lower_order_final: bool, order: int = 2) -> list:
+    """The order of each step of singlestep DPM-Solver++ (diffusers' DPMSolverSinglestepScheduler's
+    list): blocks (1, .., order); a step count that is not a multiple of the order ends with a
+    shorter block (diffusers then turns lower_order_final on), and with lower_order_final a
+    multiple ends with (1, .., order - 1) then 1; a last step to sigma = 0 is first order."""
+    block = list(range(1, order + 1))
+    full, rest = divmod(steps, order)
+    if rest == 0:
+        return block * full if not lower_order_final else block * (full - 1) + block[:-1] + [1]
+    return block * full + block[:rest]
 
 
-class DPMSolverPP2S(ReferenceSolver):
-    """DPM-Solver++(2S), singlestep (Lu et al. 2022, Algorithm 1), with its intermediate point on
-    the grid as diffusers' DPMSolverSinglestepScheduler places it: steps go in blocks of orders
-    (1, 2) (`singlestep_orders`). A first-order step from point s is the DPM-Solver++ update; the
-    second-order step that follows starts again from the block's first point s and reaches
-    point t with the data predictions at s and at the intermediate point u:
-    x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) ((1 - 1/(2r)) D_s + 1/(2r) D_u),
-    h = lambda_t - lambda_s, r = (lambda_u - lambda_s) / h. A step to sigma = 0 is first order."""
+class DPMSolverPPSinglestep(ReferenceSolver):
+    """DPM-Solver++(2S) and (3S), singlestep (Lu et al. 2022, Algorithm 1; the third order as
+    DPM-Solver-3 in data prediction), with the intermediate points on the grid as diffusers'
+    DPMSolverSinglestepScheduler places them: steps go in blocks of orders (1, 2) or (1, 2, 3)
+    (`singlestep_orders`). A first-order step from point s is the DPM-Solver++ update; each later
+    step of the block starts again from the block's first point s and reaches point t with the
+    data predictions at s and at the current point u (h = lambda_t - lambda_s,
+    r = (lambda_u - lambda_s) / h):
+      order 2: x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) ((1 - 1/(2r)) D_s + 1/(2r) D_u);
+      order 3: x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D_s
+                     + alpha_t ((e^{-h} - 1) / h + 1) (D_u - D_s) / r
+    (diffusers' "midpoint" form: the block's second point only feeds the third's model call).
+    A step to sigma = 0 is first order."""
 
     def __init__(self, grid, prediction, **kw):
         super().__init__(grid, prediction, **kw)
-        self.orders = singlestep_orders(grid.steps, self.lower_order_final is True)
+        self.orders = singlestep_orders(grid.steps, self.lower_order_final is True, self.order)
         self.block = None  # (point, state, data prediction) where the block started
 
     def step(self, i, x, m, z):
@@ -246,7 +257,10 @@ class DPMSolverPP2S(ReferenceSolver):
         j, x_s, d_s = self.block
         h = lam[i + 1] - lam[j]
         r = (lam[i] - lam[j]) / h
-        return (s[i + 1] / s[j]) * x_s - (a[i + 1] * np.expm1(-h)) * ((1.0 - 0.5 / r) * d_s + (0.5 / r) * d)
+        phi = np.expm1(-h)
+        if self.orders[i] == 2:
+            return (s[i + 1] / s[j]) * x_s - (a[i + 1] * phi) * ((1.0 - 0.5 / r) * d_s + (0.5 / r) * d)
+        return (s[i + 1] / s[j]) * x_s - (a[i + 1] * phi) * d_s + (a[i + 1] * (phi / h + 1.0) / r) * (d - d_s)
 
 
 class DPMSolverPP2MSDE(DPMSolverPP):
@@ -545,39 +559,71 @@ class LMS(ReferenceSolver):
 
 
 class PNDM(ReferenceSolver):
-    """PNDM's pseudo linear multistep (Liu et al. 2022, PLMS) as diffusers' PNDMScheduler runs it
-    with skip_prk_steps: the transfer phi of eq. 9 moves x from grid point i to i + 1 along a
-    noise prediction e; e is an Adams-Bashforth combination of the stored model outputs (orders
-    2, 3, 4 as they accumulate); step 0 predicts with phi and corrects with the mean of the two
-    outputs (two model calls, the second at point 1, whose model time the next step repeats).
-    Non-epsilon outputs are combined first, then converted to e at the current state and time,
-    as diffusers does."""
+    """PNDM's pseudo linear multistep (Liu et al. 2022, PLMS) as diffusers' PNDMScheduler runs it:
+    the transfer phi of eq. 9 moves x from grid point i to `grid.step_end(i)` along a noise
+    prediction e; e is an Adams-Bashforth combination of the stored model outputs (orders 2, 3, 4
+    as they accumulate). Without `prk` step 0 predicts with phi and corrects with the mean of the
+    two outputs (two model calls, the second at point 1, whose model time the next step repeats;
+    the corrector moves x_0 over a step of step 0's length that ends at point 1). With `prk`
+    ("pndm_prk", diffusers' skip_prk_steps=False) steps 0-2 are its Runge-Kutta steps instead:
+    from x_j, with h half the step's length (tau_j - step end) in whole training timesteps,
+      x_B = phi(x_j, m_A; tau_j -> tau_j - h)              m_A at (x_j, tau_j)
+      x_C = phi(x_j, m_B; tau_j -> tau_{j+1} + h)          m_B at (x_B, tau_{j+1} + h)
+      x_D = phi(x_j, m_C; tau_j -> tau_{j+1})              m_C at (x_C, tau_{j+1} + h)
+      x_{j+1} = phi(x_j, (m_A + 2 m_B + 2 m_C + m_D) / 6; tau_j -> tau_{j+1})   m_D at (x_D, tau_{j+1})
+    and each m_A is kept for the Adams-Bashforth steps that follow (order 4 from step 3).
+    Non-epsilon outputs are combined first, then converted to e at the transfer's start, as
+    diffusers does."""
 
     WEIGHTS = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
-    def __init__(self, grid, prediction, **kw):
+    def __init__(self, grid, prediction, *, schedule, model_time="timestep", prk=False, **kw):
         super().__init__(grid, prediction, **kw)
+        self.schedule, self.time_convention, self.prk = schedule, model_time, prk
         self.outputs: list = []  # the stored model outputs, newest last (step 0's corrector call is not kept)
 
-    def _transfer(self, i, x, m):
-        ab, ab_next = self.a[i] ** 2, self.a[i + 1] ** 2
-        e = to_eps(x, m, self.a[i], self.s[i], self.prediction)
+    def _level(self, tau):
+        alpha, sigma = self.schedule.alpha_sigma(tau)
+        return float(alpha), float(sigma)
+
+    def _transfer(self, start, end_alpha, x, m):
+        """phi from the level start = (alpha, sigma) to the level of alpha `end_alpha`."""
+        a, s = start
+        ab, ab_next = a * a, end_alpha * end_alpha
+        e = to_eps(x, m, a, s, self.prediction)
         denom = ab * math.sqrt(1.0 - ab_next) + math.sqrt(ab * (1.0 - ab) * ab_next)
         return math.sqrt(ab_next / ab) * x - (ab_next - ab) / denom * e
 
+    def _prk_step(self, j, x, call_model):
+        tau, here, nxt = self.grid.tau, (self.a[j], self.s[j]), self.a[j + 1]
+        h = math.floor((tau[j] - self.grid.step_end(j)[0]) / 2)
+        a_half = self._level(tau[j] - h)[0]
+        mid = self._level(tau[j + 1] + h)
+        mid_time = float(self.schedule.model_time(tau[j + 1] + h, self.time_convention))
+        m_a = call_model(x, self.grid.model_time[j])
+        m_b = call_model(self._transfer(here, a_half, x, m_a), mid_time)
+        m_c = call_model(self._transfer(here, mid[0], x, m_b), mid_time)
+        m_d = call_model(self._transfer(here, nxt, x, m_c), self.grid.model_time[j + 1])
+        self.outputs.append(m_a)
+        return self._transfer(here, nxt, x, (m_a + 2.0 * m_b + 2.0 * m_c + m_d) / 6.0)
+
     def sample_step(self, i, x, call_model, draw_noise):
-        times = self.grid.model_time
+        if self.prk and i < 3:
+            return self._prk_step(i, x, call_model)
+        times, here, end = self.grid.model_time, (self.a[i], self.s[i]), self.grid.step_end(i)[1]
         m = call_model(x, times[i])
         if i == 0:
             self.outputs = [m]
             if self.grid.steps == 1:
-                return self._transfer(0, x, m)
-            m1 = call_model(self._transfer(0, x, m), times[1])
-            return self._transfer(0, x, 0.5 * (m + m1))
+                return self._transfer(here, end, x, m)
+            m1 = call_model(self._transfer(here, end, x, m), times[1])
+            g = self.grid
+            corrector_start = here if g.ends is None else self._level(g.tau[1] + g.tau[0] - g.step_end(0)[0])
+            return self._transfer(corrector_start, self.a[1], x, 0.5 * (m + m1))
         self.outputs = (self.outputs + [m])[-4:]
         weights = self.WEIGHTS[len(self.outputs)]
         combined = sum(w * out for w, out in zip(weights, reversed(self.outputs)))
-        return self._transfer(i, x, combined)
+        return self._transfer(here, end, x, combined)
 
 
 class UniPC(ReferenceSolver):
@@ -668,12 +714,14 @@ SOLVERS = {
     "heun": (Heun, {}),
     "unipc": (UniPC, {}),
     "pndm": (PNDM, {}),
+    "pndm_prk": (PNDM, {"prk": True}),
     "lms": (LMS, {}),
     "flow_heun": (FlowHeun, {}),
     "kdpm2": (KDPM2, {}),
     "kdpm2_ancestral": (KDPM2Ancestral, {}),
     "tcd": (TCD, {}),
-    "dpmpp_2s": (DPMSolverPP2S, {}),
+    "dpmpp_2s": (DPMSolverPPSinglestep, {"order": 2}),
+    "dpmpp_3s": (DPMSolverPPSinglestep, {"order": 3}),
     "deis_2m": (DEIS, {"order": 2}),
     "deis_3m": (DEIS, {"order": 3}),
 }

@@ -37,10 +37,13 @@ _NO_PARTWAY_START = {
                             "weights that derivative by the order-4 coefficient alone",
     "PNDMScheduler": "diffusers' PNDM (PLMS) takes its second model call as the corrector of the first step, "
                      "which part-way is a call at the next timestep",
+    **{name: f"{name} starts part-way from the noised image in the data's units, where fastdiff's EDM plan "
+             "keeps its state in units of sigma_data (only its start from noise and its end are mapped)"
+       for name in ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")},
 }
 # Schedulers whose loop state is x0 + (sigma / alpha) noise (diffusers_state_scale)
 _VE_STATE = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
-             "LMSDiscreteScheduler", "KDPM2DiscreteScheduler")
+             "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
 
 
 @dataclass(frozen=True)
@@ -195,7 +198,8 @@ def diffusers_state_scale(pipe, sampler: Sampler, point: int = 0) -> float:
     """fastdiff's (variance-preserving) state is diffusers' loop state times this at grid point
     `point` of the plan: alpha there for the schedulers whose loop state is x0 + (sigma / alpha)
     noise (Euler-type: init_noise_sigma > 1, scale_model_input divides by
-    sqrt(1 + (sigma/alpha)^2)), else 1."""
+    sqrt(1 + (sigma/alpha)^2)), else 1. (The EDM plans' output_scale already returns diffusers'
+    loop state; they do not start part-way: _NO_PARTWAY_START.)"""
     return float(sampler.grid.alpha[point]) if type(pipe.scheduler).__name__ in _VE_STATE else 1.0
 
 

@@ -9,6 +9,11 @@ The EDM schedulers' plans measure the data in units of sigma_data, where their m
 x / sqrt(sigma^2 + sigma_data^2) is fastdiff's VP state (`_edm`): output type "edm", and the
 result scaled back by `output_scale`.
 
+DDIM and PNDM step from t to t - T // N (`Sampler(prev_timesteps=)`), which is not the next
+model time with "trailing"/"linspace" spacing when T % N != 0: the next step starts from the
+level of its own model time, as in diffusers; the last step ends at the final alpha
+(set_alpha_to_one).
+
 Where fastdiff differs from diffusers on purpose (each warned once, as a
 DiffusersDifferenceWarning, when a plan contains it):
 
@@ -21,16 +26,10 @@ DiffusersDifferenceWarning, when a plan contains it):
 * UniPCMultistep with lower_order_final=False: its higher-order step to sigma = 0 divides by
   the zero log-SNR ratio of that step and returns inf/NaN; fastdiff's step to sigma = 0 is first
   order (as for DPM-Solver++), which is the limit of the formula.
-* DDIM and PNDM step to the next model time; diffusers steps to t - T // N, which is another time when
-  T is not a multiple of N with "trailing" / "linspace" spacing (then its next step starts
-  from a noise level other than the one the model is told). The last step ends at the final
-  alpha (set_alpha_to_one).
 * DDIM clip_sample: the noise estimate follows the clipped x0 (diffusers'
   use_clipped_model_output=True); diffusers' default keeps the unclipped one (the fused step
   has one data prediction per row, clamped or not: following diffusers needs both). The
   checkpoints' own configs set clip_sample=False.
-* DDPM adds no noise on its last step; diffusers adds beta-variance noise there when the last
-  timestep is > 0 (variance_type="fixed_large" with "trailing" spacing).
 """
 from __future__ import annotations
 
@@ -178,17 +177,9 @@ def _differences(name, cfg, n, options) -> list:
     if name == "UniPCMultistepScheduler" and not cfg["lower_order_final"]:
         found.append("lower_order_final=False: fastdiff's step to sigma = 0 is first order (the limit of the formula); "
                      "diffusers' divides by that step's zero log-SNR ratio (inf/NaN)")
-    if name in ("DDIMScheduler", "PNDMScheduler"):
-        times = np.asarray(options["timesteps"])
-        if np.any(times[:-1] - cfg["num_train_timesteps"] // n != times[1:]):
-            found.append(f"timestep_spacing={cfg['timestep_spacing']!r} at {n} steps: fastdiff steps to the next model "
-                         "time; diffusers steps to t - T // N, which is another time here")
     if name == "DDIMScheduler" and cfg["clip_sample"]:
         found.append("clip_sample=True: the noise estimate follows the clipped x0 (diffusers' step with "
                      "use_clipped_model_output=True); diffusers' default keeps the model's own")
-    if name == "DDPMScheduler" and options["variance"] == "large" and options["timesteps"][-1] > 0:
-        found.append("variance_type='fixed_large' with a last timestep > 0: fastdiff adds no noise on the last step; "
-                     "diffusers adds beta-variance noise there")
     return found
 
 
@@ -310,15 +301,33 @@ def _final_sigma(cfg, table, sigmas) -> float:
     return min(table[0], sigmas[-1]) if cfg["final_sigmas_type"] == "sigma_min" else 0.0
 
 
+def _prev_timesteps(cfg, times) -> np.ndarray:
+    """DDIM's and PNDM's step ends: t - T // N (negative: the final alpha, the grid's end)."""
+    return times - cfg["num_train_timesteps"] // len(times)
+
+
 def _ddim(cfg, n):
     sched = _schedule(cfg)
     times = _spaced_timesteps(cfg, n)
     clamp = float(cfg["clip_sample_range"]) if cfg["clip_sample"] else None
     return dict(solver="ddim", schedule=sched, prediction=_prediction(cfg), timesteps=times, clamp=clamp,
-                final="zero" if cfg["set_alpha_to_one"] else "min")
+                final="zero" if cfg["set_alpha_to_one"] else "min", prev_timesteps=_prev_timesteps(cfg, times))
+
+
+# DDPMScheduler's variance types fastdiff does not run, and why
+_DDPM_VARIANCES = {
+    "fixed_large_log": "diffusers' step takes the square root of log(beta), which is negative: NaN from the first "
+                       "step; use 'fixed_large'",
+    **{name: "the model predicts its own variance (output channels doubled), which the fused step's single "
+             "output does not carry; use 'fixed_small' or 'fixed_large'" for name in ("learned", "learned_range")},
+}
 
 
 def _ddpm(cfg, n):
+    # (fixed_small_log is fixed_small: diffusers exponentiates half the log of the same variance)
+    if cfg["variance_type"] in _DDPM_VARIANCES:
+        raise ValueError(f"variance_type: {cfg['variance_type']!r} is not supported by fastdiff: "
+                         f"{_DDPM_VARIANCES[cfg['variance_type']]}")
     _require(cfg, "variance_type", "fixed_small", "fixed_small_log", "fixed_large")
     sched = _schedule(cfg)
     clamp = float(cfg["clip_sample_range"]) if cfg["clip_sample"] else None
@@ -327,13 +336,14 @@ def _ddpm(cfg, n):
 
 
 def _pndm(cfg, n):
-    if not cfg["skip_prk_steps"]:
-        raise ValueError("skip_prk_steps: False starts with PNDM's Runge-Kutta steps (4 model calls each), which "
-                         "fastdiff does not run; set skip_prk_steps=True, as Stable Diffusion's configs do (PLMS "
-                         "from the first step)")
     _require(cfg, "prediction_type", "epsilon", "v_prediction")
-    return dict(solver="pndm", schedule=_schedule(cfg), prediction=_prediction(cfg),
-                timesteps=_spaced_timesteps(cfg, n), final="zero" if cfg["set_alpha_to_one"] else "min")
+    if not cfg["skip_prk_steps"] and n < 4:
+        raise ValueError(f"steps: PNDMScheduler with skip_prk_steps=False runs its Runge-Kutta steps over the last "
+                         f"4 timesteps' range; diffusers stops short of the end below 4 steps, got {n}")
+    times = _spaced_timesteps(cfg, n)
+    return dict(solver="pndm" if cfg["skip_prk_steps"] else "pndm_prk", schedule=_schedule(cfg),
+                prediction=_prediction(cfg), timesteps=times, final="zero" if cfg["set_alpha_to_one"] else "min",
+                prev_timesteps=_prev_timesteps(cfg, times))
 
 
 def _multistep_grid(cfg, n, round_all_karras: bool = False):
@@ -390,14 +400,12 @@ def _dpm_multistep(cfg, n) -> dict:
 
 def _dpm_singlestep(cfg, n):
     _require_dpm_solver(cfg, "dpmsolver++")
-    if cfg["solver_order"] == 3:
-        raise ValueError(f"solver_order: 3 (DPM-Solver++(3S)) is not yet supported by fastdiff ({_NOT_YET}); "
-                         "solver_order 1 or 2 are")
-    _require(cfg, "solver_order", 1, 2)
+    _require(cfg, "solver_order", 1, 2, 3)
     # its fixed spacing: linspace over N + 1 points; Karras times rounded
     sched, times, sigmas = _multistep_grid({**cfg, "timestep_spacing": "linspace", "steps_offset": 0}, n,
                                            round_all_karras=True)
-    return dict(solver="dpmpp_2s" if cfg["solver_order"] == 2 else "dpmpp_1m", schedule=sched,
+    order = int(cfg["solver_order"])
+    return dict(solver=f"dpmpp_{order}s" if order > 1 else "dpmpp_1m", schedule=sched,
                 prediction=_prediction(cfg), sigmas=sigmas, timesteps=times,
                 lower_order_final=bool(cfg["lower_order_final"]))
 
