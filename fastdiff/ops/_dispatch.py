@@ -198,6 +198,32 @@ def signature_env() -> Optional[str]:
     return os.environ.get("TRITON_INTERPRET")
 
 
+# --- what several ops' checks share ---------------------------------------------------------------
+
+
+def _span(t: torch.Tensor):
+    """[first byte, last byte + 1) that t can address (strides are never negative in torch)."""
+    start = t.data_ptr()
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return start, start + (last + 1) * t.element_size()
+
+
+def overlapped_input(out: torch.Tensor, inputs) -> Optional[str]:
+    """The name of the first of `inputs` ((name, tensor) pairs) whose address range meets out's,
+    or None. For outputs written while other programs still read the inputs (conservative: any
+    intersection of the ranges counts)."""
+    if out.numel() == 0:
+        return None
+    os_, oe = _span(out)
+    for name, t in inputs:
+        if t.numel() == 0:
+            continue
+        ts, te = _span(t)
+        if ts < oe and os_ < te:
+            return name
+    return None
+
+
 # --- what every op's providers check -------------------------------------------------------------
 
 _TRITON_ERROR: List[Optional[str]] = []  # cached import result: [None] ok, [msg] missing/broken

@@ -147,25 +147,11 @@ def check_attention_args(q, k, v, scale, out) -> None:
                                     f"{out.stride()} for shape {tuple(out.shape)}")
 
 
-def _span(t: torch.Tensor):
-    """[first byte, last byte + 1) that t can address (strides are never negative in torch)."""
-    start = t.data_ptr()
-    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
-    return start, start + (last + 1) * t.element_size()
-
-
 def _check_overlaps(q, k, v, out) -> None:
-    """out is written while q, k, v are read by other programs: it may not share memory with
-    them (conservative: their address ranges may not intersect)."""
-    if out.numel() == 0:
-        return
-    os_, oe = _span(out)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.numel() == 0:
-            continue
-        ts, te = _span(t)
-        if ts < oe and os_ < te:
-            raise _fail(ValueError, f"out overlaps {name} in memory; out must be a separate buffer")
+    """out is written while q, k, v are read by other programs: it may not share memory with them."""
+    name = _dispatch.overlapped_input(out, (("q", q), ("k", k), ("v", v)))
+    if name is not None:
+        raise _fail(ValueError, f"out overlaps {name} in memory; out must be a separate buffer")
 
 
 @dataclass
