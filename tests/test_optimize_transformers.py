@@ -18,8 +18,11 @@ diffusers = require("diffusers", "diffusers")
 import diffusers_pipes as pipes  # noqa: E402
 from diffusers_pipes import one_thread  # noqa: E402,F401 (autouse)
 from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0  # noqa: E402
+from diffusers.models.normalization import (AdaLayerNormContinuous, AdaLayerNormZero,  # noqa: E402
+                                            AdaLayerNormZeroSingle, SD35AdaLayerNormZeroX)
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor  # noqa: E402
 
+from fastdiff.integrations.diffusers.adaln import FusedAdaLN  # noqa: E402
 from fastdiff.integrations.diffusers.transformer_models import FastdiffJointAttnProcessor  # noqa: E402
 
 BATCH, TEXT, TEXT_DIM, POOLED = 2, 5, 32, 16
@@ -88,6 +91,8 @@ def test_optimized_transformer_equals_the_original_fp32(backend_name, model_name
     assert list(opt.state_dict()) == keys
     assert all(isinstance(m.processor, FastdiffJointAttnProcessor) for m in _joint_attentions(opt))
     assert not any(isinstance(m.processor, FastdiffJointAttnProcessor) for m in _joint_attentions(model))
+    assert any(isinstance(m, FusedAdaLN) for m in opt.modules())
+    assert not any(isinstance(m, FusedAdaLN) for m in model.modules())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -112,24 +117,28 @@ def test_optimized_transformer_in_half_precision(model_name, dtype, monkeypatch)
 def test_what_is_fused_and_the_report(model_name):
     model = MODELS[model_name]()
     params = {name: id(p) for name, p in model.named_parameters()}
+    adaln_before = {n: type(m).__name__ for n, m in model.named_modules() if "AdaLayerNorm" in type(m).__name__}
     fastdiff.optimize(model, backend="reference")
     rep = fastdiff.optimize_report(model)
     assert {name: id(p) for name, p in model.named_parameters()} == params
     names = dict(model.named_modules())
     attns = [n for n, m in names.items() if isinstance(m, (Attention, FluxAttention))]
     assert attns and all(isinstance(names[n].processor, FastdiffJointAttnProcessor) for n in attns)
+    assert {n: names[n].original.__name__ for n in adaln_before if isinstance(names[n], FusedAdaLN)} == adaln_before
     reported = rep.modules()
     assert len(reported) == len(set(reported))
-    assert sorted(n for n, _ in rep.replaced) == sorted(attns) and not rep.fused
-    adaln = [n for n, m in names.items() if "AdaLayerNorm" in type(m).__name__]
+    assert sorted(n for n, _ in rep.replaced) == sorted(attns + list(adaln_before)) and not rep.fused
+    assert all("fastdiff::layer_norm_modulate" in w for n, w in rep.replaced if n in adaln_before)
     plain_norms = [n for n, m in names.items() if type(m) is nn.LayerNorm and not m.elementwise_affine
-                   and not any(n.startswith(a + ".") for a in adaln)]
+                   and not any(n.startswith(a + ".") for a in adaln_before)]
     why = dict(rep.not_replaced)
-    assert sorted(why) == sorted(adaln + plain_norms) and adaln and plain_norms
-    assert all("adaLN" in w for w in why.values())
+    assert sorted(why) == sorted(plain_norms) and plain_norms
+    assert all("adaLN" in w and "runs as in diffusers" in w for w in why.values())
+    replaced = dict(rep.replaced)
+    attn_text = [replaced[n] for n in attns]
     if model_name != "sd3":
-        assert all("q/k RMSNorm" in w for _, w in rep.replaced)
-    assert all(("rotary" in w) == (model_name == "flux") for _, w in rep.replaced)
+        assert all("q/k RMSNorm" in w for w in attn_text)
+    assert all(("rotary" in w) == (model_name == "flux") for w in attn_text)
 
 
 @pytest.fixture
@@ -137,12 +146,21 @@ def attention_calls(monkeypatch):
     calls = collections.Counter()
     real = FD.fused_qkv_attention
 
-    def spy(*args, **kwargs):
-        calls["qkv_attention"] += 1
-        return real(*args, **kwargs)
+    def spy(name, real):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+        return call
 
-    monkeypatch.setattr(FD, "fused_qkv_attention", spy)
+    for name in ("qkv_attention", "layer_norm_modulate"):
+        monkeypatch.setattr(FD, f"fused_{name}", spy(name, getattr(FD, f"fused_{name}")))
     return calls
+
+
+def _modulations(model):
+    """fastdiff::layer_norm_modulate calls per forward: one per fused adaLN module, two for SD3.5's
+    SD35AdaLayerNormZeroX (attn and attn2)."""
+    return sum(2 if m.original is SD35AdaLayerNormZeroX else 1 for m in model.modules() if isinstance(m, FusedAdaLN))
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
@@ -154,6 +172,7 @@ def test_inference_runs_the_fused_attention(model_name, mode, attention_calls, m
         out = _run(model, _inputs(model))
     assert not out.requires_grad
     assert attention_calls["qkv_attention"] == len(_joint_attentions(model))
+    assert attention_calls["layer_norm_modulate"] == _modulations(model) > 0
 
 
 @pytest.mark.parametrize("model_name", ["sd3.5", "flux"])
@@ -176,6 +195,7 @@ def test_gradients_equal_the_originals(model_name, attention_calls, monkeypatch)
     attention_calls.clear()
     out, g = grads(model)
     assert attention_calls["qkv_attention"] == len(_joint_attentions(model))
+    assert attention_calls["layer_norm_modulate"] == _modulations(model) > 0
     assert [t is None for t in g] == [t is None for t in g_ref]
     flat = [torch.cat([t.flatten() for t in gs if t is not None]) for gs in (g, g_ref)]
     assert rel_err(flat[0], flat[1]) < 1e-5
@@ -273,3 +293,80 @@ def test_bad_calls_are_refused_before_the_attention():
         zoo["flux_double"](x, ctx, image_rotary_emb=_rope(5, 40, 1))  # 7 tokens, rope for 5
     with pytest.raises(ValueError, match="encoder_hidden_states"):
         zoo["flux_single"](x, ctx)
+
+
+def _adaln_zoo():
+    """diffusers' adaLN modules at awkward widths (C = 37, 24, 1), DiT's AdaLayerNormZero with
+    its own label embedding, and two that keep the original (an fp32 LayerNorm, an affine one)."""
+    torch.manual_seed(1)
+    return pipes.randomise(nn.ModuleDict({
+        "zero": AdaLayerNormZero(37),
+        "zero_dit": AdaLayerNormZero(24, num_embeddings=5),
+        "single": AdaLayerNormZeroSingle(37),
+        "sd35_x": SD35AdaLayerNormZeroX(24),
+        "continuous": AdaLayerNormContinuous(37, 16, elementwise_affine=False, eps=1e-6),
+        "continuous_c1": AdaLayerNormContinuous(1, 16, elementwise_affine=False, eps=1e-5, bias=False),
+        "fp32_layer_norm": AdaLayerNormZero(24, norm_type="fp32_layer_norm"),
+        "affine": AdaLayerNormContinuous(37, 16, elementwise_affine=True, eps=1e-6),
+    }))
+
+
+def _adaln_inputs(seed=6):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * 2 + 0.5
+
+    return {"zero": (rand(3, 5, 37),), "single": (rand(1, 1, 37), rand(1, 37)),
+            "zero_dit": (rand(2, 7, 24), torch.tensor([0.3, 0.9], dtype=torch.float64), torch.tensor([1, 4])),
+            "sd35_x": (rand(3, 4, 24), rand(3, 24)), "continuous": (rand(3, 5, 37), rand(3, 16)),
+            "continuous_c1": (rand(2, 3, 1), rand(2, 16))}
+
+
+def _adaln_call(name, module, args, dtype):
+    args = [a.to(dtype) if a.is_floating_point() else a for a in args]
+    if name == "zero":
+        return module(args[0], emb=torch.randn(args[0].shape[0], 37, generator=torch.Generator().manual_seed(2),
+                                                dtype=torch.float64).to(dtype))
+    if name == "zero_dit":
+        return module(args[0], timestep=args[1], class_labels=args[2], hidden_dtype=dtype)
+    return module(*args)
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "triton-interp", "reference"])
+def test_adaln_modules_equal_diffusers(backend_name, monkeypatch):
+    """Every returned tensor (the modulated x, the gates, the MLP's shift and scale: diffusers'
+    chunk order) equals diffusers' own module run in float64; unsupported norms keep theirs."""
+    be, _ = setup_backend(backend_name, None, monkeypatch)
+    zoo = _adaln_zoo()
+    inputs = _adaln_inputs()
+    with torch.no_grad():
+        ref = {n: _adaln_call(n, copy.deepcopy(zoo[n]).double(), a, torch.float64) for n, a in inputs.items()}
+    keys = list(zoo.state_dict())
+    fastdiff.optimize(zoo, backend=be)
+    assert list(zoo.state_dict()) == keys
+    assert {n for n, m in zoo.items() if isinstance(m, FusedAdaLN)} == set(inputs)
+    why = dict(fastdiff.optimize_report(zoo).not_replaced)
+    assert "FP32LayerNorm" in why["fp32_layer_norm"] and "affine" in why["affine"]
+    with torch.no_grad():
+        for name, args in inputs.items():
+            out, r = _adaln_call(name, zoo[name], args, torch.float32), ref[name]
+            outs, refs = (out, r) if isinstance(out, tuple) else ((out,), (r,))
+            assert len(outs) == len(refs)
+            for o, rr in zip(outs, refs):
+                assert o.dtype == torch.float32 and o.shape == rr.shape
+                assert_close(o, rr, torch.float32, what=name)
+
+
+def test_adaln_output_dtype_is_diffusers_promotion(monkeypatch):
+    """bf16 x through an fp32 module: diffusers' result is fp32 (bf16 norm times fp32 scale)."""
+    be, _ = setup_backend("cpu", None, monkeypatch)
+    original = _adaln_zoo()["single"]
+    fused = fastdiff.optimize(nn.ModuleDict({"m": copy.deepcopy(original)}), backend=be)["m"]
+    x, emb = torch.randn(2, 3, 37).to(torch.bfloat16), torch.randn(2, 37)
+    with torch.no_grad():
+        theirs, ours = original(x, emb), fused(x, emb)
+        ref = copy.deepcopy(original).double()(x.double(), emb.double())
+    for o, t, r in zip(ours, theirs, ref):
+        assert o.dtype == t.dtype == torch.float32
+        assert_close(o, r, torch.float32, what="bf16 x")

@@ -2,7 +2,7 @@
 
 Each function here is the eager specification of one computation (plain PyTorch: the "eager
 twin") and, with `backend=` set, runs the fused op instead (`fastdiff::group_norm_silu`,
-`fastdiff::attention` through `fastdiff.ops`, `linear_residual`). The modules in
+`fastdiff::attention`, `fastdiff::layer_norm_modulate` through `fastdiff.ops`, `linear_residual`). The modules in
 `fastdiff.nn` hold the parameters and call these functions with them, so switching between
 the two never changes a parameter name or a state_dict.
 
@@ -31,6 +31,7 @@ from torch.autograd.function import once_differentiable
 from fastdiff.ops.attention import kv_attention as fused_kv_attention
 from fastdiff.ops.attention import qkv_attention as fused_qkv_attention
 from fastdiff.ops.group_norm_silu import group_norm_silu as fused_group_norm_silu
+from fastdiff.ops.layer_norm_modulate import layer_norm_modulate as fused_layer_norm_modulate
 from fastdiff.ops.linear_residual import linear_residual as fused_linear_residual
 
 
@@ -99,6 +100,21 @@ def group_norm_silu(
         return h
 
     return _run(eager, fused, backend, x, weight, bias, add, residual)
+
+
+def layer_norm_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6,
+                        backend: Optional[str] = None) -> torch.Tensor:
+    """`LayerNorm(x) * (1 + scale[:, None]) + shift[:, None]` (LayerNorm without affine), x
+    (B, L, C), scale and shift (B, C): adaLN modulation. backend=None: plain PyTorch (as
+    diffusers writes it); else the fused op on that backend."""
+
+    def fused(x, scale, shift):
+        return fused_layer_norm_modulate(x, scale, shift, eps=eps, backend=backend)
+
+    def eager(x, scale, shift):
+        return F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale[:, None]) + shift[:, None]
+
+    return _run(eager, fused, backend, x, scale, shift)
 
 
 def split_heads(t: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -13,8 +13,11 @@
   views of it and writes the (B, L, H*D) layout the output projections take (no transposes).
   Modules with q/k norms other than per-head RMSNorm or with any other processor (IP-Adapter,
   a user's own, a subclass) keep theirs, and the report says why.
-* adaLN (LayerNorm without affine, then x * (1 + scale) + shift, gates in the block's forward):
-  runs as in diffusers, reported as not fused: fastdiff has no adaLN-modulation op yet.
+* adaLN modules (AdaLayerNormZero, AdaLayerNormZeroSingle, SD35AdaLayerNormZeroX,
+  AdaLayerNormContinuous: norm1 / norm1_context / norm_out) become the fused modules of `adaln`
+  (LayerNorm + modulation in one `fastdiff::layer_norm_modulate`). The blocks' norm2 /
+  norm2_context (a LayerNorm without affine modulated by the block's own forward code) run as in
+  diffusers, reported so.
 """
 from __future__ import annotations
 
@@ -23,18 +26,16 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
-from diffusers.models.normalization import (AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle,
-                                            RMSNorm, SD35AdaLayerNormZeroX)
+from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 
+from fastdiff.integrations.diffusers import adaln
 from fastdiff.integrations.diffusers.models import packed_linear, packed_projections
 from fastdiff.nn import functional as FD
 
 # the processors whose computation FastdiffJointAttnProcessor reproduces, by module type
 _THEIRS = {Attention: JointAttnProcessor2_0, FluxAttention: FluxAttnProcessor}
-_ADALN = (AdaLayerNormZero, AdaLayerNormZeroSingle, AdaLayerNormContinuous, SD35AdaLayerNormZeroX)
-_ADALN_WHY = ("runs as in diffusers: LayerNorm + adaLN modulation (x * (1 + scale) + shift) is not fused, fastdiff "
-              "has no adaLN op yet")
+_ROOT = "it is the model passed to optimize() itself and cannot be replaced in place: optimize its parent"
 
 
 def _norm_unsupported(norm: Optional[nn.Module], head_dim: int) -> Optional[str]:
@@ -192,8 +193,15 @@ def _is_joint(module: nn.Module) -> bool:
 
 
 def transform(parent: Optional[nn.Module], name: str, child: nn.Module, backend: str) -> Optional[bool]:
-    """Give `child` the fused processor if it is SD3/Flux joint attention. None: not ours;
-    True: handled (do not descend)."""
+    """Give `child` the fused processor if it is SD3/Flux joint attention, or replace it by its
+    fused module if it is an adaLN norm. None: not ours; True: handled (do not descend)."""
+    if isinstance(child, adaln.FusedAdaLN):
+        child.backend = backend
+        return True
+    if type(child) in adaln.FUSED:
+        if parent is not None and adaln.adaln_unsupported(child) is None:
+            setattr(parent, name, adaln.FUSED[type(child)](child, backend))
+        return True
     if not _is_joint(child):
         return None
     if joint_attention_unsupported(child) is None:
@@ -215,9 +223,14 @@ def describe(module: nn.Module) -> Optional[Tuple[str, str, bool]]:
         rope = " + rotary embedding" if isinstance(module, FluxAttention) else ""
         return ("replaced", f"{kind}: FastdiffJointAttnProcessor (packed QKV GEMM per stream{norms}{rope} into one "
                             f"joint buffer, fastdiff::attention) on backend {module.processor.backend!r}", False)
-    if isinstance(module, _ADALN):
-        return "not_replaced", f"{type(module).__name__} {_ADALN_WHY}", False
+    if isinstance(module, adaln.FusedAdaLN):
+        return ("replaced", f"{module.original.__name__}: LayerNorm + adaLN modulation (x * (1 + scale) + shift) in one "
+                            f"fastdiff::layer_norm_modulate on backend {module.backend!r}; the emb projection and "
+                            f"its chunks as in diffusers", False)
+    if type(module) in adaln.FUSED:
+        return ("not_replaced", f"{type(module).__name__} left as is (adaLN): "
+                                f"{adaln.adaln_unsupported(module) or _ROOT}", False)
     if type(module) is nn.LayerNorm and not module.elementwise_affine:
-        return "not_replaced", ("LayerNorm without affine: its block's forward modulates it (adaLN), which fastdiff "
-                                "does not fuse yet"), False
+        return "not_replaced", ("LayerNorm without affine: its block's forward modulates it (adaLN written in the "
+                                "forward code, not a module fastdiff swaps): runs as in diffusers"), False
     return None
