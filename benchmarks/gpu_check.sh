@@ -84,6 +84,7 @@
 #   bench:attention    attention and linear_residual                                             35
 #   bench:unet         U-Net forward: eager vs fused                                             20
 #   bench:transformers diffusers SD3 / Flux transformer forward: diffusers vs fastdiff.optimize    45
+#   bench:layer_norm_modulate  adaLN LayerNorm + modulation at SD3 / Flux widths: eager vs Triton  20
 #   bench:generate     fastdiff.generate vs a plain sample() loop (digits model)                 20
 #   compile:unet       torch.compile of the U-Net forward, largest workload (bench_unet)        150
 #   compile:sample     torch.compile(mode="max-autotune") sampling, largest workload            390
@@ -116,12 +117,13 @@ PY=${PYTHON:-python3}
 # Phases in priority order; DEFAULT=0: only when named in --phases.
 PHASES=(versions build tests bench:diffusers sanitize:memcheck sanitize:racecheck tests:triton bench:copy
         bench:solver_step bench:group_norm_silu bench:sampling bench:attention bench:unet bench:transformers
-        bench:generate compile compile:unet compile:sample ncu)
+        bench:layer_norm_modulate bench:generate compile compile:unet compile:sample ncu)
 declare -A CAP=([setup]=20 [versions]=10 [build]=90 [tests]=45 [bench:diffusers]=80 [sanitize:memcheck]=50
   [sanitize:racecheck]=35 [tests:triton]=60 [bench:copy]=15 [bench:solver_step]=25 [bench:group_norm_silu]=25
-  [bench:sampling]=45 [bench:attention]=35 [bench:unet]=20 [bench:transformers]=45 [bench:generate]=20 [compile]=25 [compile:unet]=150
+  [bench:sampling]=45 [bench:attention]=35 [bench:unet]=20 [bench:transformers]=45 [bench:layer_norm_modulate]=20 [bench:generate]=20 [compile]=25 [compile:unet]=150
   [compile:sample]=390 [ncu]=45 [report]=15)
-declare -A DEFAULT=([bench:sampling]=0 [bench:attention]=0 [bench:unet]=0 [bench:transformers]=0 [bench:generate]=0
+declare -A DEFAULT=([bench:sampling]=0 [bench:attention]=0 [bench:unet]=0 [bench:transformers]=0
+  [bench:layer_norm_modulate]=0 [bench:generate]=0
   [compile:unet]=0 [compile:sample]=0)
 declare -A WHAT=([setup]="GPU probe and result naming (always runs)"
   [versions]="driver, toolkit and library versions, carried wheels; commit"
@@ -135,6 +137,7 @@ declare -A WHAT=([setup]="GPU probe and result naming (always runs)"
   [bench:group_norm_silu]="fused GroupNorm+SiLU" [bench:sampling]="sampling: eager vs fused vs graph"
   [bench:attention]="attention and linear_residual" [bench:unet]="U-Net forward: eager vs fused"
   [bench:transformers]="diffusers SD3 / Flux transformer forward: diffusers vs fastdiff.optimize"
+  [bench:layer_norm_modulate]="fused adaLN LayerNorm + modulation (SD3 / Flux widths)"
   [bench:generate]="fastdiff.generate vs a plain sample() loop (digits model)"
   [compile]="torch.compile providers of the kernel benchmarks, largest size (after a probe)"
   [compile:unet]="torch.compile U-Net forward, largest workload (after a probe)"
@@ -183,9 +186,9 @@ BUDGET=${FASTDIFF_CHECK_BUDGET:-540}
 
 if (( PLAN_ONLY )); then
   total=0
-  printf '%-22s %6s  %s\n' phase cap_s what
+  printf '%-25s %6s  %s\n' phase cap_s what
   for ph in "${ORDER[@]}"; do
-    printf '%-22s %6s  %s\n' "$ph" "${CAP[$ph]}" "${WHAT[$ph]}"
+    printf '%-25s %6s  %s\n' "$ph" "${CAP[$ph]}" "${WHAT[$ph]}"
     total=$((total + ${CAP[$ph]}))
   done
   (( total > BUDGET )) && echo "note: over FASTDIFF_CHECK_BUDGET=$BUDGET s: the last phases get what is left, or are skipped"
@@ -472,7 +475,7 @@ phase_tests() {
 # The files with Triton-on-GPU cases, one pytest each, all at once: a cold Triton compile runs on
 # one core, and these files launch ~250 kernel specialisations (benchmarks/NOTES.md).
 TRITON_TEST_FILES=(tests/test_solver_step.py tests/test_group_norm_silu.py tests/test_attention.py
-                   tests/test_sample_fused.py tests/test_fused_unet.py)
+                   tests/test_sample_fused.py tests/test_fused_unet.py tests/test_layer_norm_modulate.py)
 phase_tests_triton() {
   local f stem pids=() bad=0 t0
   t0=$(date +%s)

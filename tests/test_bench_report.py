@@ -710,7 +710,7 @@ def test_gpu_check_full_run_against_fakes(tmp_path):
     assert len(cuda_tests) == 1
     assert all(f"tests/{f}" in cuda_tests[0] for f in ("test_solver_step.py", "test_graphs.py", "test_fused_unet.py"))
     triton_tests = [c for c in calls if c.startswith("python ") and "-m gpu -k triton" in c]
-    assert len(triton_tests) == 5 and all(c.count("tests/test_") == 1 for c in triton_tests)  # one pytest per file
+    assert len(triton_tests) == 6 and all(c.count("tests/test_") == 1 for c in triton_tests)  # one pytest per file
     sanitize = [c for c in calls if c.startswith("compute-sanitizer --tool ")]
     assert [c.split()[2] for c in sanitize] == ["memcheck", "racecheck"]
     for c in sanitize:
@@ -778,7 +778,7 @@ def test_gpu_check_rehearse_against_fakes(tmp_path):
     assert any("gpu_stack.py view" in c for c in calls)
     python = [c for c in calls if c.startswith("python -S ")]
     pytest_calls = [c for c in python if "-m pytest" in c]
-    assert len(pytest_calls) == 1 + 5 + 2 + 4 + 1 + 2  # tests, tests:triton, sanitize, bench, compile, ncu
+    assert len(pytest_calls) == 1 + 6 + 2 + 4 + 1 + 2  # tests, tests:triton, sanitize, bench, compile, ncu
     assert all(c.split(" | ")[0].endswith("--collect-only -rs") for c in pytest_calls)
     assert [c for c in python if "pip install" in c] == [c for c in python if "-e . --dry-run" in c] != []
     assert not any("torch.compile" in c or "--launch-count 1" in c or "install-plan" in c for c in calls)

@@ -170,3 +170,66 @@ def test_torch_compile_and_fake_tensors_see_the_op():
         assert out.shape == (2, 3, 8)
         with pytest.raises(ValueError, match="scale must have shape"):
             layer_norm_modulate(x, torch.empty(2, 7), torch.empty(2, 8))
+
+
+# Triton compiles for a GPU target without a GPU (catches compiled-mode errors the interpreter
+# does not see): the one-block row (SD3 / Flux widths) and the multi-block loop, bf16.
+
+GPU_COMPILE_CASES = [True, False]  # ONE_BLOCK
+
+
+def gpu_compile_case(one_block, cc):
+    """Run by gpu_compile.compile_isolated in a fresh interpreter: compile one launch variant
+    for sm_<cc>; -> a summary of the PTX and the resources."""
+    import inspect
+
+    import triton
+
+    from gpu_compile import compile_for_gpu
+
+    kmod = _dispatch.import_kernel("layer_norm_modulate")
+    consts = dict(BLOCK_C=kmod.MAX_BLOCK, ONE_BLOCK=one_block)
+    sig, attrs = {}, {}
+    for i, p in enumerate(inspect.signature(kmod._layer_norm_modulate_kernel).parameters):
+        if p in consts:
+            sig[p] = "constexpr"
+        elif p.endswith("_ptr"):
+            sig[p] = "*bf16"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[p] = "fp32" if p == "eps" else "i32"
+    k = compile_for_gpu(triton.jit(kmod._layer_norm_modulate_kernel), sig, consts, attrs, cc, dict(num_warps=8))
+    ptx = k.pop("ptx")
+    return dict(k, named="_layer_norm_modulate_kernel" in ptx)
+
+
+@pytest.fixture(scope="module")
+def gpu_compiled():
+    from gpu_compile import compile_isolated
+
+    cases = [[c, cc] for cc in (90, 80) for c in GPU_COMPILE_CASES]
+    return dict(zip((tuple(c) for c in cases), compile_isolated("test_layer_norm_modulate", "gpu_compile_case", cases)))
+
+
+@pytest.mark.parametrize("cc", [90, 80])
+@pytest.mark.parametrize("one_block", GPU_COMPILE_CASES, ids=["one-block", "multi-block"])
+def test_triton_compiles_for_gpus(one_block, cc, gpu_compiled):
+    """No GPU needed: each variant compiles for sm_90a and sm_80 and spills nothing."""
+    from gpu_compile import SHARED_LIMIT
+
+    k = gpu_compiled[(one_block, cc)]
+    assert k["named"]
+    assert k["stack"] == 0, f"sm_{cc}: {k['regs']} registers and {k['stack']} bytes of stack per thread: spills"
+    assert k["shared"] <= SHARED_LIMIT[cc], k
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(2, 333, 1536), (2, 4608, 3072), (1, 7, 5000)], ids=["sd3-text", "flux", "loop"])
+def test_gpu_triton_transformer_shapes(shape, dtype, monkeypatch):
+    """SD3 / Flux widths on the GPU (one block), and a row wider than the block (the loop)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, scale, shift = make_case(*shape, DTYPES[dtype], "cuda", _seed("gpu", shape), strided=True)
+    out = layer_norm_modulate(x, scale, shift, out=_poisoned(x), backend="triton")
+    assert_close_each(out, oracle(x, scale, shift, 1e-6), DTYPES[dtype], what=str(shape))

@@ -224,9 +224,9 @@ def describe(module: nn.Module) -> Optional[Tuple[str, str, bool]]:
         return ("replaced", f"{kind}: FastdiffJointAttnProcessor (packed QKV GEMM per stream{norms}{rope} into one "
                             f"joint buffer, fastdiff::attention) on backend {module.processor.backend!r}", False)
     if isinstance(module, adaln.FusedAdaLN):
-        return ("replaced", f"{module.original.__name__}: LayerNorm + adaLN modulation (x * (1 + scale) + shift) in one "
-                            f"fastdiff::layer_norm_modulate on backend {module.backend!r}; the emb projection and "
-                            f"its chunks as in diffusers", False)
+        return ("replaced", f"{module.original.__name__}: LayerNorm + adaLN modulation (x * (1 + scale) + shift) in "
+                            f"one fastdiff::layer_norm_modulate on backend {module.backend!r}; the emb projection "
+                            f"and its chunks as in diffusers", False)
     if type(module) in adaln.FUSED:
         return ("not_replaced", f"{type(module).__name__} left as is (adaLN): "
                                 f"{adaln.adaln_unsupported(module) or _ROOT}", False)
