@@ -370,3 +370,20 @@ def test_adaln_output_dtype_is_diffusers_promotion(monkeypatch):
     for o, t, r in zip(ours, theirs, ref):
         assert o.dtype == t.dtype == torch.float32
         assert_close(o, r, torch.float32, what="bf16 x")
+
+
+def test_adaln_on_a_backend_the_op_does_not_have_runs_eager_and_says_so():
+    """optimize(backend="cuda"): fastdiff has no CUDA kernel for layer_norm_modulate (Triton is
+    its GPU kernel), so the fused modules run diffusers' eager ops; the report names why."""
+    zoo = _adaln_zoo()
+    inputs = _adaln_inputs()
+    with torch.no_grad():
+        theirs = {n: _adaln_call(n, zoo[n], a, torch.float32) for n, a in inputs.items()}
+    fastdiff.optimize(zoo, backend="cuda")
+    why = dict(fastdiff.optimize_report(zoo).not_replaced)
+    assert all("'cuda', which fastdiff::layer_norm_modulate does not have" in why[n] for n in inputs)
+    with torch.no_grad():
+        for name, args in inputs.items():
+            out = _adaln_call(name, zoo[name], args, torch.float32)
+            for o, t in zip(*((out, theirs[name]) if isinstance(out, tuple) else ((out,), (theirs[name],)))):
+                assert torch.equal(o, t), name

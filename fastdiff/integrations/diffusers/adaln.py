@@ -13,6 +13,8 @@ chunks as diffusers does, and run the norm and the modulation as one op:
 
 The output dtype is diffusers': x's and the projection's promoted together. A norm other than
 nn.LayerNorm without affine (FP32LayerNorm, RMSNorm, an affine LayerNorm) keeps the original.
+optimize(backend="cuda") (a backend the op does not have) runs the modulation as diffusers'
+eager ops, and the report says so.
 """
 from __future__ import annotations
 
@@ -24,6 +26,14 @@ from diffusers.models.normalization import (AdaLayerNormContinuous, AdaLayerNorm
                                             SD35AdaLayerNormZeroX)
 
 from fastdiff.nn import functional as FD
+from fastdiff.ops.layer_norm_modulate import DISPATCH
+
+
+def op_backend(backend: str) -> Optional[str]:
+    """The op's backend for optimize()'s `backend`; None (diffusers' eager ops, and the report
+    says so) for a name the op does not have: "cuda" (fastdiff has no CUDA kernel for it; on
+    CUDA tensors Triton is its kernel)."""
+    return backend if backend == "auto" or backend in DISPATCH.backends else None
 
 
 class FusedAdaLN(nn.Module):
@@ -37,7 +47,8 @@ class FusedAdaLN(nn.Module):
 
     def _modulate(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(x.dtype, scale.dtype)  # diffusers' result dtype
-        return FD.layer_norm_modulate(x.to(dtype), scale.to(dtype), shift.to(dtype), self.norm.eps, self.backend)
+        return FD.layer_norm_modulate(x.to(dtype), scale.to(dtype), shift.to(dtype), self.norm.eps,
+                                      op_backend(self.backend))
 
 
 class FusedAdaLayerNormZero(FusedAdaLN):

@@ -223,6 +223,10 @@ def describe(module: nn.Module) -> Optional[Tuple[str, str, bool]]:
         rope = " + rotary embedding" if isinstance(module, FluxAttention) else ""
         return ("replaced", f"{kind}: FastdiffJointAttnProcessor (packed QKV GEMM per stream{norms}{rope} into one "
                             f"joint buffer, fastdiff::attention) on backend {module.processor.backend!r}", False)
+    if isinstance(module, adaln.FusedAdaLN) and adaln.op_backend(module.backend) is None:
+        return ("not_replaced", f"{module.original.__name__}: backend {module.backend!r}, which "
+                                f"fastdiff::layer_norm_modulate does not have (backends {adaln.DISPATCH.backends}): "
+                                f"LayerNorm + adaLN modulation run as diffusers' eager ops", False)
     if isinstance(module, adaln.FusedAdaLN):
         return ("replaced", f"{module.original.__name__}: LayerNorm + adaLN modulation (x * (1 + scale) + shift) in "
                             f"one fastdiff::layer_norm_modulate on backend {module.backend!r}; the emb projection "
