@@ -233,3 +233,13 @@ def test_gpu_triton_transformer_shapes(shape, dtype, monkeypatch):
     x, scale, shift = make_case(*shape, DTYPES[dtype], "cuda", _seed("gpu", shape), strided=True)
     out = layer_norm_modulate(x, scale, shift, out=_poisoned(x), backend="triton")
     assert_close_each(out, oracle(x, scale, shift, 1e-6), DTYPES[dtype], what=str(shape))
+
+
+def test_torch_compile_traces_the_registered_op():
+    x, scale, shift = make_case(2, 3, 24, torch.float32, "cpu", 11, strided=True)
+
+    def block(x, scale, shift):
+        return layer_norm_modulate(x * 2, scale, shift, backend="cpu") + 1
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x, scale, shift), block(x, scale, shift))
