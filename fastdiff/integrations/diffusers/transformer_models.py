@@ -6,7 +6,7 @@
   `FluxAttnProcessor` (double-stream blocks: image + context; single-stream blocks: one stream,
   no output projection) get `FastdiffJointAttnProcessor`: one packed QKV GEMM per stream (Flux
   after `fuse_qkv_projections()`: its packed layers, else the weights packed once into one buffer
-  per stream, the parameters views of it: `models.PackedProjections`), both
+  per stream, the parameters views of it: `packed.PackedProjections`), both
   streams' projections side by side in one (B, L, 3, H, D) buffer, q/k RMSNorm (SD3 with
   qk_norm="rms_norm", Flux always) and Flux's rotary embedding applied to q and k together, in
   float32, rounded once, on their way into that buffer; then `fastdiff::attention` reads head-split
@@ -30,7 +30,7 @@ from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 
 from fastdiff.integrations.diffusers import adaln
-from fastdiff.integrations.diffusers.models import packed_linear, packed_projections
+from fastdiff.integrations.diffusers.packed import packed_linear, packed_projections
 from fastdiff.nn import functional as FD
 
 # the processors whose computation FastdiffJointAttnProcessor reproduces, by module type
