@@ -95,7 +95,7 @@ def fused_coefficients(sigmas):
     p, q = 1.0 / alpha_s0, -sigma_s0 / alpha_s0  # D = x0 = (x - sigma eps) / alpha
     a = sigma_t / sigma_s0
     b0, b1 = k * (1.0 + 0.5 / r0), -k * 0.5 / r0
-    return [p, q, a, b0, b1, 0.0, 0.0, 0.0]
+    return [p, q, a, b0, b1, 0.0, 0.0, 0.0, 0.0]
 
 
 COEF = fused_coefficients(SIGMAS)

@@ -25,7 +25,7 @@ from fastdiff.ops.solver_step import check_solver_step_args, solver_step
 from bench_diffusers import _scheduler, diffusers_loop  # benchmarks/, the script's folder
 from solver_step_cpu_bandwidth import median_s
 
-COEF = [0.9, -0.4, 0.7, 0.2, -0.1, 0.0, 0.0, 0.0]
+COEF = [0.9, -0.4, 0.7, 0.2, -0.1, 0.0, 0.0, 0.0, 0.0]
 SLOTS = [0, 1, -1, -1]
 STEPS, GUIDANCE = 20, 7.5
 

@@ -26,7 +26,7 @@ from fastdiff import _ext
 
 SMALL, BIG = 4096, 16384  # 0.1 and 0.4 MB per fp32 step: in the L2
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-COEF = [0.9, -0.4, 0.7, 0.2, -0.1, 0.0, 0.0, 0.0]
+COEF = [0.9, -0.4, 0.7, 0.2, -0.1, 0.0, 0.0, 0.0, 0.0]
 SLOTS = [0, 1, -1, -1]
 
 

@@ -89,8 +89,11 @@ class Sampler:
         variance: "ddpm" posterior variance, "small" (beta tilde, the default) or "large" (beta);
             only for "ddpm". Every step but one from t = 0 adds it (Ho et al., diffusers): with
             "large" a last step from t > 0 to the clean end adds sqrt(beta) noise.
-        clamp: if set, the data prediction x0 is clamped to [-clamp, clamp] (and eps recomputed
-            from it), like diffusers' clip_sample.
+        clamp: if set, the data prediction x0 is clamped to [-clamp, clamp], like diffusers'
+            clip_sample. The noise estimate follows the clamped x0 but for "ddim" (next option).
+        clamped_model_output: "ddim" only: True takes its noise estimate from the clamped x0
+            (diffusers' use_clipped_model_output=True); False (the default, diffusers' default)
+            keeps the model's own.
         round_timesteps: round model times to integer training timesteps (discrete VP only);
             coinciding points are dropped with a warning.
         backend: "reference" runs the textbook solvers in plain PyTorch (the oracle). Every other
@@ -144,7 +147,8 @@ class Sampler:
                  spacing: Optional[str] = None,
                  prediction: str = "epsilon", model_time: str = "timestep", final: str = "zero",
                  eta: Optional[float] = None, lower_order_final: bool = True, variance: Optional[str] = None,
-                 clamp: Optional[float] = None, round_timesteps: bool = False, backend: str = "auto",
+                 clamp: Optional[float] = None, clamped_model_output: bool = False, round_timesteps: bool = False,
+                 backend: str = "auto",
                  zero_terminal_snr: bool = False, shift: float = 1.0, steps_offset: int = 0, rho: float = 7.0,
                  sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, sigmas=None, timesteps=None,
                  boundary_scaling: Optional[float] = None, order: Optional[int] = None,
@@ -173,6 +177,11 @@ class Sampler:
         self.noise_scale, self.output_scale = float(noise_scale), float(output_scale)
         if clamp is not None and (isinstance(clamp, bool) or not isinstance(clamp, (int, float)) or not clamp > 0):
             raise ValueError(f"clamp: expected a positive bound or None, got {clamp!r}")
+        if not isinstance(clamped_model_output, bool):
+            raise ValueError(f"clamped_model_output: expected True or False, got {clamped_model_output!r}")
+        if clamped_model_output and solver != "ddim":
+            raise ValueError(f"clamped_model_output: only 'ddim' takes it (the other solvers' noise estimate "
+                             f"always follows the clamped x0), not {solver!r}")
         if not (isinstance(lower_order_final, bool) or lower_order_final == "last"):
             raise ValueError(f"lower_order_final: expected True, False or 'last', got {lower_order_final!r}")
         if lower_order_final == "last" and not solver.startswith("dpmpp_"):
@@ -248,7 +257,8 @@ class Sampler:
                             spacing=spacing.as_dict() if isinstance(spacing, TwoStage) else spacing,
                             prediction=prediction, model_time=model_time,
                             final=final, eta=eta, lower_order_final=lower_order_final, variance=variance, clamp=clamp,
-                            round_timesteps=round_timesteps, backend=backend, zero_terminal_snr=zero_terminal_snr,
+                            clamped_model_output=clamped_model_output, round_timesteps=round_timesteps,
+                            backend=backend, zero_terminal_snr=zero_terminal_snr,
                             shift=shift, steps_offset=steps_offset, rho=rho, sigma_min=sigma_min, sigma_max=sigma_max,
                             boundary_scaling=boundary_scaling,
                             schedule=schedule if isinstance(schedule, str) else repr(schedule),
@@ -262,6 +272,8 @@ class Sampler:
             self._solver_args["boundary_scaling"] = boundary_scaling
         if d2_weight is not None:
             self._solver_args["d2_weight"] = float(d2_weight)
+        if solver == "ddim":
+            self._solver_args["clamped_model_output"] = clamped_model_output
         self._solver_cls = cls
         self.clamp = clamp
         self._times, self._row_args = {}, None
@@ -293,7 +305,8 @@ class Sampler:
         else:
             self.table = build_table(solver, self.grid, prediction, eta=eta, lower_order_final=lower_order_final,
                                      variance=variance, boundary_scaling=boundary_scaling,
-                                     d2_weight=2.0 if d2_weight is None else float(d2_weight), **unipc)
+                                     d2_weight=2.0 if d2_weight is None else float(d2_weight),
+                                     unclamped_noise=clamp is not None and not clamped_model_output, **unipc)
         self._last_step = self.grid.steps
         if last_step is not None:
             if isinstance(last_step, bool) or not isinstance(last_step, (int, np.integer)) or not (
@@ -312,7 +325,7 @@ class Sampler:
 
     @classmethod
     def from_scheduler(cls, scheduler, steps: Optional[int] = None, *, scheduler_class=None, mu=None, sigmas=None,
-                       timesteps=None, **overrides) -> "Sampler":
+                       timesteps=None, use_clipped_model_output: bool = False, **overrides) -> "Sampler":
         """The plan a diffusers scheduler describes: the same model times and noise levels as its
         `set_timesteps(steps, mu=, sigmas=, timesteps=)`, the same update (see
         `fastdiff.integrations.diffusers.schedulers` for the mapping and where fastdiff differs on
@@ -320,10 +333,13 @@ class Sampler:
         `pipe.scheduler.config` with `scheduler_class=` naming the class; no diffusers import
         needed). Config keys the scheduler does not take are ignored, as diffusers ignores them.
         `mu`, `sigmas`, `timesteps`: set_timesteps' own arguments, in the scheduler's terms (mu:
-        FlowMatch dynamic shifting). `overrides`: Sampler options replacing the mapped ones
+        FlowMatch dynamic shifting). `use_clipped_model_output`: DDIMScheduler.step's argument
+        (Sampler's clamped_model_output). `overrides`: Sampler options replacing the mapped ones
         (backend=, eta= for DDIM, ...)."""
         from fastdiff.integrations.diffusers.schedulers import sampler_options
         options = sampler_options(scheduler, steps, scheduler_class, mu=mu, sigmas=sigmas, timesteps=timesteps)
+        if use_clipped_model_output:
+            options["clamped_model_output"] = True
         return cls(**{**options, **overrides})
 
     @property

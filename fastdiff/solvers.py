@@ -42,6 +42,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from fastdiff.grid import Grid
+from fastdiff.ops.solver_step import NUM_COEFS
 from fastdiff.reference.solvers import ancestral_split, singlestep_orders
 
 
@@ -49,7 +50,7 @@ from fastdiff.reference.solvers import ancestral_split, singlestep_orders
 class SolverTable:
     """R rows, one per model call (R = N grid steps for every solver but Heun)."""
 
-    coef: np.ndarray        # (R, 8) float64: p, q, a, b0, b1, b2, b3, c
+    coef: np.ndarray        # (R, 9) float64: p, q, a, b0, b1, b2, b3, c, r (fastdiff::solver_step)
     slots: np.ndarray       # (R, 4) int64: write, read D_{r-1}, read D_{r-2}, read D_{r-3}; -1 unused
     history: int            # ring-buffer slots S
     model_time: np.ndarray  # (R,) float64: what the model is called with for the row
@@ -75,7 +76,7 @@ class SolverTable:
         """This table with its last row writing k times its state (`Sampler`'s output_scale, for
         free: no extra pass); `completed_state` still gives the unscaled state."""
         coef, state = self.coef.copy(), self.step_state.copy()
-        coef[-1, 2:] *= k  # a, b0..b3, c
+        coef[-1, 2:] *= k  # a, b0..b3, c, r
         state[-1, 0] /= k
         return replace(self, coef=coef, step_state=state)
 
@@ -149,14 +150,15 @@ def lcm_boundary(time: float, scaling: float):
 
 def build_table(solver: str, grid: Grid, prediction: str, *, eta: float | None = None, lower_order_final=True,
                 variance: str = "small", boundary_scaling: float | None = None, order: int = 2, variant: str = "bh2",
-                corrector: bool = True, d2_weight: float = 2.0) -> SolverTable:
+                corrector: bool = True, d2_weight: float = 2.0, unclamped_noise: bool = False) -> SolverTable:
     """The coefficient table of `solver` on `grid` (arguments as in `fastdiff.Sampler`;
-    order, variant and corrector are UniPC's)."""
+    order, variant and corrector are UniPC's). `unclamped_noise` ("ddim", for a clamped step): the
+    noise estimate is the model's own, from the unclamped D (the op's r), not the clamped one's."""
     if solver == "unipc":
         return _unipc_table(grid, prediction, order, variant, corrector, lower_order_final)
     n = grid.steps
     al, sg, lam = grid.alpha, grid.sigma, grid.lam
-    coef = np.zeros((n, 8))
+    coef = np.zeros((n, NUM_COEFS))
     slots = np.full((n, 4), -1, dtype=np.int64)
     history = {"dpmpp_2m": 1, "dpmpp_2m_sde": 1, "dpmpp_3m": 2}.get(solver, 0)
     order = {"dpmpp_2m": 2, "dpmpp_2m_sde": 2, "dpmpp_3m": 3}.get(solver, 1)
@@ -164,13 +166,16 @@ def build_table(solver: str, grid: Grid, prediction: str, *, eta: float | None =
         # t: current point, s: where the step ends (the next point but for an explicit step end: ddim)
         (a_t, s_t), (_, a_s, s_s) = (al[i], sg[i]), grid.step_end(i)
         p, q = _data_prediction(a_t, s_t, prediction)
-        a = b0 = b1 = b2 = c = 0.0
+        a = b0 = b1 = b2 = c = unclamped = 0.0
         if solver in ("ddim", "euler", "flow_euler"):
             # All three are the same first-order step in x and D (as is dpmpp_1m, below):
-            # x' = (s'/s) x + (a' - (s'/s) a) D, plus DDIM's optional noise.
+            # x' = (s'/s) x + (a' - (s'/s) a) D, plus DDIM's optional noise. With the model's own
+            # noise estimate (x - a D) / s next to a clamped D: x' = (s'/s) x - (s'/s) a D + a' clamp(D).
             c = 0.0 if solver != "ddim" or not eta else eta * math.sqrt((s_s**2 / s_t**2) * (1 - a_t**2 / a_s**2))
             k = math.sqrt(max(s_s**2 - c * c, 0.0))
             a, b0 = k / s_t, a_s - k * a_t / s_t
+            if unclamped_noise and solver == "ddim":
+                unclamped, b0 = -k * a_t / s_t, a_s
         elif solver == "ddpm":
             ab_t, ab_s = a_t**2, a_s**2
             beta = 1.0 - ab_t / ab_s
@@ -223,7 +228,7 @@ def build_table(solver: str, grid: Grid, prediction: str, *, eta: float | None =
                 p, q = c_out * p + c_skip, c_out * q
         else:
             raise ValueError(f"solver: no coefficient table for {solver!r}")
-        coef[i] = (p, q, a, b0, b1, b2, 0.0, c)
+        coef[i] = (p, q, a, b0, b1, b2, 0.0, c, unclamped)
     return _one_row_per_step(coef, slots, history, grid)
 
 
@@ -263,7 +268,7 @@ def heun_table(grid: Grid, schedule, model_time: str, prediction: str, churn: Ch
     for j in range(n):
         tau_h, a_h, s_h, ks_h = hat[j]
         a_n, s_n = al[j + 1], sg[j + 1]
-        euler = (*_data_prediction(a_h, s_h, prediction), s_n / s_h, a_n - a_h * s_n / s_h, 0.0, 0.0, 0.0, 0.0)
+        euler = (*_data_prediction(a_h, s_h, prediction), s_n / s_h, a_n - a_h * s_n / s_h, 0.0, 0.0, 0.0, 0.0, 0.0)
         times.append(time_at(tau_h, j))
         if s_n == 0.0:
             rows.append((euler, (-1, -1, -1, -1), True, (1.0, 0.0)))
@@ -274,7 +279,7 @@ def heun_table(grid: Grid, schedule, model_time: str, prediction: str, churn: Ch
         if j + 1 < n:  # fold in step j+1's churn
             scale = hat[j + 1][1] / a_n
             c = hat[j + 1][1] * math.sqrt(hat[j + 1][3] ** 2 - ks[j + 1] ** 2) * churn.s_noise
-        trapezoid = (*_data_prediction(a_n, s_n, prediction), scale, -scale * k, scale * k, 0.0, 0.0, c)
+        trapezoid = (*_data_prediction(a_n, s_n, prediction), scale, -scale * k, scale * k, 0.0, 0.0, c, 0.0)
         rows.append((trapezoid, (-1, 0, -1, -1), True, (1.0 / scale, -c / scale)))
         times.append(time_at(grid.tau[j + 1], j + 1))
     a0, ks0 = hat[0][1], hat[0][3]
@@ -294,7 +299,7 @@ def lms_table(grid: Grid, prediction: str, order: int = 4) -> SolverTable:
     n, al, sg, ks = grid.steps, grid.alpha, grid.sigma, grid.karras_sigma
     nodes, weights = np.polynomial.legendre.leggauss(4)
     slots_n = min(order, n)
-    coef = np.zeros((n, 8))
+    coef = np.zeros((n, NUM_COEFS))
     slots = np.full((n, 4), -1, dtype=np.int64)
     for i in range(n):
         p, q = _data_prediction(al[i], sg[i], prediction)
@@ -324,14 +329,14 @@ def flow_heun_table(grid: Grid, schedule, model_time: str, prediction: str) -> S
     for j in range(n):
         ratio = t[j + 1] / t[j]
         last = t[j + 1] == 0.0
-        coef.append([*_data_prediction(grid.alpha[j], t[j], prediction), ratio, 1.0 - ratio, 0.0, 0.0, 0.0, 0.0])
+        coef.append([*_data_prediction(grid.alpha[j], t[j], prediction), ratio, 1.0 - ratio, 0.0, 0.0, 0.0, 0.0, 0.0])
         slots.append([-1 if last else 0, -1, -1, -1])
         times.append(grid.model_time[j])
         ends.append(last)
         if last:
             continue
         k = (t[j + 1] - t[j]) / (2.0 * t[j + 1])
-        coef.append([*_data_prediction(grid.alpha[j + 1], t[j + 1], prediction), 1.0, -k, k, 0.0, 0.0, 0.0])
+        coef.append([*_data_prediction(grid.alpha[j + 1], t[j + 1], prediction), 1.0, -k, k, 0.0, 0.0, 0.0, 0.0])
         slots.append([-1, 0, -1, -1])
         times.append(grid.model_time[j + 1] if j + 1 < n else end_time)
         ends.append(True)
@@ -346,7 +351,7 @@ def deis_table(grid: Grid, prediction: str, order: int, lower_order_final) -> So
     polynomial of point i - j in log rho); first order: c_0 = rho' - rho."""
     n, al, sg, lam = grid.steps, grid.alpha, grid.sigma, grid.lam
     rho = sg / al
-    coef = np.zeros((n, 8))
+    coef = np.zeros((n, NUM_COEFS))
     slots = np.full((n, 4), -1, dtype=np.int64)
     for i in range(n):
         p, q = _data_prediction(al[i], sg[i], prediction)
@@ -390,7 +395,7 @@ def kdpm2_table(grid: Grid, schedule, model_time: str, prediction: str, mid_time
         p, q = _data_prediction(al[i], sg[i], prediction)
         times.append(grid.model_time[i])
         if ks[i + 1] == 0.0:
-            coef.append([p, q, 0.0, al[i + 1], 0.0, 0.0, 0.0, 0.0])
+            coef.append([p, q, 0.0, al[i + 1], 0.0, 0.0, 0.0, 0.0, 0.0])
             slots.append([-1, -1, -1, -1])
             ends.append(True)
             continue
@@ -398,12 +403,12 @@ def kdpm2_table(grid: Grid, schedule, model_time: str, prediction: str, mid_time
         s_mid = math.sqrt(ks[i] * down)
         tau = float(schedule.tau_from_karras_sigma(s_mid))
         a_m, s_m = (float(v) for v in schedule.alpha_sigma(tau))
-        coef.append([p, q, s_m / sg[i], a_m * (1.0 - s_mid / ks[i]), 0.0, 0.0, 0.0, 0.0])
+        coef.append([p, q, s_m / sg[i], a_m * (1.0 - s_mid / ks[i]), 0.0, 0.0, 0.0, 0.0, 0.0])
         slots.append([0, -1, -1, -1])
         ends.append(False)
         k = al[i + 1] / s_mid
         coef.append([*_data_prediction(a_m, s_m, prediction), k * down / a_m, -k * (down - ks[i]),
-                     k * (s_mid - ks[i]), 0.0, 0.0, al[i + 1] * up])
+                     k * (s_mid - ks[i]), 0.0, 0.0, al[i + 1] * up, 0.0])
         slots.append([-1, 0, -1, -1])
         times.append(float(schedule.model_time(np.array([tau]), model_time)[0]) if mid_times is None
                      else float(mid_times[i]))
@@ -416,7 +421,7 @@ def tcd_table(grid: Grid, schedule, prediction: str, gamma: float) -> SolverTabl
     in x and D, x_s = (sigma_s / sigma) x + (alpha_s - sigma_s alpha / sigma) D, scaled by
     k = alpha' / alpha_s, plus noise sqrt(1 - k^2) z but on the last row."""
     n, al, sg = grid.steps, grid.alpha, grid.sigma
-    coef = np.zeros((n, 8))
+    coef = np.zeros((n, NUM_COEFS))
     for i in range(n):
         if sg[i + 1] == 0.0:  # a step to sigma = 0 ends there: x' = D
             a_s, s_s = al[i + 1], 0.0
@@ -425,7 +430,7 @@ def tcd_table(grid: Grid, schedule, prediction: str, gamma: float) -> SolverTabl
         k = al[i + 1] / a_s
         c = 0.0 if i == n - 1 else math.sqrt(max(1.0 - k * k, 0.0))
         coef[i] = (*_data_prediction(al[i], sg[i], prediction), k * s_s / sg[i],
-                   k * (a_s - s_s * al[i] / sg[i]), 0.0, 0.0, 0.0, c)
+                   k * (a_s - s_s * al[i] / sg[i]), 0.0, 0.0, 0.0, c, 0.0)
     return _one_row_per_step(coef, np.full((n, 4), -1, dtype=np.int64), 0, grid)
 
 
@@ -440,7 +445,7 @@ def dpmpp_singlestep_table(grid: Grid, prediction: str, order: int, lower_order_
     w_u = F/r with F = a_t ((e^{-h} - 1)/h + 1). With order 3 the second row stores D_u (slot 1)."""
     n, al, sg, lam = grid.steps, grid.alpha, grid.sigma, grid.lam
     orders = singlestep_orders(n, lower_order_final is True, order)
-    coef = np.zeros((n, 8))
+    coef = np.zeros((n, NUM_COEFS))
     slots = np.full((n, 4), -1, dtype=np.int64)
     block = {}  # the current block's x_u expressed in x_s: its coefficients on D_k, by block position
     for i in range(n):
@@ -515,7 +520,7 @@ def pndm_table(grid: Grid, schedule, model_time: str, prediction: str, prk: bool
     coef, slots, times, ends = [], [], [], []
 
     def row(c, s, time, end):
-        coef.append(list(c) + [0.0] * (8 - len(c)))
+        coef.append(list(c) + [0.0] * (NUM_COEFS - len(c)))
         slots.append(list(s) + [-1] * (4 - len(s)))
         times.append(time)
         ends.append(end)
@@ -590,7 +595,7 @@ def _unipc_table(grid: Grid, prediction: str, order: int, variant: str, correcto
     orders = [1 if i < first else _dpmpp_order(i - first, n - first, order, lower_order_final, grid.sigma[i + 1] == 0)
               for i in range(n)]
     history = order if corrector else order - 1
-    coef = np.zeros((n, 8))
+    coef = np.zeros((n, NUM_COEFS))
     slots = np.full((n, 4), -1, dtype=np.int64)
     for i in range(n):
         s_t, s_s, a_s = grid.sigma[i], grid.sigma[i + 1], grid.alpha[i + 1]

@@ -22,7 +22,7 @@ import triton.language as tl
 def _solver_step_kernel(
     x_ptr, m_ptr, u_ptr, h1_ptr, h2_ptr, h3_ptr, z_ptr, out_ptr, hw_ptr,
     numel,
-    p, q, a, b0, b1, b2, b3, c, w, w_ptr, r,
+    p, q, a, b0, b1, b2, b3, c, r, w, w_ptr, bound,
     HAS_U: tl.constexpr, HAS_WT: tl.constexpr, HAS_H1: tl.constexpr, HAS_H2: tl.constexpr, HAS_H3: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_HW: tl.constexpr, HAS_CLAMP: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -39,10 +39,11 @@ def _solver_step_kernel(
         m = u + w * (m - u)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     d = p * x + q * m
+    dc = d
     if HAS_CLAMP:
         # comparisons, not minimum/maximum, so that NaN propagates like torch.clamp
-        d = tl.where(d < -r, -r, tl.where(d > r, r, d))
-    acc = a * x + b0 * d
+        dc = tl.where(d < -bound, -bound, tl.where(d > bound, bound, d))
+    acc = a * x + r * d + b0 * dc
     if HAS_H1:
         acc += b1 * tl.load(h1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_H2:
@@ -53,7 +54,7 @@ def _solver_step_kernel(
         acc += c * tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     if HAS_HW:
-        tl.store(hw_ptr + offs, d.to(hw_ptr.dtype.element_ty), mask=mask)
+        tl.store(hw_ptr + offs, dc.to(hw_ptr.dtype.element_ty), mask=mask)
 
 
 _KERNELS: dict = {}
@@ -88,7 +89,7 @@ def solver_step_triton(
     numel = x.numel()
     if numel == 0:
         return
-    p, q, a, b0, b1, b2, b3, c = (float(v) for v in coef)
+    p, q, a, b0, b1, b2, b3, c, r = (float(v) for v in coef)
     sw, s1, s2, s3 = (int(v) for v in slots)
 
     def slot(s):
@@ -110,7 +111,7 @@ def solver_step_triton(
             slot(s1), slot(s2), slot(s3), noise if noise is not None else x,
             out, slot(sw) if sw >= 0 else out,
             numel,
-            p, q, a, b0, b1, b2, b3, c, 1.0 if wt else float(guidance), guidance if wt else x, float(clamp),
+            p, q, a, b0, b1, b2, b3, c, r, 1.0 if wt else float(guidance), guidance if wt else x, float(clamp),
             HAS_U=uncond is not None, HAS_WT=wt, HAS_H1=s1 >= 0, HAS_H2=s2 >= 0, HAS_H3=s3 >= 0,
             HAS_Z=noise is not None, HAS_HW=sw >= 0, HAS_CLAMP=clamp > 0,
             BLOCK=block, num_warps=num_warps,

@@ -54,6 +54,9 @@ MUTANTS = {
     # the 64-bit index path (groups of >= 2^31 elements; Args.wide_index takes it in the tests)
     "gn-wide-index-column": (GN, "    r = e / P.cols;\n    k = e - r * P.cols;",
                              "    r = e / P.cols;\n    k = e - r * P.rows;"),
+    # the unclamped and the clamped data prediction swapped (the weight r, the history write)
+    "ss-unclamped-weight": (SS, "P.r * dj + P.b0 * dc", "P.r * dc + P.b0 * dc"),
+    "ss-history-unclamped": (SS, "d[j] = dc;", "d[j] = dj;"),
     # dropped tails
     "ss-tail": (SS, "if (i < P.numel) step<TM, TS, 1>(P, w, i);", "(void)i;"),
     "gn-last-chunk": (GN, "p.splits = p.chunk > 0 ? (g.size + p.chunk - 1) / p.chunk : 1;",

@@ -530,7 +530,7 @@ x = torch.randn(1, 8, 4, 4)
 q = torch.randn(1, 1, 4, 16)
 calls = [lambda: attention(q, q, q, backend="triton"),
          lambda: group_norm_silu(x, 2, backend="triton"),
-         lambda: solver_step(x, x, coef=[1, 1, 1, 1, 0, 0, 0, 0], slots=[-1] * 4, backend="triton")]
+         lambda: solver_step(x, x, coef=[1, 1, 1, 1, 0, 0, 0, 0, 0], slots=[-1] * 4, backend="triton")]
 for call in calls:
     try:
         call()

@@ -127,7 +127,6 @@ def test_set_timesteps_arguments():
     ({"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3, "use_karras_sigmas": True,
       "final_sigmas_type": "sigma_min"}, 16, "the last step has size zero"),
     ({"_class_name": "UniPCMultistepScheduler", "lower_order_final": False}, 5, "lower_order_final=False"),
-    ({"_class_name": "DDIMScheduler"}, 5, "clip_sample=True: the noise estimate follows the clipped x0"),
 ])
 def test_each_deliberate_difference_is_warned_once(monkeypatch, config, steps, difference):
     from fastdiff.integrations.diffusers import schedulers

@@ -189,6 +189,25 @@ def test_sampling_equals_the_diffusers_loop(case, backend):
     torch.testing.assert_close(ours, theirs, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("eta", [0.0, 0.6])
+@pytest.mark.parametrize("clipped", [False, True])
+def test_ddim_clip_sample_equals_the_diffusers_loop(backend, eta, clipped):
+    """clip_sample with either noise estimate: the model's own (diffusers' default) or the
+    clipped x0's (use_clipped_model_output=True). The range is small enough that the clip acts
+    (the two diffusers results differ), so a plan that took the wrong one fails."""
+    sch = _scheduler("DDIMScheduler", dict(clip_sample=True, clip_sample_range=0.3))
+    sampler = fastdiff.Sampler.from_scheduler(sch, 6, backend=backend, eta=eta, use_clipped_model_output=clipped)
+    gm = GaussianMixture.random(shape=(2, 3, 3), seed=1)
+    model = ideal_model(gm, sampler, sch)
+    noise = torch.randn(3, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    ours = sampler.sample(model, noise, generator=torch.Generator().manual_seed(5))
+    theirs, other = (_diffusers_loop(sch, model, noise, 6, dict(eta=eta, use_clipped_model_output=u), seed=5)
+                     for u in (clipped, not clipped))
+    assert not torch.allclose(theirs, other, atol=1e-2)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
 def _gm_case(cfg, n, name="DPMSolverMultistepScheduler"):
     sch = _scheduler(name, cfg)
     sampler = fastdiff.Sampler.from_scheduler(sch, n, backend="reference")

@@ -582,7 +582,7 @@ def test_the_fake_replays_the_kernel_chosen_at_capture_not_the_dispatch(monkeypa
         pytest.skip("the compiled CPU kernel is not built")
     x, m = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
     out = torch.full_like(x, float("nan"))
-    coef = [0.9, -0.3, 0.5, 0.4, 0.0, 0.0, 0.0, 0.0]
+    coef = [0.9, -0.3, 0.5, 0.4, 0.0, 0.0, 0.0, 0.0, 0.0]
     g = FakeCUDAGraph().capture(lambda: S.solver_step(x, m, coef=coef, slots=[-1] * 4, out=out))
     assert [f for f, _, _ in g.tape] == [torch.ops.fastdiff_C.solver_step.default]
     monkeypatch.setattr(S.DISPATCH, "select", lambda *a, **k: pytest.fail("the replay dispatched again"))

@@ -139,7 +139,7 @@ def make_solver_step(spec) -> dict:
         for s in set(range(spec["num_slots"])) - set(slots[1:]):
             history[s] = NAN
         case["history"] = history
-    coef = [float(v) for v in torch.empty(8, dtype=F64).uniform_(-1.0, 1.0, generator=gen)]
+    coef = [float(v) for v in torch.empty(9, dtype=F64).uniform_(-1.0, 1.0, generator=gen)]
     for k in (1, 2, 3):
         if slots[k] < 0:
             coef[3 + k] = 0.0  # nonzero b_k without its slot is an error, not a case

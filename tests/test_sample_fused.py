@@ -88,6 +88,11 @@ def test_flow_solvers_match_the_textbook_reference(mixture, backend, solver, pre
                                 dict(prediction="edm"), dict(solver="euler", prediction="edm", output_scale=2.5),
                                 dict(solver="pndm", prediction="edm"), dict(solver="dpmpp_2m_sde", output_scale=0.5),
                                 dict(solver="ddim", eta=0.5, prev_timesteps=PREV_9),
+                                # clamped DDIM: the model's own noise estimate (r), or the clamped x0's
+                                dict(solver="ddim", clamp=0.3), dict(solver="ddim", clamp=0.3, eta=0.5),
+                                dict(solver="ddim", clamp=0.3, clamped_model_output=True),
+                                dict(solver="ddim", clamp=0.3, eta=0.5, clamped_model_output=True,
+                                     prev_timesteps=PREV_9),
                                 dict(solver="dpmpp_3s", lower_order_final=False, final="min", spacing="karras"),
                                 # DDPM's last step from t > 0 adds noise: sqrt(beta) ("large"), beta~ (final="min")
                                 dict(solver="ddpm", variance="large"), dict(solver="ddpm", final="min"),

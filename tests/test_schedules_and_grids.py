@@ -247,8 +247,8 @@ def test_a_zero_size_last_step_is_the_identity_for_every_multistep_order():
     for solver in ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde"):
         for lof in (True, False, "last"):
             t = fastdiff.Sampler(solver=solver, sigmas=ks, lower_order_final=lof).table
-            p, q, a, b0, b1, b2, b3, c = t.coef[-1]
-            assert (a, b0, b1, b2, c) == (1.0, 0.0, 0.0, 0.0, 0.0), (solver, lof)
+            p, q, a, b0, b1, b2, b3, c, r = t.coef[-1]
+            assert (a, b0, b1, b2, c, r) == (1.0, 0.0, 0.0, 0.0, 0.0, 0.0), (solver, lof)
 
 
 @pytest.mark.parametrize("final", ["zero", "min"])

@@ -76,7 +76,7 @@ def make_case(shape, model_dtype, state_dtype, cfg, hist, noise, clamp, channels
     num_slots, slots = HIST_CASES[hist]
     history = _rand((num_slots,) + tuple(shape), state_dtype, device, gen, cl) if num_slots else None
     z = _rand(shape, state_dtype, device, gen, cl) if noise else None
-    coef = [float(v) for v in torch.empty(8, dtype=torch.float64).uniform_(-1.0, 1.0, generator=gen)]
+    coef = [float(v) for v in torch.empty(9, dtype=torch.float64).uniform_(-1.0, 1.0, generator=gen)]
     for k in (1, 2, 3):
         if slots[k] < 0:
             coef[3 + k] = 0.0
@@ -243,7 +243,7 @@ def test_other_ranks(backend, shape):
     x = torch.randn(shape, generator=gen).to(device)
     m = torch.randn(shape, generator=gen).to(device)
     h = torch.randn((2,) + shape, generator=gen).to(device)
-    case = dict(x=x, model_out=m, uncond=None, history=h, noise=None, coef=[0.9, -0.4, 0.8, 0.3, -0.2, 0, 0, 0],
+    case = dict(x=x, model_out=m, uncond=None, history=h, noise=None, coef=[0.9, -0.4, 0.8, 0.3, -0.2, 0, 0, 0, 0],
                 slots=[1, 0, -1, -1], guidance=1.0, clamp=0.0)
     check_step(case, be, torch.float32)
 
@@ -251,7 +251,7 @@ def test_other_ranks(backend, shape):
 def test_empty(backend):
     be, device = backend
     x = torch.empty(0, 4, 8, 8, device=device)
-    out = solver_step(x, torch.empty_like(x), coef=[1, 1, 1, 1, 0, 0, 0, 0], slots=[-1] * 4, backend=be)
+    out = solver_step(x, torch.empty_like(x), coef=[1, 1, 1, 1, 0, 0, 0, 0, 0], slots=[-1] * 4, backend=be)
     assert out.shape == x.shape
 
 
@@ -282,7 +282,7 @@ def test_conversions_exact(backend, dtype):
     m = torch.ones_like(x)
     h = torch.empty((1,) + x.shape, dtype=dt, device=device)
     for a in (1.0, 1.2345678, -0.3, 1000.0, 1e-3, 3e-6):
-        out = solver_step(x, m, None, h, None, coef=[1.0, 0.0, a, 0.0, 0, 0, 0, 0], slots=[0, -1, -1, -1],
+        out = solver_step(x, m, None, h, None, coef=[1.0, 0.0, a, 0.0, 0, 0, 0, 0, 0], slots=[0, -1, -1, -1],
                           backend=be)
         expect = (x.float() * torch.tensor(a, dtype=torch.float32)).to(dt)
         assert torch.equal(h[0], x), "D = x did not round-trip"
@@ -327,9 +327,9 @@ def _base(device="cpu", state=torch.float32, model=torch.float32):
 def _err_cases():
     cl = torch.channels_last
     return [
-        ("coef length", lambda c: c.update(coef=c["coef"][:7]), ValueError, r"coef must have 8 entries"),
+        ("coef length", lambda c: c.update(coef=c["coef"][:7]), ValueError, r"coef must have 9 entries"),
         ("coef NaN", lambda c: c["coef"].__setitem__(2, NAN), ValueError, r"coef\[2\] \(a\)"),
-        ("coef not numbers", lambda c: c.update(coef=["a"] * 8), TypeError, r"coef must be a sequence"),
+        ("coef not numbers", lambda c: c.update(coef=["a"] * 9), TypeError, r"coef must be a sequence"),
         ("slots length", lambda c: c.update(slots=[0, 0, -1]), ValueError, r"slots must have 4 entries"),
         ("slot out of range", lambda c: c.update(slots=[0, 3, -1, -1]), ValueError, r"slots\[1\].*out of range"),
         ("write slot out of range", lambda c: c.update(slots=[-2, 0, -1, -1]), ValueError, r"slots\[0\]"),
@@ -340,7 +340,7 @@ def _err_cases():
         ("history dtype", lambda c: c.update(history=c["history"].half()), TypeError, r"history must have the state dtype"),
         ("history shape", lambda c: c.update(history=c["history"][:, :1]), ValueError, r"history must have shape"),
         ("history no slots", lambda c: c.update(history=c["history"][:0], slots=[-1] * 4,
-                                                coef=c["coef"][:4] + [0, 0, 0, c["coef"][7]]),
+                                                coef=c["coef"][:4] + [0, 0, 0] + c["coef"][7:]),
          ValueError, r"history must have at least one slot"),
         ("model_out shape", lambda c: c.update(model_out=c["model_out"][:, :3]), ValueError, r"model_out must have x's shape"),
         ("model_out dtype", lambda c: c.update(model_out=c["model_out"].double(), uncond=c["uncond"].double()),
@@ -481,7 +481,7 @@ from fastdiff.ops.solver_step import solver_step, solver_step_reference, Backend
 assert not fastdiff.info()["extension"]["loaded"]
 assert fastdiff.info()["ops"]["solver_step"]["cpu"]["backend"] == "reference"
 x = torch.randn(2, 4, 5, 3); m = torch.randn(4, 4, 5, 3); h = torch.randn(1, 2, 4, 5, 3)
-coef = [0.9, -0.4, 0.8, 0.3, -0.2, 0, 0, 0]
+coef = [0.9, -0.4, 0.8, 0.3, -0.2, 0, 0, 0, 0]
 ref = solver_step_reference(x.double(), m[2:].double(), m[:2].double(), h.double().clone(), None, coef,
                             [0, 0, -1, -1], 3.0, 0.0, torch.float64)
 out = solver_step(x, m, None, h, coef=coef, slots=[0, 0, -1, -1], guidance=3.0)
@@ -531,7 +531,7 @@ def test_torch_compile_fullgraph(be):
     x = torch.randn(2, 4, 8, 8, generator=gen)
     model_outs = [torch.randn(4, 4, 8, 8, generator=gen).half() for _ in range(3)]
     noise = [torch.randn(2, 4, 8, 8, generator=gen) for _ in range(3)]
-    coefs = [[1.1, -0.3, 0.9, 0.2, 0.0 if i == 0 else -0.1, 0, 0, 0.05] for i in range(3)]
+    coefs = [[1.1, -0.3, 0.9, 0.2, 0.0 if i == 0 else -0.1, 0, 0, 0.05, 0] for i in range(3)]
     h_eager = torch.zeros(1, 2, 4, 8, 8)
     h_comp = h_eager.clone()
     eager = _sample_loop(x, model_outs, h_eager, noise, coefs, be)
@@ -605,7 +605,7 @@ def test_cuda_graph_capture_and_replay():
     m = torch.randn(4, 4, 32, 32, device="cuda", dtype=torch.float16)
     h = torch.randn(1, 2, 4, 32, 32, device="cuda")
     out = torch.empty_like(x)
-    coef = [1.1, -0.3, 0.9, 0.2, -0.1, 0, 0, 0]
+    coef = [1.1, -0.3, 0.9, 0.2, -0.1, 0, 0, 0, 0]
     args = dict(coef=coef, slots=[0, 0, -1, -1], guidance=3.0, out=out, backend="cuda")
     x0, m0, h0 = x.clone(), m.clone(), h.clone()
     s = torch.cuda.Stream()
@@ -664,7 +664,7 @@ def test_cuda_numel_past_int32():
     h = torch.empty((1, n), device="cuda", dtype=torch.float16)
     x[-1] = 1.0
     m[-1] = -1.0
-    out = solver_step(x, m, None, h, coef=[1.0, 0.5, 2.0, 1.0, 0, 0, 0, 0], slots=[0, -1, -1, -1], backend="cuda")
+    out = solver_step(x, m, None, h, coef=[1.0, 0.5, 2.0, 1.0, 0, 0, 0, 0, 0], slots=[0, -1, -1, -1], backend="cuda")
     # D = x + m/2, out = 2x + D
     assert float(out[0]) == 2.5 and float(h[0, 0]) == 1.5
     assert float(out[-1]) == 2.5 and float(h[0, -1]) == 0.5

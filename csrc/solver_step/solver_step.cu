@@ -30,7 +30,7 @@ struct Params {
   void* out;
   void* hist_write;
   int64_t numel;
-  float p, q, a, b0, b[3], c, w, r;
+  float p, q, a, r, b0, b[3], c, w, bound;  // r: weight of the unclamped D; bound: clamp (<= 0: none)
   const float* w_ptr;  // nullptr: use w
 };
 
@@ -163,10 +163,11 @@ __device__ __forceinline__ void step(const Params& P, float w, int64_t i) {
   load<TS, VEC>(P.x, i, x);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    float dj = P.p * x[j] + P.q * m[j];
-    if (P.r > 0.0f) dj = dj < -P.r ? -P.r : (dj > P.r ? P.r : dj);  // NaN propagates
-    d[j] = dj;
-    acc[j] = P.a * x[j] + P.b0 * dj;
+    const float dj = P.p * x[j] + P.q * m[j];
+    float dc = dj;
+    if (P.bound > 0.0f) dc = dj < -P.bound ? -P.bound : (dj > P.bound ? P.bound : dj);  // NaN propagates
+    d[j] = dc;
+    acc[j] = P.a * x[j] + P.r * dj + P.b0 * dc;
   }
 #pragma unroll
   for (int k = 0; k < 3; ++k) {
@@ -241,9 +242,10 @@ cudaError_t solver_step_cuda(const Args& a, cudaStream_t stream) {
   P.b[1] = a.coef[kB2];
   P.b[2] = a.coef[kB3];
   P.c = a.coef[kC];
+  P.r = a.coef[kR];
   P.w = a.guidance;
   P.w_ptr = a.guidance_ptr;
-  P.r = a.clamp;
+  P.bound = a.clamp;
   const bool vec = solver_step_cuda_vectorized(a);
   const bool fp32_state = a.state_dtype == DType::kFloat32;
   switch (a.model_dtype) {

@@ -8,9 +8,9 @@
 //   m   = model                                  (uncond == nullptr)
 //   m   = u + guidance * (model - u)             (CFG; u = uncond; guidance or *guidance_ptr)
 //   D   = p * x + q * m
-//   D   = clamp(D, -clamp, clamp)                (only when clamp > 0; NaN propagates)
-//   out = a * x + b0 * D + b1 * H1 + b2 * H2 + b3 * H3 + c * z     (absent terms skipped)
-//   HW  = D                                      (only when hist_write != nullptr)
+//   Dc  = clamp(D, -clamp, clamp)                (only when clamp > 0, else Dc = D; NaN propagates)
+//   out = a * x + r * D + b0 * Dc + b1 * H1 + b2 * H2 + b3 * H3 + c * z   (absent terms skipped)
+//   HW  = Dc                                     (only when hist_write != nullptr)
 //
 // Arithmetic is fp32 whatever the storage dtype. `model`/`uncond` are stored in
 // `model_dtype`; `x`, `out`, the history buffers and the noise in `state_dtype`, which is
@@ -37,7 +37,7 @@ inline const char* dtype_name(DType t) {
 
 inline int dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
 
-enum Coef : int { kP = 0, kQ, kA, kB0, kB1, kB2, kB3, kC, kNumCoefs };
+enum Coef : int { kP = 0, kQ, kA, kB0, kB1, kB2, kB3, kC, kR, kNumCoefs };
 
 struct Args {
   int64_t numel = 0;
@@ -50,7 +50,7 @@ struct Args {
   const void* noise = nullptr;          // nullptr: no noise term
   void* out = nullptr;
   void* hist_write = nullptr;           // nullptr: D_i not stored
-  float coef[kNumCoefs] = {0, 0, 0, 0, 0, 0, 0, 0};  // p, q, a, b0, b1, b2, b3, c
+  float coef[kNumCoefs] = {0, 0, 0, 0, 0, 0, 0, 0, 0};  // p, q, a, b0, b1, b2, b3, c, r
   float guidance = 1.0f;
   // When set, the guidance scale is read from this fp32 scalar (device memory for the CUDA
   // kernel, host memory for the CPU kernel) at run time instead of `guidance`: a CUDA graph

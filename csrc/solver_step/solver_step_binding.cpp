@@ -63,7 +63,7 @@ Args make_args(const at::Tensor& x, const at::Tensor& model_out, const std::opti
   TORCH_CHECK(x.device().type() == device_type, kOp, "x must be a ", device_type, " tensor, got ", x.device());
   TORCH_CHECK(x.is_non_overlapping_and_dense(), kOp,
               "x must be dense (contiguous or channels_last), got strides ", x.strides());
-  TORCH_CHECK(coef.size() == kNumCoefs, kOp, "coef must have 8 entries (p, q, a, b0, b1, b2, b3, c), got ",
+  TORCH_CHECK(coef.size() == kNumCoefs, kOp, "coef must have 9 entries (p, q, a, b0, b1, b2, b3, c, r), got ",
               coef.size());
   TORCH_CHECK(slots.size() == 4, kOp, "slots must have 4 entries (write, read1, read2, read3), got ",
               slots.size());

@@ -108,10 +108,10 @@ void solver_step_cpu(const Args& a, int num_threads) {
     terms[nt] = a.noise;
     tcoef[nt++] = a.coef[kC];
   }
-  const float r = a.clamp > 0.0f ? a.clamp : std::numeric_limits<float>::infinity();
+  const float bound = a.clamp > 0.0f ? a.clamp : std::numeric_limits<float>::infinity();
   const bool has_u = a.uncond != nullptr;
   const bool has_hw = a.hist_write != nullptr;
-  select(cpu_isa(), a, has_u, nt, has_hw)(a, terms, tcoef, r, num_threads);
+  select(cpu_isa(), a, has_u, nt, has_hw)(a, terms, tcoef, bound, num_threads);
 }
 
 int solver_step_cpu_has_openmp() {

@@ -4,15 +4,16 @@ The algebra (DESIGN.md section 4), elementwise over the latent of one step:
 
     m   = m_u + w * (m_c - m_u)          CFG (only when `uncond` is given)
     D   = p * x + q * m                  data prediction
-    D   = clamp(D, -r, r)                only when clamp r > 0
-    out = a * x + b0 * D + b1 * H[s1] + b2 * H[s2] + b3 * H[s3] + c * z
-    H[sw] = D                            only when a write slot is given
+    Dc  = clamp(D, -k, k)                only when clamp k > 0 (else Dc = D)
+    out = a * x + r * D + b0 * Dc + b1 * H[s1] + b2 * H[s2] + b3 * H[s3] + c * z
+    H[sw] = Dc                           only when a write slot is given
 
 `x` is the solver state, `m`/`m_u` the model output (conditional / unconditional),
 `H` the history ring buffer of earlier data predictions (shape (S, *x.shape)), `z`
-the step's noise. `coef = (p, q, a, b0, b1, b2, b3, c)` and `slots = (sw, s1, s2, s3)`
-(-1 = unused) come from a host-side float64 table built once per plan; the kernels only
-multiply and add, in fp32 whatever the storage dtype.
+the step's noise. `r` weighs the unclamped D (a clamped DDIM step that keeps the model's own
+noise estimate, diffusers' default; every other row has r = 0). `coef = (p, q, a, b0, b1, b2,
+b3, c, r)` and `slots = (sw, s1, s2, s3)` (-1 = unused) come from a host-side float64 table
+built once per plan; the kernels only multiply and add, in fp32 whatever the storage dtype.
 
 This module holds the specification (`solver_step_reference`, float64-capable plain
 PyTorch). Kernels live in `kernels/solver_step.py` (Triton) and `csrc/solver_step/`.
@@ -23,7 +24,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-NUM_COEFS = 8  # p, q, a, b0, b1, b2, b3, c
+NUM_COEFS = 9  # p, q, a, b0, b1, b2, b3, c, r
 NUM_SLOTS = 4  # write, read D_{i-1}, D_{i-2}, D_{i-3}
 
 
@@ -45,7 +46,7 @@ def solver_step_reference(
     `history[slots[0]]` when `slots[0] >= 0`. Arithmetic happens in `compute_dtype`
     (float64 for test oracles).
     """
-    p, q, a, b0, b1, b2, b3, c = (float(v) for v in coef)
+    p, q, a, b0, b1, b2, b3, c, r = (float(v) for v in coef)
     sw, s1, s2, s3 = (int(v) for v in slots)
     f = compute_dtype
     m = model_out.to(f)
@@ -55,16 +56,15 @@ def solver_step_reference(
         m = m_u + w * (m - m_u)
     xf = x.to(f)
     d = p * xf + q * m
-    if clamp > 0:
-        d = d.clamp(-clamp, clamp)
-    out = a * xf + b0 * d
+    dc = d.clamp(-clamp, clamp) if clamp > 0 else d
+    out = a * xf + r * d + b0 * dc
     for b, s in ((b1, s1), (b2, s2), (b3, s3)):
         if s >= 0:
             out = out + b * history[s].to(f)
     if noise is not None:
         out = out + c * noise.to(f)
     if sw >= 0:
-        history[sw].copy_(d)
+        history[sw].copy_(dc)
     return out.to(x.dtype)
 
 
@@ -99,7 +99,7 @@ from fastdiff.ops import _dispatch  # noqa: E402
 from fastdiff.ops._dispatch import BackendUnavailableError  # noqa: E402,F401  (re-exported)
 
 MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-COEF_NAMES = ("p", "q", "a", "b0", "b1", "b2", "b3", "c")
+COEF_NAMES = ("p", "q", "a", "b0", "b1", "b2", "b3", "c", "r")
 SLOT_NAMES = ("write", "read D_{i-1}", "read D_{i-2}", "read D_{i-3}")
 
 
@@ -212,7 +212,7 @@ def _check_values(uncond, history, noise, coef, slots, guidance, clamp, guidance
     """The checks of the numbers (coef, slots, guidance, clamp) and of what they say about the tensors."""
     if not isinstance(coef, (list, tuple)) or len(coef) != len(COEF_NAMES):
         n = len(coef) if hasattr(coef, "__len__") else type(coef).__name__
-        raise _fail(ValueError, f"coef must be a sequence of 8 numbers (p, q, a, b0, b1, b2, b3, c), got {n}")
+        raise _fail(ValueError, f"coef must be a sequence of 9 numbers (p, q, a, b0, b1, b2, b3, c, r), got {n}")
     for i, v in enumerate(coef):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
             raise _fail(ValueError, f"coef[{i}] ({COEF_NAMES[i]}) must be a finite number, got {v!r}")
@@ -412,7 +412,7 @@ def _numbers(name: str, values, n: int, kind):
     except (TypeError, ValueError) as e:
         raise _fail(TypeError, f"{name} must be a sequence of {n} numbers, got {values!r} ({e})") from None
     if len(seq) != n:
-        what = "(p, q, a, b0, b1, b2, b3, c)" if name == "coef" else "(write, read1, read2, read3; -1 = unused)"
+        what = "(p, q, a, b0, b1, b2, b3, c, r)" if name == "coef" else "(write, read1, read2, read3; -1 = unused)"
         raise _fail(ValueError, f"{name} must have {n} entries {what}, got {len(seq)}")
     if kind is int and any(isinstance(v, float) and v != int(v) for v in values):
         raise _fail(ValueError, f"{name} must hold integers, got {values!r}")
@@ -442,18 +442,19 @@ def solver_step(
     uncond     unconditional model output (CFG), same shape/dtype as model_out.
     history    ring buffer of earlier data predictions, shape (S, *x.shape), x's dtype.
     noise      the step's noise (SDE/ancestral solvers), like x.
-    coef       (p, q, a, b0, b1, b2, b3, c), host floats (a float64 table row).
+    coef       (p, q, a, b0, b1, b2, b3, c, r), host floats (a float64 table row); r weighs the
+               unclamped data prediction, b0 the clamped one (the same without clamp).
     slots      (write, read D_{i-1}, read D_{i-2}, read D_{i-3}) history slots, -1 = unused; the
                write slot may equal a read slot (it is read first).
     guidance   CFG scale w: m = m_u + w (m_c - m_u). Must be 1.0 without CFG. A Python number
                is baked into the launch; a one-element float32 tensor on x's device is read by
                the kernel when it runs (a CUDA graph replays with its current value).
-    clamp      clamp D to [-clamp, clamp] when > 0.
+    clamp      clamp D to [-clamp, clamp] when > 0 (Dc; the history stores Dc).
     out        output buffer like x; may be x itself (in-place update).
     backend    "auto" | "cuda" | "triton" | "cpu" | "reference"; a forced backend that cannot
                run raises BackendUnavailableError.
 
-    Writes history[slots[0]] = D_i when slots[0] >= 0. All checks run before any write.
+    Writes history[slots[0]] = Dc_i when slots[0] >= 0. All checks run before any write.
     """
     if not isinstance(x, torch.Tensor):
         raise _fail(TypeError, f"x must be a torch.Tensor, got {type(x).__name__}")

@@ -125,9 +125,14 @@ class DDPM(ReferenceSolver):
 class DDIM(ReferenceSolver):
     """Song et al. 2021, eq. 12: x_s = alpha_s x0 + sqrt(sigma_s^2 - s^2) eps + s z with
     s = eta * sqrt((sigma_s^2 / sigma_t^2) (1 - alpha_t^2 / alpha_s^2)). Step i goes from point i
-    to `grid.step_end(i)` (point i + 1 unless the grid says otherwise)."""
+    to `grid.step_end(i)` (point i + 1 unless the grid says otherwise). With clamp, eps is the
+    model's own (diffusers' default) unless `clamped_model_output`: then it follows the clamped x0."""
 
     stochastic = True
+
+    def __init__(self, grid, prediction, clamped_model_output: bool = False, **kw):
+        super().__init__(grid, prediction, **kw)
+        self.clamped_model_output = clamped_model_output
 
     def noise_scale(self, i):
         _, a_s, s_s = self.grid.step_end(i)
@@ -136,7 +141,8 @@ class DDIM(ReferenceSolver):
     def step(self, i, x, m, z):
         s = self.noise_scale(i)
         _, a_s, s_s = self.grid.step_end(i)
-        x0, eps = self.x0(i, x, m), self.eps(i, x, m)
+        x0 = self.x0(i, x, m)
+        eps = self.eps(i, x, m) if self.clamped_model_output else to_eps(x, m, self.a[i], self.s[i], self.prediction)
         out = a_s * x0 + math.sqrt(max(s_s**2 - s * s, 0.0)) * eps
         return out if z is None else out + s * z
 

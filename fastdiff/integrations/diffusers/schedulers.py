@@ -26,10 +26,10 @@ DiffusersDifferenceWarning, when a plan contains it):
 * UniPCMultistep with lower_order_final=False: its higher-order step to sigma = 0 divides by
   the zero log-SNR ratio of that step and returns inf/NaN; fastdiff's step to sigma = 0 is first
   order (as for DPM-Solver++), which is the limit of the formula.
-* DDIM clip_sample: the noise estimate follows the clipped x0 (diffusers'
-  use_clipped_model_output=True); diffusers' default keeps the unclipped one (the fused step
-  has one data prediction per row, clamped or not: following diffusers needs both). The
-  checkpoints' own configs set clip_sample=False.
+
+DDIM clip_sample keeps the model's own noise estimate next to the clipped x0, as diffusers'
+step does by default; `from_scheduler(..., use_clipped_model_output=True)` takes it from the
+clipped x0 instead, as that step argument does.
 """
 from __future__ import annotations
 
@@ -177,9 +177,6 @@ def _differences(name, cfg, n, options) -> list:
     if name == "UniPCMultistepScheduler" and not cfg["lower_order_final"]:
         found.append("lower_order_final=False: fastdiff's step to sigma = 0 is first order (the limit of the formula); "
                      "diffusers' divides by that step's zero log-SNR ratio (inf/NaN)")
-    if name == "DDIMScheduler" and cfg["clip_sample"]:
-        found.append("clip_sample=True: the noise estimate follows the clipped x0 (diffusers' step with "
-                     "use_clipped_model_output=True); diffusers' default keeps the model's own")
     return found
 
 
