@@ -10,16 +10,20 @@ pytest-benchmark suite (so not named bench_*.py, which gpu_check runs as suites)
    `scheduler.step`), CFG 7.5, a 1x4x8x8 latent, a model that returns its input (so what is
    timed is everything but the model).
 2. Each op's Python wrapper against its raw compiled op, and the solver_step wrapper's parts
-   (indented).
+   (indented); then the fused ops as a U-Net calls them (a new output per call) against the
+   PyTorch modules/ops they replace.
 """
 from __future__ import annotations
 
 import types
 
 import torch
+import torch.nn.functional as F
 
 import fastdiff
+from fastdiff.nn.layers import GroupNormSiLU
 from fastdiff.ops import solver_step as ss
+from fastdiff.ops.attention import attention
 from fastdiff.ops.group_norm_silu import group_norm_silu
 from fastdiff.ops.solver_step import check_solver_step_args, solver_step
 from bench_diffusers import _scheduler, diffusers_loop  # benchmarks/, the script's folder
@@ -59,6 +63,9 @@ def op_rows() -> dict:
     hist = torch.randn(2, 1, 4, 4, 4)
     args = ss.SolverStepArgs(x, m, u, hist, None, COEF, SLOTS, 7.5, 0.0, out)
     gx, gw, gb, gout = torch.randn(1, 8, 4, 4), torch.randn(8), torch.randn(8), torch.empty(1, 8, 4, 4)
+    norm, silu = torch.nn.GroupNorm(2, 8), torch.nn.SiLU()
+    fused_norm = GroupNormSiLU.sharing(norm, silu=True, backend="auto")
+    q, k, v = (torch.randn(2, 16, 2, 8).transpose(1, 2) for _ in range(3))  # (B, H, L, D) views
     rows = {
         "solver_step: raw op (torch.ops.fastdiff_C)": lambda: torch.ops.fastdiff_C.solver_step(
             x, m, u, hist, None, COEF, SLOTS, 7.5, None, 0.0, out),
@@ -73,8 +80,14 @@ def op_rows() -> dict:
         "group_norm_silu: raw op (torch.ops.fastdiff_C)": lambda: torch.ops.fastdiff_C.group_norm_silu(
             gx, 2, gw, gb, 1e-5, True, None, None, 0, gout),
         "group_norm_silu()": lambda: group_norm_silu(gx, 2, gw, gb, out=gout, backend="cpu"),
+        # as a U-Net calls them: a new output each call, module overhead included
+        "nn.GroupNorm + SiLU module calls": lambda: silu(norm(gx)),
+        "GroupNormSiLU module call": lambda: fused_norm(gx),
+        "F.scaled_dot_product_attention": lambda: F.scaled_dot_product_attention(q, k, v),
+        "attention() (new output)": lambda: attention(q, k, v),
     }
-    return {name: median_s(fn, calls=2000) for name, fn in rows.items()}
+    with torch.no_grad():  # the modules' parameters require grad: as a pipeline runs them
+        return {name: median_s(fn, calls=2000) for name, fn in rows.items()}
 
 
 def main() -> None:

@@ -170,16 +170,18 @@ def import_kernel(name: str):
 # --- validate once, run many --------------------------------------------------------------------
 
 
-_PLAIN = frozenset((torch.Tensor, type(None)))
+# nn.Parameter disables __torch_function__ / __torch_dispatch__: it acts as a plain tensor (the
+# fused modules pass their weights as Parameters at every call)
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter, type(None)))
 
 
 def direct(x, *tensors) -> bool:
     """Whether an op's wrapper may call its implementation straight instead of through torch.ops,
     whose dispatcher round trip back into the Python implementation costs ~15 us a call. Only
     plain eager calls: not traced by torch.compile, no dispatch or function mode (FakeTensorMode,
-    an op counter), no functorch transform, plain tensors (or None), x not a meta tensor (the
-    op's checks reject any other tensor not on x's device). Everything else takes the
-    registered op (its fake implementation, the modes)."""
+    an op counter), no functorch transform, plain tensors, Parameters or None, x a plain non-meta
+    tensor (the op's checks reject any other tensor not on x's device). Everything else takes
+    the registered op (its fake implementation, the modes)."""
     if torch.compiler.is_compiling():  # first: torch.compile must not trace the calls below
         return False
     C = torch._C
@@ -191,6 +193,12 @@ def direct(x, *tensors) -> bool:
 def tensor_key(t) -> Optional[tuple]:
     """What an op's checks read of a tensor (its pointer too: the overlap checks)."""
     return None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
+
+
+def metadata_key(t) -> Optional[tuple]:
+    """`tensor_key` without the pointer: for calls with no overlap to check (the output is new,
+    allocated by the op's wrapper), whose tensors sit at new addresses at every call."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
 
 
 def signature_env() -> Optional[str]:

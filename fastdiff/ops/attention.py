@@ -283,23 +283,35 @@ def _resolve_scale(q, scale) -> float:
     return default_scale(q.shape[-1]) if scale is None else float(scale)
 
 
+def _provider(q, k, v, scale, out, backend) -> _dispatch.Provider:
+    """Validate once, run many (as group_norm_silu): the checks and the backend choice run once
+    per signature; without `out` (a new result) the key leaves the pointers out, as there is no
+    overlap to check and a U-Net's activations sit at new addresses every call. A forced
+    backend that cannot run fails even for empty inputs."""
+    key_of = _dispatch.metadata_key if out is None else _dispatch.tensor_key
+    key = (tuple(map(key_of, (q, k, v, out))), scale, backend, _dispatch.signature_env())
+    provider = DISPATCH.known(key)
+    if provider is None:
+        check_attention_args(q, k, v, scale, out)
+        if out is not None:
+            _check_overlaps(q, k, v, out)
+        provider = DISPATCH.select(AttentionArgs(q, k, v, _resolve_scale(q, scale), out), backend)
+        DISPATCH.learn(key, provider)
+    return provider
+
+
 def _attention_impl(q, k, v, scale, out, backend):
-    check_attention_args(q, k, v, scale, out)
-    _check_overlaps(q, k, v, out)
-    args = AttentionArgs(q, k, v, _resolve_scale(q, scale), out)
-    provider = DISPATCH.select(args, backend)  # a forced backend that cannot run fails even for empty inputs
+    provider = _provider(q, k, v, scale, out, backend)
     if out.numel() == 0:
         return
-    provider.run(args)
+    provider.run(AttentionArgs(q, k, v, _resolve_scale(q, scale), out))
 
 
 def _attention_heads_last_impl(q, k, v, scale, backend):
-    check_attention_args(q, k, v, scale, None)
-    args = AttentionArgs(q, k, v, _resolve_scale(q, scale), None)
-    provider = DISPATCH.select(args, backend)
+    provider = _provider(q, k, v, scale, None, backend)
     if q.numel() == 0:
         return heads_last_empty(q)
-    return provider.run(args)
+    return provider.run(AttentionArgs(q, k, v, _resolve_scale(q, scale), None))
 
 
 _LIB.impl("attention", _attention_impl, "CompositeExplicitAutograd")
@@ -343,14 +355,19 @@ def attention(
 
     All checks run before anything is written. No autograd (inference op).
     """
-    if out is None or not all(isinstance(t, torch.Tensor) for t in (q, k, v, out)) or not (
-            scale is None or _is_number(scale)):
-        # before the op's schema would reject it with a less helpful message, or before allocating
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or not (
+            out is None or isinstance(out, torch.Tensor)) or not (scale is None or _is_number(scale)):
+        # before the op's schema would reject it with a less helpful message
         check_attention_args(q, k, v, scale, out)
     scale = None if scale is None else float(scale)
-    if out is None:
+    if _dispatch.direct(q, k, v, out):  # a plain eager call: the implementation, without the round trip
+        if out is None:
+            return _attention_heads_last_impl(q, k, v, scale, backend)
+        _attention_impl(q, k, v, scale, out, backend)
+    elif out is None:  # the registered ops: torch.compile, modes, fake tensors
         return torch.ops.fastdiff.attention_heads_last(q, k, v, scale, backend)
-    torch.ops.fastdiff.attention(q, k, v, scale, out, backend)
+    else:
+        torch.ops.fastdiff.attention(q, k, v, scale, out, backend)
     return out
 
 

@@ -365,21 +365,25 @@ _LIB.define(
 )
 
 
-def _impl(x, num_groups, weight, bias, eps, silu, temb, residual, num_splits, out, backend):
-    # validate once, run many (as solver_step): a known signature goes straight to its backend
-    key = (tuple(map(_dispatch.tensor_key, (x, weight, bias, temb, residual, out))), num_groups, eps, silu,
+def _impl(x, num_groups, weight, bias, eps, silu, temb, residual, num_splits, out, backend, new_out=False):
+    """The op. Validate once, run many (as solver_step): a known signature goes straight to its
+    backend. `new_out`: the wrapper allocated `out` for this call, so it overlaps nothing and
+    the key leaves the pointers out (a U-Net's activations sit at new addresses every call)."""
+    key_of = _dispatch.metadata_key if new_out else _dispatch.tensor_key
+    key = (new_out, tuple(map(key_of, (x, weight, bias, temb, residual, out))), num_groups, eps, silu,
            num_splits, backend, _dispatch.signature_env())
     provider = DISPATCH.known(key)
     args = GroupNormSiluArgs(x, num_groups, weight, bias, float(eps), silu, temb, residual, num_splits, out)
     if provider is None:
         check_group_norm_silu_args(x, num_groups, weight, bias, eps, silu, temb, residual, num_splits, out)
-        _check_overlaps(x, weight, bias, temb, residual, out)
+        if not new_out:
+            _check_overlaps(x, weight, bias, temb, residual, out)
         provider = DISPATCH.select(args, backend)
         DISPATCH.learn(key, provider)
     provider.run(args)
 
 
-_LIB.impl("group_norm_silu", _impl, "CompositeExplicitAutograd")
+_LIB.impl("group_norm_silu", _impl, "CompositeExplicitAutograd")  # new_out keeps its default: out is given
 
 
 @torch.library.register_fake("fastdiff::group_norm_silu", lib=_LIB)
@@ -426,11 +430,14 @@ def group_norm_silu(
     All checks run before any write.
     """
     _check_scalars(num_groups, eps, silu, num_splits)  # before torch's schema check, with our messages
-    if out is None:
+    new_out = out is None
+    if new_out:
         if not isinstance(x, torch.Tensor) or layout_of(x) is None or x.dtype not in DTYPES:
             check_group_norm_silu_args(x, num_groups, weight, bias, eps, silu, temb, residual, num_splits, x)
         out = torch.empty_like(x)  # keeps x's dense layout (contiguous or channels_last)
-    call = _impl if _dispatch.direct(x, weight, bias, temb, residual, out) else (
-        torch.ops.fastdiff.group_norm_silu)  # the registered op: torch.compile, modes, fake tensors
-    call(x, num_groups, weight, bias, float(eps), silu, temb, residual, num_splits, out, backend)
+    if _dispatch.direct(x, weight, bias, temb, residual, out):
+        _impl(x, num_groups, weight, bias, float(eps), silu, temb, residual, num_splits, out, backend, new_out)
+    else:  # the registered op: torch.compile, modes, fake tensors
+        torch.ops.fastdiff.group_norm_silu(x, num_groups, weight, bias, float(eps), silu, temb, residual,
+                                           num_splits, out, backend)
     return out
