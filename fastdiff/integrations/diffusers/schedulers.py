@@ -34,10 +34,11 @@ clipped x0 instead, as that step argument does.
 The Euler-type schedulers (Euler, Euler ancestral, Heun, LMS, KDPM2 and KDPM2 ancestral) keep
 their loop state as x0 + (sigma / alpha) noise; `Sampler.sample` returns fastdiff's
 variance-preserving state, alpha x0 + sigma noise. The two are the same where the plan ends at
-sigma = 0 (every checkpoint's config); at a sigma_min end (final_sigmas_type="sigma_min") they
-differ by the factor alpha_min = 1 / sqrt(1 + sigma_min^2): divide by `sampler.grid.alpha[-1]`
-for diffusers' numbers (`fastdiff.accelerate` does so). The EDM plans return diffusers' loop
-state through `output_scale`.
+sigma = 0 (every checkpoint's config, and every one of these but EulerDiscrete, which alone
+takes final_sigmas_type); at EulerDiscrete's sigma_min end they differ by the factor
+alpha_min = 1 / sqrt(1 + sigma_min^2) (5e-5 on SD-1.5's schedule): divide by
+`sampler.grid.alpha[-1]` for diffusers' numbers (`fastdiff.accelerate` does so). The EDM plans
+return diffusers' loop state through `output_scale`.
 """
 from __future__ import annotations
 
