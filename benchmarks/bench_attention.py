@@ -36,7 +36,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastdiff.bench.harness import Rotating, bench_sizes, run_benchmark
+from fastdiff.bench.harness import Rotating, bench_sizes, rel_err, run_benchmark
 from fastdiff.ops.attention import attention, attention_eager
 from fastdiff.ops.linear_residual import linear_residual
 
@@ -79,11 +79,6 @@ def _make_set(size, dtype, device, seed):
     return q, k, v, out
 
 
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())
-
-
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("size", SIZES)
@@ -109,7 +104,7 @@ def test_attention(benchmark, hw, device, size, dtype, provider):
         if provider == "compile":
             torch._dynamo.reset()
             f = torch.compile(attention_eager, dynamic=False)
-        assert _rel(f(q, k, v), expect) < tol
+        assert rel_err(f(q, k, v), expect) < tol
         fn = Rotating([s[:3] for s in sets]).bind(f)
     else:
         backend = "triton" if provider == "triton" else "auto"
@@ -118,7 +113,7 @@ def test_attention(benchmark, hw, device, size, dtype, provider):
             return attention(q, k, v, out=out, backend=backend)
 
         op(*sets[0])  # first call: Triton autotuning happens here
-        assert _rel(sets[0][3], expect) < tol
+        assert rel_err(sets[0][3], expect) < tol
         fn = Rotating(sets).bind(op)
 
     for _ in range(len(sets)):  # touch every set once before timing
@@ -175,7 +170,7 @@ def test_linear_residual(benchmark, hw, device, size, dtype, provider):
     if provider == "compile":
         torch._dynamo.reset()
         f = torch.compile(_block_eager, dynamic=False)
-    assert _rel(f(*sets[0]), expect) < (1e-4 if dt == torch.float32 else 1e-2)
+    assert rel_err(f(*sets[0]), expect) < (1e-4 if dt == torch.float32 else 1e-2)
     fn = Rotating(sets).bind(f)
     for _ in range(len(sets)):
         fn()

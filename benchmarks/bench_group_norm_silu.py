@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastdiff import _ext
-from fastdiff.bench.harness import Rotating, bench_sizes, run_benchmark
+from fastdiff.bench.harness import Rotating, bench_sizes, rel_err, run_benchmark
 from fastdiff.ops.group_norm_silu import group_norm_silu
 
 GPU = torch.cuda.is_available()
@@ -76,10 +76,6 @@ def _make_set(size, dtype, device, variant, seed):
     temb = torch.randn(n, c, generator=g).to(device=device, dtype=dtype) if variant != "plain" else None
     res = torch.randn(size, generator=g).to(device=device, dtype=dtype) if variant == "all" else None
     return x, temb, res, torch.empty_like(x)
-
-
-def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -133,7 +129,7 @@ def test_group_norm_silu(benchmark, hw, device, size, dtype, variant, provider):
             return group_norm_silu(x, GROUPS, w, b, temb=temb, residual=res, out=out, backend=provider)
 
     got = step(*sets[0])
-    assert _rel(got, expect) < tol, f"{provider}: rel err {_rel(got, expect):.2e} vs eager"
+    assert rel_err(got, expect) < tol, f"{provider}: rel err {rel_err(got, expect):.2e} vs eager"
     fn = Rotating(sets).bind(step)
     for _ in range(len(sets)):  # touch every set once before timing
         fn()

@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fastdiff.bench.harness import Rotating, bench_sizes, run_benchmark
+from fastdiff.bench.harness import Rotating, bench_sizes, rel_err, run_benchmark
 from fastdiff.ops.layer_norm_modulate import layer_norm_modulate
 
 GPU = torch.cuda.is_available()
@@ -61,10 +61,6 @@ def _make_set(size, dtype, device, seed):
     return x, emb[:, c:2 * c], emb[:, :c], torch.empty_like(x)
 
 
-def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("size", SIZES)
@@ -95,7 +91,7 @@ def test_layer_norm_modulate(benchmark, hw, device, size, dtype, provider):
             return layer_norm_modulate(x, scale, shift, eps=EPS, out=out, backend=provider)
 
     got = step(*sets[0])
-    assert _rel(got, expect) < tol, f"{provider}: rel err {_rel(got, expect):.2e} vs eager"
+    assert rel_err(got, expect) < tol, f"{provider}: rel err {rel_err(got, expect):.2e} vs eager"
     fn = Rotating(sets).bind(step)
     for _ in range(len(sets)):  # touch every set once before timing
         fn()

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from fastdiff import _ext
-from fastdiff.bench.harness import Rotating, bench_sizes, graph_per_arg_set, run_benchmark
+from fastdiff.bench.harness import Rotating, bench_sizes, graph_per_arg_set, rel_err, run_benchmark
 from fastdiff.ops.solver_step import solver_step
 
 GPU = torch.cuda.is_available()
@@ -113,10 +113,6 @@ def _make_set(size, mdtype, device, seed):
     return x, noise_pred, prev_x0, history, out
 
 
-def _rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("size", SIZES)
@@ -146,7 +142,7 @@ def test_solver_step(benchmark, hw, device, size, dtype, provider):
         if provider == "compile":
             step = torch.compile(eager_dpmpp_2m_cfg_step, dynamic=False)
         got, got_x0 = step(x, m, prev, sigmas)
-        assert _rel(got, expect) < tol and _rel(got_x0, expect_x0) < tol
+        assert rel_err(got, expect) < tol and rel_err(got_x0, expect_x0) < tol
         rot = Rotating([s[:3] for s in sets])
         fn = rot.bind(lambda x, m, prev: step(x, m, prev, sigmas))
     else:
@@ -157,7 +153,7 @@ def test_solver_step(benchmark, hw, device, size, dtype, provider):
                                backend=backend)
 
         fused(*sets[0])
-        assert _rel(sets[0][4], expect) < tol and _rel(sets[0][3][0], expect_x0) < tol
+        assert rel_err(sets[0][4], expect) < tol and rel_err(sets[0][3][0], expect_x0) < tol
         for s in sets:  # history slot back to D_{i-1} (the check above overwrote it)
             s[3][0].copy_(s[2])
         if provider == "cuda_graph":

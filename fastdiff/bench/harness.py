@@ -166,6 +166,12 @@ def _quantile(sorted_data: Sequence[float], q: float) -> float:
     return sorted_data[lo] + (sorted_data[hi] - sorted_data[lo]) * (pos - lo)
 
 
+def rel_err(out, ref) -> float:
+    """Relative L2 error of `out` against `ref`, in float64 (each suite's correctness check of
+    the provider it times)."""
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
 def run_benchmark(
     benchmark: Any,
     fn: Callable[[], Any],
