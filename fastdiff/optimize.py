@@ -142,6 +142,13 @@ def _adapter_for(model: nn.Module):
 MEMORY_FORMATS = (torch.contiguous_format, torch.channels_last)
 
 
+def check_memory_format(memory_format) -> None:
+    """None, torch.contiguous_format or torch.channels_last; else ValueError naming memory_format."""
+    if memory_format is not None and not any(memory_format is f for f in MEMORY_FORMATS):
+        raise ValueError(f"memory_format: expected None, torch.contiguous_format or torch.channels_last, got "
+                         f"{memory_format!r}")
+
+
 def optimize(model: nn.Module, backend: str = "auto", *, inplace: bool = True, verbose: bool = False,
              memory_format: Optional[torch.memory_format] = None) -> nn.Module:
     """Swap fusable blocks of `model` for fused ones (see the module docstring). Returns the
@@ -155,9 +162,7 @@ def optimize(model: nn.Module, backend: str = "auto", *, inplace: bool = True, v
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(backend, str):
         raise TypeError(f"backend: expected a backend name (auto, cuda, triton, cpu, reference), got {backend!r}")
-    if memory_format is not None and memory_format not in MEMORY_FORMATS:
-        raise ValueError(f"memory_format: expected None, torch.contiguous_format or torch.channels_last, got "
-                         f"{memory_format!r}")
+    check_memory_format(memory_format)
     if not inplace:
         model = copy.deepcopy(model)
     if memory_format is not None:

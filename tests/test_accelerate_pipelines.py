@@ -107,3 +107,28 @@ def test_the_transformers_attention_runs_fused_until_restore(build):
     assert attns and all(isinstance(m.processor, FastdiffJointAttnProcessor) for m in attns)
     fastdiff.restore(pipe)
     assert [m.processor for m in attns] == theirs
+
+
+@pytest.mark.parametrize("build", [pipes.sd3, pipes.flux], ids=["sd3", "flux"])
+def test_channels_last_is_refused_for_transformers_before_anything_changes(build):
+    """Their latents are tokens, not 4-D feature maps: accelerate() names memory_format and the
+    reason, and leaves the pipeline as it was (untouched, or accelerated as before)."""
+    import fastdiff
+
+    pipe = build(diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+    cls = type(pipe)
+
+    def state():
+        modules = pipe.transformer.modules()
+        return type(pipe), [type(m) for m in modules], [p.stride() for p in pipe.transformer.parameters()]
+
+    for accelerated in (False, True):
+        if accelerated:
+            fastdiff.accelerate(pipe)
+        before = state()
+        with pytest.raises(ValueError, match=rf"memory_format: torch.channels_last is for U-Net pipelines with 4-D "
+                                             rf"latents; {cls.__name__}: its transformer runs on tokens"):
+            fastdiff.accelerate(pipe, memory_format=torch.channels_last)
+        assert state() == before
+    assert type(pipe) is not cls
+    fastdiff.restore(pipe)

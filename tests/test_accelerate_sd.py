@@ -2,7 +2,8 @@
 encoder; nothing downloaded): `pipe(...)` as diffusers calls it gives the untouched pipeline's
 images within 1e-4 relative (float32), with diffusers' semantics (guidance <= 1: no CFG, one
 model call per step; num_images_per_prompt, generator lists, output types, return_dict), and
-fastdiff.restore(pipe) gives the pipeline's own loop back."""
+fastdiff.restore(pipe) gives the pipeline's own loop back. memory_format=torch.channels_last
+(SD and SDXL): the U-Net gets channels_last latents at every step, the same latents within 1e-5."""
 import copy
 import inspect
 
@@ -191,6 +192,13 @@ def test_bad_input_is_named_before_any_model_call(folder):
         fastdiff.accelerate(pipe, solve="ddim")
     with pytest.raises(TypeError, match="pipe: expected one of the diffusers pipelines"):
         fastdiff.accelerate(object())
+    # a bad memory_format leaves the accelerated pipeline as it was (not restored, weights untouched)
+    fused, strides = [type(m) for m in pipe.unet.modules()], [p.stride() for p in pipe.unet.parameters()]
+    for bad in (torch.preserve_format, torch.channels_last_3d, "channels_last"):
+        with pytest.raises(ValueError, match="memory_format: expected None, torch.contiguous_format or "
+                                             "torch.channels_last, got"):
+            fastdiff.accelerate(pipe, memory_format=bad)
+    assert [type(m) for m in pipe.unet.modules()] == fused and [p.stride() for p in pipe.unet.parameters()] == strides
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
@@ -342,3 +350,110 @@ def test_edm_img2img_is_refused_by_name():
                  num_inference_steps=4, output_type="latent")
     finally:
         fastdiff.restore(pipe)
+
+
+CL_TOL = 1e-5  # float32, relative: the same ops in another memory order (other summation orders in the convolutions)
+
+
+def _strictly_channels_last(x):
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _unet_layouts(unet):
+    """Per U-Net call: (its sample input, its output) strictly channels_last; -> (list, hook handles)."""
+    seen = []
+
+    def before(m, args, kwargs):
+        seen.append([_strictly_channels_last(args[0] if args else kwargs["sample"])])
+
+    def after(m, args, kwargs, out):
+        seen[-1].append(_strictly_channels_last(out[0]))
+
+    return seen, [unet.register_forward_pre_hook(before, with_kwargs=True),
+                  unet.register_forward_hook(after, with_kwargs=True)]
+
+
+@pytest.mark.parametrize("optimize", [True, False], ids=["optimized", "not-optimized"])
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_channels_last_loop_equals_the_contiguous_one(folder, kind, optimize):
+    """memory_format=torch.channels_last: NHWC convolution weights, and the U-Net gets (and
+    returns) channels_last latents at every step (the loop's latents are converted, not the
+    weights alone); latents and images equal accelerate()'s without it; restore() puts back
+    every parameter's strides and the untouched pipeline's output."""
+    if kind == "sd":
+        pipe = pipes.sd(SCHEDULERS["dpmpp_2m"](), folder)
+    else:
+        pipe = pipes.sdxl(diffusers.DPMSolverMultistepScheduler(**SD), folder / kind)
+    strides = {name: p.stride() for name, p in pipe.unet.named_parameters()}
+    kw = dict(prompt="a cat", negative_prompt="dog", num_inference_steps=3, guidance_scale=5.0, guidance_rescale=0.5)
+
+    def call(output_type):
+        return pipe(generator=torch.Generator().manual_seed(0), output_type=output_type, **kw).images
+
+    untouched = call("pt")
+    fastdiff.accelerate(pipe, optimize=optimize)
+    plain = call("latent"), call("pt")
+    fastdiff.accelerate(pipe, optimize=optimize, memory_format=torch.channels_last)
+    convs = [p for p in pipe.unet.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    assert convs and all(_strictly_channels_last(p) for p in convs)
+    seen, hooks = _unet_layouts(pipe.unet)
+    ours = call("latent"), call("pt")
+    for h in hooks:
+        h.remove()
+    assert seen == [[True, True]] * 6  # two calls of 3 steps (CFG batched)
+    assert ours[0].is_contiguous()  # the returned latents: contiguous (accelerate's docstring)
+    assert rel(ours[0], plain[0]) < CL_TOL and rel(ours[1], plain[1]) < CL_TOL
+    fastdiff.restore(pipe)
+    assert {name: p.stride() for name, p in pipe.unet.named_parameters()} == strides
+    assert torch.equal(call("pt"), untouched)
+
+
+@pytest.mark.parametrize("start", ["given-latents", "img2img"])
+def test_channels_last_from_given_latents_and_images(start):
+    """Given `latents=` (contiguous; the caller's tensor left as it is) and img2img's noised image
+    latents start the loop channels_last too."""
+    text, neg = torch.randn(2, 1, 7, 32, generator=torch.Generator().manual_seed(1))
+    kw = dict(prompt_embeds=text, negative_prompt_embeds=neg, num_inference_steps=4, guidance_scale=7.5,
+              output_type="latent")
+    if start == "img2img":
+        pipe = pipes.sd_img2img(SCHEDULERS["ddim"]())
+        kw.update(image=torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(7)), strength=0.75)
+    else:
+        pipe = pipes.sd(SCHEDULERS["ddim"]())
+        kw.update(latents=torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(5)), height=16, width=24)
+    given = {k: v.clone() for k, v in kw.items() if k in ("latents", "image")}
+
+    def call():
+        return pipe(generator=torch.Generator().manual_seed(0), **kw).images
+
+    fastdiff.accelerate(pipe)
+    plain = call()
+    fastdiff.accelerate(pipe, memory_format=torch.channels_last)
+    seen, hooks = _unet_layouts(pipe.unet)
+    try:
+        ours = call()
+    finally:
+        for h in hooks:
+            h.remove()
+        fastdiff.restore(pipe)
+    assert seen == [[True, True]] * (3 if start == "img2img" else 4)  # img2img: int(4 * 0.75) steps
+    assert rel(ours, plain) < CL_TOL
+    assert all(torch.equal(kw[k], v) and kw[k].is_contiguous() for k, v in given.items())
+
+
+def test_contiguous_format_converts_channels_last_weights_back_until_restore():
+    """A U-Net the user made channels_last: memory_format=torch.contiguous_format runs it with
+    contiguous weights; restore() gives the channels_last strides back."""
+    pipe = pipes.sd(SCHEDULERS["ddim"]())
+    pipe.unet.to(memory_format=torch.channels_last)
+    strides = {name: p.stride() for name, p in pipe.unet.named_parameters()}
+    text = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(1))
+    kw = dict(prompt_embeds=text, num_inference_steps=3, guidance_scale=1.0, output_type="latent")
+    fastdiff.accelerate(pipe)
+    plain = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    fastdiff.accelerate(pipe, memory_format=torch.contiguous_format)
+    assert all(p.is_contiguous() for p in pipe.unet.parameters())
+    assert rel(pipe(generator=torch.Generator().manual_seed(0), **kw).images, plain) < CL_TOL
+    fastdiff.restore(pipe)
+    assert {name: p.stride() for name, p in pipe.unet.named_parameters()} == strides
+    assert any(_strictly_channels_last(p) for p in pipe.unet.parameters())

@@ -166,7 +166,11 @@ def run_flux(pipe, a, options):
     return FluxPipelineOutput(images=image) if a["return_dict"] else (image,)
 
 
+# channels_last is the layout of a convolution U-Net's 4-D feature maps
+_TOKENS = "its transformer runs on tokens ({}), not on 4-D feature maps"
 FAMILIES = (
-    Family(StableDiffusion3Pipeline, "transformer", frozenset(_COMMON + _SD3), run_sd3),
-    Family(FluxPipeline, "transformer", frozenset(_COMMON + _FLUX), run_flux),
+    Family(StableDiffusion3Pipeline, "transformer", frozenset(_COMMON + _SD3), run_sd3,
+           _TOKENS.format("the latents cut into patches")),
+    Family(FluxPipeline, "transformer", frozenset(_COMMON + _FLUX), run_flux,
+           _TOKENS.format("the latents packed as (batch, tokens, channels)")),
 )

@@ -14,6 +14,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from fastdiff.graphs import CUDA_GRAPH_MODES
 from fastdiff.guidance import check_guidance_scale
+from fastdiff.optimize import check_memory_format
 from fastdiff.sampler import BACKENDS, Sampler
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -48,13 +49,16 @@ _VE_STATE = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunD
 
 @dataclass(frozen=True)
 class Options:
-    """fastdiff's own options: where the loop runs and Sampler overrides of the scheduler's plan."""
+    """fastdiff's own options: where the loop runs, Sampler overrides of the scheduler's plan and
+    the loop's latents layout (`denoise`; None: the latents' own)."""
 
     cuda_graph: object = "auto"
     backend: str = "auto"
     plan: dict = field(default_factory=dict)
+    memory_format: Optional[torch.memory_format] = None
 
     def __post_init__(self):
+        check_memory_format(self.memory_format)
         if self.cuda_graph not in CUDA_GRAPH_MODES:
             raise ValueError(f"cuda_graph: expected one of {CUDA_GRAPH_MODES}, got {self.cuda_graph!r}")
         if self.backend not in BACKENDS:
@@ -75,6 +79,7 @@ class Family:
     denoiser: str            # the attribute holding the model the loop calls ("unet", "transformer")
     supported: frozenset     # call arguments honoured; every other one must keep its default
     run: Callable            # run(pipe, args: dict of every call argument, options) -> the pipeline's output
+    no_channels_last: Optional[str] = None  # why its loop cannot run channels_last (None: it can)
 
 
 def _is_default(value, default) -> bool:
@@ -238,11 +243,15 @@ def denoise(pipe, sampler: Sampler, model, noise: torch.Tensor, options: Options
     The pipeline's progress bar (`pipe.progress_bar`, as pipe.set_progress_bar_config sets it)
     counts the steps: one update per step, or all at once after a loop run as one CUDA graph.
     The result is diffusers' loop state at the plan's end (`diffusers_state_scale`: an
-    Euler-type scheduler's, stopped short of the clean end by denoising_end, is x / alpha)."""
+    Euler-type scheduler's, stopped short of the clean end by denoising_end, is x / alpha).
+    `options.memory_format`: the loop's layout (the solver state follows the noise's, converted
+    here once); the result is then contiguous, as the pipeline's own loop returns it."""
     dtype = noise.dtype
     graphed = options.cuda_graph is not False and noise.device.type == "cuda" and sampler.backend != "reference"
+    layout = {} if options.memory_format is None else {"memory_format": options.memory_format}
+    start = noise.to(torch.float32, **layout)
     with pipe.progress_bar(total=sampler.steps) as bar:
-        x = sampler.sample(model, noise.float(), generator=generator if sampler.table.noise_draws else None,
+        x = sampler.sample(model, start, generator=generator if sampler.table.noise_draws else None,
                            guidance_scale=guidance_scale if uncond is not None else 1.0, cond=cond, uncond=uncond,
                            cfg=cfg, model_dtype=dtype if dtype != torch.float32 else None,
                            cuda_graph=options.cuda_graph, x0=None if x0 is None else x0.float(),
@@ -250,7 +259,8 @@ def denoise(pipe, sampler: Sampler, model, noise: torch.Tensor, options: Options
         if graphed:
             bar.update(sampler.steps)
     scale = diffusers_state_scale(pipe, sampler, sampler.steps)
-    return (x if scale == 1.0 else x / scale).to(dtype)
+    x = (x if scale == 1.0 else x / scale).to(dtype)
+    return x if options.memory_format is None else x.contiguous()
 
 
 def wrapper(module, cls):
