@@ -9,12 +9,15 @@
 // x's strides. weight/bias (C,) and temb (N, C) with any strides.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <vector>
 
+#include "../common/known_calls.h"
+#include "../common/python_functions.h"
 #include "../common/torch_dtype.h"
 #include "group_norm_silu.h"
 
@@ -162,6 +165,69 @@ void group_norm_silu_cuda_impl(const at::Tensor& x, int64_t num_groups, const st
                                       c10::cuda::getCurrentCUDAStream(x.device().index()).stream()));
 }
 #endif
+
+// --- fastdiff.group_norm_silu()'s fast path (common/known_calls.h) -----------------------------
+
+namespace py = pybind11;
+
+struct KnownNorm {
+  // fastdiff.group_norm_silu(x, num_groups, weight, bias, eps, silu, temb, residual, num_splits,
+  // out, backend) as its wrapper received it (out may be None)
+  struct Call {
+    const at::Tensor* x;
+    int64_t num_groups;
+    const at::Tensor* weight;
+    const at::Tensor* bias;
+    double eps;
+    bool silu;
+    const at::Tensor* temb;
+    const at::Tensor* residual;
+    int64_t num_splits;
+    const at::Tensor* out;
+    known_calls::Backend backend;
+  };
+  static constexpr size_t kOut = 9;
+
+  // A new output overlaps nothing, so its key leaves every pointer out: a U-Net's activations
+  // sit at new addresses at every call.
+  static bool read(const py::args& a, Call& c, known_calls::Key& key) {
+    using namespace known_calls;
+    if (a.size() != 11 || !read_tensor(a[0].ptr(), c.x, false) || !read_int(a[1].ptr(), c.num_groups) ||
+        !read_tensor(a[2].ptr(), c.weight, true) || !read_tensor(a[3].ptr(), c.bias, true) ||
+        !read_double(a[4].ptr(), c.eps) || !read_bool(a[5].ptr(), c.silu) || !read_tensor(a[6].ptr(), c.temb, true) ||
+        !read_tensor(a[7].ptr(), c.residual, true) || !read_int(a[8].ptr(), c.num_splits) ||
+        !read_tensor(a[kOut].ptr(), c.out, true) || !read_backend(a[10].ptr(), c.backend)) {
+      return false;
+    }
+    const bool pointers = c.out != nullptr;
+    for (const at::Tensor* t : {c.x, c.weight, c.bias, c.temb, c.residual, c.out}) key.tensor(t, pointers);
+    key.word(c.num_groups);
+    key.number(c.eps);
+    key.word(c.silu);
+    key.word(c.num_splits);
+    key.word(static_cast<int64_t>(c.backend));
+    key.env("TRITON_INTERPRET");
+    return true;
+  }
+
+  static at::Tensor run(const Call& c) {
+    using known_calls::optional;
+    at::Tensor out = c.out != nullptr ? *c.out : at::empty_like(*c.x);
+#ifdef FASTDIFF_WITH_CUDA
+    if (c.x->is_cuda()) {
+      group_norm_silu_cuda_impl(*c.x, c.num_groups, optional(c.weight), optional(c.bias), c.eps, c.silu,
+                                optional(c.temb), optional(c.residual), c.num_splits, out);
+      return out;
+    }
+#endif
+    group_norm_silu_cpu_impl(*c.x, c.num_groups, optional(c.weight), optional(c.bias), c.eps, c.silu,
+                             optional(c.temb), optional(c.residual), c.num_splits, out);
+    return out;
+  }
+};
+
+[[maybe_unused]] const bool added =
+    add_python_functions([](py::module_& m) { known_calls::define<KnownNorm>(m, "group_norm_silu"); });
 
 }  // namespace
 }  // namespace group_norm_silu

@@ -8,11 +8,15 @@
 // other dense order as long as all agree); the common storage order is treated as flat.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <array>
 #include <optional>
 
+#include "../common/known_calls.h"
+#include "../common/python_functions.h"
 #include "../common/torch_dtype.h"
 #include "solver_step.h"
 
@@ -152,6 +156,79 @@ void solver_step_cuda_impl(const at::Tensor& x, const at::Tensor& model_out, con
   C10_CUDA_CHECK(solver_step_cuda(a, c10::cuda::getCurrentCUDAStream(x.device().index()).stream()));
 }
 #endif
+
+// --- fastdiff.solver_step()'s fast path (common/known_calls.h) ---------------------------------
+
+namespace py = pybind11;
+
+struct KnownStep {
+  // fastdiff.solver_step(x, model_out, uncond, history, noise, coef, slots, guidance, clamp, out,
+  // backend) as its wrapper received it: model_out may be CFG-doubled, out None, guidance a
+  // number or a tensor
+  struct Call {
+    const at::Tensor* x;
+    const at::Tensor* model_out;
+    const at::Tensor* uncond;
+    const at::Tensor* history;
+    const at::Tensor* noise;
+    const at::Tensor* out;
+    const at::Tensor* guidance_t = nullptr;
+    std::array<double, kNumCoefs> coef;
+    std::array<int64_t, 4> slots;
+    double guidance = 1.0;
+    double clamp;
+    known_calls::Backend backend;
+  };
+  static constexpr size_t kOut = 9;
+
+  static bool read(const py::args& a, Call& c, known_calls::Key& key) {
+    using namespace known_calls;
+    if (a.size() != 11 || !read_tensor(a[0].ptr(), c.x, false) || !read_tensor(a[1].ptr(), c.model_out, false) ||
+        !read_tensor(a[2].ptr(), c.uncond, true) || !read_tensor(a[3].ptr(), c.history, true) ||
+        !read_tensor(a[4].ptr(), c.noise, true) || !read_doubles(a[5].ptr(), c.coef.data(), kNumCoefs) ||
+        !read_ints(a[6].ptr(), c.slots.data(), 4) || !read_double(a[8].ptr(), c.clamp) ||
+        !read_tensor(a[kOut].ptr(), c.out, true) || !read_backend(a[10].ptr(), c.backend)) {
+      return false;
+    }
+    if (!read_double(a[7].ptr(), c.guidance)) {  // a tensor guidance is read by the kernel
+      if (!read_tensor(a[7].ptr(), c.guidance_t, false)) return false;
+      c.guidance = 1.0;
+    }
+    for (const at::Tensor* t : {c.x, c.model_out, c.uncond, c.history, c.noise, c.out, c.guidance_t}) key.tensor(t);
+    for (const double v : c.coef) key.number(v);
+    for (const int64_t s : c.slots) key.word(s);
+    key.number(c.guidance);
+    key.number(c.clamp);
+    key.word(static_cast<int64_t>(c.backend));
+    key.env("TRITON_INTERPRET");
+    return true;
+  }
+
+  static at::Tensor run(const Call& c) {
+    using known_calls::optional;
+    at::Tensor model = *c.model_out;
+    std::optional<at::Tensor> model_u = optional(c.uncond);
+    const int64_t batch = c.x->size(0);
+    if (!model_u.has_value() && batch > 0 && model.size(0) == 2 * batch) {  // CFG-doubled: (uncond, cond)
+      model_u = model.narrow(0, 0, batch);
+      model = model.narrow(0, batch, batch);
+    }
+    at::Tensor out = c.out != nullptr ? *c.out : at::empty_like(*c.x);
+#ifdef FASTDIFF_WITH_CUDA
+    if (c.x->is_cuda()) {
+      solver_step_cuda_impl(*c.x, model, model_u, optional(c.history), optional(c.noise), c.coef, c.slots,
+                            c.guidance, optional(c.guidance_t), c.clamp, out);
+      return out;
+    }
+#endif
+    solver_step_cpu_impl(*c.x, model, model_u, optional(c.history), optional(c.noise), c.coef, c.slots, c.guidance,
+                         optional(c.guidance_t), c.clamp, out);
+    return out;
+  }
+};
+
+[[maybe_unused]] const bool added =
+    add_python_functions([](py::module_& m) { known_calls::define<KnownStep>(m, "solver_step"); });
 
 }  // namespace
 }  // namespace solver_step

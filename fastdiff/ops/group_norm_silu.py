@@ -345,6 +345,8 @@ def _run_reference(a: GroupNormSiluArgs) -> None:
     a.out.copy_(res)
 
 
+_C = _ext.C  # the compiled extension: its fast path for calls checked before (csrc/common/known_calls.h)
+
 DISPATCH = _dispatch.register(_dispatch.Dispatcher(
     "group_norm_silu",
     [
@@ -365,10 +367,11 @@ _LIB.define(
 )
 
 
-def _impl(x, num_groups, weight, bias, eps, silu, temb, residual, num_splits, out, backend, new_out=False):
-    """The op. Validate once, run many (as solver_step): a known signature goes straight to its
-    backend. `new_out`: the wrapper allocated `out` for this call, so it overlaps nothing and
-    the key leaves the pointers out (a U-Net's activations sit at new addresses every call)."""
+def _run(x, num_groups, weight, bias, eps, silu, temb, residual, num_splits, out, backend, new_out=False):
+    """The op; returns the provider that ran. Validate once, run many (as solver_step): a known
+    signature goes straight to its backend. `new_out`: the wrapper allocated `out` for this
+    call, so it overlaps nothing and the key leaves the pointers out (a U-Net's activations sit
+    at new addresses every call)."""
     key_of = _dispatch.metadata_key if new_out else _dispatch.tensor_key
     key = (new_out, tuple(map(key_of, (x, weight, bias, temb, residual, out))), num_groups, eps, silu,
            num_splits, backend, _dispatch.signature_env())
@@ -381,9 +384,14 @@ def _impl(x, num_groups, weight, bias, eps, silu, temb, residual, num_splits, ou
         provider = DISPATCH.select(args, backend)
         DISPATCH.learn(key, provider)
     provider.run(args)
+    return provider
 
 
-_LIB.impl("group_norm_silu", _impl, "CompositeExplicitAutograd")  # new_out keeps its default: out is given
+def _impl(x, num_groups, weight, bias, eps, silu, temb, residual, num_splits, out, backend) -> None:
+    _run(x, num_groups, weight, bias, eps, silu, temb, residual, num_splits, out, backend)
+
+
+_LIB.impl("group_norm_silu", _impl, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fastdiff::group_norm_silu", lib=_LIB)
@@ -429,6 +437,11 @@ def group_norm_silu(
 
     All checks run before any write.
     """
+    call = (x, num_groups, weight, bias, eps, silu, temb, residual, num_splits, out, backend)
+    if _C is not None and not torch.compiler.is_compiling():  # compile traces the registered op
+        done = _C.group_norm_silu_known(*call)  # a call checked before, in C++; None otherwise
+        if done is not None:
+            return done
     _check_scalars(num_groups, eps, silu, num_splits)  # before torch's schema check, with our messages
     new_out = out is None
     if new_out:
@@ -436,7 +449,10 @@ def group_norm_silu(
             check_group_norm_silu_args(x, num_groups, weight, bias, eps, silu, temb, residual, num_splits, x)
         out = torch.empty_like(x)  # keeps x's dense layout (contiguous or channels_last)
     if _dispatch.direct(x, weight, bias, temb, residual, out):
-        _impl(x, num_groups, weight, bias, float(eps), silu, temb, residual, num_splits, out, backend, new_out)
+        provider = _run(x, num_groups, weight, bias, float(eps), silu, temb, residual, num_splits, out, backend,
+                        new_out)
+        if _C is not None and provider.run is _run_compiled:
+            _C.group_norm_silu_learn(*call)  # the call as given: the next such call runs from the top
     else:  # the registered op: torch.compile, modes, fake tensors
         torch.ops.fastdiff.group_norm_silu(x, num_groups, weight, bias, float(eps), silu, temb, residual,
                                            num_splits, out, backend)

@@ -358,6 +358,8 @@ def _run_reference(a: SolverStepArgs) -> None:
     a.out.copy_(res)
 
 
+_C = _ext.C  # the compiled extension: its fast path for calls checked before (csrc/common/known_calls.h)
+
 DISPATCH = _dispatch.register(_dispatch.Dispatcher(
     "solver_step",
     [
@@ -379,9 +381,10 @@ _LIB.define(
 )
 
 
-def _solver_step_impl(x, model_out, uncond, history, noise, coef, slots, guidance, guidance_t, clamp, out, backend):
-    # validate once, run many: a signature that passed the checks and chose a backend before
-    # (everything they read: tensor metadata and pointers, the numbers) goes straight to it
+def _run(x, model_out, uncond, history, noise, coef, slots, guidance, guidance_t, clamp, out, backend):
+    """The op; returns the provider that ran. Validate once, run many: a signature that passed
+    the checks and chose a backend before (everything they read: tensor metadata and pointers,
+    the numbers) goes straight to it."""
     key = (tuple(map(_dispatch.tensor_key, (x, model_out, uncond, history, noise, out, guidance_t))),
            tuple(coef), tuple(slots), guidance, clamp, backend, _dispatch.signature_env())
     provider = DISPATCH.known(key)
@@ -392,6 +395,12 @@ def _solver_step_impl(x, model_out, uncond, history, noise, coef, slots, guidanc
         provider = DISPATCH.select(args, backend)
         DISPATCH.learn(key, provider)
     provider.run(args)
+    return provider
+
+
+def _solver_step_impl(x, model_out, uncond, history, noise, coef, slots, guidance, guidance_t, clamp, out,
+                      backend) -> None:
+    _run(x, model_out, uncond, history, noise, coef, slots, guidance, guidance_t, clamp, out, backend)
 
 
 _LIB.impl("solver_step", _solver_step_impl, "CompositeExplicitAutograd")
@@ -456,6 +465,11 @@ def solver_step(
 
     Writes history[slots[0]] = Dc_i when slots[0] >= 0. All checks run before any write.
     """
+    call = (x, model_out, uncond, history, noise, coef, slots, guidance, clamp, out, backend)
+    if _C is not None and not torch.compiler.is_compiling():  # compile traces the registered op
+        done = _C.solver_step_known(*call)  # a call checked before, in C++; None otherwise
+        if done is not None:
+            return done
     if not isinstance(x, torch.Tensor):
         raise _fail(TypeError, f"x must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(model_out, torch.Tensor):
@@ -478,7 +492,12 @@ def solver_step(
         if x.dim() == 0 or not _is_dense(x):  # report it as x's problem, before allocating
             check_solver_step_args(x, model_out, uncond, history, noise, coef, slots, guidance, clamp, x)
         out = torch.empty_like(x)  # keeps x's dense layout (contiguous or channels_last)
-    call = _solver_step_impl if _dispatch.direct(x, model_out, uncond, history, noise, out, guidance_t) else (
-        torch.ops.fastdiff.solver_step)  # the registered op: torch.compile, modes, fake tensors
-    call(x, model_out, uncond, history, noise, coef, slots, float(guidance), guidance_t, float(clamp), out, backend)
+    if _dispatch.direct(x, model_out, uncond, history, noise, out, guidance_t):
+        provider = _run(x, model_out, uncond, history, noise, coef, slots, float(guidance), guidance_t,
+                        float(clamp), out, backend)
+        if _C is not None and provider.run is _run_compiled:
+            _C.solver_step_learn(*call)  # the call as given: the next such call runs from the top
+    else:  # the registered op: torch.compile, modes, fake tensors
+        torch.ops.fastdiff.solver_step(x, model_out, uncond, history, noise, coef, slots, float(guidance),
+                                       guidance_t, float(clamp), out, backend)
     return out

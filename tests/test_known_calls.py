@@ -1,0 +1,288 @@
+"""The compiled fast path for calls an op checked before (csrc/common/known_calls.h).
+
+`solver_step()` and `group_norm_silu()` check a call in full the first time they see its
+signature and, when they chose the compiled backend, teach it to the extension; the same call
+again runs from the wrapper's first line in C++. Checked here:
+- a learned call gives the reference's result (outputs poisoned first) and does not enter the
+  Python implementation (`_run`, spied on);
+- a call differing in anything the checks or the backend choice read is checked again;
+- tensors the kernels cannot read as plain memory (a negative view, a subclass) and calls under
+  a dispatch mode never take the fast path.
+Bad input after a learned call still raises: tests/test_bad_input.py and the ops' own
+`test_bad_input_errors` ("after-the-same-tensors").
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastdiff import _ext
+from fastdiff.ops import group_norm_silu as gns
+from fastdiff.ops import solver_step as ss
+from conftest import need
+from tolerances import assert_close
+
+COEF = [0.9, -0.4, 0.7, 0.2, -0.1, 0.05, 0.0, 0.3, 0.0]  # b1, b2 and c in use
+SLOTS = [2, 0, 1, -1]
+
+
+@pytest.fixture(autouse=True)
+def _extension():
+    need(_ext.available(), f"fastdiff._C is not available ({_ext.LOAD_ERROR})")
+
+
+def _spy(monkeypatch, module) -> list:
+    """Counts the calls that enter `module`'s Python implementation (the full path)."""
+    calls, real = [], module._run
+
+    def run(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_run", run)
+    return calls
+
+
+class _Passthrough(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+# --- solver_step ---------------------------------------------------------------------------------
+
+
+def _step_case(layout: str = "contiguous", model_dtype=torch.float32, **over) -> dict:
+    g = torch.Generator().manual_seed(0)
+    shape = (2, 4, 5, 3)
+
+    def r(*s, dtype=torch.float32):
+        t = torch.randn(*s, generator=g).to(dtype)
+        return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" and t.dim() == 4 else t
+
+    history = torch.randn(3, *shape, generator=g)
+    if layout == "channels_last":  # each slot channels_last, slots adjacent
+        history = history.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    case = dict(x=r(*shape), model_out=r(4, *shape[1:], dtype=model_dtype), uncond=None, history=history,
+                noise=r(*shape), coef=list(COEF), slots=list(SLOTS), guidance=7.5, clamp=0.0, out=None,
+                backend="auto")
+    case.update(over)
+    return case
+
+
+def _step(case):
+    return ss.solver_step(case["x"], case["model_out"], case["uncond"], case["history"], case["noise"],
+                          coef=case["coef"], slots=case["slots"], guidance=case["guidance"], clamp=case["clamp"],
+                          out=case["out"], backend=case["backend"])
+
+
+def _step_expected(case):
+    """(next state, the history after the step) in float64, from copies of the inputs."""
+    m, u = case["model_out"], case["uncond"]
+    if u is None and m.shape[0] == 2 * case["x"].shape[0]:
+        u, m = m.chunk(2)
+    history = case["history"].clone().double()
+    g = case["guidance"]
+    out = ss.solver_step_reference(case["x"].double(), m.double(), None if u is None else u.double(), history,
+                                   case["noise"].double(), case["coef"], case["slots"],
+                                   g.item() if isinstance(g, torch.Tensor) else g, case["clamp"],
+                                   compute_dtype=torch.float64)
+    return out, history
+
+
+STEP_VARIANTS = {
+    "CFG-doubled model_out, new out": {},
+    "uncond given, out given": dict(uncond="split", out="new"),
+    "in place (out=x)": dict(out="x"),
+    "guidance as a tensor": dict(guidance=torch.tensor([7.5])),
+    "clamped, no history reads": dict(clamp=0.5, coef=[0.9, -0.4, 0.7, 0.2, 0.0, 0.0, 0.0, 0.3, 0.1],
+                                      slots=[1, -1, -1, -1]),
+    "channels_last": dict(layout="channels_last", out="new"),
+    "fp16 model output": dict(model_dtype=torch.float16),
+}
+
+
+def _make_step_case(variant: str) -> dict:
+    over = dict(STEP_VARIANTS[variant])
+    case = _step_case(over.pop("layout", "contiguous"), over.pop("model_dtype", torch.float32))
+    for k, v in over.items():
+        if v == "split":
+            case["uncond"], case["model_out"] = (t.clone() for t in case["model_out"].chunk(2))
+        elif v == "new":
+            case[k] = torch.empty_like(case["x"])
+        elif v == "x":
+            case[k] = case["x"]
+        else:
+            case[k] = v
+    return case
+
+
+@pytest.mark.parametrize("variant", list(STEP_VARIANTS))
+def test_solver_step_learned_call_runs_compiled_and_matches_the_reference(variant, monkeypatch):
+    case = _make_step_case(variant)
+    calls = _spy(monkeypatch, ss)
+    for attempt in range(3):  # the first call is checked in full, the others are known
+        expected, history = _step_expected(case)
+        if case["out"] is not None and case["out"] is not case["x"]:
+            case["out"].fill_(float("nan"))  # poisoned: every element must be written
+        got = _step(case)
+        assert len(calls) == 1, f"call {attempt + 1} entered the Python implementation"
+        if case["out"] is not None:
+            assert got is case["out"]
+        assert got.stride() == case["x"].stride()
+        assert_close(got, expected, case["model_out"].dtype, what=f"state, call {attempt + 1}")
+        assert_close(case["history"], history, torch.float32, what=f"history, call {attempt + 1}")
+
+
+def _learned_step_case() -> dict:
+    case = _step_case(out=None)
+    case["out"] = torch.empty_like(case["x"])
+    _step(case)
+    return case
+
+
+STEP_CHANGES = {
+    "another out": lambda c: c.update(out=torch.empty_like(c["x"])),
+    "out overlapping the history (an error)": lambda c: c.update(out=c["history"][1]),
+    "a coefficient": lambda c: c.update(coef=COEF[:3] + [0.25] + COEF[4:]),
+    "the slots": lambda c: c.update(slots=[1, 0, 2, -1]),
+    "guidance": lambda c: c.update(guidance=5.0),
+    "clamp": lambda c: c.update(clamp=1.0),
+    "the backend named": lambda c: c.update(backend="cpu"),
+    "the reference backend": lambda c: c.update(backend="reference"),
+    "x's dtype (an error)": lambda c: c.update(x=c["x"].double()),
+    "x's strides (an error)": lambda c: c.update(x=c["x"].transpose(2, 3).contiguous().transpose(2, 3)),
+    "a shape": lambda c: c.update(x=c["x"][:1], model_out=c["model_out"][[0, 2]],
+                                  history=c["history"][:, :1].clone(), noise=c["noise"][:1], out=c["out"][:1]),
+    "a negative view": lambda c: c.update(noise=torch._neg_view(c["noise"])),
+    "a tensor subclass": lambda c: c.update(noise=c["noise"].as_subclass(_Subclass)),
+}
+
+
+@pytest.mark.parametrize("change", list(STEP_CHANGES))
+def test_solver_step_any_change_is_checked_again(change, monkeypatch):
+    case = _learned_step_case()
+    calls = _spy(monkeypatch, ss)
+    _step(case)
+    assert not calls, "the learned call itself was not run from the fast path"
+    STEP_CHANGES[change](case)
+    expect_error = change.endswith("(an error)")
+    if expect_error:
+        with pytest.raises((TypeError, ValueError)):
+            _step(case)
+    else:
+        got = _step(case)
+        expected, _ = _step_expected(case)
+        assert_close(got, expected, torch.float32, what=change)
+    assert len(calls) == 1, "a changed call must be checked (and its backend chosen) again"
+
+
+def test_solver_step_environment_and_modes_are_checked_again(monkeypatch):
+    case = _learned_step_case()
+    calls = _spy(monkeypatch, ss)
+    with _Passthrough():
+        _step(case)
+    assert len(calls) == 1, "a call under a dispatch mode must take the registered op"
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if ss._dispatch.triton_interpret() else "1")
+    _step(case)
+    assert len(calls) == 2, "TRITON_INTERPRET changes what auto chooses: the call must be checked again"
+
+
+# --- group_norm_silu -----------------------------------------------------------------------------
+
+
+def _norm_case(layout: str = "contiguous", **over) -> dict:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, 5, 3, generator=g) * 3 + 1
+    residual = torch.randn(2, 8, 5, 3, generator=g)
+    if layout == "channels_last":
+        x, residual = (t.contiguous(memory_format=torch.channels_last) for t in (x, residual))
+    case = dict(x=x, num_groups=4, weight=torch.randn(8, generator=g), bias=torch.randn(8, generator=g),
+                eps=1e-5, silu=True, temb=torch.randn(2, 8, generator=g), residual=residual, num_splits=0, out=None,
+                backend="auto")
+    case.update(over)
+    return case
+
+
+def _norm(case):
+    return gns.group_norm_silu(case["x"], case["num_groups"], case["weight"], case["bias"], eps=case["eps"],
+                               silu=case["silu"], temb=case["temb"], residual=case["residual"], out=case["out"],
+                               backend=case["backend"], num_splits=case["num_splits"])
+
+
+def _norm_expected(case):
+    d = {k: None if case[k] is None else case[k].double() for k in ("x", "weight", "bias", "temb", "residual")}
+    return gns.group_norm_silu_reference(d["x"], case["num_groups"], d["weight"], d["bias"], case["eps"],
+                                         case["silu"], d["temb"], d["residual"], compute_dtype=torch.float64)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("given_out", [False, True])
+def test_group_norm_silu_learned_call_runs_compiled_and_matches_the_reference(layout, given_out, monkeypatch):
+    calls = _spy(monkeypatch, gns)
+    base = _norm_case(layout)
+    out = torch.empty_like(base["x"]) if given_out else None
+    for attempt in range(3):
+        # a new output: the key holds no pointers, so new inputs with the same metadata are
+        # known too (a U-Net's activations); a given output: the very same tensors
+        case = base if given_out else _norm_case(layout, x=base["x"].clone() + attempt)
+        case["out"] = out
+        if out is not None:
+            out.fill_(float("nan"))
+        got = _norm(case)
+        assert len(calls) == 1, f"call {attempt + 1} entered the Python implementation"
+        assert got.stride() == case["x"].stride() and (out is None or got is out)
+        assert_close(got, _norm_expected(case), torch.float32, what=f"call {attempt + 1}")
+
+
+def _shifted_out(c):
+    """residual and out one element apart in one buffer."""
+    buf = torch.randn(c["residual"].numel() + 1)
+    c.update(residual=buf[:-1].view(c["residual"].shape), out=buf[1:].view(c["residual"].shape))
+
+
+NORM_CHANGES = {
+    "another out": lambda c: c.update(out=torch.empty_like(c["x"])),
+    "out overlapping residual, shifted (an error)": lambda c: _shifted_out(c),
+    "num_groups": lambda c: c.update(num_groups=2),
+    "eps": lambda c: c.update(eps=1e-3),
+    "silu": lambda c: c.update(silu=False),
+    "num_splits": lambda c: c.update(num_splits=2),
+    "no temb": lambda c: c.update(temb=None),
+    "the reference backend": lambda c: c.update(backend="reference"),
+    "a negative view": lambda c: c.update(residual=torch._neg_view(c["residual"])),
+    "a tensor subclass": lambda c: c.update(bias=c["bias"].as_subclass(_Subclass)),
+    "num_groups not dividing C (an error)": lambda c: c.update(num_groups=3),
+}
+
+
+@pytest.mark.parametrize("change", list(NORM_CHANGES))
+def test_group_norm_silu_any_change_is_checked_again(change, monkeypatch):
+    case = _norm_case()
+    case["out"] = torch.empty_like(case["x"])
+    _norm(case)
+    calls = _spy(monkeypatch, gns)
+    _norm(case)
+    assert not calls, "the learned call itself was not run from the fast path"
+    NORM_CHANGES[change](case)
+    if change.endswith("(an error)"):
+        with pytest.raises((TypeError, ValueError)):
+            _norm(case)
+    else:
+        got = _norm(case)
+        assert_close(got, _norm_expected(case), torch.float32, what=change)
+    assert len(calls) == 1, "a changed call must be checked (and its backend chosen) again"
+
+
+def test_group_norm_silu_under_a_dispatch_mode_takes_the_registered_op(monkeypatch):
+    case = _norm_case()
+    _norm(case)
+    calls = _spy(monkeypatch, gns)
+    with _Passthrough():
+        got = _norm(case)
+    assert len(calls) == 1
+    assert_close(got, _norm_expected(case), torch.float32)
