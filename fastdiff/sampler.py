@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -264,6 +264,7 @@ class Sampler:
                             schedule=schedule if isinstance(schedule, str) else repr(schedule),
                             order=unipc.get("order"), variant=unipc.get("variant"), corrector=unipc.get("corrector"),
                             noise_scale=self.noise_scale, d2_weight=d2_weight, output_scale=self.output_scale,
+                            mid_timesteps=_float_list(mid_timesteps), prev_timesteps=_float_list(prev_timesteps),
                             first_step=int(first_step))
         cls, fixed = SOLVERS[solver]
         self._solver_args = dict(fixed, eta=eta, lower_order_final=lower_order_final, variance=variance,
@@ -548,6 +549,11 @@ def _check_churn(solver, s_churn, s_tmin, s_tmax, s_noise, round_timesteps) -> C
         raise ValueError("s_churn: churned noise levels fall between the integer timesteps that "
                          "round_timesteps=True asks for; use one or the other")
     return Churn(**{k: float(v) for k, v in given.items()})
+
+
+def _float_list(values) -> Optional[List[float]]:
+    """Model times as given (checked already), JSON-ready for `options`."""
+    return None if values is None else [float(v) for v in np.asarray(values, dtype=np.float64).ravel()]
 
 
 def _check_mid_timesteps(mid_timesteps, grid) -> Optional[np.ndarray]:

@@ -406,3 +406,14 @@ def test_unipc_without_lower_order_final_is_finite_where_diffusers_is_not():
     theirs = _diffusers_loop(sch, model, noise, 6, {}, seed=0)
     assert torch.isfinite(ours).all() and not torch.isfinite(theirs).all()
     assert sampler.options["lower_order_final"] is False
+
+
+def test_kdpm2_plan_records_its_midpoint_times():
+    """from_scheduler hands KDPM2's midpoint model times over as mid_timesteps: options record
+    them, and a plan made from them again has the same table."""
+    sch = _scheduler("KDPM2DiscreteScheduler", dict(use_karras_sigmas=True))
+    s = fastdiff.Sampler.from_scheduler(sch, 5)
+    mids = s.options["mid_timesteps"]
+    assert isinstance(mids, list) and len(mids) == 4 and all(isinstance(t, float) for t in mids)
+    again = fastdiff.Sampler.from_scheduler(sch, 5, mid_timesteps=[t + 1.0 for t in mids])
+    assert (again.table.model_time != s.table.model_time).sum() == 4  # exactly the midpoint calls moved

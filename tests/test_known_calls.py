@@ -20,9 +20,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fastdiff import _ext
 from fastdiff.ops import group_norm_silu as gns
 from fastdiff.ops import solver_step as ss
-from conftest import need
+from conftest import HAS_CUDA, need
 from tolerances import assert_close
 
+# the fast path's CUDA branch runs only on a GPU (gpu_check.sh's tests phase: -m gpu)
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")])]
 COEF = [0.9, -0.4, 0.7, 0.2, -0.1, 0.05, 0.0, 0.3, 0.0]  # b1, b2 and c in use
 SLOTS = [2, 0, 1, -1]
 
@@ -85,10 +87,10 @@ def _step_expected(case):
     m, u = case["model_out"], case["uncond"]
     if u is None and m.shape[0] == 2 * case["x"].shape[0]:
         u, m = m.chunk(2)
-    history = case["history"].clone().double()
+    history = case["history"].double().cpu()
     g = case["guidance"]
-    out = ss.solver_step_reference(case["x"].double(), m.double(), None if u is None else u.double(), history,
-                                   case["noise"].double(), case["coef"], case["slots"],
+    out = ss.solver_step_reference(case["x"].double().cpu(), m.double().cpu(), None if u is None else u.double().cpu(),
+                                   history, case["noise"].double().cpu(), case["coef"], case["slots"],
                                    g.item() if isinstance(g, torch.Tensor) else g, case["clamp"],
                                    compute_dtype=torch.float64)
     return out, history
@@ -106,7 +108,11 @@ STEP_VARIANTS = {
 }
 
 
-def _make_step_case(variant: str) -> dict:
+def _on(case: dict, device: str) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+
+
+def _make_step_case(variant: str, device: str) -> dict:
     over = dict(STEP_VARIANTS[variant])
     case = _step_case(over.pop("layout", "contiguous"), over.pop("model_dtype", torch.float32))
     for k, v in over.items():
@@ -118,12 +124,16 @@ def _make_step_case(variant: str) -> dict:
             case[k] = case["x"]
         else:
             case[k] = v
-    return case
+    moved = _on(case, device)
+    if case["out"] is case["x"]:
+        moved["out"] = moved["x"]
+    return moved
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", list(STEP_VARIANTS))
-def test_solver_step_learned_call_runs_compiled_and_matches_the_reference(variant, monkeypatch):
-    case = _make_step_case(variant)
+def test_solver_step_learned_call_runs_compiled_and_matches_the_reference(variant, device, monkeypatch):
+    case = _make_step_case(variant, device)
     calls = _spy(monkeypatch, ss)
     for attempt in range(3):  # the first call is checked in full, the others are known
         expected, history = _step_expected(case)
@@ -215,21 +225,23 @@ def _norm(case):
 
 
 def _norm_expected(case):
-    d = {k: None if case[k] is None else case[k].double() for k in ("x", "weight", "bias", "temb", "residual")}
+    d = {k: None if case[k] is None else case[k].double().cpu() for k in ("x", "weight", "bias", "temb", "residual")}
     return gns.group_norm_silu_reference(d["x"], case["num_groups"], d["weight"], d["bias"], case["eps"],
                                          case["silu"], d["temb"], d["residual"], compute_dtype=torch.float64)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("given_out", [False, True])
-def test_group_norm_silu_learned_call_runs_compiled_and_matches_the_reference(layout, given_out, monkeypatch):
+def test_group_norm_silu_learned_call_runs_compiled_and_matches_the_reference(layout, given_out, device,
+                                                                             monkeypatch):
     calls = _spy(monkeypatch, gns)
-    base = _norm_case(layout)
+    base = _on(_norm_case(layout), device)
     out = torch.empty_like(base["x"]) if given_out else None
     for attempt in range(3):
         # a new output: the key holds no pointers, so new inputs with the same metadata are
         # known too (a U-Net's activations); a given output: the very same tensors
-        case = base if given_out else _norm_case(layout, x=base["x"].clone() + attempt)
+        case = base if given_out else dict(base, x=base["x"].clone() + attempt)
         case["out"] = out
         if out is not None:
             out.fill_(float("nan"))

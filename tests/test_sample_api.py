@@ -1,4 +1,6 @@
 """`fastdiff.sample()` / `Sampler`: classifier-free guidance, reproducibility, errors."""
+import json
+
 import pytest
 import torch
 
@@ -267,3 +269,15 @@ def test_last_step_stops_where_the_whole_plan_passes(solver, backend):
     assert cut.steps == 4 and cut.model_calls < fastdiff.Sampler(**plan).model_calls
     torch.testing.assert_close(cut.sample(TwoWayModel(), _noise(), **seed), states[3], rtol=1e-6, atol=1e-6)
     assert not torch.allclose(states[3], states[-1], atol=1e-3)
+
+
+def test_options_record_explicit_step_ends():
+    """options / describe() hold the explicit step ends (prev_timesteps) as given, JSON-ready, and
+    a plan made from them again has the same coefficient table."""
+    prev = fastdiff.Sampler(steps=9).grid.model_time - 1000 // 9  # diffusers' DDIM: t - T // N
+    plan = fastdiff.Sampler(solver="ddim", steps=9, prev_timesteps=prev)
+    assert plan.options["prev_timesteps"] == [float(t) for t in prev] and plan.options["mid_timesteps"] is None
+    json.loads(json.dumps(plan.describe()))
+    again = fastdiff.Sampler(solver="ddim", steps=9, prev_timesteps=plan.options["prev_timesteps"])
+    assert (again.table.coef == plan.table.coef).all() and not (
+        fastdiff.Sampler(solver="ddim", steps=9).table.coef == plan.table.coef).all()
