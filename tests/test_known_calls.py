@@ -135,12 +135,13 @@ def _make_step_case(variant: str, device: str) -> dict:
 def test_solver_step_learned_call_runs_compiled_and_matches_the_reference(variant, device, monkeypatch):
     case = _make_step_case(variant, device)
     calls = _spy(monkeypatch, ss)
-    for attempt in range(3):  # the first call is checked in full, the others are known
+    for attempt in range(3):  # the first call is checked in full (unless known already), the others are known
         expected, history = _step_expected(case)
         if case["out"] is not None and case["out"] is not case["x"]:
             case["out"].fill_(float("nan"))  # poisoned: every element must be written
         got = _step(case)
-        assert len(calls) == 1, f"call {attempt + 1} entered the Python implementation"
+        checked = len(calls) if attempt == 0 else checked  # 0 where an earlier test left it learned
+        assert len(calls) == checked <= 1, f"call {attempt + 1} entered the Python implementation"
         if case["out"] is not None:
             assert got is case["out"]
         assert got.stride() == case["x"].stride()
@@ -246,7 +247,8 @@ def test_group_norm_silu_learned_call_runs_compiled_and_matches_the_reference(la
         if out is not None:
             out.fill_(float("nan"))
         got = _norm(case)
-        assert len(calls) == 1, f"call {attempt + 1} entered the Python implementation"
+        checked = len(calls) if attempt == 0 else checked  # 0 where an earlier test left it learned
+        assert len(calls) == checked <= 1, f"call {attempt + 1} entered the Python implementation"
         assert got.stride() == case["x"].stride() and (out is None or got is out)
         assert_close(got, _norm_expected(case), torch.float32, what=f"call {attempt + 1}")
 
