@@ -1,8 +1,8 @@
 """The compiled fast path for calls an op checked before (csrc/common/known_calls.h).
 
-`solver_step()` and `group_norm_silu()` check a call in full the first time they see its
-signature and, when they chose the compiled backend, teach it to the extension; the same call
-again runs from the wrapper's first line in C++. Checked here:
+`solver_step()`, `group_norm_silu()` and `attention()` check a call in full the first time they
+see its signature and, when they chose the compiled backend (attention: SDPA), teach it to the
+extension; the same call again runs from the wrapper's first line in C++. Checked here:
 - a learned call gives the reference's result (outputs poisoned first) and does not enter the
   Python implementation (`_run`, spied on);
 - a call differing in anything the checks or the backend choice read is checked again;
@@ -18,6 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdiff import _ext
+from fastdiff.ops import attention as att
 from fastdiff.ops import group_norm_silu as gns
 from fastdiff.ops import solver_step as ss
 from conftest import HAS_CUDA, need
@@ -34,16 +35,33 @@ def _extension():
     need(_ext.available(), f"fastdiff._C is not available ({_ext.LOAD_ERROR})")
 
 
-def _spy(monkeypatch, module) -> list:
+def _spy(monkeypatch, module, name: str = "_run") -> list:
     """Counts the calls that enter `module`'s Python implementation (the full path)."""
-    calls, real = [], module._run
+    calls, real = [], getattr(module, name)
 
     def run(*args, **kwargs):
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(module, "_run", run)
+    monkeypatch.setattr(module, name, run)
     return calls
+
+
+def _assert_learned(calls: list, run, expected, cases: list) -> list:
+    """Runs `cases` (one signature) in turn, a given out poisoned first: each result is out (when
+    given) and equals the float64 reference, and only the first call may enter the Python
+    implementation (none where an earlier test left the signature learned). The results."""
+    results = []
+    for attempt, case in enumerate(cases):
+        if case["out"] is not None:
+            case["out"].fill_(float("nan"))
+        got = run(case)
+        checked = len(calls) if attempt == 0 else checked
+        assert len(calls) == checked <= 1, f"call {attempt + 1} entered the Python implementation"
+        assert case["out"] is None or got is case["out"]
+        assert_close(got, expected(case), torch.float32, what=f"call {attempt + 1}")
+        results.append(got)
+    return results
 
 
 class _Passthrough(TorchDispatchMode):
@@ -149,13 +167,6 @@ def test_solver_step_learned_call_runs_compiled_and_matches_the_reference(varian
         assert_close(case["history"], history, torch.float32, what=f"history, call {attempt + 1}")
 
 
-def _learned_step_case() -> dict:
-    case = _step_case(out=None)
-    case["out"] = torch.empty_like(case["x"])
-    _step(case)
-    return case
-
-
 STEP_CHANGES = {
     "another out": lambda c: c.update(out=torch.empty_like(c["x"])),
     "out overlapping the history (an error)": lambda c: c.update(out=c["history"][1]),
@@ -174,33 +185,13 @@ STEP_CHANGES = {
 }
 
 
-@pytest.mark.parametrize("change", list(STEP_CHANGES))
-def test_solver_step_any_change_is_checked_again(change, monkeypatch):
-    case = _learned_step_case()
-    calls = _spy(monkeypatch, ss)
+def test_solver_step_triton_interpret_is_checked_again(monkeypatch):
+    case = _step_case(out=torch.empty(2, 4, 5, 3))
     _step(case)
-    assert not calls, "the learned call itself was not run from the fast path"
-    STEP_CHANGES[change](case)
-    expect_error = change.endswith("(an error)")
-    if expect_error:
-        with pytest.raises((TypeError, ValueError)):
-            _step(case)
-    else:
-        got = _step(case)
-        expected, _ = _step_expected(case)
-        assert_close(got, expected, torch.float32, what=change)
-    assert len(calls) == 1, "a changed call must be checked (and its backend chosen) again"
-
-
-def test_solver_step_environment_and_modes_are_checked_again(monkeypatch):
-    case = _learned_step_case()
     calls = _spy(monkeypatch, ss)
-    with _Passthrough():
-        _step(case)
-    assert len(calls) == 1, "a call under a dispatch mode must take the registered op"
     monkeypatch.setenv("TRITON_INTERPRET", "0" if ss._dispatch.triton_interpret() else "1")
     _step(case)
-    assert len(calls) == 2, "TRITON_INTERPRET changes what auto chooses: the call must be checked again"
+    assert len(calls) == 1, "TRITON_INTERPRET changes what auto chooses: the call must be checked again"
 
 
 # --- group_norm_silu -----------------------------------------------------------------------------
@@ -239,18 +230,11 @@ def test_group_norm_silu_learned_call_runs_compiled_and_matches_the_reference(la
     calls = _spy(monkeypatch, gns)
     base = _on(_norm_case(layout), device)
     out = torch.empty_like(base["x"]) if given_out else None
-    for attempt in range(3):
-        # a new output: the key holds no pointers, so new inputs with the same metadata are
-        # known too (a U-Net's activations); a given output: the very same tensors
-        case = base if given_out else dict(base, x=base["x"].clone() + attempt)
-        case["out"] = out
-        if out is not None:
-            out.fill_(float("nan"))
-        got = _norm(case)
-        checked = len(calls) if attempt == 0 else checked  # 0 where an earlier test left it learned
-        assert len(calls) == checked <= 1, f"call {attempt + 1} entered the Python implementation"
-        assert got.stride() == case["x"].stride() and (out is None or got is out)
-        assert_close(got, _norm_expected(case), torch.float32, what=f"call {attempt + 1}")
+    # a new output: the key holds no pointers, so new inputs with the same metadata are known too
+    # (a U-Net's activations); a given output: the very same tensors
+    cases = [dict(base, out=out) if given_out else dict(base, x=base["x"].clone() + i, out=out) for i in range(3)]
+    for got, case in zip(_assert_learned(calls, _norm, _norm_expected, cases), cases):
+        assert got.stride() == case["x"].stride()
 
 
 def _shifted_out(c):
@@ -274,29 +258,98 @@ NORM_CHANGES = {
 }
 
 
-@pytest.mark.parametrize("change", list(NORM_CHANGES))
-def test_group_norm_silu_any_change_is_checked_again(change, monkeypatch):
-    case = _norm_case()
-    case["out"] = torch.empty_like(case["x"])
-    _norm(case)
-    calls = _spy(monkeypatch, gns)
-    _norm(case)
+# --- attention -----------------------------------------------------------------------------------
+
+
+def _attn_case(**over) -> dict:
+    g = torch.Generator().manual_seed(2)
+    qkv = torch.randn(2, 7, 3, 4, 8, generator=g)  # (B, L, 3, H, D): q, k, v strided views, as a U-Net's
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    case = dict(q=q, k=k, v=v, scale=None, out=None, backend="auto")
+    case.update(over)
+    return case
+
+
+def _attend(case):
+    return att.attention(case["q"], case["k"], case["v"], scale=case["scale"], out=case["out"],
+                         backend=case["backend"])
+
+
+def _attn_expected(case):
+    return att.attention_reference(case["q"].double().cpu(), case["k"].double().cpu(), case["v"].double().cpu(),
+                                   case["scale"], compute_dtype=torch.float64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("given_out", [False, True])
+def test_attention_learned_call_runs_sdpa_from_cpp_and_matches_the_reference(given_out, device, monkeypatch):
+    calls = _spy(monkeypatch, att, "_provider")
+    base = _on(_attn_case(scale=0.3), device)
+    out = torch.empty(2, 4, 7, 8, device=device) if given_out else None
+    # without out the key holds no pointers: new inputs with the same metadata are known too
+    cases = [dict(base, out=out) if given_out else dict(base, q=base["q"] + i) for i in range(3)]
+    for got in _assert_learned(calls, _attend, _attn_expected, cases):
+        assert given_out or got.transpose(1, 2).is_contiguous()  # SDPA's heads-last result, no copy
+
+
+def _shifted_attn_out(c):
+    """out one element past q's start, in q's buffer."""
+    buf = torch.randn(2 * 4 * 7 * 8 + 1)
+    c.update(q=buf[:-1].view(2, 7, 4, 8).transpose(1, 2), out=buf[1:].view(2, 4, 7, 8))
+
+
+ATTN_CHANGES = {
+    "another out": lambda c: c.update(out=torch.empty(2, 4, 7, 8)),
+    "out overlapping q, shifted (an error)": _shifted_attn_out,
+    "scale given": lambda c: c.update(scale=0.5),
+    "the reference backend": lambda c: c.update(backend="reference"),
+    "fewer keys": lambda c: c.update(k=c["k"][:, :, :3], v=c["v"][:, :, :3]),
+    "k's dtype (an error)": lambda c: c.update(k=c["k"].double()),
+    "a negative view": lambda c: c.update(v=torch._neg_view(c["v"])),
+    "a tensor subclass": lambda c: c.update(k=c["k"].as_subclass(_Subclass)),
+}
+
+
+# --- every op: a changed call, a dispatch mode --------------------------------------------------
+
+# op: (a learned call's case, with out given; run it; its float64 result; the module and the
+# function of it that a checked call enters; the changes)
+OPS = {
+    "solver_step": (lambda: _step_case(out=torch.empty(2, 4, 5, 3)), _step, lambda c: _step_expected(c)[0], ss, "_run", STEP_CHANGES),
+    "group_norm_silu": (lambda: _norm_case(out=torch.empty(2, 8, 5, 3)), _norm, _norm_expected, gns, "_run",
+                        NORM_CHANGES),
+    "attention": (lambda: _attn_case(out=torch.empty(2, 4, 7, 8)), _attend, _attn_expected, att, "_provider",
+                  ATTN_CHANGES),
+}
+CHANGES = [(op, change) for op, row in OPS.items() for change in row[5]]
+
+
+@pytest.mark.parametrize("op,change", CHANGES, ids=[f"{op}: {change}" for op, change in CHANGES])
+def test_any_change_is_checked_again(op, change, monkeypatch):
+    make, run, expected, module, entry, changes = OPS[op]
+    case = make()
+    run(case)
+    calls = _spy(monkeypatch, module, entry)
+    run(case)
     assert not calls, "the learned call itself was not run from the fast path"
-    NORM_CHANGES[change](case)
+    changes[change](case)
     if change.endswith("(an error)"):
         with pytest.raises((TypeError, ValueError)):
-            _norm(case)
+            run(case)
     else:
-        got = _norm(case)
-        assert_close(got, _norm_expected(case), torch.float32, what=change)
+        want = expected(case)  # before the call: the step writes a history slot
+        assert_close(run(case), want, torch.float32, what=change)
     assert len(calls) == 1, "a changed call must be checked (and its backend chosen) again"
 
 
-def test_group_norm_silu_under_a_dispatch_mode_takes_the_registered_op(monkeypatch):
-    case = _norm_case()
-    _norm(case)
-    calls = _spy(monkeypatch, gns)
+@pytest.mark.parametrize("op", list(OPS))
+def test_a_call_under_a_dispatch_mode_takes_the_registered_op(op, monkeypatch):
+    make, run, expected, module, entry, _ = OPS[op]
+    case = make()
+    run(case)
+    calls = _spy(monkeypatch, module, entry)
+    want = expected(case)
     with _Passthrough():
-        got = _norm(case)
+        got = run(case)
     assert len(calls) == 1
-    assert_close(got, _norm_expected(case), torch.float32)
+    assert_close(got, want, torch.float32)

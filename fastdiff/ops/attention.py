@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from fastdiff import _ext
 from fastdiff.ops import _dispatch
 from fastdiff.ops._dispatch import BackendUnavailableError  # noqa: F401  (re-exported)
 
@@ -261,6 +262,8 @@ def _run_reference(a: AttentionArgs) -> torch.Tensor:
     return out
 
 
+_C = _ext.C  # the compiled extension: its fast path for calls checked before (csrc/common/known_calls.h)
+
 DISPATCH = _dispatch.register(_dispatch.Dispatcher(
     "attention",
     [
@@ -300,18 +303,19 @@ def _provider(q, k, v, scale, out, backend) -> _dispatch.Provider:
     return provider
 
 
+def _attend(provider, q, k, v, scale, out) -> torch.Tensor:
+    """Run a checked call on its provider: `out`, or without it a new heads-last result."""
+    if q.numel() == 0:
+        return heads_last_empty(q) if out is None else out
+    return provider.run(AttentionArgs(q, k, v, _resolve_scale(q, scale), out))
+
+
 def _attention_impl(q, k, v, scale, out, backend):
-    provider = _provider(q, k, v, scale, out, backend)
-    if out.numel() == 0:
-        return
-    provider.run(AttentionArgs(q, k, v, _resolve_scale(q, scale), out))
+    _attend(_provider(q, k, v, scale, out, backend), q, k, v, scale, out)
 
 
 def _attention_heads_last_impl(q, k, v, scale, backend):
-    provider = _provider(q, k, v, scale, None, backend)
-    if q.numel() == 0:
-        return heads_last_empty(q)
-    return provider.run(AttentionArgs(q, k, v, _resolve_scale(q, scale), None))
+    return _attend(_provider(q, k, v, scale, None, backend), q, k, v, scale, None)
 
 
 _LIB.impl("attention", _attention_impl, "CompositeExplicitAutograd")
@@ -355,19 +359,25 @@ def attention(
 
     All checks run before anything is written. No autograd (inference op).
     """
+    call = (q, k, v, scale, out, backend)
+    if _C is not None and not torch.compiler.is_compiling():  # compile traces the registered op
+        done = _C.attention_known(*call)  # a call checked before, in C++; None otherwise
+        if done is not None:
+            return done
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or not (
             out is None or isinstance(out, torch.Tensor)) or not (scale is None or _is_number(scale)):
         # before the op's schema would reject it with a less helpful message
         check_attention_args(q, k, v, scale, out)
     scale = None if scale is None else float(scale)
     if _dispatch.direct(q, k, v, out):  # a plain eager call: the implementation, without the round trip
-        if out is None:
-            return _attention_heads_last_impl(q, k, v, scale, backend)
-        _attention_impl(q, k, v, scale, out, backend)
-    elif out is None:  # the registered ops: torch.compile, modes, fake tensors
+        provider = _provider(q, k, v, scale, out, backend)
+        result = _attend(provider, q, k, v, scale, out)
+        if _C is not None and provider.run is _run_sdpa:
+            _C.attention_learn(*call)  # the call as given: the next such call runs from the top
+        return result
+    if out is None:  # the registered ops: torch.compile, modes, fake tensors
         return torch.ops.fastdiff.attention_heads_last(q, k, v, scale, backend)
-    else:
-        torch.ops.fastdiff.attention(q, k, v, scale, out, backend)
+    torch.ops.fastdiff.attention(q, k, v, scale, out, backend)
     return out
 
 
