@@ -45,8 +45,7 @@ struct KnownAttention {
     for (const at::Tensor* t : {c.q, c.k, c.v, c.out}) key.tensor(t, pointers);
     key.word(c.scale.has_value());
     key.number(scale);
-    key.word(static_cast<int64_t>(c.backend));
-    key.env("TRITON_INTERPRET");
+    key.backend_choice(c.backend);
     return true;
   }
 

@@ -51,6 +51,11 @@ void Key::tensor(const at::Tensor* t, bool with_pointer) {
   if (with_pointer) words_.push_back(reinterpret_cast<int64_t>(t->data_ptr()));
 }
 
+void Key::backend_choice(Backend b) {
+  words_.push_back(static_cast<int64_t>(b));
+  env("TRITON_INTERPRET");
+}
+
 void Key::env(const char* name) {
   const char* v = std::getenv(name);
   if (v == nullptr) {

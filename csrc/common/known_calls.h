@@ -44,10 +44,13 @@ class Key {
   void number(double v);
   // `t` may be null (None); no pointer for a new output's key (nothing can overlap it)
   void tensor(const at::Tensor* t, bool with_pointer = true);
-  void env(const char* name);  // the variable's value; unset differs from empty
+  // What the backend choice reads: the backend named and TRITON_INTERPRET (every key ends so,
+  // as the Python keys end with signature_env())
+  void backend_choice(Backend b);
   const std::vector<int64_t>& words() const { return words_; }
 
  private:
+  void env(const char* name);  // the variable's value; unset differs from empty
   std::vector<int64_t> words_;
 };
 

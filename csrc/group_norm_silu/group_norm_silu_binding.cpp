@@ -205,8 +205,7 @@ struct KnownNorm {
     key.number(c.eps);
     key.word(c.silu);
     key.word(c.num_splits);
-    key.word(static_cast<int64_t>(c.backend));
-    key.env("TRITON_INTERPRET");
+    key.backend_choice(c.backend);
     return true;
   }
 

@@ -199,8 +199,7 @@ struct KnownStep {
     for (const int64_t s : c.slots) key.word(s);
     key.number(c.guidance);
     key.number(c.clamp);
-    key.word(static_cast<int64_t>(c.backend));
-    key.env("TRITON_INTERPRET");
+    key.backend_choice(c.backend);
     return true;
   }
 
